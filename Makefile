@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine with Python 3.11: `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# torch is pinned (torch==2.13.0): a CPU machine gets the local CPU wheel, a GPU host the CUDA
+# build of the same version; constraints.txt keeps it pinned while peft/accelerate/bitsandbytes
+# resolve (unpinned they pull ~3 GB of CUDA torch).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,scale]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/refinery demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf refinery-work .pytest_cache

@@ -1,0 +1,123 @@
+"""What every flow shares: the parameter base model and the decorator that turns a function of one
+pydantic model into a Prefect flow whose parameters are that model's fields.
+
+One model serves the YAML file, the CLI (``--set a.b=v``), Python callers and the Prefect UI form:
+the flow's signature is generated from the model's fields, with their descriptions as the
+docstring's ``Args:`` section (which Prefect shows in the form), so ``prefect deployment run
+FLOW/DEPLOYMENT --param input=...`` uses the same names as ``refinery run FLOW --set input=...``.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from typing import Any, Callable, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.report import format_table, table_artifact
+
+P = TypeVar("P", bound="FlowParams")
+
+# name -> "module:attribute" of the flow; imported only when used so `refinery --help` stays instant.
+FLOWS = {
+    "curate": "flows.curate:curate_flow",
+    "tokenize": "flows.tokenize:tokenize_flow",
+    "pretrain": "flows.pretrain:pretrain_flow",
+    "finetune": "flows.finetune:finetune_flow",
+    "align": "flows.align:align_flow",
+    "pipeline": "flows.pipeline:pipeline_flow",
+    "demo": "flows.demo:demo_flow",
+}
+
+
+class FlowParams(BaseModel):
+    """Parameters every flow has."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workdir: str = Field("refinery-work", description="Root of all datasets: a local folder or an fsspec URL such as s3://bucket/refinery.")
+    task_runner: str = Field("threads", description="Where shard tasks run: threads[:N], processes[:N], dask[:N] (local cluster) or tcp://HOST:PORT (an existing Dask scheduler).")
+
+
+def _docstring(fn: Callable, params_cls: type[BaseModel]) -> str:
+    lines = [inspect.getdoc(fn) or "", "", "Args:"]
+    for name, field in params_cls.model_fields.items():
+        desc = " ".join((field.description or "").split())
+        lines.append(f"    {name}: {desc}")
+    return "\n".join(lines)
+
+
+def _signature(params_cls: type[BaseModel]) -> inspect.Signature:
+    params = []
+    for name, field in params_cls.model_fields.items():
+        if field.is_required():
+            default = inspect.Parameter.empty
+        elif field.default_factory is not None:
+            default = field.default_factory()
+        else:
+            default = field.default
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=field.annotation))
+    return inspect.Signature(params, return_annotation=dict)
+
+
+def refinery_flow(name: str, params_cls: type[P], **flow_kwargs) -> Callable[[Callable[[P], dict]], Any]:
+    """Decorate ``fn(params) -> {"outputs": ..., "counts": ...}`` into a Prefect flow named ``name``.
+
+    The flow takes the model's fields as keyword parameters; ``flow.params_cls`` is the model and
+    ``flow.run_params(p)`` calls the flow with a model instance.
+    """
+    from prefect import flow
+
+    def decorate(fn: Callable[[P], dict]):
+        @functools.wraps(fn)
+        def wrapper(**kwargs):
+            return fn(params_cls.model_validate(kwargs))
+
+        wrapper.__signature__ = _signature(params_cls)
+        wrapper.__annotations__ = {n: f.annotation for n, f in params_cls.model_fields.items()} | {"return": dict}
+        wrapper.__doc__ = _docstring(fn, params_cls)
+        del wrapper.__wrapped__  # Prefect must see the generated signature, not fn's
+        f = flow(name=name, validate_parameters=True, log_prints=True, **flow_kwargs)(wrapper)
+        f.params_cls = params_cls
+
+        def run_params(p: P, **options) -> dict:
+            target = f.with_options(**options) if options else f
+            return target(**{k: getattr(p, k) for k in params_cls.model_fields})
+
+        f.run_params = run_params
+        return f
+
+    return decorate
+
+
+def stage_rows(stages: dict[str, Any]) -> list[dict]:
+    """One summary row per stage dataset: documents in/out, drops per reason, time."""
+    rows = []
+    for name, ds in stages.items():
+        c = ds.counts
+        dropped = c.get("dropped", {})
+        rows.append({
+            "stage": name,
+            "in": c.get("docs_in", ""),
+            "out": c.get("docs_out", c.get("tokens", "")),
+            "dropped": ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()) if v) if isinstance(dropped, dict) else dropped,
+            "seconds": ds.manifest.get("stats", {}).get("seconds", ""),
+            "fingerprint": ds.fingerprint,
+        })
+    return rows
+
+
+def report_stages(flow_name: str, stages: dict[str, Any]) -> list[dict]:
+    """Print the per-stage summary table and publish it as a Prefect table artifact."""
+    rows = stage_rows(stages)
+    print(format_table(rows, title=f"== {flow_name}: stages"), file=sys.stderr)
+    table_artifact(f"{flow_name}-stages", rows, description=f"{flow_name}: documents in/out and drops per stage")
+    return rows
+
+
+def result(stages: dict[str, Any], **extra) -> dict:
+    """The value every flow returns: output dataset paths and counts by stage."""
+    return {"outputs": {k: ds.path for k, ds in stages.items()},
+            "counts": {k: ds.counts for k, ds in stages.items()}, **extra}
