@@ -121,3 +121,19 @@ def result(stages: dict[str, Any], **extra) -> dict:
     """The value every flow returns: output dataset paths and counts by stage."""
     return {"outputs": {k: ds.path for k, ds in stages.items()},
             "counts": {k: ds.counts for k, ds in stages.items()}, **extra}
+
+
+def emit_completed(flow_name: str, out: dict, primary: str) -> None:
+    """Emit ``refinery.<flow>.completed`` with the primary output path in the payload, so a
+    deployment trigger can start the next flow on it (``{{ event.payload.output }}``)."""
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return
+    from prefect.events import emit_event
+
+    emit_event(
+        event=f"refinery.{flow_name}.completed",
+        resource={"prefect.resource.id": f"refinery.dataset.{primary}", "prefect.resource.name": flow_name},
+        payload={"output": primary, "outputs": out.get("outputs", {})},
+    )

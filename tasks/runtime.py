@@ -152,7 +152,7 @@ class Stage:
             _check_items(self.name, items)
             b = store.builder(self.name, fp)
             shard_task = _prefect_shard_task().with_options(
-                name=f"{self.name}-shard", refresh_cache=False)
+                name=f"{self.name}-shard", result_storage=result_storage(store))
             futures = []
             for item in items:
                 t = shard_task.with_options(task_run_name=f"{self.name}:{item['name']}",
@@ -163,7 +163,7 @@ class Stage:
         else:
             results = None
         task = _prefect_stage_task().with_options(name=self.name, task_run_name=f"{self.name}:{fp}",
-                                                  refresh_cache=not exists)
+                                                  refresh_cache=not exists, result_storage=result_storage(store))
         manifest = task(stage_ref=self.ref, root=store.root, fp=fp, input_paths=input_paths, cfg=cfg,
                         shard_results=results)
         return Dataset.open(manifest["path"])
@@ -237,6 +237,22 @@ def _run_stage_task(stage_ref: str, root: str, fp: str, input_paths: list[str], 
 
 
 _TASKS: dict[str, Any] = {}
+
+
+def result_storage(store: Store):
+    """Prefect results (the manifests) live beside the data, in ``<root>/.prefect-results``, so
+    every worker that shares the storage root shares the cache, whatever its Prefect database.
+    ``REFINERY_RESULT_STORAGE`` (a path or URL) overrides the location."""
+    from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+
+    where = os.environ.get("REFINERY_RESULT_STORAGE") or f"{store.root.rstrip('/')}/.prefect-results"
+    if "://" in where and not where.startswith("file://"):
+        block = RemoteFileSystem(basepath=where)
+    else:
+        block = LocalFileSystem(basepath=where.removeprefix("file://"))
+    # Prefect wants result storage saved server-side; the name is derived from the location.
+    block.save("refinery-results-" + fingerprint("results", "", {"where": where}, []), overwrite=True)
+    return block
 
 
 def _prefect_stage_task():

@@ -1,0 +1,15 @@
+# Refinery CPU worker: data flows (curate, tokenize) on the `cpu` process work pool.
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    REFINERY_PROJECT_DIR=/opt/refinery REFINERY_WORKDIR=/data/refinery
+WORKDIR /opt/refinery
+COPY pyproject.toml constraints.txt README.md ./
+COPY flows ./flows
+COPY tasks ./tasks
+COPY deployments ./deployments
+# CPU build of the pinned torch, then the project with torch held by the constraints file.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+ && pip install -c constraints.txt -e '.[scale]'
+VOLUME /data
+CMD ["prefect", "worker", "start", "--pool", "cpu", "--type", "process"]

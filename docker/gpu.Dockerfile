@@ -1,0 +1,17 @@
+# Refinery GPU worker: training flows on the `gpu` work pool (CUDA build of the pinned torch).
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    REFINERY_PROJECT_DIR=/opt/refinery REFINERY_WORKDIR=/data/refinery
+RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+ && rm -rf /var/lib/apt/lists/* && python3.11 -m venv /venv
+ENV PATH=/venv/bin:$PATH
+WORKDIR /opt/refinery
+COPY pyproject.toml constraints.txt README.md ./
+COPY flows ./flows
+COPY tasks ./tasks
+COPY deployments ./deployments
+# PyPI's Linux wheel of torch==2.13.0 is the CUDA build.
+RUN pip install torch==2.13.0 && pip install -c constraints.txt -e '.[scale]'
+VOLUME /data
+CMD ["prefect", "worker", "start", "--pool", "gpu", "--type", "process"]

@@ -1,0 +1,125 @@
+"""Align a (fine-tuned) model on preference pairs: DPO, or PPO against a reward model.
+
+    refinery run align --set input=MODEL --set data=PAIRS.jsonl.gz --set method=ppo --set max_steps=20 --json
+
+``input`` is a Hugging Face model folder or the finetune flow's output dataset (its manifest names
+the ``merged``/``model`` folder). With ``method=ppo`` and no ``reward_model``, a reward model is
+trained on the same pairs first. Flat fields (``max_steps``, ``beta``, ``kl_coef`` ...) are
+shortcuts that override the matching field of the nested ``reward``/``ppo``/``dpo`` configs.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Literal
+
+from pydantic import Field
+
+from flows.common import FlowParams, refinery_flow, result
+from tasks.align.common import LoraSettings, is_dataset_dir
+from tasks.align.dpo import DPOConfig
+from tasks.align.ppo import PPOConfig
+from tasks.align.reward import RewardConfig
+from tasks.align.stage import (DPOStageConfig, PPOStageConfig, RewardStageConfig, dpo_stage, ppo_stage,
+                               reward_stage)
+from tasks.report import format_table, markdown_artifact, markdown_table, table_artifact
+
+
+class AlignParams(FlowParams):
+    input: str = Field(description="Model to align: a HF model folder or a refinery dataset naming one (e.g. the finetune flow's output).")
+    data: str = Field(description="Preference pairs file: .json, .jsonl or .jsonl.gz (HH-RLHF transcripts, ShareGPT conversations+chosen+rejected, or prompt/chosen/rejected).")
+    method: Literal["ppo", "dpo"] = Field("dpo", description="ppo: RL against a reward model; dpo: direct preference optimisation.")
+    max_steps: int | None = Field(None, ge=1, description="PPO steps, or the cap on DPO steps (overrides ppo.steps / dpo.max_steps).")
+    reward_model: str | None = Field(None, description="Reward model for PPO (HF folder or `reward` dataset); trained on `data` when empty.")
+    reward_max_steps: int | None = Field(None, ge=1, description="Cap on reward-model training steps (overrides reward.max_steps).")
+    max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs held out for evaluation.")
+    seed: int = Field(0, description="Seed of the split, initialisation, shuffling and sampling.")
+    beta: float | None = Field(None, gt=0, description="DPO beta (overrides dpo.beta).")
+    kl_coef: float | None = Field(None, ge=0, description="PPO KL-penalty coefficient (overrides ppo.kl_coef).")
+    clip_range: float | None = Field(None, gt=0, description="PPO ratio clip (overrides ppo.clip_range).")
+    lr: float | None = Field(None, gt=0, description="Learning rate of the policy (overrides ppo.lr / dpo.lr).")
+    batch_size: int | None = Field(None, ge=1, description="Pairs per step for DPO and the reward model (overrides dpo/reward.batch_size).")
+    rollout_batch_size: int | None = Field(None, ge=1, description="PPO prompts per step (overrides ppo.rollout_batch_size).")
+    mini_batch_size: int | None = Field(None, ge=1, description="PPO replies per gradient step (overrides ppo.mini_batch_size).")
+    ppo_epochs: int | None = Field(None, ge=1, description="PPO passes over each rollout (overrides ppo.ppo_epochs).")
+    max_new_tokens: int | None = Field(None, ge=1, description="PPO reply length (overrides ppo.max_new_tokens).")
+    temperature: float | None = Field(None, gt=0, description="PPO sampling temperature (overrides ppo.temperature).")
+    top_k: int | None = Field(None, ge=0, description="PPO top-k sampling, 0 = off (overrides ppo.top_k).")
+    lora: bool | None = Field(None, description="Train LoRA adapters (saved with a merged model) instead of all weights, for the policy and the reward model.")
+    reward: RewardConfig = Field(RewardConfig(), description="Reward-model training settings.")
+    ppo: PPOConfig = Field(PPOConfig(), description="PPO settings.")
+    dpo: DPOConfig = Field(DPOConfig(), description="DPO settings.")
+
+
+def _override(cfg, **values):
+    """A copy of ``cfg`` with the given fields replaced where the value is not None."""
+    upd = {k: v for k, v in values.items() if v is not None}
+    if "lora" in upd:
+        upd["lora"] = cfg.lora.model_copy(update={"enabled": upd["lora"]})
+    return cfg.model_copy(update=upd)
+
+
+def _common(p: AlignParams) -> dict:
+    return dict(model=p.input, data=p.data, max_pairs=p.max_pairs, eval_fraction=p.eval_fraction, seed=p.seed)
+
+
+def dpo_config(p: AlignParams) -> DPOStageConfig:
+    """The dpo stage config of a run (flat shortcuts applied)."""
+    train = _override(p.dpo, max_steps=p.max_steps, beta=p.beta, lr=p.lr, batch_size=p.batch_size, lora=p.lora)
+    return DPOStageConfig(**_common(p), train=train)
+
+
+def reward_config(p: AlignParams) -> RewardStageConfig:
+    """The reward stage config of a run (flat shortcuts applied)."""
+    train = _override(p.reward, max_steps=p.reward_max_steps, batch_size=p.batch_size, lora=p.lora)
+    return RewardStageConfig(**_common(p), train=train)
+
+
+def ppo_config(p: AlignParams, reward_model: str) -> PPOStageConfig:
+    """The ppo stage config of a run (flat shortcuts applied) against ``reward_model``."""
+    train = _override(p.ppo, steps=p.max_steps, kl_coef=p.kl_coef, clip_range=p.clip_range, lr=p.lr,
+                      rollout_batch_size=p.rollout_batch_size, mini_batch_size=p.mini_batch_size,
+                      ppo_epochs=p.ppo_epochs, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                      top_k=p.top_k, lora=p.lora)
+    return PPOStageConfig(**_common(p), reward_model=reward_model, train=train)
+
+
+def _lineage(*paths: str | None) -> list[str]:
+    return [x for x in paths if x and is_dataset_dir(x)]
+
+
+@refinery_flow("align", AlignParams)
+def align_flow(p: AlignParams) -> dict:
+    """Align a model on preference pairs with DPO, or with PPO against a (trained) reward model."""
+    stages = {}
+    if p.method == "dpo":
+        stages["dpo"] = dpo_stage.call(p.workdir, _lineage(p.input), dpo_config(p))
+    else:
+        reward_model = p.reward_model
+        if reward_model is None:
+            stages["reward"] = reward_stage.call(p.workdir, _lineage(p.input), reward_config(p))
+            reward_model = stages["reward"].path
+        stages["ppo"] = ppo_stage.call(p.workdir, _lineage(p.input, reward_model), ppo_config(p, reward_model))
+    metrics = {name: ds.manifest.get("metrics", {}) for name, ds in stages.items()}
+    rows = [{"stage": name, **m, "seconds": ds.manifest.get("stats", {}).get("seconds"), "fingerprint": ds.fingerprint}
+            for (name, ds), m in zip(stages.items(), metrics.values())]
+    print(format_table(rows, title="== align"), file=sys.stderr)
+    table_artifact("align-metrics", rows, description="align: held-out preference accuracy / PPO reward and KL")
+    final = stages[p.method]
+    hist_rows = _history_rows(final)
+    if hist_rows:
+        markdown_artifact(f"align-{p.method}-history", f"# {p.method} per step\n\n" + markdown_table(hist_rows),
+                          description=f"{p.method}: per-step figures")
+    model_dir = final.file(final.manifest.get("merged") or final.manifest.get("model"))
+    return result(stages, metrics=metrics, model=model_dir)
+
+
+def _history_rows(ds, limit: int = 50) -> list[dict]:
+    if not any(f["path"] == "history.parquet" for f in ds.manifest.get("files", [])):
+        return []
+    t = ds.read_table(files=[ds.file("history.parquet")])
+    keep = [c for c in ("step", "loss", "accuracy", "margin", "reward", "kl", "entropy", "clipfrac", "reply_len")
+            if c in t.column_names]
+    rows = t.select(keep).to_pylist()
+    stride = max(1, len(rows) // limit)
+    return rows[::stride]

@@ -1,0 +1,47 @@
+"""curate: crawl files and dumps -> documents -> filtered -> deduplicated (composition only)."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from flows.common import FlowParams, emit_completed, refinery_flow, report_stages, result
+from tasks.dedup.stage import DedupConfig, dedup_stages
+from tasks.filters.stage import Filter, FilterConfig, filter_report_rows
+from tasks.ingest.stage import Ingest, IngestConfig, InputSpec
+from tasks.report import table_artifact
+
+
+class CurateParams(FlowParams):
+    input: str = Field("", description="Crawl files to ingest: a path, a glob (DIR/*.warc.gz) or an fsspec URL (s3://, https://); several separated by commas. WARC, WET, ARC, JSONL and Parquet are recognised by content.")
+    source: str = Field("web", description="Source name stored on every document from `input` (e.g. cc-main-2024-22, books, code).")
+    text_field: str = Field("text", description="Field holding the text in JSONL/Parquet dumps.")
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="Ingest and extraction settings; ingest.inputs adds more tagged inputs (books, code, ...).")
+    filters: FilterConfig = Field(default_factory=FilterConfig, description="Quality and content filters, in order.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and MinHash near-duplicate removal.")
+
+
+def ingest_config(p: CurateParams) -> IngestConfig:
+    inputs = list(p.ingest.inputs)
+    for path in (s.strip() for s in p.input.split(",")):
+        if path:
+            inputs.append(InputSpec(path=path, source=p.source, text_field=p.text_field))
+    if not inputs:
+        raise ValueError("curate needs an input: --set input=PATH_OR_GLOB (or ingest.inputs)")
+    return p.ingest.model_copy(update={"inputs": inputs})
+
+
+@refinery_flow("curate", CurateParams)
+def curate_flow(p: CurateParams) -> dict:
+    """Ingest crawl files and dumps, extract main text, identify language, filter, deduplicate."""
+    from tasks.runtime import make_runner
+
+    stages = {}
+    with make_runner(p.task_runner) as runner:
+        stages["ingest"] = Ingest.call(p.workdir, [], ingest_config(p), runner=runner)
+        stages["filter"] = Filter.call(p.workdir, [stages["ingest"]], p.filters, runner=runner)
+        stages.update(dedup_stages(p.workdir, stages["filter"], p.dedup, runner=runner))
+    report_stages("curate", stages)
+    table_artifact("curate-filter-rules", filter_report_rows(stages["filter"]),
+                   description="Documents dropped (and lines/spans changed) per filter rule")
+    out = result(stages)
+    emit_completed("curate", out, primary=stages[list(stages)[-1]].path)
+    return out
