@@ -14,9 +14,16 @@ from ops.prefect_server import PrefectStack
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    s = PrefectStack(tmp_path_factory.mktemp("prefect-home"), db_url=os.environ.get("REFINERY_TEST_PG_URL"))
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def stack(request, tmp_path_factory):
+    """A real `prefect server` on loopback, on SQLite, then on PostgreSQL (started by .ci/run)."""
+    db_url = None
+    if request.param == "postgres":
+        db_url = os.environ.get("REFINERY_TEST_PG_URL")
+        if not db_url:
+            pytest.skip("REFINERY_TEST_PG_URL is not set (.ci/run starts PostgreSQL and sets it)")
+    s = PrefectStack(tmp_path_factory.mktemp("prefect-home"), db_url=db_url)
+    s.db = request.param
     s.start()
     yield s
     s.stop()
@@ -72,3 +79,53 @@ def test_deployment_run_curate_then_event_starts_tokenize(stack, deployed, tmp_p
     assert tok["parameters"]["input"] == str(manifests[0].parent)
     assert tok["state_type"] == "COMPLETED", tok["state"]
     assert list(Path(deployed).glob("tokenize/*/manifest.json"))
+
+
+def test_ui_custom_run_form_shows_our_parameters_and_runs(stack, deployed, tmp_path):
+    """The path a user takes in the UI: the curate deployment's custom run form, one field filled."""
+    import re
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    from tasks.demo.crawl import make_demo_crawl
+
+    if stack.db != "sqlite":
+        pytest.skip("the UI path is checked once, on the SQLite server")
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    crawl = make_demo_crawl(tmp_path / "crawl", seed=2, n_pages=40)
+    out_dir = Path(os.environ.get("REFINERY_TEST_OUTPUT", Path(__file__).resolve().parents[2] / "test-output"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    before = len(stack.flow_runs("curate"))
+    (dep,) = [d for d in stack.api_post("/deployments/filter", {"deployments": {"name": {"any_": ["snapshot"]}}})]
+    base = stack.api[: -len("/api")]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.goto(f"{base}/deployments/deployment/{dep['id']}/run", wait_until="networkidle")
+
+        def field(name: str):
+            label = page.locator("span.schema-form-property__label", has_text=re.compile(rf"^{name} \(Optional\)$"))
+            return page.locator("div.schema-form-property", has=label).first
+
+        page.wait_for_selector("text=Crawl files to ingest")
+        body = page.inner_text("body")
+        for text in ("Source name stored on every document", "Quality and content filters",
+                     "Exact and MinHash near-duplicate removal"):
+            assert text in body
+        assert field("task_runner").locator("textarea").first.input_value() == "threads"
+        assert field("source").locator("textarea").first.input_value() == "cc-main"
+        field("input").locator("textarea").first.fill(str(Path(crawl[0]).parent / "*.warc.gz"))
+        page.screenshot(path=str(out_dir / "curate-run-form.png"), full_page=True)
+        page.get_by_role("button", name="Submit").click()
+        page.wait_for_url(re.compile(r".*/runs/flow-run/.*"), timeout=30000)
+        browser.close()
+    runs = stack.wait_flow_run("curate", timeout=400, count=before + 1)
+    newest = max(runs, key=lambda r: r["created"])
+    assert newest["parameters"]["input"].endswith("*.warc.gz")
+    assert newest["state_type"] == "COMPLETED", newest["state"]
+    assert (out_dir / "curate-run-form.png").stat().st_size > 10_000
