@@ -137,3 +137,18 @@ def emit_completed(flow_name: str, out: dict, primary: str) -> None:
         resource={"prefect.resource.id": f"refinery.dataset.{primary}", "prefect.resource.name": flow_name},
         payload={"output": primary, "outputs": out.get("outputs", {})},
     )
+
+
+def gpu_slot():
+    """Hold one slot of the global concurrency limit named by ``REFINERY_GPU_SLOTS`` (set on GPU
+    work pools) for the duration of a training stage, so two runs never share a card. Outside a
+    server deployment (variable unset) it does nothing."""
+    import contextlib
+    import os
+
+    name = os.environ.get("REFINERY_GPU_SLOTS")
+    if not name:
+        return contextlib.nullcontext()
+    from prefect.concurrency.sync import concurrency
+
+    return concurrency(name, occupy=1)
