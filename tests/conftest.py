@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from refinery_testlib import read_exec_log  # noqa: F401  (re-exported for older imports)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 
@@ -29,10 +31,6 @@ def exec_log(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "exec.log"
     monkeypatch.setenv("REFINERY_EXEC_LOG", str(path))
     return path
-
-
-def read_exec_log(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
 
 
 def _corpus_lines() -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from conftest import read_exec_log
+from refinery_testlib import read_exec_log
 from tasks.store import Dataset, DatasetNotFound, Store, fingerprint
 from toy_stages import DoubleConfig, Toy, ToyConfig, double
 

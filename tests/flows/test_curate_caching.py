@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_exec_log
+from refinery_testlib import read_exec_log
 
 ROOT = Path(__file__).resolve().parents[2]
 REFINERY = str(Path(sys.executable).parent / "refinery")

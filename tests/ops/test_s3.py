@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_exec_log
+from refinery_testlib import read_exec_log
 from ops.prefect_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
