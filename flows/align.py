@@ -9,19 +9,20 @@ shortcuts that override the matching field of the nested ``reward``/``ppo``/``dp
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Literal
 
 from pydantic import Field
 
 from flows.common import FlowParams, refinery_flow, result
-from tasks.align.common import LoraSettings, is_dataset_dir
+from tasks.align.common import is_dataset_dir
 from tasks.align.dpo import DPOConfig
 from tasks.align.ppo import PPOConfig
 from tasks.align.reward import RewardConfig
 from tasks.align.stage import (DPOStageConfig, PPOStageConfig, RewardStageConfig, dpo_stage, ppo_stage,
                                reward_stage)
-from tasks.report import format_table, markdown_artifact, markdown_table, table_artifact
+from tasks.report import format_table, image_artifact, markdown_artifact, markdown_table, table_artifact
 
 
 class AlignParams(FlowParams):
@@ -110,6 +111,10 @@ def align_flow(p: AlignParams) -> dict:
     if hist_rows:
         markdown_artifact(f"align-{p.method}-history", f"# {p.method} per step\n\n" + markdown_table(hist_rows),
                           description=f"{p.method}: per-step figures")
+        png = _plot(hist_rows, p.method)
+        if png:
+            image_artifact(f"align-{p.method}-curves", png, description=f"{p.method}: per-step curves")
+            os.remove(png)
     model_dir = final.file(final.manifest.get("merged") or final.manifest.get("model"))
     return result(stages, metrics=metrics, model=model_dir)
 
@@ -123,3 +128,28 @@ def _history_rows(ds, limit: int = 50) -> list[dict]:
     rows = t.select(keep).to_pylist()
     stride = max(1, len(rows) // limit)
     return rows[::stride]
+
+
+def _plot(rows: list[dict], method: str) -> str | None:
+    """A PNG of the per-step curves (reward, KL, entropy for PPO; loss, accuracy, margin for DPO)."""
+    import tempfile
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are a nicety
+        return None
+    keys = [k for k in (("reward", "kl", "entropy") if method == "ppo" else ("loss", "accuracy", "margin")) if k in rows[0]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+    for ax, k in zip(axes if len(keys) > 1 else [axes], keys):
+        ax.plot([r["step"] for r in rows], [r[k] for r in rows])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fd, path = tempfile.mkstemp(prefix=f"align-{method}-", suffix=".png")
+    os.close(fd)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -97,7 +97,7 @@ def stage_rows(stages: dict[str, Any]) -> list[dict]:
     rows = []
     for name, ds in stages.items():
         c = ds.counts
-        dropped = c.get("dropped", {})
+        dropped = c.get("dropped_by_rule", c.get("dropped", {}))
         rows.append({
             "stage": name,
             "in": c.get("docs_in", ""),

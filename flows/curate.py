@@ -5,8 +5,8 @@ from pydantic import Field
 
 from flows.common import FlowParams, emit_completed, refinery_flow, report_stages, result
 from tasks.dedup.stage import DedupConfig, dedup_stages
-from tasks.filters.stage import Filter, FilterConfig, filter_report_rows
-from tasks.ingest.stage import Ingest, IngestConfig, InputSpec
+from tasks.filters.stage import Filter, FilterConfig, table_rows
+from tasks.ingest.stage import Ingest, IngestConfig, InputSpec, ingest_report_rows
 from tasks.report import table_artifact
 
 
@@ -40,8 +40,10 @@ def curate_flow(p: CurateParams) -> dict:
         stages["filter"] = Filter.call(p.workdir, [stages["ingest"]], p.filters, runner=runner)
         stages.update(dedup_stages(p.workdir, stages["filter"], p.dedup, runner=runner))
     report_stages("curate", stages)
-    table_artifact("curate-filter-rules", filter_report_rows(stages["filter"]),
-                   description="Documents dropped (and lines/spans changed) per filter rule")
+    table_artifact("curate-ingest-files", ingest_report_rows(stages["ingest"]),
+                   description="Per input file: documents read, skipped records and errors")
+    table_artifact("curate-filter-rules", table_rows(stages["filter"].counts, p.filters.rules),
+                   description="Documents dropped per filter rule and reason")
     out = result(stages)
     emit_completed("curate", out, primary=stages[list(stages)[-1]].path)
     return out

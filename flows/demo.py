@@ -12,7 +12,8 @@ from tasks.report import format_table, markdown_artifact, markdown_table, table_
 
 # Small enough for a few minutes on 2 CPU cores, big enough that every stage visibly does something.
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
-    "curate": {},
+    # The demo crawl plants pages on a gambling domain; a real deployment lists its own.
+    "curate": {"filters": {"url": {"extra_domains": ["royal-casino-bets.com"]}}},
     "tokenize": {"tokenizer": {"vocab_size": 2048}},
     "pretrain": {"preset": "tiny", "max_steps": 300, "seq_len": 128, "batch_size": 16, "eval_every": 50},
     "finetune": {"method": "lora", "max_steps": 60},

@@ -101,8 +101,9 @@ class Stage:
         if done is not None:
             return done
         _log_exec(f"{self.name} {b.fingerprint} {item['name']}")
+        t0 = time.perf_counter()
         result = self.obj.shard(b, item, cfg)
-        b.record_shard(item["name"], result)
+        b.record_shard(item["name"], result, time.perf_counter() - t0)
         return result
 
     def _reduce(self, b: Builder, results: list[dict], inputs: list[Dataset], cfg: Any) -> StageOutput:
@@ -114,6 +115,9 @@ class Stage:
 
     def _publish(self, b: Builder, inputs: list[Dataset], cfg: Any, out: StageOutput, seconds: float) -> Dataset:
         stats = dict(out.stats)
+        if self.sharded:  # work seconds: every shard's time plus the reduce step's
+            stats.setdefault("shard_seconds", round(b.shard_seconds(), 3))
+            seconds += stats["shard_seconds"]
         stats.setdefault("seconds", round(seconds, 3))
         return b.publish(version=self.version, config=config_dict(cfg), inputs=[d.ref() for d in inputs],
                          counts=out.counts, stats=stats, extra=out.extra)

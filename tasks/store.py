@@ -309,9 +309,19 @@ class Builder:
         with self.fs.open(p, "rb") as f:
             return json.loads(f.read())["result"]
 
-    def record_shard(self, name: str, result: dict) -> None:
+    def record_shard(self, name: str, result: dict, seconds: float = 0.0) -> None:
         p = _join(self.dir, _SHARDS, hashlib.sha1(name.encode()).hexdigest()[:20] + ".json")
-        _atomic_write_bytes(self.fs, p, canonical_json({"name": name, "result": result}).encode())
+        _atomic_write_bytes(self.fs, p, canonical_json({"name": name, "result": result,
+                                                        "seconds": round(seconds, 3)}).encode())
+
+    def shard_seconds(self) -> float:
+        """Total time spent in this dataset's shards (including those of earlier, crashed runs)."""
+        total = 0.0
+        for p in self.fs.ls(_join(self.dir, _SHARDS), detail=False):
+            if p.endswith(".json"):
+                with self.fs.open(p, "rb") as f:
+                    total += json.loads(f.read()).get("seconds", 0.0)
+        return total
 
     def records(self) -> list[dict]:
         out = []

@@ -1,0 +1,66 @@
+"""Flow ``pretrain``: a token dataset -> a pretrained Hugging Face model folder.
+
+    refinery run pretrain --set input=WORK/tokenize/<fp> --set max_steps=300 --json
+
+Every TrainConfig field is a flow parameter (``objective``, ``preset``, ``max_steps``, ``seq_len``,
+``batch_size``, ``grad_accum``, ``lr``, ``warmup_steps``, ``eval_every``, ``patience``, ``seed``,
+``compile``, ``grad_checkpointing``, ``devices``, ...). Re-running after a crash or SIGTERM resumes
+from ``<workdir>/checkpoints/<fingerprint>/``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from pydantic import Field
+
+from flows.common import FlowParams, refinery_flow, result
+from tasks.report import format_table, image_artifact, markdown_artifact, markdown_table, table_artifact
+from tasks.train.config import TrainConfig
+from tasks.train.stage import pretrain
+
+
+class PretrainParams(FlowParams, TrainConfig):
+    """Flow parameters: the storage root, the input token dataset(s), and the training config."""
+
+    input: str = Field(description="Token dataset path (output of the tokenize flow); several datasets "
+                       "separated by commas are mixed (see weights).")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**self.model_dump(include=set(TrainConfig.model_fields)))
+
+    def inputs(self) -> list[str]:
+        return [s.strip() for s in self.input.split(",") if s.strip()]
+
+
+def _report(ds) -> None:
+    m = ds.manifest
+    summary = [{"steps": ds.counts.get("steps"), "tokens": ds.counts.get("tokens"), "params": ds.counts.get("params"),
+                "val_loss_start": m.get("val_loss_start"), "val_loss_end": m.get("val_loss_end"),
+                "best_step": m.get("best_step"), "unigram_entropy": m.get("unigram_entropy"),
+                "tokens_per_sec": m.get("training", {}).get("tokens_per_sec"),
+                "mfu": m.get("training", {}).get("mfu")}]
+    print(format_table(summary, title="== pretrain"), file=sys.stderr)
+    table_artifact("pretrain-summary", summary, description="pretraining: validation loss vs the unigram baseline")
+    try:
+        with ds.fs.open(ds.file("training/metrics.jsonl"), "r") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        rows = []
+    if rows:
+        from tasks.train.metrics import summary_rows
+
+        merged = summary_rows(rows, every=max(1, len(rows) // 50))
+        table_artifact("pretrain-metrics", merged, description="loss, lr, tokens/sec, MFU, validation loss by step")
+        markdown_artifact("pretrain-report", markdown_table(summary))
+    if ds.fs.exists(ds.file("training/loss.png")):
+        image_artifact("pretrain-loss-curve", ds.local_path() + "/training/loss.png", description="loss curve")
+
+
+@refinery_flow("pretrain", PretrainParams)
+def pretrain_flow(p: PretrainParams) -> dict:
+    """Pretrain a causal LM (or MLM / T5 span corruption) from config on token datasets."""
+    ds = pretrain.call(p.workdir, p.inputs(), p.train_config())
+    _report(ds)
+    return result({"pretrain": ds}, val_loss_start=ds.manifest.get("val_loss_start"),
+                  val_loss_end=ds.manifest.get("val_loss_end"), unigram_entropy=ds.manifest.get("unigram_entropy"))

@@ -1,0 +1,9 @@
+"""Alignment: reward models, PPO and DPO on preference pairs (light at import; torch loads lazily).
+
+- ``data``: preference files (HH-RLHF, ShareGPT, prompt/chosen/rejected) -> ``PreferencePair``.
+- ``reward``: ``train_reward_model`` (pairwise loss), ``RewardScorer``.
+- ``ppo``: ``train_ppo`` / ``PPOTrainer`` (rollouts, KL-shaped rewards, GAE, clipped losses).
+- ``dpo``: ``train_dpo`` (own loop, frozen reference scored once).
+- ``common``: ``resolve_model_dir`` (HF folder or refinery dataset), ``model_identity``, saving.
+- ``stage``: the ``reward``, ``ppo`` and ``dpo`` stages.
+"""

@@ -1,0 +1,235 @@
+"""What the alignment trainers share: finding a model folder, loading tokenizers, tokenizing
+(prompt, reply) pairs, padding, per-token log-probabilities, LoRA, and saving in HF format.
+
+Heavy imports (torch, transformers, peft) happen inside functions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from pydantic import BaseModel, Field
+
+MANIFEST = "manifest.json"
+MODEL_KEYS = ("merged", "model")  # manifest keys naming a model subfolder, in order of preference
+
+
+# --------------------------------------------------------------------------- model folders
+def _sub(base: str, value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("path")
+    if not isinstance(value, str) or not value:
+        return None
+    if "://" in value or os.path.isabs(value):
+        return value
+    return os.path.join(base, value)
+
+
+def resolve_model_dir(path: str | os.PathLike) -> str:
+    """A loadable HF model folder from either a plain HF model folder (has ``config.json``) or a
+    refinery dataset folder whose manifest names the model subfolder (``merged`` preferred, then
+    ``model``; a relative path, an absolute one, or ``{"path": ...}``), e.g. the finetune flow's
+    output. Remote datasets (fsspec URLs) are copied to the local cache first."""
+    path = os.fspath(path)
+    if "://" in path:
+        from tasks.store import Dataset
+
+        path = Dataset.open(path).local_path()
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        try:
+            manifest = json.loads((p / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: unreadable {MANIFEST}: {e}") from e
+        places = [manifest.get(k) for k in MODEL_KEYS]
+        places += [manifest.get("extra", {}).get(k) for k in MODEL_KEYS] if isinstance(manifest.get("extra"), dict) else []
+        for value in places:
+            sub = _sub(str(p), value)
+            if sub and os.path.isfile(os.path.join(sub, "config.json")):
+                return sub
+        for k in MODEL_KEYS:  # conventional folder names without a manifest key
+            if (p / k / "config.json").is_file():
+                return str(p / k)
+        if (p / "config.json").is_file():
+            return str(p)
+        raise ValueError(f"{path}: refinery dataset (stage {manifest.get('stage')!r}) names no model folder "
+                         f"(manifest keys {list(MODEL_KEYS)} with a config.json inside)")
+    if (p / "config.json").is_file():
+        return str(p)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such model folder")
+    raise ValueError(f"{path}: neither a Hugging Face model folder (config.json) nor a refinery dataset (manifest.json)")
+
+
+def model_identity(path: str | os.PathLike | None) -> str | None:
+    """What identifies a model input for fingerprints: ``stage:fingerprint`` of a refinery dataset,
+    else a hash of the folder's file names, sizes and mtimes (a hub id is returned as is)."""
+    if path is None:
+        return None
+    path = os.fspath(path)
+    p = Path(path)
+    if "://" in path:
+        from tasks.store import Dataset
+
+        ds = Dataset.open(path)
+        return f"{ds.stage}:{ds.fingerprint}"
+    if (p / MANIFEST).is_file():
+        try:
+            m = json.loads((p / MANIFEST).read_text())
+            return f"{m['stage']}:{m['fingerprint']}"
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{path}: unreadable {MANIFEST}: {e}") from e
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(p).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return f"dir:{h.hexdigest()[:16]}"
+    if p.exists():
+        st = p.stat()
+        return f"file:{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return f"hub:{path}"  # not local: a hub id, identified by name
+
+
+def is_dataset_dir(path: str | None) -> bool:
+    return bool(path) and ("://" in str(path) or (Path(path) / MANIFEST).is_file())
+
+
+# --------------------------------------------------------------------------- settings
+class LoraSettings(BaseModel):
+    """LoRA adapters instead of full fine-tuning (``enabled=false``: train all weights)."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of all weights.")
+    r: int = Field(8, description="Adapter rank.")
+    alpha: int = Field(16, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, description="Dropout on the adapter input.")
+    target_modules: str | list[str] = Field("all-linear", description="Modules to adapt: 'all-linear' or a list of names.")
+
+
+class TrainerBase(BaseModel):
+    """What every trainer config has: where it runs and the weights' dtype."""
+
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="Weights' dtype when loading the model.")
+
+
+def pick_device(spec: str = "auto"):
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1`` ..."""
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def torch_dtype(name: str):
+    """``float32`` / ``bfloat16`` / ``float16`` -> torch dtype; ``auto``: as saved."""
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def load_tokenizer(model_dir: str):
+    """The model's tokenizer with a pad token (falls back to EOS) and right padding."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise ValueError(f"{model_dir}: tokenizer has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def apply_lora(model, lora: LoraSettings, task_type: str, modules_to_save: list[str] | None = None):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type,
+                     target_modules=lora.target_modules, modules_to_save=modules_to_save)
+    return get_peft_model(model, cfg)
+
+
+def save_model(model, tokenizer, out_dir: str, lora: bool) -> dict:
+    """Save in HF format: ``model/`` (full weights), or ``adapter/`` + ``merged/`` with LoRA.
+    Every folder gets the tokenizer files. Returns the manifest keys naming the folders."""
+    out = Path(out_dir)
+    if lora:
+        model.save_pretrained(out / "adapter")
+        tokenizer.save_pretrained(out / "adapter")
+        merged = model.merge_and_unload()
+        merged.save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out / "merged")
+        return {"adapter": "adapter", "merged": "merged", "model": "merged"}
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return {"model": "model"}
+
+
+# --------------------------------------------------------------------------- tokens
+def encode_reply(tokenizer, prompt_text: str, reply_text: str, max_prompt_len: int, max_len: int,
+                 add_eos: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt (left-truncated to ``max_prompt_len``) and of the reply (truncated so
+    the whole fits ``max_len``; EOS appended when it differs from the pad token)."""
+    p = tokenizer(prompt_text)["input_ids"][-max_prompt_len:]
+    r = tokenizer(reply_text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is not None and eos != tokenizer.pad_token_id:
+        r = r + [eos]
+    r = r[: max(1, max_len - len(p))]
+    return p, r
+
+
+def pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right"):
+    """Lists of ids -> (input_ids, attention_mask) LongTensors."""
+    import torch
+
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        if side == "right":
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        else:
+            ids[i, n - len(s):] = torch.tensor(s)
+            mask[i, n - len(s):] = 1
+    return ids, mask
+
+
+def position_ids(mask):
+    """Positions counting only real tokens (left padding safe)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(logits, input_ids):
+    """log p(input_ids[t+1] | ..t) for t in 0..T-2: shape (B, T-1)."""
+    import torch
+
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return torch.gather(logp, 2, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def count_params(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"params": total, "trainable_params": trainable}

@@ -1,0 +1,248 @@
+"""Preference pairs: reading the common file formats into one shape, splitting, rendering to text.
+
+Formats (detected per record, so a file may mix them):
+
+* **HH-RLHF** ``{"chosen": TRANSCRIPT, "rejected": TRANSCRIPT}`` where a transcript is
+  ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``; the prompt is everything up to the last
+  ``Assistant:`` turn and must be the same in both (else the record is skipped as
+  ``prompt_mismatch``).
+* **ShareGPT** (LLaMA-Factory) ``{"conversations": [{"from": "human"|"gpt"|"system", "value"}...],
+  "chosen": {"from": "gpt", "value"}, "rejected": {...}}`` (``messages`` with ``role``/``content``
+  works too).
+* **Explicit prompt** (TRL) ``{"prompt": str | messages, "chosen": str | messages,
+  "rejected": str | messages}``.
+
+Files: ``.json`` (a list, or an object with a ``data``/``train`` list), ``.jsonl``, and either
+gzipped. A record that cannot be understood is counted by reason and skipped; a file that cannot
+be read raises an error naming it. Light module: no torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+import random
+import re
+from collections import Counter
+from typing import Any, Iterable, Iterator
+
+ROLE_ALIASES = {
+    "human": "user", "user": "user", "prompter": "user",
+    "gpt": "assistant", "assistant": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
+    "system": "system",
+}
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferencePair:
+    """A prompt (chat messages, the last one from the user) and two candidate assistant replies."""
+
+    prompt: tuple  # tuple of (role, content) pairs; hashable and JSON-able via messages()
+    chosen: str
+    rejected: str
+
+    def messages(self) -> list[dict]:
+        return [{"role": r, "content": c} for r, c in self.prompt]
+
+    def key(self) -> str:
+        """A stable id of the pair (used for deterministic splits)."""
+        payload = json.dumps([list(self.prompt), self.chosen, self.rejected], ensure_ascii=False)
+        return hashlib.sha1(payload.encode()).hexdigest()
+
+
+class BadRecord(ValueError):
+    """A record that is not a preference pair; ``reason`` names the counter it goes to."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- parsing records
+def parse_hh(transcript: str) -> list[tuple[str, str]]:
+    """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> ``[("user", "a"), ("assistant", "b")]``."""
+    if not isinstance(transcript, str):
+        raise BadRecord("not_text", type(transcript).__name__)
+    parts = _HH_TURN.split(transcript)
+    if len(parts) < 3:
+        raise BadRecord("no_turns", "no '\\n\\nHuman:'/'\\n\\nAssistant:' turns")
+    turns = []
+    for speaker, text in zip(parts[1::2], parts[2::2]):
+        turns.append(("user" if speaker == "Human" else "assistant", text.strip()))
+    return turns
+
+
+def _message(m: Any) -> tuple[str, str]:
+    if isinstance(m, str):
+        return ("assistant", m)
+    if not isinstance(m, dict):
+        raise BadRecord("bad_message", type(m).__name__)
+    role = m.get("role", m.get("from"))
+    content = m.get("content", m.get("value"))
+    if not isinstance(role, str) or not isinstance(content, str):
+        raise BadRecord("bad_message", "needs role/from and content/value strings")
+    return (ROLE_ALIASES.get(role.lower(), role.lower()), content)
+
+
+def _messages(ms: Any) -> list[tuple[str, str]]:
+    if isinstance(ms, str):
+        return [("user", ms)]
+    if isinstance(ms, dict):
+        return [_message(ms)]
+    if not isinstance(ms, list) or not ms:
+        raise BadRecord("bad_messages", "expected a non-empty list of messages")
+    return [_message(m) for m in ms]
+
+
+def _reply(x: Any) -> str:
+    """The assistant reply of a ``chosen``/``rejected`` field: a string, a message, or messages."""
+    if isinstance(x, str):
+        return x
+    msgs = _messages(x) if not isinstance(x, dict) else [_message(x)]
+    if msgs[-1][0] != "assistant":
+        raise BadRecord("reply_not_assistant", msgs[-1][0])
+    return msgs[-1][1]
+
+
+def parse_record(rec: Any) -> PreferencePair:
+    """One raw record of any supported format -> PreferencePair (raises BadRecord)."""
+    if not isinstance(rec, dict):
+        raise BadRecord("not_object", type(rec).__name__)
+    if "chosen" not in rec or "rejected" not in rec:
+        raise BadRecord("missing_field", "needs 'chosen' and 'rejected'")
+    conv = rec.get("conversations", rec.get("messages"))
+    if conv is not None:  # ShareGPT
+        prompt = _messages(conv)
+        chosen, rejected = _reply(rec["chosen"]), _reply(rec["rejected"])
+    elif "prompt" in rec:  # explicit prompt (TRL style)
+        prompt = _messages(rec["prompt"])
+        chosen, rejected = _reply(rec["chosen"]), _reply(rec["rejected"])
+    elif isinstance(rec["chosen"], str) and isinstance(rec["rejected"], str):  # HH-RLHF transcripts
+        c, r = parse_hh(rec["chosen"]), parse_hh(rec["rejected"])
+        if c[-1][0] != "assistant" or r[-1][0] != "assistant":
+            raise BadRecord("reply_not_assistant", "transcript does not end with an Assistant turn")
+        if c[:-1] != r[:-1]:
+            raise BadRecord("prompt_mismatch", "chosen and rejected transcripts have different prompts")
+        prompt, chosen, rejected = c[:-1], c[-1][1], r[-1][1]
+    elif isinstance(rec["chosen"], list) and isinstance(rec["rejected"], list):  # full conversations
+        c, r = _messages(rec["chosen"]), _messages(rec["rejected"])
+        if c[:-1] != r[:-1]:
+            raise BadRecord("prompt_mismatch", "chosen and rejected conversations have different prompts")
+        prompt, chosen, rejected = c[:-1], _reply(c), _reply(r)
+    else:
+        raise BadRecord("unknown_format", "no conversations/messages/prompt and not HH transcripts")
+    if not prompt:
+        raise BadRecord("empty_prompt")
+    if prompt[-1][0] == "assistant":
+        raise BadRecord("prompt_ends_with_assistant")
+    if not chosen.strip() or not rejected.strip():
+        raise BadRecord("empty_reply")
+    if chosen == rejected:
+        raise BadRecord("identical_replies")
+    return PreferencePair(tuple(prompt), chosen, rejected)
+
+
+# --------------------------------------------------------------------------- reading files
+def _open_text(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, "r", encoding="utf-8")
+
+
+def iter_records(path: str | os.PathLike, counts: Counter | None = None) -> Iterator[Any]:
+    """Raw records of a .json / .jsonl file (optionally .gz). Bad JSON lines are counted in
+    ``counts["bad_json"]`` and skipped; an unreadable file raises ValueError naming it."""
+    path = os.fspath(path)
+    counts = counts if counts is not None else Counter()
+    name = path[:-3] if path.endswith(".gz") else path
+    try:
+        if name.endswith(".jsonl"):
+            with _open_text(path) as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:
+                        counts["bad_json"] += 1
+        else:
+            with _open_text(path) as f:
+                data = json.load(f)
+            if isinstance(data, dict):
+                for k in ("data", "train", "pairs"):
+                    if isinstance(data.get(k), list):
+                        data = data[k]
+                        break
+                else:
+                    raise ValueError("a JSON object without a 'data'/'train'/'pairs' list")
+            if not isinstance(data, list):
+                raise ValueError(f"top-level JSON is a {type(data).__name__}, not a list")
+            yield from data
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+        raise ValueError(f"cannot read preference file {path}: {e}") from e
+
+
+def load_pairs(path: str | os.PathLike, max_pairs: int | None = None) -> tuple[list[PreferencePair], dict]:
+    """All valid pairs of a file (the first ``max_pairs`` valid ones when given) and counts
+    ``{"records", "pairs", "skipped": {reason: n}}``."""
+    counts: Counter = Counter()
+    pairs: list[PreferencePair] = []
+    n = 0
+    for rec in iter_records(path, counts):
+        n += 1
+        try:
+            pairs.append(parse_record(rec))
+        except BadRecord as e:
+            counts[e.reason] += 1
+        if max_pairs is not None and len(pairs) >= max_pairs:
+            break
+    skipped = dict(sorted(counts.items()))
+    return pairs, {"records": n + counts.get("bad_json", 0), "pairs": len(pairs), "skipped": skipped}
+
+
+def split_pairs(pairs: list[PreferencePair], eval_fraction: float, seed: int,
+                eval_max: int | None = None) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """Deterministic train / held-out split (a seeded shuffle); at least one of each when possible."""
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_eval = int(round(len(pairs) * eval_fraction)) if eval_fraction > 0 else 0
+    if eval_fraction > 0 and len(pairs) >= 2:
+        n_eval = min(max(n_eval, 1), len(pairs) - 1)
+    if eval_max is not None:
+        n_eval = min(n_eval, eval_max)
+    ev = [pairs[i] for i in order[:n_eval]]
+    tr = [pairs[i] for i in order[n_eval:]]
+    return tr, ev
+
+
+# --------------------------------------------------------------------------- rendering
+_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
+
+
+def render_prompt(messages: Iterable[tuple[str, str]], tokenizer=None) -> str:
+    """The prompt text a model continues: the tokenizer's chat template when it has one, else the
+    HH-RLHF transcript style ``"\\n\\nHuman: ...\\n\\nAssistant:"``."""
+    messages = list(messages)
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
+                                             tokenize=False, add_generation_prompt=True)
+    out = []
+    for role, content in messages:
+        out.append(f"\n\n{_NAMES.get(role, role.capitalize())}: {content.strip()}")
+    return "".join(out) + "\n\nAssistant:"
+
+
+def render_reply(text: str, tokenizer=None) -> str:
+    """A reply as appended to :func:`render_prompt` (a leading space in the transcript style)."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return text
+    return " " + text.strip()
+
+
+def file_identity(path: str | os.PathLike) -> str:
+    """``path:size:mtime_ns`` of a data file, for fingerprints (raises if the file is missing)."""
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"

@@ -1,0 +1,211 @@
+"""Direct Preference Optimization (Rafailov et al. 2023), our own short loop.
+
+For a pair (prompt x, chosen y_c, rejected y_r) and log-ratios against a frozen reference
+``h(y) = log pi(y|x) - log pi_ref(y|x)`` (summed over reply tokens), the loss is
+``-log sigmoid(beta * (h(y_c) - h(y_r)))`` (with ``label_smoothing`` e, the conservative variant
+``(1-e) * that + e * -log sigmoid(-beta * ...)``). The implicit rewards ``beta * h(y)`` give the
+reported preference accuracy and margins on held-out pairs, before and after training.
+
+The reference is the starting policy; its log-probabilities of every pair are computed once,
+before training, so no second model is held in memory (with LoRA or without).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from pydantic import Field
+
+from tasks.align.common import (LoraSettings, TrainerBase, apply_lora, count_params, encode_reply, load_tokenizer,
+                                model_device, pad, pick_device, position_ids, seed_everything, token_logprobs,
+                                torch_dtype)
+from tasks.align.data import PreferencePair, render_prompt, render_reply
+
+TRAIN_EVAL_PAIRS = 128
+
+
+class DPOConfig(TrainerBase):
+    """DPO settings."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint (higher: stay closer to the reference).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed label noise (conservative DPO); 0: plain DPO.")
+    lr: float = Field(5e-6, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(8, ge=1, description="Pairs per optimizer step.")
+    epochs: int = Field(1, ge=1, description="Passes over the training pairs (max_steps, when > 0, caps the steps).")
+    max_steps: int = Field(0, ge=0, description="Stop after this many steps (0: run all epochs).")
+    max_prompt_len: int = Field(64, ge=1, description="Prompt tokens kept (the end of the prompt).")
+    max_len: int = Field(160, ge=2, description="Prompt + reply tokens kept.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clip (0: none).")
+    eval_batch_size: int = Field(16, ge=1, description="Pairs per forward pass when scoring.")
+    lora: LoraSettings = LoraSettings()
+
+
+@dataclass
+class DPOResult:
+    model: object
+    tokenizer: object
+    stats: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+
+@dataclass
+class _Encoded:
+    chosen: list      # list of (prompt ids + reply ids)
+    rejected: list
+    p_len_c: list     # prompt length of each chosen sequence (the reply starts there)
+    p_len_r: list
+
+
+def encode_pairs(tokenizer, pairs: Sequence[PreferencePair], max_prompt_len: int, max_len: int) -> _Encoded:
+    enc = _Encoded([], [], [], [])
+    for pair in pairs:
+        prompt = render_prompt(pair.prompt, tokenizer)
+        pc, rc = encode_reply(tokenizer, prompt, render_reply(pair.chosen, tokenizer), max_prompt_len, max_len)
+        pr, rr = encode_reply(tokenizer, prompt, render_reply(pair.rejected, tokenizer), max_prompt_len, max_len)
+        enc.chosen.append(pc + rc)
+        enc.rejected.append(pr + rr)
+        enc.p_len_c.append(len(pc))
+        enc.p_len_r.append(len(pr))
+    return enc
+
+
+def reply_logps(model, seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], pad_id: int):
+    """Summed log-prob of each sequence's reply tokens (after its prompt) and the reply lengths."""
+    import torch
+
+    ids, mask = pad(seqs, pad_id, "right")
+    dev = model_device(model)
+    ids, mask = ids.to(dev), mask.to(dev)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    lp = token_logprobs(logits, ids)  # (B, T-1): token t+1 given ..t
+    pos = torch.arange(ids.shape[1] - 1, device=dev)[None, :] + 1  # position of the predicted token
+    plen = torch.tensor(list(prompt_lens), device=dev)[:, None]
+    lmask = (pos >= plen) & mask[:, 1:].bool()
+    return (lp * lmask).sum(-1), lmask.sum(-1)
+
+
+def _all_logps(model, enc: _Encoded, pad_id: int, batch_size: int):
+    """(chosen logps, rejected logps, chosen lengths, rejected lengths) for every pair, no grad."""
+    import torch
+
+    outs = [[], [], [], []]
+    with torch.no_grad():
+        for i in range(0, len(enc.chosen), batch_size):
+            sl = slice(i, i + batch_size)
+            c, nc = reply_logps(model, enc.chosen[sl], enc.p_len_c[sl], pad_id)
+            r, nr = reply_logps(model, enc.rejected[sl], enc.p_len_r[sl], pad_id)
+            for o, v in zip(outs, (c, r, nc, nr)):
+                o.append(v.cpu())
+    return [torch.cat(o) for o in outs]
+
+
+def dpo_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0):
+    """Per-pair DPO loss and the implicit rewards of chosen and rejected replies."""
+    import torch.nn.functional as F
+
+    logits = beta * ((pc - rc) - (pr - rr))
+    loss = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return loss, beta * (pc - rc), beta * (pr - rr)
+
+
+def preference_metrics(pc, pr, rc, rr, nc, nr, beta: float) -> dict:
+    """Held-out figures: implicit-reward accuracy and margin, and the policy's own preference
+    (mean per-token log-prob of chosen > rejected)."""
+    if len(pc) == 0:
+        return {"pairs": 0}
+    rew_c, rew_r = beta * (pc - rc), beta * (pr - rr)
+    margin = rew_c - rew_r
+    acc = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
+    per_tok = pc / nc.clamp(min=1) - pr / nr.clamp(min=1)
+    loss, _, _ = dpo_loss(pc, pr, rc, rr, beta)
+    return {"pairs": len(pc), "accuracy": round(acc, 6), "margin": round(margin.mean().item(), 6),
+            "reward_chosen": round(rew_c.mean().item(), 6), "reward_rejected": round(rew_r.mean().item(), 6),
+            "loss": round(loss.mean().item(), 6),
+            "logp_accuracy": round((per_tok > 0).float().mean().item(), 6)}
+
+
+def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequence[PreferencePair], cfg: DPOConfig,
+              seed: int = 0, on_step: Callable[[dict], None] | None = None, progress: bool = False) -> DPOResult:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not train:
+        raise ValueError("DPO: no training pairs")
+    seed_everything(seed)
+    tok = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(cfg.dtype))
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, "CAUSAL_LM")
+    model.to(pick_device(cfg.device))
+    model.eval()  # no dropout: reference and policy log-probs comparable
+    pad_id = tok.pad_token_id
+    enc_tr = encode_pairs(tok, train, cfg.max_prompt_len, cfg.max_len)
+    enc_ev = encode_pairs(tok, held_out, cfg.max_prompt_len, cfg.max_len)
+    # The reference: the starting model, scored once.
+    ref_tr = _all_logps(model, enc_tr, pad_id, cfg.eval_batch_size)
+    ref_ev = _all_logps(model, enc_ev, pad_id, cfg.eval_batch_size) if held_out else None
+    before = preference_metrics(*ref_ev[:2], *ref_ev[:2], *ref_ev[2:], cfg.beta) if held_out else {"pairs": 0}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    gen = torch.Generator().manual_seed(seed)
+    history, step = [], 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="dpo", leave=False)
+    t0 = time.perf_counter()
+    while step < total:
+        order = torch.randperm(len(train), generator=gen).tolist()
+        for i in range(0, len(order), cfg.batch_size):
+            if step >= total:
+                break
+            idx = order[i:i + cfg.batch_size]
+            n = len(idx)
+            seqs = [enc_tr.chosen[j] for j in idx] + [enc_tr.rejected[j] for j in idx]
+            plens = [enc_tr.p_len_c[j] for j in idx] + [enc_tr.p_len_r[j] for j in idx]
+            lp, _ = reply_logps(model, seqs, plens, pad_id)
+            t = torch.tensor(idx)
+            ref_c, ref_r = ref_tr[0][t].to(lp.device), ref_tr[1][t].to(lp.device)
+            loss, rew_c, rew_r = dpo_loss(lp[:n], lp[n:], ref_c, ref_r, cfg.beta, cfg.label_smoothing)
+            loss = loss.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            step += 1
+            with torch.no_grad():
+                rec = {"step": step, "loss": round(loss.item(), 6),
+                       "accuracy": round((rew_c > rew_r).float().mean().item(), 4),
+                       "margin": round((rew_c - rew_r).mean().item(), 6),
+                       "reward_chosen": round(rew_c.mean().item(), 6), "reward_rejected": round(rew_r.mean().item(), 6)}
+            history.append(rec)
+            if on_step:
+                on_step(rec)
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=rec["loss"])
+    if bar:
+        bar.close()
+    train_seconds = time.perf_counter() - t0
+    after = {"pairs": 0}
+    if held_out:
+        cur = _all_logps(model, enc_ev, pad_id, cfg.eval_batch_size)
+        after = preference_metrics(cur[0], cur[1], ref_ev[0], ref_ev[1], cur[2], cur[3], cfg.beta)
+    k = min(len(train), TRAIN_EVAL_PAIRS)  # the same figures on (the first) training pairs
+    sub = _Encoded(enc_tr.chosen[:k], enc_tr.rejected[:k], enc_tr.p_len_c[:k], enc_tr.p_len_r[:k])
+    cur_tr = _all_logps(model, sub, pad_id, cfg.eval_batch_size)
+    train_after = preference_metrics(cur_tr[0], cur_tr[1], ref_tr[0][:k], ref_tr[1][:k], cur_tr[2], cur_tr[3], cfg.beta)
+    stats = {"steps": step, "train_pairs": len(train), "held_out_pairs": len(held_out),
+             "held_out_before": before, "held_out_after": after, "train_after": train_after,
+             "first_loss": history[0]["loss"] if history else None,
+             "final_loss": history[-1]["loss"] if history else None,
+             "train_seconds": round(train_seconds, 3), **count_params(model)}
+    return DPOResult(model=model, tokenizer=tok, stats=stats, history=history)

@@ -1,0 +1,358 @@
+"""PPO against a reward function (a trained reward model, or any scorer), written out in full.
+
+One PPO step, as in Ouyang et al. 2022 / Ziegler et al. 2019, readable top to bottom:
+
+1. **Rollout**: sample a reply for a batch of prompts from the policy (``max_new_tokens``,
+   ``temperature``, ``top_k``, ``top_p``); the reply ends at its first EOS.
+2. **Score**: the reward function gives one scalar per reply.
+3. **Shape**: per-token reward ``-kl_coef * (log pi(a_t) - log pi_ref(a_t))`` (a penalty for leaving
+   the frozen reference policy), plus the score on the reply's last token.
+4. **GAE**: advantages ``A_t = sum_l (gamma*lam)^l delta_{t+l}`` with
+   ``delta_t = r_t + gamma V(s_{t+1}) - V(s_t)``, from the value head's estimates; returns
+   ``A_t + V(s_t)``; advantages whitened over the batch.
+5. **Optimise** for ``ppo_epochs`` passes over shuffled minibatches: clipped policy loss
+   ``max(-A r, -A clip(r, 1-eps, 1+eps))`` with ``r = pi/pi_old``, clipped value loss
+   ``0.5 max((V-R)^2, (V_clip-R)^2)``, minus an optional entropy bonus.
+
+The value head is a linear layer on the policy's last hidden state (shared backbone). The
+reference is a frozen copy of the starting policy (with LoRA: the same model, adapters disabled).
+Dropout is off throughout (eval mode), so log-probabilities of the same tokens are reproducible.
+Every step reports mean reward, KL to the reference (per reply, summed over tokens), entropy
+(per token), losses, clip fractions and reply length.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from pydantic import Field
+
+from tasks.align.common import (LoraSettings, TrainerBase, apply_lora, count_params, load_tokenizer, pad,
+                                pick_device, position_ids, seed_everything, torch_dtype)
+
+RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[Sequence[int]]], "object"]
+
+
+class PPOConfig(TrainerBase):
+    """PPO settings: generation, the KL penalty, clipping and batch sizes."""
+
+    steps: int = Field(20, ge=1, description="PPO steps (rollout + optimisation rounds).")
+    rollout_batch_size: int = Field(16, ge=1, description="Prompts sampled per step.")
+    mini_batch_size: int = Field(8, ge=1, description="Replies per gradient step.")
+    ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate (policy and value head).")
+    max_prompt_len: int = Field(64, ge=1, description="Prompt tokens kept (the end of the prompt).")
+    max_new_tokens: int = Field(32, ge=1, description="Longest sampled reply.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use the same scaling).")
+    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens (0: all).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
+    kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty coefficient (beta).")
+    clip_range: float = Field(0.2, gt=0, description="Policy ratio clip (epsilon).")
+    clip_range_value: float = Field(0.2, gt=0, description="Value clip around the rollout's values.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    entropy_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    whiten_advantages: bool = Field(True, description="Normalise advantages to mean 0, std 1 per batch.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clip (0: none).")
+    lora: LoraSettings = LoraSettings()
+
+
+# --------------------------------------------------------------------------- the model
+def _policy_with_value(model):
+    import torch
+
+    class PolicyWithValue(torch.nn.Module):
+        """A causal LM plus a scalar value head on its last hidden state."""
+
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+            hidden = lm.config.get_text_config().hidden_size if hasattr(lm.config, "get_text_config") \
+                else lm.config.hidden_size
+            self.v_head = torch.nn.Linear(hidden, 1)
+            torch.nn.init.zeros_(self.v_head.weight)
+            torch.nn.init.zeros_(self.v_head.bias)
+
+        def forward(self, input_ids, attention_mask):
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids(attention_mask), output_hidden_states=True)
+            values = self.v_head(out.hidden_states[-1].float()).squeeze(-1)
+            return out.logits, values
+
+    return PolicyWithValue(model)
+
+
+@dataclass
+class PPOResult:
+    policy: object          # PolicyWithValue: .lm is the causal LM (a PeftModel with LoRA)
+    tokenizer: object
+    history: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- pieces of a step
+def masked_mean(x, mask, dim=None):
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def whiten(x, mask, eps: float = 1e-8):
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * (var + eps).rsqrt() * mask
+
+
+def reply_mask(replies, eos_id: int | None):
+    """1 for reply tokens up to and including the first EOS, 0 after (generate pads there)."""
+    import torch
+
+    if eos_id is None:
+        return torch.ones_like(replies)
+    is_eos = (replies == eos_id).long()
+    after_eos = (is_eos.cumsum(-1) - is_eos) > 0  # strictly after the first EOS
+    return (~after_eos).long()
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimates and returns over reply tokens (B, R); entries outside
+    ``mask`` (a prefix of each row) are zero."""
+    import torch
+
+    rewards, values = rewards * mask, values * mask
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    R = rewards.shape[1]
+    for t in reversed(range(R)):
+        next_v = values[:, t + 1] if t + 1 < R else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = delta + gamma * lam * last
+        adv[:, t] = last
+    adv = adv * mask
+    return adv, (adv + values) * mask
+
+
+def _reply_stats(logits, tokens, temperature: float):
+    """Per-token log-prob of ``tokens`` and entropy, from logits aligned with them."""
+    import torch
+
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.gather(logp_all, 2, tokens[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def shaped_rewards(scores, logp, ref_logp, mask, kl_coef: float):
+    """Per-token rewards: ``-kl_coef * (logp - ref_logp)``, plus the score on the last reply token."""
+    import torch
+
+    kl = (logp - ref_logp) * mask
+    rewards = -kl_coef * kl
+    last = (mask.sum(-1) - 1).clamp(min=0).long()
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores
+    return rewards * mask, kl
+
+
+class PPOTrainer:
+    """Holds the policy (+value head), the frozen reference, the optimizer, and does PPO steps."""
+
+    def __init__(self, policy_dir: str, reward_fn: RewardFn, cfg: PPOConfig, seed: int = 0):
+        import torch
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        seed_everything(seed)
+        self.cfg, self.seed, self.reward_fn = cfg, seed, reward_fn
+        self.tokenizer = load_tokenizer(policy_dir)
+        self.device = pick_device(cfg.device)
+        lm = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch_dtype(cfg.dtype))
+        if cfg.lora.enabled:
+            self.ref = None  # the reference is the same model with its adapters disabled
+            lm = apply_lora(lm, cfg.lora, "CAUSAL_LM")
+        else:
+            self.ref = copy.deepcopy(lm)
+            self.ref.eval()
+            for p in self.ref.parameters():
+                p.requires_grad_(False)
+        self.policy = _policy_with_value(lm).to(self.device)
+        if self.ref is not None:
+            self.ref.to(self.device)
+        self.policy.eval()  # no dropout: log-probs of the same tokens must not change between passes
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr)
+        tok = self.tokenizer
+        self.eos_id = tok.eos_token_id
+        self.gen_config = GenerationConfig(
+            do_sample=True, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            top_k=cfg.top_k, top_p=cfg.top_p, pad_token_id=tok.pad_token_id, eos_token_id=self.eos_id,
+            bos_token_id=tok.bos_token_id)
+        self.step_no = 0
+
+    # -- reference log-probs
+    def _ref_logits(self, ids, mask):
+        import torch
+
+        with torch.no_grad():
+            if self.ref is not None:
+                return self.ref(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+            with self.policy.lm.disable_adapter():
+                return self.policy.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+
+    # -- rollout
+    def rollout(self, prompt_texts: Sequence[str]) -> dict:
+        import torch
+
+        tok, cfg = self.tokenizer, self.cfg
+        prompt_ids = [tok(t)["input_ids"][-cfg.max_prompt_len:] for t in prompt_texts]
+        p_ids, p_mask = pad(prompt_ids, tok.pad_token_id, "left")
+        p_ids, p_mask = p_ids.to(self.device), p_mask.to(self.device)
+        P = p_ids.shape[1]
+        with torch.no_grad():
+            out = self.policy.lm.generate(input_ids=p_ids, attention_mask=p_mask, generation_config=self.gen_config)
+        replies = out[:, P:]
+        if replies.shape[1] == 0:
+            raise RuntimeError("generation produced no tokens")
+        r_mask = reply_mask(replies, self.eos_id)
+        ids = torch.cat([p_ids, replies], 1)
+        mask = torch.cat([p_mask, r_mask], 1)
+        logp, entropy, ref_logp, values = [], [], [], []
+        with torch.no_grad():  # in chunks of mini_batch_size: full-vocabulary logits are large
+            for i in range(0, len(ids), cfg.mini_batch_size):
+                sl = slice(i, i + cfg.mini_batch_size)
+                lg, v = self.policy(ids[sl], mask[sl])
+                lp, ent = _reply_stats(lg[:, P - 1:-1], replies[sl], cfg.temperature)
+                rlp, _ = _reply_stats(self._ref_logits(ids[sl], mask[sl])[:, P - 1:-1], replies[sl], cfg.temperature)
+                logp.append(lp), entropy.append(ent), ref_logp.append(rlp), values.append(v[:, P - 1:-1])
+        logp, entropy, ref_logp, values = (torch.cat(x) for x in (logp, entropy, ref_logp, values))
+        reply_lists = [replies[i][r_mask[i].bool()].tolist() for i in range(len(replies))]
+        reply_texts = [tok.decode(r, skip_special_tokens=True) for r in reply_lists]
+        scores = torch.as_tensor(self.reward_fn(list(prompt_texts), reply_texts, reply_lists), dtype=torch.float32)
+        scores = scores.to(self.device)
+        if scores.shape != (len(prompt_texts),):
+            raise ValueError(f"reward function returned shape {tuple(scores.shape)}, expected ({len(prompt_texts)},)")
+        rewards, kl = shaped_rewards(scores, logp, ref_logp, r_mask.float(), cfg.kl_coef)
+        return {"ids": ids, "mask": mask, "P": P, "replies": replies, "r_mask": r_mask.float(), "logp": logp,
+                "ref_logp": ref_logp, "values": values, "scores": scores, "rewards": rewards, "kl": kl,
+                "entropy": entropy, "reply_texts": reply_texts}
+
+    # -- optimisation
+    def step(self, prompt_texts: Sequence[str]) -> dict:
+        import torch
+
+        cfg = self.cfg
+        ro = self.rollout(prompt_texts)
+        m = ro["r_mask"]
+        adv, returns = gae(ro["rewards"], ro["values"], m, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = whiten(adv, m)
+        B, P = len(prompt_texts), ro["P"]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step_no)
+        agg = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "vf_clipfrac": 0.0, "approx_kl": 0.0, "updates": 0}
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(B, generator=gen).to(self.device)
+            for i in range(0, B, cfg.mini_batch_size):
+                idx = order[i:i + cfg.mini_batch_size]
+                mb_mask = m[idx]
+                logits, values = self.policy(ro["ids"][idx], ro["mask"][idx])
+                logp, entropy = _reply_stats(logits[:, P - 1:-1], ro["replies"][idx], cfg.temperature)
+                values = values[:, P - 1:-1]
+                old_logp, old_v, a, ret = ro["logp"][idx], ro["values"][idx], adv[idx], returns[idx]
+                ratio = torch.exp(logp - old_logp)
+                pg = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range))
+                pg_loss = masked_mean(pg, mb_mask)
+                v_clip = old_v + (values - old_v).clamp(-cfg.clip_range_value, cfg.clip_range_value)
+                vf = 0.5 * torch.max((values - ret) ** 2, (v_clip - ret) ** 2)
+                vf_loss = masked_mean(vf, mb_mask)
+                ent = masked_mean(entropy, mb_mask)
+                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                self.opt.step()
+                with torch.no_grad():
+                    agg["pg_loss"] += pg_loss.item()
+                    agg["vf_loss"] += vf_loss.item()
+                    agg["clipfrac"] += masked_mean(((ratio - 1).abs() > cfg.clip_range).float(), mb_mask).item()
+                    agg["vf_clipfrac"] += masked_mean(((values - old_v).abs() > cfg.clip_range_value).float(), mb_mask).item()
+                    agg["approx_kl"] += masked_mean(0.5 * (logp - old_logp) ** 2, mb_mask).item()
+                    agg["updates"] += 1
+        self.step_no += 1
+        n = max(agg.pop("updates"), 1)
+        kl_seq = ro["kl"].sum(-1)
+        rec = {
+            "step": self.step_no,
+            "reward": ro["scores"].mean().item(),
+            "reward_std": ro["scores"].std().item() if B > 1 else 0.0,
+            "kl": kl_seq.mean().item(),
+            "entropy": masked_mean(ro["entropy"], m).item(),
+            "non_score_reward": (-cfg.kl_coef * kl_seq).mean().item(),
+            "reply_len": m.sum(-1).mean().item(),
+            "advantage_mean": masked_mean(adv, m).item(),
+            "value_mean": masked_mean(ro["values"], m).item(),
+            **{k: v / n for k, v in agg.items()},
+        }
+        rec = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in rec.items()}
+        rec["sample"] = ro["reply_texts"][0][:200]
+        return rec
+
+
+def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg: PPOConfig, seed: int = 0,
+              on_step: Callable[[dict], None] | None = None, progress: bool = False) -> PPOResult:
+    """Run ``cfg.steps`` PPO steps; each step takes the next ``rollout_batch_size`` prompts of a
+    seeded shuffle of ``prompts`` (reshuffled each pass)."""
+    import torch
+
+    if not prompts:
+        raise ValueError("PPO: no prompts")
+    trainer = PPOTrainer(policy_dir, reward_fn, cfg, seed)
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    history = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, desc="ppo", leave=False)
+    t0 = time.perf_counter()
+    for _ in range(cfg.steps):
+        batch = []
+        while len(batch) < cfg.rollout_batch_size:
+            if not order:
+                order = torch.randperm(len(prompts), generator=gen).tolist()
+            batch.append(prompts[order.pop(0)])
+        rec = trainer.step(batch)
+        history.append(rec)
+        if on_step:
+            on_step(rec)
+        if bar:
+            bar.update(1)
+            bar.set_postfix(reward=rec["reward"], kl=rec["kl"])
+    if bar:
+        bar.close()
+    first, last = history[0], history[-1]
+    k = max(1, min(3, len(history) // 2))  # averages over the first / last few steps
+    avg = lambda rows, key: round(sum(r[key] for r in rows) / len(rows), 6)  # noqa: E731
+    stats = {
+        "steps": len(history),
+        "reward_first": first["reward"], "reward_last": last["reward"],
+        "reward_start_avg": avg(history[:k], "reward"), "reward_end_avg": avg(history[-k:], "reward"),
+        "kl_last": last["kl"], "kl_max": max(r["kl"] for r in history), "kl_end_avg": avg(history[-k:], "kl"),
+        "entropy_first": first["entropy"], "entropy_last": last["entropy"],
+        "train_seconds": round(time.perf_counter() - t0, 3),
+        **count_params(trainer.policy),
+    }
+    return PPOResult(policy=trainer.policy, tokenizer=trainer.tokenizer, history=history, stats=stats)
+
+
+def save_value_head(policy, out_dir: str) -> str:
+    """The value head as ``value_head.safetensors`` (so PPO can be resumed or inspected)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path = os.path.join(out_dir, "value_head.safetensors")
+    save_file({k: v.detach().contiguous() for k, v in policy.v_head.state_dict().items()}, path)
+    return path

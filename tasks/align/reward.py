@@ -1,0 +1,206 @@
+"""Reward model: a scalar head on the SFT model's backbone, trained on preference pairs.
+
+``AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1)`` puts a linear
+``score`` head on the backbone; the score of a sequence is read at its last real token. Training
+minimises the pairwise (Bradley-Terry) loss ``-log sigmoid(r_chosen - r_rejected)``, optionally
+with a small penalty ``center_coef * (r_c + r_r)^2`` that keeps rewards centred on zero (so PPO
+sees rewards of a sane scale). Held-out pairwise accuracy (``r_c > r_r``) is measured before and
+after training.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from pydantic import Field
+
+from tasks.align.common import (LoraSettings, TrainerBase, apply_lora, count_params, encode_reply, load_tokenizer,
+                                model_device, pad, pick_device, seed_everything, torch_dtype)
+from tasks.align.data import PreferencePair, render_prompt, render_reply
+
+
+class RewardConfig(TrainerBase):
+    """Reward-model training settings."""
+
+    lr: float = Field(1e-3, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, description="AdamW weight decay.")
+    batch_size: int = Field(16, ge=1, description="Pairs per optimizer step.")
+    epochs: int = Field(1, ge=1, description="Passes over the training pairs (max_steps, when > 0, caps the steps).")
+    max_steps: int = Field(0, ge=0, description="Stop after this many steps (0: run all epochs).")
+    max_prompt_len: int = Field(64, ge=1, description="Prompt tokens kept (the end of the prompt).")
+    max_len: int = Field(160, ge=2, description="Prompt + reply tokens kept.")
+    center_coef: float = Field(0.01, ge=0, description="Weight of the (r_c + r_r)^2 centring penalty.")
+    grad_clip: float = Field(1.0, description="Gradient-norm clip (0: none).")
+    eval_batch_size: int = Field(32, ge=1, description="Pairs per forward pass when scoring.")
+    lora: LoraSettings = LoraSettings()
+
+
+@dataclass
+class RewardResult:
+    model: object
+    tokenizer: object
+    stats: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+
+def load_reward_model(model_dir: str, lora: LoraSettings | None = None, dtype: str = "float32"):
+    """The sequence-classification model (1 label, pad token set) and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    tok = load_tokenizer(model_dir)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch_dtype(dtype))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = tok.pad_token_id
+    if lora is not None and lora.enabled:
+        model = apply_lora(model, lora, "SEQ_CLS")  # PEFT keeps the score head trainable for SEQ_CLS
+    return model, tok
+
+
+def encode_texts(tokenizer, prompts: Sequence[str], replies: Sequence[str], max_prompt_len: int, max_len: int):
+    seqs = []
+    for p, r in zip(prompts, replies):
+        pi, ri = encode_reply(tokenizer, p, r, max_prompt_len, max_len)
+        seqs.append(pi + ri)
+    return pad(seqs, tokenizer.pad_token_id, "right")
+
+
+def score_texts(model, tokenizer, prompts: Sequence[str], replies: Sequence[str], max_prompt_len: int,
+                max_len: int, batch_size: int = 32):
+    """Rewards (a float tensor) of rendered prompt texts and reply texts, no gradients."""
+    import torch
+
+    out = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            ids, mask = encode_texts(tokenizer, prompts[i:i + batch_size], replies[i:i + batch_size],
+                                     max_prompt_len, max_len)
+            dev = model_device(model)
+            out.append(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, 0].float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _pair_texts(tokenizer, pairs: Sequence[PreferencePair]):
+    prompts = [render_prompt(p.prompt, tokenizer) for p in pairs]
+    chosen = [render_reply(p.chosen, tokenizer) for p in pairs]
+    rejected = [render_reply(p.rejected, tokenizer) for p in pairs]
+    return prompts, chosen, rejected
+
+
+def evaluate_pairs(model, tokenizer, pairs: Sequence[PreferencePair], cfg: RewardConfig) -> dict:
+    """Pairwise accuracy (r_c > r_r, ties count half), mean margin and mean reward on pairs."""
+    if not pairs:
+        return {"pairs": 0}
+    prompts, chosen, rejected = _pair_texts(tokenizer, pairs)
+    rc = score_texts(model, tokenizer, prompts, chosen, cfg.max_prompt_len, cfg.max_len, cfg.eval_batch_size)
+    rr = score_texts(model, tokenizer, prompts, rejected, cfg.max_prompt_len, cfg.max_len, cfg.eval_batch_size)
+    margin = rc - rr
+    acc = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
+    return {"pairs": len(pairs), "accuracy": round(acc, 6), "margin": round(margin.mean().item(), 6),
+            "reward_chosen": round(rc.mean().item(), 6), "reward_rejected": round(rr.mean().item(), 6)}
+
+
+def train_reward_model(model_dir: str, train: Sequence[PreferencePair], held_out: Sequence[PreferencePair],
+                       cfg: RewardConfig, seed: int = 0, on_step: Callable[[dict], None] | None = None,
+                       progress: bool = False) -> RewardResult:
+    """Train a reward model from ``model_dir`` on ``train`` pairs; evaluate on ``held_out``."""
+    import torch
+    import torch.nn.functional as F
+
+    if not train:
+        raise ValueError("reward model: no training pairs")
+    seed_everything(seed)
+    model, tok = load_reward_model(model_dir, cfg.lora, cfg.dtype)
+    dev = pick_device(cfg.device)
+    model.to(dev)
+    before = evaluate_pairs(model, tok, held_out, cfg)
+
+    # Tokenize once.
+    prompts, chosen, rejected = _pair_texts(tok, train)
+    enc_c = [sum(encode_reply(tok, p, c, cfg.max_prompt_len, cfg.max_len), []) for p, c in zip(prompts, chosen)]
+    enc_r = [sum(encode_reply(tok, p, r, cfg.max_prompt_len, cfg.max_len), []) for p, r in zip(prompts, rejected)]
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    bar = _bar(total, "reward", progress)
+    t0 = time.perf_counter()
+    step = 0
+    model.train()
+    while step < total:
+        order = torch.randperm(len(train), generator=gen).tolist()
+        for i in range(0, len(order), cfg.batch_size):
+            if step >= total:
+                break
+            idx = order[i:i + cfg.batch_size]
+            ids, mask = pad([enc_c[j] for j in idx] + [enc_r[j] for j in idx], tok.pad_token_id, "right")
+            r = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, 0].float()
+            rc, rr = r[: len(idx)], r[len(idx):]
+            loss = -F.logsigmoid(rc - rr).mean()
+            if cfg.center_coef:
+                loss = loss + cfg.center_coef * ((rc + rr) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            step += 1
+            rec = {"step": step, "loss": round(loss.item(), 6), "accuracy": round((rc > rr).float().mean().item(), 4)}
+            history.append(rec)
+            if on_step:
+                on_step(rec)
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=rec["loss"])
+    if bar:
+        bar.close()
+    train_seconds = time.perf_counter() - t0
+    after = evaluate_pairs(model, tok, held_out, cfg)
+    stats = {"steps": step, "train_pairs": len(train), "held_out_pairs": len(held_out),
+             "held_out_before": before, "held_out_after": after,
+             "final_loss": history[-1]["loss"] if history else None,
+             "train_seconds": round(train_seconds, 3), **count_params(model)}
+    return RewardResult(model=model, tokenizer=tok, stats=stats, history=history)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+class RewardScorer:
+    """A trained reward model as a function ``(prompt texts, reply texts) -> rewards``."""
+
+    def __init__(self, model_dir: str, max_prompt_len: int = 64, max_len: int = 160, batch_size: int = 32,
+                 device: str = "auto", dtype: str = "float32"):
+        from transformers import AutoModelForSequenceClassification
+
+        self.tokenizer = load_tokenizer(model_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch_dtype(dtype))
+        self.model.to(pick_device(device))
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.max_prompt_len, self.max_len, self.batch_size = max_prompt_len, max_len, batch_size
+
+    def __call__(self, prompts: Sequence[str], replies: Sequence[str]):
+        return score_texts(self.model, self.tokenizer, prompts, replies, self.max_prompt_len, self.max_len,
+                           self.batch_size)

@@ -1,0 +1,178 @@
+"""The alignment stages: ``reward``, ``ppo`` and ``dpo``.
+
+Each takes model folders and a preference file named in its config (their identities, a refinery
+dataset's fingerprint or a folder's file sizes and mtimes, and the data file's path, size and
+mtime, are computed fields of the config, so the fingerprint covers them) and publishes a dataset
+holding the trained model in Hugging Face format with its tokenizer (``model/``; with LoRA
+``adapter/`` and ``merged/``), the per-step history (``history.parquet``) and the figures in the
+manifest (``stats``, and a short ``metrics`` summary). The manifest keys ``model``/``merged``
+name the folders, so :func:`tasks.align.common.resolve_model_dir` (and the next stage) finds
+them. Light at import: torch and transformers load inside the bodies.
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, computed_field
+
+from tasks.align.common import model_identity
+from tasks.align.data import file_identity
+from tasks.align.dpo import DPOConfig
+from tasks.align.ppo import PPOConfig
+from tasks.align.reward import RewardConfig
+from tasks.runtime import StageOutput, stage
+
+
+class _AlignInputs(BaseModel):
+    model: str = Field(description="Starting model: a HF model folder (or hub id) or a refinery dataset naming one.")
+    data: str = Field(description="Preference pairs: .json, .jsonl or .jsonl.gz (HH-RLHF, ShareGPT or prompt/chosen/rejected).")
+    max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs held out for evaluation.")
+    eval_max: int | None = Field(256, ge=1, description="At most this many held-out pairs.")
+    seed: int = Field(0, description="Seed of the split, initialisation, shuffling and sampling.")
+
+    @computed_field
+    @property
+    def model_id(self) -> str | None:
+        return model_identity(self.model)
+
+    @computed_field
+    @property
+    def data_id(self) -> str:
+        try:
+            return file_identity(self.data)
+        except OSError as e:
+            raise FileNotFoundError(f"preference data {self.data}: {e.strerror or e}") from e
+
+
+class RewardStageConfig(_AlignInputs):
+    train: RewardConfig = RewardConfig()
+
+
+class DPOStageConfig(_AlignInputs):
+    train: DPOConfig = DPOConfig()
+
+
+class PPOStageConfig(_AlignInputs):
+    reward_model: str = Field(description="Reward model: a HF sequence-classification folder or a `reward` dataset.")
+    max_prompts: int | None = Field(None, ge=1, description="Use at most N distinct training prompts.")
+    reward_max_prompt_len: int = Field(64, ge=1, description="Prompt tokens the reward model sees.")
+    reward_max_len: int = Field(160, ge=2, description="Prompt + reply tokens the reward model sees.")
+    train: PPOConfig = PPOConfig()
+
+    @computed_field
+    @property
+    def reward_model_id(self) -> str | None:
+        return model_identity(self.reward_model)
+
+
+# --------------------------------------------------------------------------- helpers
+def _load_split(cfg: _AlignInputs):
+    from tasks.align.data import load_pairs, split_pairs
+
+    pairs, counts = load_pairs(cfg.data, cfg.max_pairs)
+    if not pairs:
+        raise ValueError(f"{cfg.data}: no valid preference pairs (skipped: {counts['skipped']})")
+    train, held_out = split_pairs(pairs, cfg.eval_fraction, cfg.seed, cfg.eval_max)
+    counts = {"records": counts["records"], "pairs": counts["pairs"], "pairs_train": len(train),
+              "pairs_held_out": len(held_out), "skipped": counts["skipped"]}
+    return train, held_out, counts
+
+
+def _write_history(b, history: list[dict]) -> None:
+    import pyarrow as pa
+
+    if history:
+        b.write_table("history.parquet", pa.Table.from_pylist(history))
+
+
+def _save(b, model, tokenizer, lora: bool) -> dict:
+    from tasks.align.common import save_model
+
+    tmp = b.tmpdir()
+    keys = save_model(model, tokenizer, tmp, lora)
+    b.put_dir(tmp)
+    return keys
+
+
+def _threads():
+    import torch
+
+    return torch.get_num_threads()
+
+
+# --------------------------------------------------------------------------- stages
+@stage("reward", version="1")
+def reward_stage(b, inputs, cfg: RewardStageConfig) -> StageOutput:
+    """Train a reward model (scalar head on the starting model) on preference pairs."""
+    from tasks.align.common import resolve_model_dir
+    from tasks.align.reward import train_reward_model
+
+    model_dir = resolve_model_dir(cfg.model)
+    train, held_out, counts = _load_split(cfg)
+    res = train_reward_model(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=True)
+    keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
+    _write_history(b, res.history)
+    after = res.stats["held_out_after"]
+    metrics = {"held_out_accuracy": after.get("accuracy"), "held_out_margin": after.get("margin"),
+               "held_out_accuracy_before": res.stats["held_out_before"].get("accuracy"),
+               "final_loss": res.stats["final_loss"]}
+    return StageOutput(counts={**counts, "steps": res.stats["steps"]},
+                       stats={**res.stats, "base_model": model_dir, "threads": _threads()},
+                       extra={**keys, "kind": "reward_model", "metrics": metrics})
+
+
+@stage("dpo", version="1")
+def dpo_stage(b, inputs, cfg: DPOStageConfig) -> StageOutput:
+    """Direct preference optimisation of the starting model on preference pairs."""
+    from tasks.align.common import resolve_model_dir
+    from tasks.align.dpo import train_dpo
+
+    model_dir = resolve_model_dir(cfg.model)
+    train, held_out, counts = _load_split(cfg)
+    res = train_dpo(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=True)
+    keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
+    _write_history(b, res.history)
+    before, after = res.stats["held_out_before"], res.stats["held_out_after"]
+    metrics = {"held_out_accuracy_before": before.get("accuracy"), "held_out_accuracy": after.get("accuracy"),
+               "held_out_margin_before": before.get("margin"), "held_out_margin": after.get("margin"),
+               "held_out_logp_accuracy_before": before.get("logp_accuracy"),
+               "held_out_logp_accuracy": after.get("logp_accuracy"),
+               "final_loss": res.stats["final_loss"]}
+    return StageOutput(counts={**counts, "steps": res.stats["steps"]},
+                       stats={**res.stats, "base_model": model_dir, "threads": _threads()},
+                       extra={**keys, "kind": "policy", "method": "dpo", "metrics": metrics})
+
+
+@stage("ppo", version="1")
+def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
+    """PPO of the starting model against a reward model, on the prompts of the preference pairs."""
+    from tasks.align.common import load_tokenizer, resolve_model_dir
+    from tasks.align.data import render_prompt
+    from tasks.align.ppo import save_value_head, train_ppo
+    from tasks.align.reward import RewardScorer
+
+    model_dir = resolve_model_dir(cfg.model)
+    reward_dir = resolve_model_dir(cfg.reward_model)
+    train, held_out, counts = _load_split(cfg)
+    tok = load_tokenizer(model_dir)
+    prompts = list(dict.fromkeys(render_prompt(p.prompt, tok) for p in train))  # distinct, in order
+    if cfg.max_prompts:
+        prompts = prompts[: cfg.max_prompts]
+    scorer = RewardScorer(reward_dir, cfg.reward_max_prompt_len, cfg.reward_max_len, device=cfg.train.device,
+                          dtype=cfg.train.dtype)
+    res = train_ppo(model_dir, prompts, lambda ps, rs, ids: scorer(ps, rs), cfg.train, seed=cfg.seed, progress=True)
+    keys = _save(b, res.policy.lm, res.tokenizer, cfg.train.lora.enabled)
+    tmp = b.tmpdir()
+    b.put_file(save_value_head(res.policy, tmp), "value_head.safetensors")
+    _write_history(b, res.history)
+    s = res.stats
+    metrics = {"reward_first": s["reward_first"], "reward_last": s["reward_last"],
+               "reward_start_avg": s["reward_start_avg"], "reward_end_avg": s["reward_end_avg"],
+               "kl_last": s["kl_last"], "kl_max": s["kl_max"], "entropy_last": s["entropy_last"]}
+    return StageOutput(counts={**counts, "prompts": len(prompts), "steps": s["steps"],
+                               "rollouts": s["steps"] * cfg.train.rollout_batch_size},
+                       stats={**s, "base_model": model_dir, "reward_model": reward_dir, "threads": _threads()},
+                       extra={**keys, "kind": "policy", "method": "ppo", "value_head": "value_head.safetensors",
+                              "metrics": metrics})
+
+
+__all__ = ["reward_stage", "dpo_stage", "ppo_stage", "RewardStageConfig", "DPOStageConfig", "PPOStageConfig"]

@@ -1,0 +1,49 @@
+"""The finetune flow: parameters map onto the stage config; a run writes an adapter and a merged model
+that plain transformers loads; a rerun is served from the cache."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from flows.finetune import FinetuneParams
+
+
+def test_params_to_stage_config(tiny_causal_lm_dir, sft_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rel = os.path.relpath(sft_file, tmp_path)
+    p = FinetuneParams(input=str(tiny_causal_lm_dir), data=rel, method="qlora", target_modules="q_proj, v_proj",
+                       lr=1e-4, options={"use_dora": True, "num_virtual_tokens": 4})
+    cfg = p.stage_config()
+    assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.use_dora and cfg.num_virtual_tokens == 4
+    assert cfg.data == str(sft_file) and cfg.method == "qlora" and cfg.resolved_lr() == 1e-4
+    assert cfg.identity["data"].startswith("sha256:")
+    with pytest.raises(Exception, match="no_such_option"):
+        FinetuneParams(input="m", data="d", options={"no_such_option": 1}).stage_config()
+    with pytest.raises(Exception):
+        FinetuneParams(input="m", data="d", method="adapterz")
+
+
+def test_flow_run_writes_loadable_outputs(tiny_causal_lm_dir, sft_file, tmp_path, exec_log):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    from flows.finetune import finetune_flow
+
+    p = FinetuneParams(input=str(tiny_causal_lm_dir), data=str(sft_file), method="lora", max_steps=2, seq_len=64, device="cpu",
+                       val_fraction=0.25, workdir=str(tmp_path / "work"), options={"num_samples": 1,
+                                                                                  "sample_max_new_tokens": 4})
+    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):  # busy CI machines
+        out = finetune_flow.run_params(p)
+    assert list(out["outputs"]) == ["finetune_adapter", "finetune_merged", "finetune"]  # primary output last
+    assert out["counts"]["finetune"]["steps"] == 2
+    merged = AutoModelForCausalLM.from_pretrained(out["outputs"]["finetune_merged"], dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out["outputs"]["finetune_merged"])
+    ids = tok("### User:\nhello", return_tensors="pt")["input_ids"]
+    assert merged(ids).logits.shape[-1] == merged.config.vocab_size
+    assert os.path.isfile(os.path.join(out["outputs"]["finetune_adapter"], "adapter_model.safetensors"))
+    n = len(exec_log.read_text().splitlines())
+    assert finetune_flow.run_params(p)["outputs"] == out["outputs"]
+    assert len(exec_log.read_text().splitlines()) == n == 1
