@@ -1,0 +1,189 @@
+"""Candidate pairs from LSH buckets, union-find clustering, verification and the keep rule.
+
+Everything works on global document numbers ``0..N-1`` (earlier-index documents first, then the
+new documents in input order) and on numpy arrays, one band at a time:
+
+- :func:`bucket_edges` sorts one band's keys and links every member of a bucket to the bucket's
+  first member (the lowest document number): ``k - 1`` edges for a bucket of ``k``;
+- :class:`UnionFind` is an array union-find whose ``union`` hooks the larger root under the smaller
+  one for a whole array of pairs at once (rounds of vectorized hooking and path halving), so the
+  root of a cluster is always its lowest document number, whatever the edge order;
+- :func:`verify_edges` keeps the pairs whose exact Jaccard similarity of shingle sets reaches the
+  threshold; a bucket member that fails against the first member is compared with the bucket's
+  other representatives (up to ``max_reps``), so one unrelated document in a bucket does not hide
+  a true pair;
+- :func:`choose_winners` orders each cluster's members by the keep rule and picks the first.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+class UnionFind:
+    """Disjoint sets over ``0..n-1``; a root is always the smallest member of its set."""
+
+    def __init__(self, n: int):
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def find(self, x: np.ndarray) -> np.ndarray:
+        p = self.parent
+        r = p[x]
+        while True:
+            rr = p[r]
+            moving = rr != r
+            if not moving.any():
+                return r
+            # path halving for the nodes we walked through
+            p[r[moving]] = p[rr[moving]]
+            r = rr
+
+    def union(self, u: np.ndarray, v: np.ndarray) -> int:
+        """Merge the sets of each pair ``(u[i], v[i])``; returns how many pairs were not yet joined."""
+        u = np.asarray(u, dtype=np.int64)
+        v = np.asarray(v, dtype=np.int64)
+        merged = None
+        while len(u):
+            ru, rv = self.find(u), self.find(v)
+            diff = ru != rv
+            if merged is None:
+                merged = int(diff.sum())
+            if not diff.any():
+                break
+            ru, rv = ru[diff], rv[diff]
+            lo, hi = np.minimum(ru, rv), np.maximum(ru, rv)
+            np.minimum.at(self.parent, hi, lo)
+            u, v = lo, hi
+        return merged or 0
+
+    def roots(self) -> np.ndarray:
+        """The root of every element (fully compressed)."""
+        p = self.parent
+        while True:
+            pp = p[p]
+            if np.array_equal(pp, p):
+                return p
+            p = pp
+            self.parent = p
+
+
+def bucket_edges(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges ``(first, member)`` linking each bucket member to the bucket's first member.
+
+    ``keys``: uint64 per document, 0 = no key. Sorting is stable, so ``first`` is the lowest
+    document number of the bucket and the result does not depend on anything but the keys.
+    """
+    n = len(keys)
+    if n < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    same = np.zeros(n, dtype=bool)
+    np.equal(sk[1:], sk[:-1], out=same[1:])
+    same &= sk != 0
+    members = np.flatnonzero(same)
+    if len(members) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    del sk
+    run_start = np.where(same, 0, np.arange(n, dtype=np.int64))
+    np.maximum.accumulate(run_start, out=run_start)
+    return order[run_start[members]], order[members]
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard similarity of two sorted unique arrays."""
+    if len(a) == 0 or len(b) == 0:
+        return 1.0 if len(a) == len(b) else 0.0
+    if len(a) > len(b):
+        a, b = b, a
+    idx = np.searchsorted(b, a)
+    idx[idx == len(b)] = 0
+    inter = int(np.count_nonzero(b[idx] == a))
+    return inter / (len(a) + len(b) - inter)
+
+
+def verify_edges(first: np.ndarray, member: np.ndarray, uf: UnionFind,
+                 shingles: Callable[[int], np.ndarray], threshold: float,
+                 max_reps: int = 16) -> dict:
+    """Union the pairs whose exact Jaccard >= threshold; returns counts.
+
+    Pairs already in one set are skipped (they would not change the clusters). A member that
+    fails against its bucket's first member is tried against the bucket's other representatives.
+    """
+    stats = {"candidates": int(len(first)), "verified": 0, "rejected": 0, "skipped": 0}
+    if len(first) == 0:
+        return stats
+    joined = uf.find(first) == uf.find(member)
+    stats["skipped"] = int(joined.sum())
+    first, member = first[~joined], member[~joined]
+    cache: dict[int, np.ndarray] = {}
+
+    def sh(i: int) -> np.ndarray:
+        s = cache.get(i)
+        if s is None:
+            s = cache[i] = shingles(i)
+        return s
+
+    ok = np.zeros(len(first), dtype=bool)
+    for k in range(len(first)):
+        ok[k] = jaccard(sh(int(first[k])), sh(int(member[k]))) >= threshold
+    stats["verified"] += int(ok.sum())
+    uf.union(first[ok], member[ok])
+    # second chance for the members that failed against the first member of their bucket
+    reps: dict[int, list[int]] = {}
+    for f, m in zip(first[~ok].tolist(), member[~ok].tolist()):
+        rl = reps.setdefault(f, [])
+        matched = False
+        for r in rl[:max_reps]:
+            rr, rm = uf.find(np.array([r, m]))
+            if rr == rm:
+                matched = True
+            elif jaccard(sh(r), sh(m)) >= threshold:
+                uf.union(np.array([r]), np.array([m]))
+                stats["verified"] += 1
+                matched = True
+            if matched:
+                break
+        if not matched:
+            stats["rejected"] += 1
+            rl.append(m)
+    return stats
+
+
+def sort_key(values: Sequence, descending: bool) -> np.ndarray:
+    """A float64 array that sorts ascending in keep-rule order; nulls (None) sort last.
+
+    Numbers (and timestamps given as int64) keep their value; strings are replaced by their rank.
+    """
+    is_null = np.array([v is None for v in values], dtype=bool)
+    present = [v for v in values if v is not None]
+    if present and isinstance(present[0], str):
+        _, inv = np.unique(np.array([v if v is not None else "" for v in values], dtype=object),
+                           return_inverse=True)
+        key = inv.astype(np.float64)
+    else:
+        key = np.array([0.0 if v is None else float(v) for v in values], dtype=np.float64)
+    if descending:
+        key = -key
+    key[is_null] = np.inf
+    return key
+
+
+def choose_winners(roots: np.ndarray, keys: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """For documents with cluster ``roots`` and per-rule sort keys (earlier keys dominate):
+    ``(winner_position_per_doc, order)`` where ``winner_position_per_doc[i]`` is the position (in
+    these arrays) of the member of i's cluster that sorts first. Ties end at the document number,
+    so the choice is total and deterministic."""
+    n = len(roots)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.lexsort(tuple([np.arange(n)] + list(reversed(keys)) + [roots]))
+    sorted_roots = roots[order]
+    start = np.ones(n, dtype=bool)
+    start[1:] = sorted_roots[1:] != sorted_roots[:-1]
+    first_pos = np.where(start, np.arange(n), 0)
+    np.maximum.accumulate(first_pos, out=first_pos)
+    winner = np.empty(n, dtype=np.int64)
+    winner[order] = order[first_pos]
+    return winner, order

@@ -1,0 +1,634 @@
+"""Dedup stages: ``minhash`` (sharded: signatures and band keys per input part) then ``dedup``
+(global: bucketing band by band, union-find, keep rule, kept documents + clusters for audit).
+
+Semantics
+---------
+- A *cluster* is a connected component of the graph whose edges are: documents with the same
+  normalized text (``exact``), the same normalized URL (``by_url``), or a shared MinHash LSH
+  bucket in any band (verified by exact shingle Jaccard >= ``threshold`` when ``verify``).
+- One document per cluster is kept: the first by ``keep_rule`` (default: earliest
+  ``crawl_date``, then highest ``quality_score``, then smallest ``id``; nulls sort last; the
+  global document number breaks any remaining tie).
+- Incremental (``index``): documents in the index (all documents of earlier runs, kept or not)
+  take part in the clustering, and the index's *kept* documents always win: a new document in a
+  cluster with an earlier-kept document is dropped, and earlier-kept documents are never
+  un-kept. Clusters are computed from the same pairwise edges as a joint run, so adding snapshot
+  B after A gives exactly the kept set of one run over A+B whenever every A document sorts before
+  every B document in the keep rule (crawl dates in snapshot order) and no B document bridges two
+  clusters that A kept separately (a joint run would then keep one of the two A documents; the
+  incremental run cannot retract a published one and keeps both).
+
+Memory
+------
+The signature stage holds one input batch at a time. The global stage holds, per band, the keys of
+all documents and their sort scratch, plus the union-find parents:
+``peak ~ 48 bytes x documents + 16 bytes x candidate pairs of one band`` (+ the ids and keep-rule
+keys of documents that are in non-singleton clusters), independent of the number of bands and of
+text size. Signatures on disk: ``documents x (4 x num_perm + 8 x (bands + 2))`` bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.runtime import StageOutput, stage, sum_counts
+from tasks.store import Dataset, Store
+
+BATCH = 2048
+
+
+class DedupConfig(BaseModel):
+    """Exact and MinHash LSH near-duplicate removal (defaults: FineWeb)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    exact: bool = Field(True, description="Drop documents whose normalized text equals a kept document's.")
+    by_url: bool = Field(False, description="Also treat documents with the same normalized URL as duplicates.")
+    near: bool = Field(True, description="MinHash LSH near-duplicate detection.")
+    ngram: int = Field(5, ge=1, le=64, description="Word n-gram size of the shingles (FineWeb: 5).")
+    num_perm: int = Field(112, ge=1, le=4096, description="MinHash permutations (FineWeb: 112).")
+    bands: int = Field(14, ge=1, description="LSH bands (FineWeb: 14); a pair is a candidate when all rows of one band agree.")
+    rows: int = Field(8, ge=1, le=256, description="Rows per band (FineWeb: 8). P(candidate | Jaccard s) = 1-(1-s^rows)^bands: 0.50 at s=0.69, 0.77 at 0.75, 0.92 at 0.80, 0.99 at 0.85.")
+    threshold: float = Field(0.8, gt=0.0, le=1.0, description="Exact shingle Jaccard a candidate pair must reach when verify is on. 0.8 rather than FineWeb's nominal 0.75 so that 14x8 bands detect >= 95% of pairs at threshold+0.05 (0.99 at 0.85; only 0.92 at 0.80).")
+    verify: bool = Field(False, description="Verify candidate pairs by exact Jaccard on shingles (removes LSH false positives).")
+    keep_rule: list[str] = Field(default_factory=lambda: ["crawl_date", "-quality_score", "id"],
+                                 description="Which document of a cluster is kept: sort keys, '-' for descending; a column name or a key of the JSON metadata column.")
+    index: str | None = Field(None, description="Persistent index directory (path or fsspec URL): dedup against all earlier runs and add this run to it.")
+    seed: int = Field(1, description="Seed of the MinHash permutations (datasketch's seed).")
+    scheme: Literal["affine32", "legacy"] = Field("affine32", description="datasketch permutation scheme: affine32 (datasketch>=2 default) or legacy (mod 2^61-1).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.bands * self.rows > self.num_perm:
+            raise ValueError(f"bands x rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
+        for k in self.keep_rule:
+            if not k.lstrip("-"):
+                raise ValueError(f"empty keep_rule entry {k!r}")
+        return self
+
+
+class SignatureConfig(BaseModel):
+    """What the signature shards depend on (a keep_rule or threshold change reuses them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ngram: int = 5
+    num_perm: int = 112
+    bands: int = 14
+    rows: int = 8
+    seed: int = 1
+    scheme: str = "affine32"
+    near: bool = True
+    exact: bool = True
+    by_url: bool = False
+    shingles: bool = False
+    keep_fields: list[str] = Field(default_factory=list)
+
+
+class DedupRunConfig(DedupConfig):
+    """DedupConfig plus the index state the run deduplicates against (part of the fingerprint)."""
+
+    index_base: list[dict] = Field(default_factory=list)
+
+
+def signature_config(cfg: DedupConfig) -> SignatureConfig:
+    return SignatureConfig(ngram=cfg.ngram, num_perm=cfg.num_perm, bands=cfg.bands, rows=cfg.rows,
+                           seed=cfg.seed, scheme=cfg.scheme, near=cfg.near, exact=cfg.exact,
+                           by_url=cfg.by_url, shingles=cfg.verify,
+                           keep_fields=sorted({k.lstrip("-") for k in cfg.keep_rule}))
+
+
+def index_params(cfg) -> dict:
+    from tasks.dedup.index import NORMALIZE_VERSION
+
+    return {"ngram": cfg.ngram, "num_perm": cfg.num_perm, "bands": cfg.bands, "rows": cfg.rows,
+            "seed": cfg.seed, "scheme": cfg.scheme, "normalize": NORMALIZE_VERSION,
+            "exact": cfg.exact, "by_url": cfg.by_url, "verify": cfg.verify}
+
+
+# --------------------------------------------------------------------------- helpers
+def _open(path: str, mode: str = "rb"):
+    import fsspec
+
+    return fsspec.open(path, mode).open()
+
+
+def _band_names(cfg) -> list[str]:
+    return [f"b{j:02d}" for j in range(cfg.bands)] if cfg.near else []
+
+
+def _key_names(cfg) -> list[str]:
+    return _band_names(cfg) + (["exact"] if cfg.exact else []) + (["url"] if cfg.by_url else [])
+
+
+def normalize_url(url: str) -> str:
+    """Scheme, ``www.``, fragment and trailing slash removed; host lowercased."""
+    u = url.strip()
+    u = u.split("#", 1)[0]
+    if "://" in u:
+        u = u.split("://", 1)[1]
+    host, sep, rest = u.partition("/")
+    host = host.lower()
+    if host.startswith("www."):
+        host = host[4:]
+    return (host + sep + rest).rstrip("/")
+
+
+def _url_keys(urls: list) -> np.ndarray:
+    import xxhash
+
+    out = np.zeros(len(urls), dtype=np.uint64)
+    for i, u in enumerate(urls):
+        if u:
+            out[i] = xxhash.xxh3_64_intdigest(normalize_url(u).encode("utf-8", "replace")) or 1
+    return out
+
+
+_POS_MULT = (np.random.RandomState(0xE8AC7).randint(0, 1 << 62, 1024, dtype=np.uint64) * np.uint64(2)
+             + np.uint64(1)).astype(np.uint64)
+
+
+def exact_keys(h: np.ndarray, nsh: np.ndarray) -> np.ndarray:
+    """64-bit key of each document's normalized word sequence, from its ordered n-gram hashes
+    (consecutive overlapping n-grams determine the words). 0 = no words."""
+    from tasks.dedup.normalize import fmix64
+
+    n = len(nsh)
+    out = np.zeros(n, dtype=np.uint64)
+    nz = np.flatnonzero(nsh)
+    if len(nz) == 0:
+        return out
+    starts = np.cumsum(nsh) - nsh
+    pos = np.arange(len(h), dtype=np.int64) - np.repeat(starts, nsh)
+    contrib = (h.astype(np.uint64) + np.uint64(1)) * _POS_MULT[pos & 1023]
+    contrib ^= pos.astype(np.uint64) >> np.uint64(10)
+    sums = np.add.reduceat(contrib, starts[nz])
+    keys = fmix64(sums + nsh[nz].astype(np.uint64))
+    keys[keys == 0] = 1
+    out[nz] = keys
+    return out
+
+
+def _sorted_unique_lists(h: np.ndarray, nsh: np.ndarray):
+    """pyarrow list<uint32> of each document's sorted unique shingle hashes."""
+    import pyarrow as pa
+
+    doc = np.repeat(np.arange(len(nsh)), nsh)
+    order = np.lexsort((h, doc))
+    hs, ds = h[order], doc[order]
+    keep = np.ones(len(hs), dtype=bool)
+    if len(hs):
+        keep[1:] = (hs[1:] != hs[:-1]) | (ds[1:] != ds[:-1])
+    counts = np.bincount(ds[keep], minlength=len(nsh))
+    offsets = np.zeros(len(nsh) + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(hs[keep], type=pa.uint32()))
+
+
+def _keep_columns(batch, fields: list[str]) -> dict:
+    """The keep-rule values of a record batch: column, else JSON ``metadata`` key, else null."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = batch.schema.names
+    out = {}
+    meta = None
+    for name in fields:
+        if name in names:
+            col = batch.column(names.index(name))
+            if pa.types.is_timestamp(col.type):  # microseconds since the epoch, whatever the unit
+                col = pc.cast(pc.cast(col, pa.timestamp("us", col.type.tz), safe=False), pa.int64())
+            elif pa.types.is_date(col.type):
+                col = pc.cast(pc.cast(col, pa.timestamp("us")), pa.int64())
+            elif pa.types.is_boolean(col.type):
+                col = pc.cast(col, pa.int64())
+            out[f"k_{name}"] = col
+            continue
+        if meta is None:
+            meta = []
+            if "metadata" in names:
+                for m in batch.column(names.index("metadata")).to_pylist():
+                    if isinstance(m, str):
+                        try:
+                            m = json.loads(m)
+                        except ValueError:
+                            m = None
+                    meta.append(m if isinstance(m, dict) else {})
+            else:
+                meta = [{}] * batch.num_rows
+        vals = [m.get(name) for m in meta]
+        vals = [v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else None for v in vals]
+        try:
+            out[f"k_{name}"] = pa.array(vals)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            out[f"k_{name}"] = pa.array([None if v is None else str(v) for v in vals], type=pa.string())
+    return out
+
+
+def _clean_texts(mh, ids, texts):
+    """``(texts with corrupt records blanked, valid mask)``: a record is corrupt when its id or
+    text is null, or its text is not valid UTF-8."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+        texts = texts.cast(pa.string())
+    valid = ~(np.asarray(ids.is_null(), dtype=bool) | np.asarray(texts.is_null(), dtype=bool))
+    try:
+        pc.utf8_lower(texts)
+    except pa.ArrowInvalid:
+        for i in range(len(texts)):
+            try:
+                pc.utf8_lower(texts.slice(i, 1))
+            except pa.ArrowInvalid:
+                valid[i] = False
+    if not valid.all():
+        texts = pc.if_else(pa.array(valid), texts, pa.scalar("", texts.type))
+    return texts, valid
+
+
+def _signature_tables(mh, batch, cfg: SignatureConfig):
+    """``(signature table, shingle lists or None, counts)`` of one record batch."""
+    import pyarrow as pa
+
+    from tasks.dedup.minhash import band_keys
+
+    names = batch.schema.names
+    for col in ("id", "text"):
+        if col not in names:
+            raise ValueError(f"dedup needs an {col!r} column; found {names}")
+    ids = batch.column(names.index("id"))
+    texts, valid = _clean_texts(mh, ids, batch.column(names.index("text")))
+    h, nsh = mh.shingles(texts)
+    cols: dict = {"id": ids.cast(pa.string()), "valid": pa.array(valid)}
+    if cfg.near:
+        sig = mh.signatures_from_shingles(h, nsh)
+        bk = band_keys(sig, cfg.bands, cfg.rows, empty=nsh == 0)
+        for j in range(cfg.bands):
+            cols[f"b{j:02d}"] = pa.array(bk[:, j])
+    if cfg.exact:
+        cols["exact"] = pa.array(exact_keys(h, nsh))
+    if cfg.by_url:
+        urls = batch.column(names.index("url")).to_pylist() if "url" in names else [None] * batch.num_rows
+        uk = _url_keys(urls)
+        uk[~valid] = 0
+        cols["url"] = pa.array(uk)
+    cols.update(_keep_columns(batch, cfg.keep_fields))
+    if cfg.near:
+        cols["nsh"] = pa.array(nsh.astype(np.int32))
+        cols["sig"] = pa.FixedSizeListArray.from_arrays(pa.array(sig.reshape(-1), type=pa.uint32()), cfg.num_perm)
+    shingles = _sorted_unique_lists(h, nsh) if cfg.shingles else None
+    counts = {"docs": batch.num_rows, "corrupt": int((~valid).sum()),
+              "empty": int(((nsh == 0) & valid).sum()), "shingles": int(nsh.sum())}
+    return pa.table(cols), shingles, counts
+
+
+@stage("minhash", version="1", sharded=True)
+class Minhash:
+    """Signatures, LSH band keys, exact/URL keys and keep-rule keys of each input part."""
+
+    @staticmethod
+    def plan(inputs: list[Dataset], cfg: SignatureConfig) -> list[dict]:
+        (docs,) = inputs
+        return [{"name": f"sig-{i:05d}", "i": i, "file": f} for i, f in enumerate(docs.files)]
+
+    @staticmethod
+    def shard(b, item: dict, cfg: SignatureConfig) -> dict:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from tasks.dedup.minhash import MinHasher
+
+        mh = MinHasher(ngram=cfg.ngram, num_perm=cfg.num_perm, seed=cfg.seed, scheme=cfg.scheme)
+        t0 = time.perf_counter()
+        tables, shingles, counts = [], [], []
+        try:
+            f = _open(item["file"])
+            pf = pq.ParquetFile(f)
+        except Exception as e:  # noqa: BLE001 - name the unreadable file
+            raise OSError(f"dedup: cannot read input part {item['file']}: {e}") from e
+        with f:
+            names = pf.schema_arrow.names
+            wanted = [c for c in names if c in {"id", "text", "url", "metadata"}
+                      | set(cfg.keep_fields)]
+            for batch in pf.iter_batches(batch_size=BATCH, columns=wanted):
+                t, sh, c = _signature_tables(mh, batch, cfg)
+                tables.append(t)
+                counts.append(c)
+                if sh is not None:
+                    shingles.append(sh)
+        if tables:
+            table = pa.concat_tables(tables)
+        else:  # an empty part still gets a (schema-complete) signature file
+            empty = pa.RecordBatch.from_pydict({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())})
+            table, sh, c = _signature_tables(mh, empty, cfg)
+            shingles = [sh] if sh is not None else []
+        b.write_table(f"sig-{item['i']:05d}.parquet", table)
+        if cfg.shingles:
+            lists = pa.concat_arrays(shingles) if shingles else pa.array([], pa.list_(pa.uint32()))
+            b.write_table(f"shingles-{item['i']:05d}.arrow", pa.table({"shingles": lists}))
+        out = sum_counts(counts) or {"docs": 0, "corrupt": 0, "empty": 0, "shingles": 0}
+        out["seconds"] = round(time.perf_counter() - t0, 3)
+        return out
+
+    @staticmethod
+    def reduce(b, results: list[dict], cfg: SignatureConfig, inputs) -> StageOutput:
+        c = sum_counts(results)
+        secs = c.pop("seconds", 0.0)
+        stats = {"signature_seconds": round(secs, 3),
+                 "docs_per_second": round(c.get("docs", 0) / secs, 1) if secs else None,
+                 "shard_rows": [r.get("docs", 0) for r in results]}
+        return StageOutput(counts={"docs_in": c.get("docs", 0), **c}, stats=stats)
+
+
+# --------------------------------------------------------------------------- stage 2: global dedup
+class _Source:
+    """One signature table (an index segment part or a new input part) and its row range."""
+
+    def __init__(self, sig: str, shingles: str | None, rows: int, start: int, is_index: bool):
+        self.sig, self.shingles, self.rows, self.start, self.is_index = sig, shingles, rows, start, is_index
+
+    def column(self, name: str):
+        import pyarrow.parquet as pq
+
+        with _open(self.sig) as f:
+            pf = pq.ParquetFile(f)
+            if name not in pf.schema_arrow.names:
+                return None
+            return pf.read(columns=[name]).column(0)
+
+
+class _Shingles:
+    """Random access to the sorted shingle sets of all documents (memory-mapped Arrow files)."""
+
+    def __init__(self, sources: list[_Source], tmpdir: str):
+        import os
+
+        import fsspec
+        import pyarrow as pa
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.starts = np.array([s.start for s in sources], dtype=np.int64)
+        self.parts = []
+        for k, s in enumerate(sources):
+            if s.shingles is None:
+                raise ValueError(f"verify needs shingles, but {s.sig} has none (index built without verify?)")
+            fs, p = fsspec.core.url_to_fs(s.shingles)
+            local = p if isinstance(fs, LocalFileSystem) else None
+            if local is None:
+                local = os.path.join(tmpdir, f"shingles-{k:05d}.arrow")
+                fs.get(p, local)
+            table = pa.ipc.open_file(pa.memory_map(local, "r")).read_all()
+            arr = table.column(0).combine_chunks() if table.num_rows else pa.array([], pa.list_(pa.uint32()))
+            offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
+            values = np.frombuffer(arr.buffers()[3], dtype=np.uint32) if len(arr) and arr.buffers()[3] is not None \
+                else np.zeros(0, np.uint32)
+            self.parts.append((offsets, values))
+
+    def __call__(self, i: int) -> np.ndarray:
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        offsets, values = self.parts[k]
+        r = i - self.starts[k]
+        return values[offsets[r]:offsets[r + 1]]
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+@stage("dedup", version="1")
+def dedup(b, inputs: list[Dataset], cfg: DedupRunConfig) -> StageOutput:
+    """Cluster duplicates over the input (and the index), keep one document per cluster."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.dedup.clusters import UnionFind, bucket_edges, choose_winners, sort_key, verify_edges
+    from tasks.dedup.index import DedupIndex
+
+    docs_ds, sig_ds = inputs
+    t0 = time.perf_counter()
+    parts = docs_ds.files
+    sig_files = sorted(sig_ds.files_with_prefix("sig-"))
+    if len(sig_files) != len(parts):
+        raise ValueError(f"dedup: {len(parts)} input parts but {len(sig_files)} signature files in {sig_ds.path}")
+    sig_rows = {f["path"]: f["rows"] for f in sig_ds.manifest["files"]}
+    sh_files = {f"sig-{p.rsplit('shingles-', 1)[1]}".replace(".arrow", ".parquet"): p
+                for p in sig_ds.files_with_prefix("shingles-")}
+    # sources: index segments first (they win ties and keep their numbers low), then the new parts
+    sources: list[_Source] = []
+    start = 0
+    index = DedupIndex(cfg.index) if cfg.index else None
+    for seg in cfg.index_base:
+        for f in seg["files"]:
+            sources.append(_Source(index.url(f["sig"]), index.url(f["shingles"]) if f.get("shingles") else None,
+                                   int(f["rows"]), start, True))
+            start += int(f["rows"])
+    n_index = start
+    for path in sig_files:
+        name = path.rsplit("/", 1)[-1]
+        rows = sig_rows[name]
+        sources.append(_Source(path, sh_files.get(name), rows, start, False))
+        start += rows
+    n_total = start
+    n_new = n_total - n_index
+
+    trace = bool(os.environ.get("REFINERY_DEDUP_TRACEMALLOC"))  # bench: measure the clustering's memory
+    if trace:
+        import tracemalloc
+
+        tracemalloc.start()
+    uf = UnionFind(n_total)
+    shingles = _Shingles(sources, b.tmpdir()) if (cfg.verify and cfg.near) else None
+    pair_stats = {"candidates": 0, "verified": 0, "rejected": 0, "skipped": 0}
+    edges_by_key: dict[str, int] = {}
+    from tqdm.auto import tqdm
+
+    for name in tqdm(_key_names(cfg), desc="dedup: bucketing bands", unit="band", disable=None, leave=False):
+        cols = [s.column(name) for s in sources]
+        if any(c is None for c in cols):
+            missing = [s.sig for s, c in zip(sources, cols) if c is None]
+            raise ValueError(f"dedup: key column {name!r} missing in {missing[:3]} (index built with other settings?)")
+        keys = np.concatenate([np.asarray(c.combine_chunks() if hasattr(c, "combine_chunks") else c,
+                                          dtype=np.uint64) for c in cols]) if cols else np.zeros(0, np.uint64)
+        del cols
+        first, member = bucket_edges(keys)
+        del keys
+        edges_by_key[name] = int(len(first))
+        if shingles is not None and name.startswith("b"):
+            st = verify_edges(first, member, uf, shingles, cfg.threshold)
+            for k, v in st.items():
+                pair_stats[k] += v
+        else:
+            pair_stats["candidates"] += int(len(first))
+            uf.union(first, member)
+        del first, member
+    t_cluster = time.perf_counter() - t0
+
+    roots = uf.roots()
+    traced_peak = None
+    if trace:
+        traced_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    sizes = np.bincount(roots, minlength=n_total)
+    csize = sizes[roots]
+    involved = np.flatnonzero(csize > 1)
+    # per involved document: id, valid, keys for the keep rule, exact/url keys, kept (index)
+    info: dict[str, list] = {"id": [], "kept_before": [], "exact": [], "url": []}
+    rule_vals: list[list] = [[] for _ in cfg.keep_rule]
+    valid_new = np.ones(n_new, dtype=bool)
+    for s in sources:
+        lo, hi = np.searchsorted(involved, [s.start, s.start + s.rows])
+        rows = involved[lo:hi] - s.start
+        need = ["id", "valid"] + (["kept"] if s.is_index else []) + \
+            [c for c in ("exact", "url") if getattr(cfg, "exact" if c == "exact" else "by_url")] + \
+            [f"k_{k.lstrip('-')}" for k in cfg.keep_rule]
+        with _open(s.sig) as f:
+            pf = pq.ParquetFile(f)
+            have = [c for c in need if c in pf.schema_arrow.names]
+            t = pf.read(columns=have)
+        if not s.is_index:
+            valid_new[s.start - n_index: s.start - n_index + s.rows] = np.asarray(t.column("valid"), dtype=bool)
+        t = t.take(pa.array(rows, type=pa.int64()))
+        info["id"] += t.column("id").to_pylist()
+        info["kept_before"] += (t.column("kept").to_pylist() if s.is_index else [None] * len(rows))
+        for c in ("exact", "url"):
+            info[c] += (t.column(c).to_pylist() if c in have else [0] * len(rows))
+        for i, k in enumerate(cfg.keep_rule):
+            col = f"k_{k.lstrip('-')}"
+            rule_vals[i] += (t.column(col).to_pylist() if col in have else [None] * len(rows))
+    is_index = involved < n_index
+    kept_before = np.array([bool(k) for k in info["kept_before"]], dtype=bool)
+    # rank: earlier-kept index docs, then other index docs, then new docs by the keep rule
+    tier = np.where(is_index, np.where(kept_before, 0, 1), 2).astype(np.float64)
+    keys = [tier] + [sort_key(v, k.startswith("-")) for v, k in zip(rule_vals, cfg.keep_rule)]
+    winner_pos, _ = choose_winners(roots[involved], keys)
+    winner_is_self = winner_pos == np.arange(len(involved))
+
+    # decisions for the new documents
+    kept_new = valid_new.copy()
+    new_inv = np.flatnonzero(~is_index)
+    kept_new[involved[new_inv] - n_index] = winner_is_self[new_inv] & valid_new[involved[new_inv] - n_index]
+    ids = np.array(info["id"], dtype=object)
+    exact_k = np.array(info["exact"], dtype=np.uint64)
+    url_k = np.array(info["url"], dtype=np.uint64)
+    reasons = np.full(len(involved), "", dtype=object)
+    dup = ~winner_is_self
+    w = winner_pos
+    reasons[dup] = "near_duplicate"
+    if cfg.by_url:
+        reasons[dup & (url_k != 0) & (url_k == url_k[w])] = "url_duplicate"
+    if cfg.exact:
+        reasons[dup & (exact_k != 0) & (exact_k == exact_k[w])] = "exact_duplicate"
+    dropped = {"exact_duplicate": 0, "url_duplicate": 0, "near_duplicate": 0,
+               "corrupt": int((~valid_new).sum())}
+    for r in reasons[new_inv][dup[new_inv]]:
+        dropped[r] += 1
+
+    # the clusters part (new documents in non-singleton clusters)
+    sel = new_inv
+    clusters = pa.table({
+        "id": pa.array(ids[sel].tolist(), pa.string()),
+        "cluster_id": pa.array(ids[w[sel]].tolist(), pa.string()),
+        "kept": pa.array(winner_is_self[sel]),
+        "duplicate_of": pa.array([None if k else d for k, d in zip(winner_is_self[sel], ids[w[sel]].tolist())], pa.string()),
+        "reason": pa.array([r or None for r in reasons[sel].tolist()], pa.string()),
+        "cluster_size": pa.array(csize[involved[sel]].astype(np.int64)),
+        "winner_from_index": pa.array(is_index[w[sel]]),
+    })
+    b.write_table("clusters.parquet", clusters)
+
+    # the deduplicated parts (same schema as the input), and the index segment files
+    new_sources = sources[len(sources) - len(parts):]
+    for k, (part, s) in enumerate(tqdm(list(zip(parts, new_sources)), desc="dedup: writing parts", unit="part",
+                                       disable=None, leave=False)):
+        mask = kept_new[s.start - n_index: s.start - n_index + s.rows]
+        try:
+            with _open(part) as f:
+                table = pq.read_table(f)
+        except Exception as e:  # noqa: BLE001
+            raise OSError(f"dedup: cannot read input part {part}: {e}") from e
+        if table.num_rows != s.rows:
+            raise ValueError(f"dedup: {part} has {table.num_rows} rows, its signatures {s.rows}")
+        b.write_table(f"part-{k:05d}.parquet", table.filter(pa.array(mask)))
+        if cfg.index:
+            with _open(s.sig) as f:
+                st = pq.read_table(f, columns=["id", "valid"] + _key_names(cfg))
+            b.write_table(f"index/seg-{k:05d}.parquet", st.append_column("kept", pa.array(mask)))
+            if s.shingles:
+                with _open(s.shingles) as src:
+                    b.write_bytes(f"index/shingles-{k:05d}.arrow", src.read())
+
+    # cluster-size histogram over the clusters that contain new documents
+    new_roots = np.unique(roots[n_index:]) if n_new else np.zeros(0, np.int64)
+    hist = np.bincount(sizes[new_roots]) if len(new_roots) else np.zeros(1, np.int64)
+    histogram = {str(sz): int(c) for sz, c in enumerate(hist) if c}
+    docs_out = int(kept_new.sum())
+    counts = {"docs_in": n_new, "docs_out": docs_out, "dropped": dropped,
+              "clusters": int((hist[2:] if len(hist) > 2 else np.zeros(0)).sum()),
+              "index_docs": n_index, "duplicates_of_index": int((dup[new_inv] & is_index[w[new_inv]]).sum()),
+              "candidate_pairs": pair_stats["candidates"]}
+    stats = {"cluster_size_histogram": histogram, "pairs": pair_stats, "edges_per_key": edges_by_key,
+             "cluster_seconds": round(t_cluster, 3), "peak_rss_mb": _peak_rss_mb(),
+             "memory_model_bytes": {"per_doc": 48, "docs": n_total,
+                                    "estimate": 48 * n_total + 16 * max(edges_by_key.values(), default=0),
+                                    "measured_cluster_peak": traced_peak}}
+    return StageOutput(counts=counts, stats=stats, extra={"dedup": {
+        "index": cfg.index, "index_segments": [s["name"] for s in cfg.index_base],
+        "clusters_file": "clusters.parquet"}})
+
+
+# --------------------------------------------------------------------------- composition
+def run_config(cfg: DedupConfig, docs: Dataset) -> DedupRunConfig:
+    from tasks.dedup.index import DedupIndex
+
+    base: list[dict] = []
+    if cfg.index:
+        idx = DedupIndex(cfg.index)
+        idx.check_params(index_params(cfg))
+        base = idx.base_segments(docs.fingerprint)
+    return DedupRunConfig(**cfg.model_dump(), index_base=base)
+
+
+def dedup_stages(workdir: str, docs: Dataset | str, cfg: DedupConfig, runner: Any = None,
+                 prefect: bool = True, map_fn=None) -> dict[str, Dataset]:
+    """Run ``minhash`` then ``dedup`` (then add the run to ``cfg.index``); returns both datasets.
+
+    ``prefect=True`` (flows) runs the stages as Prefect tasks (shards through ``runner``);
+    ``prefect=False`` runs them as plain Python (``map_fn`` may parallelize the shards).
+    """
+    from tasks.dedup.index import DedupIndex
+
+    docs = docs if isinstance(docs, Dataset) else Dataset.open(docs)
+    scfg = signature_config(cfg)
+    rcfg = run_config(cfg, docs)
+    if prefect:
+        sig = Minhash.call(workdir, [docs], scfg, runner=runner)
+        out = dedup.call(workdir, [docs, sig], rcfg)
+    else:
+        store = workdir if isinstance(workdir, Store) else Store(workdir)
+        sig = Minhash.run(store, [docs], scfg, map_fn=map_fn)
+        out = dedup.run(store, [docs, sig], rcfg)
+    if cfg.index:
+        DedupIndex(cfg.index).append(out, docs.fingerprint, index_params(cfg),
+                                     base=[s["name"] for s in rcfg.index_base])
+    return {"minhash": sig, "dedup": out}
+
+
+def run_dedup(store: Store | str, docs: Dataset | str, cfg: DedupConfig | None = None, map_fn=None) -> dict[str, Dataset]:
+    """Plain-Python entry point (tests, benchmarks): same as :func:`dedup_stages` without Prefect."""
+    return dedup_stages(store, docs, cfg or DedupConfig(), prefect=False, map_fn=map_fn)
+
+
+def read_clusters(ds: Dataset):
+    """The audit table of a dedup dataset: id, cluster_id, kept, duplicate_of, reason, cluster_size."""
+    import pyarrow.parquet as pq
+
+    with ds.fs.open(ds.file("clusters.parquet"), "rb") as f:
+        return pq.read_table(f)
