@@ -1,0 +1,63 @@
+"""What every filter rule shares: its config base (language handling), the rule interface, the registry.
+
+A rule looks at one :class:`~tasks.filters.text.DocView` and either returns ``None`` (keep; it may
+have rewritten ``doc.text``) or a :class:`Drop` with a short reason and the measured value that
+crossed the threshold. Rules never re-split text themselves when the view already has it.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, ClassVar, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.filters.text import DocView
+
+
+class Drop(NamedTuple):
+    reason: str            # short, e.g. "short_doc"; the stage prefixes the rule name
+    value: float | None    # the measured quantity that failed (ratio, count), None when not numeric
+
+
+class RuleConfig(BaseModel):
+    """Language handling common to all rules."""
+    model_config = ConfigDict(extra="forbid")
+
+    languages: list[str] | None = Field(
+        default=None, description="languages (ISO 639-1 codes, as in the `lang` column) this rule applies to; "
+                                  "null = every language")
+    other_languages: Literal["skip", "drop"] = Field(
+        default="skip", description="what documents in other languages get: 'skip' = pass this rule untouched, "
+                                    "'drop' = dropped with reason 'unsupported_language'")
+
+
+class Rule:
+    """Base class: subclasses set ``name``/``config_cls`` and implement :meth:`check`."""
+    name: ClassVar[str]
+    config_cls: ClassVar[type[RuleConfig]]
+
+    def __init__(self, cfg: RuleConfig):
+        self.cfg = cfg
+        self.stats: Counter = Counter()   # per-rule side counts (lines removed, spans redacted, ...)
+
+    def applies(self, lang: str) -> bool:
+        langs = self.cfg.languages
+        return langs is None or lang in langs
+
+    def check(self, doc: DocView) -> Drop | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+RULES: dict[str, type[Rule]] = {}
+
+
+def register(cls: type[Rule]) -> type[Rule]:
+    RULES[cls.name] = cls
+    return cls
+
+
+def rule_names() -> list[str]:
+    return sorted(RULES)
+
+
+Checker = Callable[[DocView], Drop | None]

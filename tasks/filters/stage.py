@@ -1,0 +1,255 @@
+"""The filter stage: an ordered, configurable chain of rules over document datasets.
+
+``FilterConfig.rules`` names the rules in the order they run; the first rule that drops a document
+decides its reason. Rules that rewrite text (``c4`` line cleaning, ``pii``) hand the new text to the
+rules after them. Output: kept documents in the input's schema (``part-XXXXX.parquet``, one per input
+part) and, with ``write_exclusions``, the dropped ones (``excluded-XXXXX.parquet``: ``id``, ``url``,
+``rule``, ``reason`` = "rule:reason", ``value`` = the measured quantity, optionally ``text``).
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections import Counter
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tasks.filters.base import RULES, Drop, Rule
+from tasks.filters.c4 import C4BadWordsConfig, C4Config
+from tasks.filters.content import PiiConfig, UrlConfig
+from tasks.filters.fineweb import FineWebConfig
+from tasks.filters.gopher import GopherQualityConfig, GopherRepetitionConfig
+from tasks.filters.text import DocView, WordTokenizer
+from tasks.runtime import StageOutput, stage, sum_counts
+
+DEFAULT_RULES = ["url", "gopher_repetition", "gopher_quality", "c4", "fineweb", "pii"]
+
+
+class FilterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_RULES),
+        description="rules to run, in order: url, gopher_repetition, gopher_quality, c4, c4_badwords, fineweb, pii")
+    url: UrlConfig = Field(default_factory=UrlConfig)
+    gopher_repetition: GopherRepetitionConfig = Field(default_factory=GopherRepetitionConfig)
+    gopher_quality: GopherQualityConfig = Field(default_factory=GopherQualityConfig)
+    c4: C4Config = Field(default_factory=C4Config)
+    c4_badwords: C4BadWordsConfig = Field(default_factory=C4BadWordsConfig)
+    fineweb: FineWebConfig = Field(default_factory=FineWebConfig)
+    pii: PiiConfig = Field(default_factory=PiiConfig)
+    default_language: str = Field("en", description="language assumed for documents whose `lang` is empty")
+    write_exclusions: bool = Field(True, description="write dropped documents to excluded-XXXXX.parquet")
+    exclusions_text: bool = Field(False, description="also keep the dropped documents' text in the exclusions")
+
+    @field_validator("rules")
+    @classmethod
+    def _known_rules(cls, v: list[str]) -> list[str]:
+        unknown = [r for r in v if r not in RULES]
+        if unknown:
+            raise ValueError(f"unknown filter rules {unknown}; known: {sorted(RULES)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"filter rules listed twice: {v}")
+        return v
+
+
+class FilterChain:
+    """The configured rules, ready to run on documents (one instance per process/shard)."""
+
+    def __init__(self, cfg: FilterConfig, tokenizer: WordTokenizer | None = None):
+        self.cfg = cfg
+        self.rules: list[Rule] = [RULES[name](getattr(cfg, name)) for name in cfg.rules]
+        self.tok = tokenizer
+        self.counts: Counter = Counter()
+
+    def apply(self, text: str, url: str | None = None, lang: str | None = None
+              ) -> tuple[str, tuple[str, str, float | None] | None]:
+        """Run the chain on one document: (final text, None) when kept, else (text, (rule, reason, value))."""
+        doc = DocView(text, url, lang or self.cfg.default_language, self.tok)
+        for rule in self.rules:
+            if not rule.applies(doc.lang):
+                if rule.cfg.other_languages == "drop":
+                    return doc.text, (rule.name, "unsupported_language", None)
+                rule.stats["skipped_language"] += 1
+                continue
+            rule.stats["docs_checked"] += 1
+            drop: Drop | None = rule.check(doc)
+            if drop is not None:
+                return doc.text, (rule.name, drop.reason, None if drop.value is None else float(drop.value))
+        return doc.text, None
+
+    def rule_stats(self) -> dict[str, dict[str, int]]:
+        return {r.name: dict(sorted(r.stats.items())) for r in self.rules}
+
+
+def filter_table(table, cfg: FilterConfig, chain: FilterChain | None = None, progress: str | None = None):
+    """Filter one pyarrow Table of documents. Returns (kept table, exclusions table | None, counts)."""
+    import pyarrow as pa
+
+    chain = chain or FilterChain(cfg)
+    n = table.num_rows
+    cols = set(table.column_names)
+    texts = table.column("text").to_pylist() if "text" in cols else [None] * n
+    urls = table.column("url").to_pylist() if "url" in cols else [None] * n
+    langs = table.column("lang").to_pylist() if "lang" in cols else [None] * n
+    ids = table.column("id").to_pylist() if "id" in cols else [str(i) for i in range(n)]
+    keep = [False] * n
+    out_text: list[str] = []
+    ex: dict[str, list] = {"id": [], "url": [], "rule": [], "reason": [], "value": []}
+    if cfg.exclusions_text:
+        ex["text"] = []
+    by_rule: Counter = Counter()
+    by_reason: Counter = Counter()
+    corrupt = modified = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n, desc=progress, unit="doc", disable=None, leave=False)
+    for i in range(n):
+        text = texts[i]
+        if not isinstance(text, str):
+            corrupt += 1
+            rule, reason, value, final = "input", "corrupt", None, None
+        else:
+            final, dropped = chain.apply(text, urls[i], langs[i])
+            if dropped is None:
+                keep[i] = True
+                out_text.append(final)
+                modified += final != text
+                if bar is not None and i % 256 == 255:
+                    bar.update(256)
+                continue
+            rule, reason, value = dropped
+        by_rule[rule] += 1
+        by_reason[f"{rule}:{reason}"] += 1
+        if cfg.write_exclusions:
+            ex["id"].append(ids[i])
+            ex["url"].append(urls[i])
+            ex["rule"].append(rule)
+            ex["reason"].append(f"{rule}:{reason}")
+            ex["value"].append(value)
+            if cfg.exclusions_text:
+                ex["text"].append(text if isinstance(text, str) else None)
+        if bar is not None and i % 256 == 255:
+            bar.update(256)
+    if bar is not None:
+        bar.update(n - bar.n)
+        bar.close()
+    kept = table.filter(pa.array(keep, type=pa.bool_()))
+    if "text" in cols:
+        idx = kept.column_names.index("text")
+        kept = kept.set_column(idx, kept.schema.field(idx), pa.array(out_text, type=kept.schema.field(idx).type))
+    excluded = None
+    if cfg.write_exclusions:
+        schema = pa.schema([("id", pa.string()), ("url", pa.string()), ("rule", pa.string()),
+                            ("reason", pa.string()), ("value", pa.float64())]
+                           + ([("text", pa.string())] if cfg.exclusions_text else []))
+        excluded = pa.table({k: pa.array(v, type=schema.field(k).type) for k, v in ex.items()}, schema=schema)
+    n_out = sum(keep)
+    counts = {
+        "docs_in": n, "docs_out": n_out, "dropped": n - n_out, "corrupt": corrupt, "modified": modified,
+        "dropped_by_rule": dict(sorted(by_rule.items())),
+        "dropped_by_reason": dict(sorted(by_reason.items())),
+    }
+    return kept, excluded, counts
+
+
+def table_rows(counts: dict, rules: Iterable[str] | None = None) -> list[dict]:
+    """Rows for a table artifact: one per (rule, reason) with its share of the input, plus totals."""
+    docs_in = counts.get("docs_in", 0) or 0
+    rows = []
+    order = list(rules or []) + ["input"]
+    by_reason = counts.get("dropped_by_reason", {})
+    for key in sorted(by_reason, key=lambda k: (order.index(k.split(":")[0]) if k.split(":")[0] in order
+                                                else len(order), k)):
+        rule, reason = key.split(":", 1)
+        n = by_reason[key]
+        rows.append({"rule": rule, "reason": reason, "dropped": n,
+                     "pct_of_input": round(100.0 * n / docs_in, 3) if docs_in else 0.0})
+    rows.append({"rule": "total", "reason": "kept", "dropped": counts.get("docs_out", 0),
+                 "pct_of_input": round(100.0 * counts.get("docs_out", 0) / docs_in, 3) if docs_in else 0.0})
+    return rows
+
+
+def _file_digest(paths: Iterable) -> list[str]:
+    out = []
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out.append(h.hexdigest()[:16])
+    return out
+
+
+@stage("filter", version="1", sharded=True)
+class Filter:
+    """Quality and content filtering: one shard per input parquet part."""
+
+    @staticmethod
+    def identity(cfg: FilterConfig) -> list[str]:
+        """Contents of the list files the rules read, so editing a list re-runs the stage."""
+        from tasks.filters.c4 import C4BadWords
+
+        paths: list = []
+        if "url" in cfg.rules:
+            for files in cfg.url.files().values():
+                paths.extend(files)
+        if "c4_badwords" in cfg.rules:
+            d = C4BadWords(cfg.c4_badwords).dir
+            paths.extend(sorted(d.glob("*.txt")))
+        return ["lists:" + ",".join(_file_digest(sorted(paths, key=str)))] if paths else []
+
+    @staticmethod
+    def plan(inputs: list, cfg: FilterConfig) -> list[dict]:
+        items = []
+        for ds in inputs:
+            for path in ds.files:
+                if path.endswith(".parquet"):
+                    items.append({"name": f"part-{len(items):05d}", "dataset": ds.path, "file": path,
+                                  "index": len(items)})
+        return items
+
+    @staticmethod
+    def shard(b, item: dict, cfg: FilterConfig) -> dict:
+        from tasks.store import Dataset
+
+        ds = Dataset.open(item["dataset"])
+        try:
+            table = next(ds.iter_tables(files=[item["file"]]))
+        except Exception as e:
+            raise RuntimeError(f"filter: cannot read input part {item['file']}: {e}") from e
+        chain = FilterChain(cfg)
+        t0 = time.perf_counter()
+        kept, excluded, counts = filter_table(table, cfg, chain, progress=f"filter {item['name']}")
+        seconds = time.perf_counter() - t0
+        b.write_table(f"part-{item['index']:05d}.parquet", kept)
+        if excluded is not None:
+            b.write_table(f"excluded-{item['index']:05d}.parquet", excluded)
+        counts["rules"] = chain.rule_stats()
+        return {"counts": counts, "seconds": seconds}
+
+    @staticmethod
+    def reduce(b, results: list[dict], cfg: FilterConfig, inputs) -> StageOutput:
+        counts = sum_counts([r["counts"] for r in results])
+        for key in ("docs_in", "docs_out", "dropped", "corrupt", "modified"):
+            counts.setdefault(key, 0)
+        seconds = sum(r.get("seconds", 0.0) for r in results)
+        rows = table_rows(counts, cfg.rules)
+        if "prefect" in sys.modules:   # no Prefect loaded -> not inside a flow run -> no artifact
+            try:
+                from tasks.report import table_artifact
+                table_artifact("filter-drops", rows, description="documents dropped per rule and reason")
+            except Exception:  # artifacts are a convenience; never fail the stage on them
+                pass
+        stats = {"filter_seconds": round(seconds, 3),
+                 "docs_per_sec": round(counts["docs_in"] / seconds, 1) if seconds else None,
+                 "table": rows}
+        return StageOutput(counts=counts, stats=stats, extra={"rules": list(cfg.rules)})
+
+
+def run_filter(store, inputs: list[Any], cfg: FilterConfig | None = None):
+    """Plain-Python entry point: filter ``inputs`` (datasets or paths) into ``store``; returns the Dataset."""
+    return Filter.run(store, inputs, cfg or FilterConfig())
