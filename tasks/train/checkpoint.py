@@ -1,0 +1,200 @@
+"""Checkpoints: a Hugging Face model folder plus the training state that makes resume exact.
+
+    <ckpt_root>/
+        step-00000100/
+            config.json, generation_config.json, model.safetensors   (save_pretrained)
+            tokenizer.json, tokenizer_config.json, ...                 (copied from the reader's tokenizer)
+            trainer_state.pt    optimizer, scheduler, step, RNG (torch, CUDA, numpy, python), reader
+                                position, metric history, best so far   (torch.load(weights_only=True))
+            trainer_state.json  the same small facts, readable
+        checkpoints.json        {"latest": ..., "best": ..., "steps": [...]} for humans and tools
+
+A checkpoint is written into a temporary folder and renamed into place, so a crash while saving
+leaves the previous checkpoints intact. The last ``keep_last`` checkpoints and the best one are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE = "trainer_state.pt"
+STATE_JSON = "trainer_state.json"
+INDEX = "checkpoints.json"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|"
+                              r".*\.model|chat_template.*)$")
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with a training state), by step."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and (p / STATE).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    cks = list_checkpoints(root)
+    return cks[-1][1] if cks else None
+
+
+# ----------------------------------------------------------------------------- RNG and reader state
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, pystate, gauss = random.getstate()
+    out = {"torch": torch.get_rng_state(),
+           "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                     "has_gauss": int(has_gauss), "cached": float(cached)},
+           "python": {"version": version, "state": list(pystate), "gauss": gauss}}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = st["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def to_safe(obj: Any) -> Any:
+    """Make a reader state loadable with ``weights_only=True``: numpy values become tensors/Python scalars."""
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj).astype(obj.dtype.newbyteorder("="))),
+                "dtype": obj.dtype.str}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: to_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_safe(v) for v in obj]
+    return obj
+
+
+def from_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if "__ndarray__" in obj and "dtype" in obj:
+            return obj["__ndarray__"].numpy().astype(np.dtype(obj["dtype"]))
+        return {k: from_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_safe(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- save / load
+def copy_tokenizer(src: str | Path | None, dest: str | Path) -> list[str]:
+    """Copy the tokenizer files of a Hugging Face tokenizer folder."""
+    if not src:
+        return []
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {src} does not exist")
+    copied = []
+    for f in sorted(src.iterdir()):
+        if f.is_file() and _TOKENIZER_FILES.match(f.name):
+            shutil.copyfile(f, Path(dest) / f.name)
+            copied.append(f.name)
+    return copied
+
+
+def save_checkpoint(root: str | Path, step: int, model, tokenizer_path: str | None, state: dict,
+                    summary: dict | None = None) -> Path:
+    """Write ``step-XXXXXXXX`` atomically and return its path. ``state`` goes to trainer_state.pt."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir()
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()   # no "Writing model shards" bar at every checkpoint
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    copy_tokenizer(tokenizer_path, tmp)
+    torch.save(state, tmp / STATE)
+    (tmp / STATE_JSON).write_text(json.dumps(summary or {"step": step}, indent=2, sort_keys=True, default=str))
+    if final.exists():  # the same step saved again (e.g. the final save right after an eval save)
+        trash = root / f".trash-{final.name}-{uuid.uuid4().hex[:6]}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    return final
+
+
+def load_state(ckpt: str | Path) -> dict:
+    return torch.load(Path(ckpt) / STATE, map_location="cpu", weights_only=True)
+
+
+def load_weights(model, ckpt: str | Path) -> None:
+    """Load ``model.safetensors`` into ``model`` in place (tied weights are shared, so may be absent)."""
+    from safetensors.torch import load_file
+
+    path = Path(ckpt) / "model.safetensors"
+    sd = load_file(str(path))
+    res = model.load_state_dict(sd, strict=False)
+    if res.unexpected_keys:
+        raise ValueError(f"{path}: unexpected weights {res.unexpected_keys[:5]}")
+    own = model.state_dict()
+    loaded = {own[k].data_ptr() for k in sd if k in own}
+    missing = [k for k in res.missing_keys if own[k].data_ptr() not in loaded]
+    if missing:
+        raise ValueError(f"{path}: missing weights {missing[:5]}")
+
+
+def write_index(root: str | Path, latest: int | None, best: int | None) -> None:
+    root = Path(root)
+    data = {"latest": latest, "best": best, "steps": [s for s, _ in list_checkpoints(root)]}
+    tmp = root / f".{INDEX}.{uuid.uuid4().hex[:6]}"
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, root / INDEX)
+
+
+def prune(root: str | Path, keep_last: int, keep: set[int] = frozenset()) -> list[int]:
+    """Delete all but the last ``keep_last`` checkpoints and those in ``keep``; also stale temp folders."""
+    root = Path(root)
+    cks = list_checkpoints(root)
+    recent = {s for s, _ in cks[-keep_last:]}
+    removed = []
+    for s, p in cks:
+        if s not in recent and s not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(s)
+    for p in root.glob(".tmp-step-*"):
+        if str(os.getpid()) not in p.name:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".trash-step-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+__all__ = ["save_checkpoint", "load_state", "load_weights", "latest_checkpoint", "list_checkpoints", "prune",
+           "step_dir", "rng_state", "set_rng_state", "to_safe", "from_safe", "copy_tokenizer", "write_index",
+           "STATE"]

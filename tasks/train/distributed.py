@@ -1,0 +1,137 @@
+"""Data-parallel training (DDP): process-group helpers and the torchrun launcher.
+
+When a run asks for more than one process, :func:`launch` starts ``torchrun`` (``python -m
+torch.distributed.run``) on this machine with :mod:`tasks.train.worker` as the program; every
+worker runs the same loop (``tasks.train.loop.train``) and rank 0 writes the result JSON. On GPUs
+the backend is NCCL (one process per GPU); on CPU it is gloo, which is how the tests exercise the
+very same code path with two processes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the torchrun environment; (0, 1, 0) outside it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def init(backend: str | None = None) -> None:
+    """Join the process group (torchrun set MASTER_ADDR/PORT, RANK, WORLD_SIZE)."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world, local = env()
+    if world <= 1 or is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend=backend)
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def mean(x):
+    """Average a scalar tensor over all processes (identity when not distributed)."""
+    import torch.distributed as dist
+
+    if not is_initialized():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x / dist.get_world_size()
+
+
+def any_true(flag: bool, device) -> bool:
+    """True on every process when ``flag`` is true on any of them (e.g. a SIGTERM seen by one)."""
+    import torch
+    import torch.distributed as dist
+
+    if not is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def broadcast_object(obj, src: int = 0):
+    import torch.distributed as dist
+
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if is_initialized():
+        dist.barrier()
+
+
+def world_size_for(devices: int, device: str = "auto") -> int:
+    """Processes to run: ``devices`` (0 = every visible GPU). More GPUs than exist is an error."""
+    import torch
+
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    n_gpu = torch.cuda.device_count() if cuda else 0
+    if devices == 0:
+        return max(n_gpu, 1)
+    if cuda and devices > n_gpu:
+        raise ValueError(f"devices={devices} but only {n_gpu} GPU(s) are visible")
+    return devices
+
+
+def launch(spec: dict, nproc: int, workdir: str | Path, timeout: float | None = None) -> dict:
+    """Run the training spec on ``nproc`` processes with torchrun and return rank 0's result."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path, result_path = workdir / "launch.json", workdir / "result.json"
+    result_path.unlink(missing_ok=True)
+    spec_path.write_text(json.dumps(spec, indent=2, default=str))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "tasks.train.worker", str(spec_path)]
+    env_ = dict(os.environ)
+    env_.setdefault("OMP_NUM_THREADS", "1")
+    root = str(Path(__file__).resolve().parents[2])
+    env_["PYTHONPATH"] = root + (os.pathsep + env_["PYTHONPATH"] if env_.get("PYTHONPATH") else "")
+    proc = subprocess.Popen(cmd, env=env_, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:   # stream the workers' output through (rank 0 prints progress)
+            lines.append(line)
+            print(line, end="", file=sys.stderr)
+        proc.wait(timeout=timeout)
+    except BaseException:
+        proc.terminate()   # SIGTERM: torchrun forwards it, the workers checkpoint and exit
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    if proc.returncode != 0 or not result_path.exists():
+        tail = "".join(lines[-40:])
+        raise RuntimeError(f"torchrun with {nproc} processes failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(result_path.read_text())
+
+
+__all__ = ["env", "init", "shutdown", "mean", "any_true", "broadcast_object", "barrier", "world_size_for", "launch"]

@@ -1,0 +1,84 @@
+"""The ``pretrain`` stage: token datasets in, a Hugging Face model folder out.
+
+Output dataset (``<workdir>/pretrain/<fingerprint>/``)::
+
+    config.json, generation_config.json, model.safetensors, tokenizer files   (from_pretrained loads it)
+    training/metrics.jsonl, training/loss.png                                  (the run's curves)
+
+Manifest: counts ``steps``, ``tokens``, ``params``; extra keys ``val_loss_start``, ``val_loss_end``,
+``best_step``, ``best_val_loss``, ``unigram_entropy`` (the baseline), ``training`` (status, device,
+tokens/sec, MFU, checkpoint folder).
+
+Checkpoints for resume live outside the dataset, in ``<workdir>/checkpoints/<fingerprint>/`` (a
+stable place derived from the fingerprint), so a run that crashed or was preempted resumes when the
+same stage is run again. Heavy libraries are imported lazily (the CLI imports this module).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from tasks.runtime import StageOutput, stage
+from tasks.store import Builder, Dataset
+from tasks.train.config import TrainConfig
+
+_HF_SKIP = {"trainer_state.pt", "trainer_state.json"}
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped before the end (SIGTERM); its checkpoint is kept and a re-run resumes from it."""
+
+
+def checkpoint_dir(b: Builder) -> Path:
+    """``<workdir>/checkpoints/<fingerprint>`` for local stores; a local cache folder for remote ones."""
+    if b.store.local:
+        return Path(b.store.root) / "checkpoints" / b.fingerprint
+    cache = Path(os.environ.get("REFINERY_CACHE", Path.home() / ".cache" / "refinery"))
+    return cache / "checkpoints" / b.fingerprint
+
+
+def export_folder(ckpt: str | Path, dest: str | Path, log_dir: str | Path | None = None) -> Path:
+    """Copy a checkpoint's Hugging Face files (not its training state) and the run's curves to ``dest``."""
+    ckpt, dest = Path(ckpt), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in sorted(ckpt.iterdir()):
+        if f.is_file() and f.name not in _HF_SKIP:
+            shutil.copyfile(f, dest / f.name)
+    if log_dir is not None:
+        (dest / "training").mkdir(exist_ok=True)
+        for name in ("metrics.jsonl", "loss.png"):
+            if (Path(log_dir) / name).exists():
+                shutil.copyfile(Path(log_dir) / name, dest / "training" / name)
+    return dest
+
+
+@stage("pretrain", version="1")
+def pretrain(b: Builder, inputs: list[Dataset], cfg: TrainConfig) -> StageOutput:
+    """Pretrain a model from config on the input token datasets (mixed by ``cfg.weights``)."""
+    from tasks.train.loop import run_training
+
+    if not inputs:
+        raise ValueError("pretrain needs at least one token dataset as input")
+    datasets = [ds.local_path() for ds in inputs]
+    ckpt_dir = checkpoint_dir(b)
+    result = run_training(cfg, {"kind": "tokens", "datasets": datasets}, ckpt_dir)
+    if result["status"] in ("preempted", "stopped"):
+        raise TrainingInterrupted(f"pretraining stopped at step {result['steps']} ({result['status']}); "
+                                  f"checkpoint kept in {ckpt_dir}: run again to resume")
+    chosen = result["best_checkpoint"] if cfg.export == "best" and result["best_checkpoint"] else result["final_checkpoint"]
+    folder = export_folder(chosen, Path(b.tmpdir()) / "model", ckpt_dir)
+    b.put_dir(folder)
+    training = {k: result[k] for k in ("status", "objective", "preset", "device", "world_size", "tokens_per_sec",
+                                       "mfu", "loss_start", "loss_end", "unigram_tokens", "checkpoint_dir")}
+    training["exported_step"] = int(Path(chosen).name.split("-")[-1])
+    return StageOutput(
+        counts={"steps": result["steps"], "tokens": result["tokens"], "params": result["params"]},
+        stats={"train_seconds": round(result.get("seconds", 0.0), 3)},
+        extra={"val_loss_start": result["val_loss_start"], "val_loss_end": result["val_loss_end"],
+               "best_step": result["best_step"], "best_val_loss": result["best_val_loss"],
+               "unigram_entropy": result["unigram_entropy"], "training": training},
+    )
+
+
+__all__ = ["pretrain", "checkpoint_dir", "export_folder", "TrainingInterrupted"]

@@ -1,0 +1,82 @@
+"""Size presets, MFU from the per-device table, and the metric outputs (rows, PNG, TensorBoard)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tasks.train.metrics import MetricsLog, loss_curve_png, mfu, peak_flops, summary_rows
+from tasks.train.models import PRESETS, build_model, count_params, flops_per_token, model_config
+
+SPECIAL = {"eos": 0, "pad": 1, "bos": 0, "mask": 2}
+
+
+@pytest.mark.parametrize("preset,total_m", [("25M", (45, 60)), ("124M", (115, 135)), ("350M", (330, 380)),
+                                            ("1B", (1100, 1300))])
+def test_clm_presets_have_their_size(preset, total_m):
+    vocab = 128256 if preset == "1B" else 50304
+    with torch.device("meta"):   # shapes only: no memory, no time
+        model = build_model("clm", preset, vocab, 1024, SPECIAL)
+    assert model.config.model_type == "llama"
+    lo, hi = total_m
+    assert lo * 1e6 <= count_params(model) <= hi * 1e6, count_params(model)
+
+
+@pytest.mark.parametrize("objective,model_type", [("clm", "llama"), ("mlm", "modernbert"), ("span", "t5")])
+def test_every_objective_builds_from_config_with_sdpa(objective, model_type):
+    overrides = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+    cfg = model_config(objective, "tiny", 512, 64, SPECIAL, overrides)
+    assert cfg.model_type == model_type
+    with torch.device("meta"):
+        model = build_model(objective, "tiny", 512, 64, SPECIAL, overrides)
+    assert model.config._attn_implementation == "sdpa"
+    assert flops_per_token(model, 64) > 6 * count_params(model, non_embedding=True)
+    with pytest.raises(ValueError, match="preset"):
+        model_config(objective, "7B", 512, 64, SPECIAL)
+    assert set(PRESETS) == {"tiny", "25M", "124M", "350M", "1B"}
+
+
+def test_peak_flops_table_by_device_name():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA A10G") == 70e12 and peak_flops("NVIDIA A10") == 125e12
+    assert peak_flops("NVIDIA L4") == 121e12 and peak_flops("NVIDIA L40S") == 362e12
+    assert peak_flops("Some CPU") is None and peak_flops(None) is None
+    assert mfu(6e9, 100_000, 989e12, n_devices=2) == pytest.approx(6e14 / (2 * 989e12))
+    assert mfu(6e9, 100_000, None) is None
+
+
+def test_metrics_rows_png_tensorboard(tmp_path):
+    hist: list[dict] = []
+    m = MetricsLog(tmp_path, hist)
+    m.log({"step": 0, "val_loss": 6.0, "val_ppl": 403.4})
+    for s in range(1, 6):
+        m.log({"step": s, "loss": 6.0 - s * 0.2, "lr": 1e-3, "tokens_per_sec": 1000.0, "mfu": None})
+    m.log({"step": 5, "val_loss": 5.1, "val_ppl": 164.0})
+    m.close()
+    assert hist[-1]["val_loss"] == 5.1, "the history list is shared with the caller"
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 7 and rows[3]["loss"] == pytest.approx(5.4)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    png = loss_curve_png(hist, tmp_path / "loss.png", baseline=5.5, title="t")
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    merged = summary_rows(hist)
+    assert merged[-1] == {"step": 5, "loss": pytest.approx(5.0), "lr": 1e-3, "tokens_per_sec": 1000.0,
+                          "val_loss": 5.1, "val_ppl": 164.0}
+
+
+def test_config_accepts_model_overrides_as_json_and_checks_them():
+    from pydantic import ValidationError
+
+    from tasks.train.config import TrainConfig
+
+    assert TrainConfig(model='{"hidden_size": 64}').model == {"hidden_size": 64}
+    assert TrainConfig(preset="124m").checkpoint_every == 50
+    with pytest.raises(ValidationError, match="JSON"):
+        TrainConfig(model="{hidden_size: 64")
+    with pytest.raises(ValidationError):
+        TrainConfig(objective="diffusion")
