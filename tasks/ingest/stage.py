@@ -1,0 +1,358 @@
+"""The ingest stage: crawl archives and dumps -> documents (DESIGN.md section 3) with text and language.
+
+Sharded: ``plan`` makes one shard per resolved input file (sorted, so names and order are stable),
+``shard`` reads one file, extracts main text, identifies the language and writes its Parquet parts
+(``part-<file#>-<k>.parquet``, ``rows_per_part`` rows each), ``reduce`` adds the counts up.
+
+Bad input: a corrupt or truncated record is counted (``counts.record_errors[reason]``) and skipped,
+the rest of the file is read. A file that cannot be read at all (missing, not an archive, broken
+compression) does not stop the other files: its shard records ``{"file", "error"}``; the manifest lists
+them under ``file_errors`` and ``counts.files_failed``. If *every* file fails the stage raises
+:class:`IngestError` naming each file and its error.
+
+Raw files are not datasets, so :meth:`Ingest.identity` feeds ``path|size|mtime-or-etag`` of every
+resolved file into the fingerprint: touching an input re-runs ingest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from typing import Any, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.ingest.langid import LangIdConfig
+from tasks.runtime import StageOutput, stage
+
+STAGE_VERSION = "1"
+
+
+class InputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="file, glob (local or fsspec) or URL (http(s)://, s3://, file://, memory://)")
+    source: str = Field(description="source name stored in every document, e.g. cc-main-2024-22, books, code")
+    format: Literal["auto", "warc", "wet", "arc", "jsonl", "parquet"] = Field(
+        "auto", description="auto = detect from the content (magic bytes)")
+    text_field: str = Field("text", description="JSONL/Parquet: the field holding the document text")
+    id_field: str | None = Field("id", description="JSONL/Parquet: field with a stable record id (else url, else row)")
+    url_field: str | None = Field("url", description="JSONL/Parquet: field with the URL, if any")
+    date_field: str | None = Field(None, description="JSONL/Parquet: field with a date/timestamp, if any")
+
+
+class IngestConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[InputSpec] = Field(default_factory=list, description="input files and their source names")
+    extractor: Literal["resiliparse", "trafilatura"] = Field(
+        "resiliparse", description="main-text extractor for HTML (see tasks/ingest/extract.py for the choice)")
+    min_text_chars: int = Field(0, ge=0, description="drop documents with fewer characters (empty ones always)")
+    max_html_bytes: int = Field(5_000_000, ge=1024, description="drop HTML payloads larger than this")
+    rows_per_part: int = Field(10_000, ge=1, description="rows per Parquet part")
+    keep_plain_text: bool = Field(True, description="keep text/plain WARC responses (HTML and WET always)")
+    langid: LangIdConfig = Field(default_factory=LangIdConfig)
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for remote inputs (e.g. endpoint_url); "
+                                          "put credentials in the environment, not here")
+    max_error_samples: int = Field(5, ge=0, description="record error messages kept per file in the manifest")
+
+
+class IngestError(RuntimeError):
+    """No input file could be read."""
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("crawl_date", pa.timestamp("us", tz="UTC")),
+        pa.field("lang", pa.string(), nullable=False),
+        pa.field("lang_score", pa.float64(), nullable=False),
+        pa.field("metadata", pa.string(), nullable=False),
+    ])
+
+
+DOC_COLUMNS = ("id", "text", "url", "source", "crawl_date", "lang", "lang_score", "metadata")
+
+
+def doc_id(source: str, key: str) -> str:
+    """Stable document id: hash of source and record id / URL."""
+    return hashlib.blake2b(f"{source}\x00{key}".encode(), digest_size=16).hexdigest()
+
+
+def docs_table(rows: list[dict]):
+    import pyarrow as pa
+
+    schema = _schema()
+    return pa.Table.from_arrays([pa.array([r[c] for r in rows], type=schema.field(c).type) for c in DOC_COLUMNS],
+                                schema=schema)
+
+
+# --------------------------------------------------------------------------- one file -> documents
+def resolve_inputs(cfg: IngestConfig) -> list[dict]:
+    """One item per input file: ``{name, path, source, format, ...}``; sorted within each input spec."""
+    from tasks.ingest.sources import resolve_paths
+
+    items = []
+    for spec in cfg.inputs:
+        for path in resolve_paths(spec.path, cfg.storage_options):
+            i = len(items)
+            h = hashlib.sha1(path.encode()).hexdigest()[:8]
+            items.append({"name": f"{i:05d}-{h}", "index": i, "path": path, **spec.model_dump(exclude={"path"})})
+    return items
+
+
+def iter_documents(item: dict, cfg: IngestConfig, stats: dict) -> Iterator[dict]:
+    """Documents of one input file (dicts with the schema's columns); counts go into ``stats``.
+
+    ``stats`` gets ``docs_in``, ``dropped[reason]``, ``record_errors[reason]``, ``error_samples``,
+    ``format``. File-level problems raise (the shard turns them into a file error).
+    """
+    from tasks.ingest import dumps, warc
+    from tasks.ingest.extract import decode_html, decode_text, get_extractor, normalize_text
+    from tasks.ingest.langid import LanguageIdentifier
+    from tasks.ingest.sources import UnknownFormat, open_binary, sniff
+
+    item = {**InputSpec(path=item["path"], source=item["source"]).model_dump(), **item}
+    path, source = item["path"], item["source"]
+    extract = get_extractor(cfg.extractor)
+    lid = LanguageIdentifier(cfg.langid)
+    dropped: Counter = stats.setdefault("dropped", Counter())
+    errors: Counter = stats.setdefault("record_errors", Counter())
+    samples: list = stats.setdefault("error_samples", [])
+    stats.setdefault("docs_in", 0)
+
+    def error(e) -> None:
+        errors[e.reason] += 1
+        if len(samples) < cfg.max_error_samples:
+            samples.append(f"@{e.offset}: {e.message}")
+
+    with open_binary(path, cfg.storage_options) as raw:
+        fmt, comp = sniff(raw, path)
+        want = item.get("format", "auto")
+        family = {"wet": "warc", "warc": "warc"}.get(want, want)
+        if want != "auto" and family != fmt:
+            raise UnknownFormat(f"{path}: configured as {want} but the content is {fmt}")
+        stats["format"] = want if want != "auto" else fmt
+        if fmt in ("jsonl", "parquet"):
+            kw = dict(text_field=item["text_field"], id_field=item["id_field"],
+                      url_field=item["url_field"], date_field=item["date_field"])
+            if fmt == "parquet":
+                records = dumps.iter_parquet(raw, **kw)
+            else:
+                stream = raw
+                if comp:
+                    from fsspec.compression import compr
+
+                    if comp not in compr or compr[comp] is None:
+                        raise UnknownFormat(f"{path}: {comp}-compressed JSONL needs the {comp} codec installed")
+                    stream = compr[comp](raw, mode="rb")
+                records = dumps.iter_jsonl(stream, **kw)
+            base = os.path.basename(path)
+            for rec in records:
+                if isinstance(rec, dumps.DumpError):
+                    error(rec)
+                    continue
+                stats["docs_in"] += 1
+                text = normalize_text(rec.text)
+                if not text:
+                    dropped["empty_text"] += 1
+                    continue
+                if len(text) < cfg.min_text_chars:
+                    dropped["too_short"] += 1
+                    continue
+                key = rec.record_id or rec.url or f"{base}:{rec.offset}"
+                lang, score = lid.identify(text)
+                meta = {"file": path, "row": rec.offset, "format": fmt}
+                if rec.fields:
+                    meta["fields"] = rec.fields
+                yield {"id": doc_id(source, key), "text": text, "url": rec.url, "source": source,
+                       "crawl_date": rec.date, "lang": lang, "lang_score": score,
+                       "metadata": json.dumps(meta, sort_keys=True, ensure_ascii=False)}
+            return
+        if fmt == "arc":
+            records = warc.iter_arc(raw)
+        else:
+            types = {"warc": ("response",), "wet": ("conversion",)}.get(want, ("response", "conversion"))
+            records = warc.iter_warc(raw, record_types=types)
+        for rec in records:
+            if isinstance(rec, warc.RecordError):
+                if rec.reason == "http_status":
+                    stats["docs_in"] += 1
+                    dropped["http_status"] += 1
+                else:
+                    error(rec)
+                continue
+            stats["docs_in"] += 1
+            charset, how = rec.http_charset, None
+            if rec.kind == "html":
+                if len(rec.payload) > cfg.max_html_bytes:
+                    dropped["too_large"] += 1
+                    continue
+                html, charset, how = decode_html(rec.payload, rec.http_charset)
+                try:
+                    text = extract(html)
+                except Exception as e:  # noqa: BLE001 - one bad page must not stop the file
+                    dropped["extract_error"] += 1
+                    if len(samples) < cfg.max_error_samples:
+                        samples.append(f"@{rec.offset}: extractor failed: {e}")
+                    continue
+            elif rec.kind == "text" and (rec.record_type == "conversion" or cfg.keep_plain_text):
+                text = decode_text(rec.payload, rec.http_charset or "utf-8")
+            else:
+                dropped["not_html"] += 1
+                continue
+            text = normalize_text(text)
+            if not text:
+                dropped["empty_text"] += 1
+                continue
+            if len(text) < cfg.min_text_chars:
+                dropped["too_short"] += 1
+                continue
+            lang, score = lid.identify(text)
+            meta = {"file": path, "offset": rec.offset, "record_type": rec.record_type,
+                    "content_type": rec.content_type, "charset": charset, "charset_from": how,
+                    "http_status": rec.http_status, "extractor": cfg.extractor if rec.kind == "html" else None}
+            if rec.record_id:
+                meta["record_id"] = rec.record_id
+            key = rec.record_id or rec.url or f"{os.path.basename(path)}@{rec.offset}"
+            yield {"id": doc_id(source, key), "text": text, "url": rec.url, "source": source,
+                   "crawl_date": rec.date, "lang": lang, "lang_score": score,
+                   "metadata": json.dumps({k: v for k, v in meta.items() if v is not None},
+                                          sort_keys=True, ensure_ascii=False)}
+
+
+def ingest_file(item: dict, cfg: IngestConfig, write_part) -> dict:
+    """Read one file and hand its documents to ``write_part(k, table)`` in ``rows_per_part`` chunks.
+
+    Returns the shard's JSON-able result (counts, per-reason drops, errors). Never raises for a bad
+    file: the error is recorded as ``result["error"]``.
+    """
+    from tqdm.auto import tqdm
+
+    from tasks.ingest.sources import UnknownFormat
+    from tasks.ingest.warc import NotAnArchive
+
+    t0 = time.perf_counter()
+    stats: dict = {}
+    buf: list[dict] = []
+    parts: list[str] = []
+    docs_out = 0
+    langs: Counter = Counter()
+    error = None
+
+    def flush():
+        nonlocal buf
+        if buf:
+            parts.append(write_part(len(parts), docs_table(buf)))
+            buf = []
+
+    try:
+        bar = tqdm(iter_documents(item, cfg, stats), desc=os.path.basename(item["path"])[:30], unit="doc",
+                   leave=False, disable=None, mininterval=2.0)
+        for doc in bar:
+            buf.append(doc)
+            docs_out += 1
+            langs[doc["lang"]] += 1
+            if len(buf) >= cfg.rows_per_part:
+                flush()
+        flush()
+    except (NotAnArchive, UnknownFormat) as e:
+        error = str(e) if item["path"] in str(e) else f"{item['path']}: {e}"
+    except (OSError, ValueError, EOFError) as e:  # missing, permission, broken stream, bad parquet
+        error = f"{item['path']}: {type(e).__name__}: {e}"
+    if error is not None:
+        flush()  # keep what was read before the failure
+    return {
+        "file": item["path"], "source": item["source"], "format": stats.get("format"),
+        "files": 1, "files_failed": int(error is not None), "error": error,
+        "docs_in": stats.get("docs_in", 0), "docs_out": docs_out,
+        "dropped": dict(sorted(stats.get("dropped", {}).items())),
+        "record_errors": dict(sorted(stats.get("record_errors", {}).items())),
+        "error_samples": stats.get("error_samples", []),
+        "langs": dict(sorted(langs.items())), "parts": parts,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+# --------------------------------------------------------------------------- the stage
+@stage("ingest", version=STAGE_VERSION, sharded=True)
+class Ingest:
+    """Crawl archives (WARC/WET/ARC) and dumps (JSONL/Parquet) -> documents with text and language."""
+
+    @staticmethod
+    def identity(cfg: IngestConfig) -> list[str]:
+        from tasks.ingest.sources import identity
+
+        return [identity(it["path"], cfg.storage_options) for it in resolve_inputs(cfg)]
+
+    @staticmethod
+    def plan(inputs, cfg: IngestConfig) -> list[dict]:
+        items = resolve_inputs(cfg)
+        if not items:
+            raise ValueError("ingest: no inputs configured (IngestConfig.inputs is empty)")
+        return items
+
+    @staticmethod
+    def shard(b, item: dict, cfg: IngestConfig) -> dict:
+        def write_part(k: int, table) -> str:
+            name = f"part-{item['index']:05d}-{k:05d}.parquet"
+            b.write_table(name, table)
+            return name
+
+        return ingest_file(item, cfg, write_part)
+
+    @staticmethod
+    def reduce(b, results: list[dict], cfg: IngestConfig, inputs) -> StageOutput:
+        failed = [{"file": r["file"], "error": r["error"]} for r in results if r.get("error")]
+        if results and len(failed) == len(results):
+            raise IngestError("ingest: no input file could be read:\n" +
+                              "\n".join(f"  {f['error']}" for f in failed))
+        dropped: Counter = Counter()
+        rec_err: Counter = Counter()
+        langs: Counter = Counter()
+        sources: Counter = Counter()
+        for r in results:
+            dropped.update(r["dropped"])
+            rec_err.update(r["record_errors"])
+            langs.update(r["langs"])
+            sources[r["source"]] += r["docs_out"]
+        docs_out = sum(r["docs_out"] for r in results)
+        if docs_out == 0:  # keep the schema visible to readers of an empty dataset
+            b.write_table("part-empty.parquet", docs_table([]))
+        counts = {
+            "files": len(results), "files_failed": len(failed),
+            "docs_in": sum(r["docs_in"] for r in results), "docs_out": docs_out,
+            "dropped": dict(sorted(dropped.items())), "record_errors": dict(sorted(rec_err.items())),
+            "record_errors_total": sum(rec_err.values()),
+        }
+        per_file = [{k: r.get(k) for k in ("file", "source", "format", "docs_in", "docs_out", "dropped",
+                                           "record_errors", "error", "error_samples", "seconds")}
+                    for r in results]
+        stats = {"langs": dict(langs.most_common()), "sources": dict(sorted(sources.items())),
+                 "per_file": per_file, "shard_seconds": round(sum(r.get("seconds", 0) for r in results), 3)}
+        return StageOutput(counts=counts, stats=stats, extra={"file_errors": failed})
+
+
+def ingest_report_rows(ds) -> list[dict]:
+    """One row per input file of an ingest dataset (for a flow's table artifact): counts and errors."""
+    rows = []
+    for f in ds.manifest.get("stats", {}).get("per_file", []):
+        rows.append({"file": f["file"], "source": f["source"], "format": f.get("format") or "",
+                     "docs_in": f["docs_in"], "docs_out": f["docs_out"],
+                     "dropped": ", ".join(f"{k}={v}" for k, v in (f.get("dropped") or {}).items()),
+                     "record_errors": ", ".join(f"{k}={v}" for k, v in (f.get("record_errors") or {}).items()),
+                     "error": f.get("error") or ""})
+    return rows
+
+
+def run_ingest(store, cfg: IngestConfig, map_fn=None):
+    """Plain-Python entry point: the ingested documents dataset (cached by fingerprint)."""
+    return Ingest.run(store, inputs=[], cfg=cfg, map_fn=map_fn)

@@ -1,0 +1,357 @@
+"""Reading crawl archives: WARC (``response``), WET (``conversion``) and ARC records.
+
+Everything here yields :class:`RawRecord` (a record worth turning into a document) or
+:class:`RecordError` (a corrupt/truncated record that was skipped), so the caller counts errors
+and carries on with the rest of the file.
+
+WARC/WET parsing is fastwarc 2.x (``ArchiveIterator`` over a Python file object; 2.0 removed
+``GZipStream``, compression is detected from the stream). Recovery: fastwarc stops a file at the
+first unparsable header (``OSError: Invalid WARC header``). We then re-synchronise: scan forward from
+the last good record for the next gzip member (``1f 8b 08``, compressed files) or the next
+``WARC/1.`` line (plain files), and start a fresh iterator there, so one bad record costs one record.
+A record whose block is shorter than its ``Content-Length`` (a file cut mid-record) is reported as
+``truncated`` and skipped. ARC (the Internet Archive's pre-WARC format, v1 and v2) has its own small
+parser below: fastwarc does not read ARC.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import gzip
+import io
+import re
+import zlib
+from typing import IO, Iterator
+
+GZIP_MAGIC = b"\x1f\x8b\x08"
+WARC_MAGIC = b"WARC/"
+ARC_MAGIC = b"filedesc://"
+
+
+@dataclasses.dataclass
+class RawRecord:
+    """One archive record with a payload to extract text from."""
+
+    kind: str                       # "html" (needs extraction) or "text" (WET conversion, text/plain)
+    payload: bytes                  # HTTP body (dechunked, decompressed) or the conversion text
+    url: str | None
+    record_id: str | None
+    date: _dt.datetime | None
+    offset: int                     # byte offset of the record in the (compressed) file
+    content_type: str | None = None
+    http_charset: str | None = None  # charset from the HTTP Content-Type header
+    http_status: int | None = None
+    record_type: str = "response"
+
+
+@dataclasses.dataclass
+class RecordError:
+    """A record (or a stretch of the file) that could not be read; skipped."""
+
+    reason: str                     # "truncated", "bad_header", "bad_http", ...
+    offset: int
+    message: str
+
+
+class NotAnArchive(ValueError):
+    """The file is not a WARC/WET/ARC archive at all."""
+
+
+# --------------------------------------------------------------------------- helpers
+_TARGET_RE = re.compile(r"^<(.*)>$")
+
+
+def _clean_uri(uri: str | None) -> str | None:
+    if not uri:
+        return None
+    uri = uri.strip()
+    m = _TARGET_RE.match(uri)  # some writers (wget) wrap target URIs in <...>
+    return m.group(1) if m else uri
+
+
+def _utc(d: _dt.datetime | None) -> _dt.datetime | None:
+    if d is None:
+        return None
+    if d.tzinfo is None:
+        return d.replace(tzinfo=_dt.timezone.utc)
+    return d.astimezone(_dt.timezone.utc)
+
+
+def _is_html(content_type: str | None, payload: bytes) -> bool:
+    if content_type:
+        ct = content_type.split(";")[0].strip().lower()
+        if ct in ("text/html", "application/xhtml+xml"):
+            return True
+        if ct and ct not in ("application/octet-stream", "unk", "unknown", "text/plain"):
+            return False
+    head = payload[:1024].lstrip().lower()
+    return head.startswith((b"<!doctype html", b"<html", b"<?xml")) or b"<html" in head
+
+
+def _resync(f: IO[bytes], start: int, gz: bool, chunk: int = 1 << 16) -> int | None:
+    """Offset of the next record boundary strictly after ``start``, or None at end of file."""
+    marker = GZIP_MAGIC if gz else WARC_MAGIC
+    pos = start + 1
+    f.seek(pos)
+    tail = b""
+    while True:
+        block = f.read(chunk)
+        if not block:
+            return None
+        data = tail + block
+        i = data.find(marker)
+        while i >= 0:
+            at = pos - len(tail) + i
+            if gz:
+                return at
+            # a WARC header starts a line
+            if i == 0 and (at == 0 or _byte_before(f, at) in (b"\n", b"")) or i > 0 and data[i - 1:i] == b"\n":
+                return at
+            i = data.find(marker, i + 1)
+        tail = data[-(len(marker) - 1):]
+        pos += len(block)
+
+
+def _byte_before(f: IO[bytes], at: int) -> bytes:
+    here = f.tell()
+    f.seek(at - 1)
+    b = f.read(1)
+    f.seek(here)
+    return b
+
+
+# --------------------------------------------------------------------------- WARC / WET
+def iter_warc(f: IO[bytes], record_types: tuple[str, ...] = ("response", "conversion"),
+              max_errors: int = 1000) -> Iterator[RawRecord | RecordError]:
+    """Records of a WARC or WET file (gzip per record, whole-file gzip, or plain).
+
+    ``f`` must be a seekable binary file object positioned at 0 (local file or fsspec file).
+    Yields :class:`RawRecord` for ``response`` records with an HTTP payload and ``conversion``
+    records (WET), :class:`RecordError` for each unreadable stretch. Raises :class:`NotAnArchive`
+    when not a single record could be read.
+    """
+    from fastwarc.warc import ArchiveIterator, WarcRecordType
+
+    head = f.read(4)
+    f.seek(0)
+    gz = head[:3] == GZIP_MAGIC
+    mask = None
+    for t in record_types:
+        mask = getattr(WarcRecordType, t) if mask is None else mask | getattr(WarcRecordType, t)
+    base = 0
+    last_good = -1
+    n_records = 0
+    n_errors = 0
+    pending: RecordError | None = None  # one error per contiguous unreadable stretch
+    while True:
+        f.seek(base)
+        it = ArchiveIterator(f, record_types=mask if mask is not None else WarcRecordType.any_type,
+                             parse_http=False, fsspec_args=False)
+        failed_at = None
+        try:
+            for rec in it:
+                offset = base + rec.stream_pos
+                last_good = offset
+                n_records += 1
+                if pending is not None:
+                    yield pending
+                    pending = None
+                yield _convert_warc(rec, offset)
+        except OSError as e:  # unparsable header / broken compression: skip ahead
+            failed_at = e
+        if failed_at is None:
+            break
+        where = max(last_good, base)
+        nxt = _resync(f, where, gz)
+        if pending is None:
+            n_errors += 1
+            pending = RecordError("bad_record", where,
+                                  f"unreadable data after offset {where}: {failed_at}; skipped to the next record")
+        if nxt is None or n_errors >= max_errors:
+            break
+        base = nxt
+    if n_records == 0 and pending is not None:
+        raise NotAnArchive(f"no readable WARC record ({pending.message})")
+    if pending is not None:
+        yield pending
+
+
+def _convert_warc(rec, offset: int) -> RawRecord | RecordError:
+    rtype = str(rec.record_type).rsplit(".", 1)[-1]
+    try:
+        block = rec.reader.read()
+    except OSError as e:
+        return RecordError("bad_record", offset, f"{rtype} record: {e}")
+    declared = rec.content_length
+    if declared is not None and len(block) < declared:
+        return RecordError("truncated", offset,
+                           f"{rtype} record has {len(block)} of its {declared} bytes (file cut short?)")
+    url = _clean_uri(rec.headers.get("WARC-Target-URI"))
+    rid = rec.record_id
+    try:
+        date = _utc(rec.record_date)
+    except Exception:  # noqa: BLE001 - invalid WARC-Date (ClueWeb quirk)
+        date = None
+    if rtype == "conversion":
+        return RawRecord("text", block, url, rid, date, offset,
+                         content_type=rec.headers.get("Content-Type"), http_charset="utf-8",
+                         record_type=rtype)
+    status = None
+    ctype = charset = None
+    payload = block
+    if rec.headers.get("Content-Type", "").lower().startswith("application/http") or block[:5] == b"HTTP/":
+        # Our own small HTTP parser on the record block: fastwarc's parse_http on a record that the
+        # iterator still owns can leave the iterator out of step when it fails (ClueWeb quirks).
+        try:
+            status, headers, payload = parse_http_message(block, lenient=True)
+        except ValueError as e:
+            return RecordError("bad_http", offset, f"{rtype} record: bad HTTP message: {e}")
+        ctype = headers.get("content-type")
+        charset = charset_from_content_type(ctype)
+    else:
+        ctype = rec.headers.get("Content-Type")
+    if status is not None and not (200 <= status < 300):
+        return RecordError("http_status", offset, f"HTTP status {status}")
+    kind = "html" if _is_html(ctype, payload) else ("text" if (ctype or "").startswith("text/plain") else "other")
+    return RawRecord(kind, payload, url, rid, date, offset, content_type=ctype, http_charset=charset,
+                     http_status=status, record_type=rtype)
+
+
+# --------------------------------------------------------------------------- ARC
+_ARC_DATE = "%Y%m%d%H%M%S"
+
+
+def iter_arc(f: IO[bytes]) -> Iterator[RawRecord | RecordError]:
+    """Records of an ARC file (v1 or v2; plain or gzip, one member per record or whole file)."""
+    head = f.read(3)
+    f.seek(0)
+    stream: IO[bytes] = gzip.GzipFile(fileobj=f) if head == GZIP_MAGIC else f
+    reader = io.BufferedReader(stream) if not isinstance(stream, io.BufferedReader) else stream
+    offset = 0
+    first = True
+    while True:
+        try:
+            line = reader.readline()
+        except (OSError, EOFError, zlib.error) as e:
+            yield RecordError("bad_record", offset, f"ARC: {e}")
+            return
+        if not line:
+            return
+        offset += len(line)
+        if not line.strip():
+            continue
+        parts = line.decode("latin-1").strip().split(" ")
+        if first:
+            if not parts[0].startswith("filedesc://"):
+                raise NotAnArchive("not an ARC file: it does not start with a filedesc:// record")
+        try:
+            length = int(parts[-1])
+            url, date_s, ctype = parts[0], parts[2], parts[3]
+        except (ValueError, IndexError):
+            yield RecordError("bad_header", offset, f"ARC: bad record header {line[:100]!r}")
+            return  # no length: cannot find the next record reliably
+        try:
+            body = reader.read(length)
+        except (OSError, EOFError, zlib.error) as e:
+            yield RecordError("truncated", offset, f"ARC: {e}")
+            return
+        rec_offset = offset - len(line)
+        offset += len(body)
+        if len(body) < length:
+            yield RecordError("truncated", rec_offset, f"ARC record has {len(body)} of its {length} bytes")
+            return
+        if first:
+            first = False
+            continue  # the filedesc (version block) record
+        try:
+            date = _dt.datetime.strptime(date_s[:14], _ARC_DATE).replace(tzinfo=_dt.timezone.utc)
+        except ValueError:
+            date = None
+        yield _convert_arc(url, date, ctype, body, rec_offset)
+
+
+def _convert_arc(url: str, date, ctype: str, body: bytes, offset: int) -> RawRecord | RecordError:
+    status = charset = None
+    payload = body
+    if body[:5] == b"HTTP/":
+        try:
+            status, headers, payload = parse_http_message(body)
+        except ValueError as e:
+            return RecordError("bad_http", offset, f"ARC record: {e}")
+        ctype = headers.get("content-type", ctype)
+        charset = charset_from_content_type(ctype)
+        if status is not None and not (200 <= status < 300):
+            return RecordError("http_status", offset, f"HTTP status {status}")
+    kind = "html" if _is_html(ctype, payload) else ("text" if ctype.startswith("text/plain") else "other")
+    return RawRecord(kind, payload, url, None, date, offset, content_type=ctype, http_charset=charset,
+                     http_status=status, record_type="arc")
+
+
+def charset_from_content_type(ctype: str | None) -> str | None:
+    if not ctype:
+        return None
+    m = re.search(r"charset\s*=\s*[\"']?([\w.:-]+)", ctype, re.I)
+    return m.group(1).lower() if m else None
+
+
+def parse_http_message(data: bytes, lenient: bool = False) -> tuple[int | None, dict, bytes]:
+    """(status, lower-cased headers, decoded body) of a raw HTTP response (ARC records).
+
+    ``lenient``: a body that does not decode with its declared Content-Encoding is kept as is
+    (archives that stored the decoded body but kept the header)."""
+    sep = data.find(b"\r\n\r\n")
+    n = 4
+    if sep < 0:
+        sep, n = data.find(b"\n\n"), 2
+    if sep < 0:
+        raise ValueError("no end of HTTP headers")
+    lines = data[:sep].decode("latin-1").splitlines()
+    try:
+        status = int(lines[0].split()[1])
+    except (IndexError, ValueError):
+        raise ValueError(f"bad HTTP status line {lines[0][:80]!r}") from None
+    headers = {}
+    for ln in lines[1:]:
+        k, _, v = ln.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    body = data[sep + n:]
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = _dechunk(body)
+    enc = headers.get("content-encoding", "").lower().strip()
+    if enc in ("gzip", "x-gzip", "deflate", "br"):
+        try:
+            body = _decode_body(body, enc)
+        except Exception as e:  # noqa: BLE001 - zlib.error, brotli.error, ImportError
+            if not lenient:
+                raise ValueError(f"bad {enc} body: {e}") from None
+    return status, headers, body
+
+
+def _decode_body(body: bytes, enc: str) -> bytes:
+    if enc == "br":
+        import brotli  # optional; without it the body stays as is (lenient) or is an error
+
+        return brotli.decompress(body)
+    if enc == "deflate":
+        try:
+            return zlib.decompress(body)
+        except zlib.error:
+            return zlib.decompress(body, -zlib.MAX_WBITS)  # raw deflate, as some servers send
+    return zlib.decompressobj(47).decompress(body)
+
+
+def _dechunk(body: bytes) -> bytes:
+    out, i = [], 0
+    while i < len(body):
+        j = body.find(b"\r\n", i)
+        if j < 0:
+            break
+        try:
+            size = int(body[i:j].split(b";")[0], 16)
+        except ValueError:
+            return body  # not really chunked
+        if size == 0:
+            break
+        out.append(body[j + 2:j + 2 + size])
+        i = j + 2 + size + 2
+    return b"".join(out)
