@@ -15,8 +15,10 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     # The demo crawl plants pages on a gambling domain; a real deployment lists its own.
     "curate": {"filters": {"url": {"extra_domains": ["royal-casino-bets.com"]}}},
     "tokenize": {"tokenizer": {"vocab_size": 2048}},
-    "pretrain": {"preset": "tiny", "max_steps": 300, "seq_len": 128, "batch_size": 16, "eval_every": 50},
-    "finetune": {"method": "lora", "max_steps": 60},
+    # Trained on 128-token windows, with room for the longer instruction examples of the fine-tune.
+    "pretrain": {"preset": "tiny", "max_steps": 300, "seq_len": 128, "batch_size": 16, "eval_every": 50,
+                 "model": {"max_position_embeddings": 512}},
+    "finetune": {"method": "lora", "max_steps": 60, "seq_len": 384},
     "align": {"method": "dpo", "max_steps": 30},
 }
 
@@ -33,6 +35,16 @@ def _docs(ds_path: str, limit: int = 2000) -> list[dict]:
 
     table = Dataset.open(ds_path).read_table(columns=["id", "text", "url"])
     return table.slice(0, limit).to_pylist()
+
+
+def _summary_row(flow: str, stage: str, c: dict) -> dict:
+    """The few numbers that say what a stage did, whatever its kind."""
+    dropped = c.get("dropped")
+    if isinstance(dropped, dict):
+        dropped = sum(v for v in dropped.values() if isinstance(v, (int, float)))
+    return {"flow": flow, "stage": stage, "docs_in": c.get("docs_in", ""), "docs_out": c.get("docs_out", ""),
+            "dropped": dropped if dropped is not None else "", "tokens": c.get("tokens", c.get("train_tokens", "")),
+            "steps": c.get("steps", ""), "examples": c.get("examples", c.get("pairs", ""))}
 
 
 @refinery_flow("demo", DemoParams)
@@ -72,8 +84,7 @@ def demo_flow(p: DemoParams) -> dict:
         outputs.update(out["outputs"])
         counts.update(out["counts"])
         for stage, c in out["counts"].items():
-            summary.append({"flow": name, "stage": stage,
-                            **{k: v for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}})
+            summary.append(_summary_row(name, stage, c))
         if name == "curate":
             curated = primary_output(name, out)
         upstream = primary_output(name, out)
