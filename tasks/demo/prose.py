@@ -1,25 +1,22 @@
 """Real English prose available on every Python install: standard-library docstrings.
 
-``stdlib_prose()`` walks ``sys.stdlib_module_names`` in sorted order, imports each public
-module (warnings and stdout silenced, failures skipped), takes the docstrings of the module
-and of the classes, functions and methods it defines, splits them into paragraphs, strips
+``stdlib_prose()`` walks ``sys.stdlib_module_names`` in sorted order, parses each public
+module's source file (never importing it), takes the docstrings of the module and of the
+classes, functions and methods it defines, splits them into paragraphs, strips
 reStructuredText markup and keeps only paragraphs that read like prose (no code, no lists,
 no tables). The result depends only on the Python build, so it is identical across runs and
 processes on one installation.
 """
 from __future__ import annotations
 
-import contextlib
+import ast
 import functools
-import importlib
-import importlib.util
 import inspect
-import io
-import pkgutil
 import re
 import sys
-import warnings
+import sysconfig
 from dataclasses import dataclass
+from pathlib import Path
 
 # Modules with side effects on import (browser, printing, GUI, readline terminal codes),
 # deprecated shims that fight with setuptools, or platform-only modules.
@@ -89,55 +86,58 @@ def _paragraphs(doc: str) -> list[str]:
     return out
 
 
-def _import(name: str):
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            return importlib.import_module(name)
-        except BaseException:   # noqa: BLE001 - any failure (ImportError, SystemExit, ...) skips it
-            return None
+def _stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _docs_of(mod) -> list[tuple[str, str]]:
-    name = mod.__name__
+def _docs_of(path: Path) -> list[tuple[str, str]]:
+    """Docstrings of a module file and of its public classes, functions and methods, read from
+    the source with ``ast``: importing would make the text depend on what the calling process
+    has already imported or patched (a flow run imports Prefect, torch, ...)."""
+    try:
+        tree = ast.parse(path.read_bytes())
+    except (SyntaxError, ValueError, OSError):
+        return []
     out: list[tuple[str, str]] = []
-    if isinstance(mod.__doc__, str):
-        out.append(("", mod.__doc__))
-    for attr in sorted(vars(mod)):
-        if attr.startswith("_"):
+    doc = ast.get_docstring(tree, clean=False)
+    if doc:
+        out.append(("", doc))
+    defs = {n.name: n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))}
+    for name in sorted(defs):
+        if name.startswith("_"):
             continue
-        obj = vars(mod)[attr]
-        if not (inspect.isclass(obj) or inspect.isroutine(obj)) or getattr(obj, "__module__", None) != name:
-            continue
-        doc = obj.__dict__.get("__doc__") if inspect.isclass(obj) else getattr(obj, "__doc__", None)
-        if isinstance(doc, str):
-            out.append((attr, doc))
-        if inspect.isclass(obj):
-            for meth in sorted(vars(obj)):
-                if meth.startswith("_"):
-                    continue
-                member = vars(obj)[meth]
-                member = getattr(member, "__func__", member)
-                mdoc = getattr(member, "__doc__", None) if inspect.isroutine(member) else None
-                if isinstance(mdoc, str):
-                    out.append((f"{attr}.{meth}", mdoc))
+        node = defs[name]
+        doc = ast.get_docstring(node, clean=False)
+        if doc:
+            out.append((name, doc))
+        if isinstance(node, ast.ClassDef):
+            methods = {m.name: m for m in node.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))}
+            for meth in sorted(methods):
+                if not meth.startswith("_"):
+                    mdoc = ast.get_docstring(methods[meth], clean=False)
+                    if mdoc:
+                        out.append((f"{name}.{meth}", mdoc))
     return out
 
 
-def _module_names() -> list[str]:
-    """Public standard-library modules and the direct submodules of its packages, sorted."""
-    names: list[str] = []
+def _module_files() -> list[tuple[str, Path]]:
+    """Public standard-library modules written in Python and the direct submodules of its
+    packages, sorted by name, found on disk without importing anything."""
+    root = _stdlib_dir()
+    out: list[tuple[str, Path]] = []
     for name in sorted(sys.stdlib_module_names):
         if name.startswith("_") or name in _SKIP_MODULES:
             continue
-        names.append(name)
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.submodule_search_locations and name not in _SKIP_PACKAGES:
-            subs = pkgutil.iter_modules(list(spec.submodule_search_locations))
-            names.extend(f"{name}.{m.name}" for m in sorted(subs, key=lambda m: m.name)
-                         if not m.name.startswith("_") and "test" not in m.name and "win" not in m.name)
-    return names
+        if (root / f"{name}.py").is_file():
+            out.append((name, root / f"{name}.py"))
+        elif (root / name / "__init__.py").is_file():
+            out.append((name, root / name / "__init__.py"))
+            if name not in _SKIP_PACKAGES:
+                for sub in sorted((root / name).glob("*.py")):
+                    m = sub.stem
+                    if not m.startswith("_") and "test" not in m and "win" not in m:
+                        out.append((f"{name}.{m}", sub))
+    return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -145,11 +145,8 @@ def stdlib_prose() -> tuple[Passage, ...]:
     """All prose paragraphs of the standard library's docstrings, in a fixed order, deduplicated."""
     seen: set[str] = set()
     out: list[Passage] = []
-    for name in _module_names():
-        mod = _import(name)
-        if mod is None:
-            continue
-        for obj, doc in _docs_of(mod):
+    for name, path in _module_files():
+        for obj, doc in _docs_of(path):
             for para in _paragraphs(doc):
                 if para not in seen:
                     seen.add(para)

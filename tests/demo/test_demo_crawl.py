@@ -45,7 +45,8 @@ def test_byte_identical_across_runs_and_processes(demo_crawl, tmp_path):
     assert [p.name for p in again] == [p.name for p in files]
     assert _digest_dir(tmp_path / "again") == first
 
-    code = ("import sys; from tasks.demo.crawl import make_demo_crawl; "
+    # The subprocess imports what a flow run imports first: the prose must not depend on it.
+    code = ("import sys, prefect, torch, transformers; from tasks.demo.crawl import make_demo_crawl; "
             f"make_demo_crawl(sys.argv[1], seed=0, n_pages={N_PAGES}, n_files={N_FILES})")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "proc")], cwd=ROOT, env=env, check=True, timeout=120)
