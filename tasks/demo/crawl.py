@@ -432,6 +432,7 @@ def _reason(status: int) -> str:
 
 def _write_if_changed(path: Path, data: bytes) -> None:
     """Atomic write; an existing identical file is left alone (its mtime too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return
     # a unique name in the same folder (open "x" respects the umask, unlike mkstemp's 0600)

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
+
+from tasks.demo.crawl import _write_if_changed
 
 TASKS = ("summarize", "title", "continue", "topic", "keywords", "write")
 REJECTION_KINDS = ("unrelated", "truncated", "repetitive", "evasive")
@@ -263,23 +263,6 @@ def preference_pairs(docs: Iterable[dict], *, seed: int = 0, n: int = 300,
     return out
 
 
-# --------------------------------------------------------------------------- files
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.read_bytes() == data:
-        return
-    # a unique name in the same folder (open "x" respects the umask, unlike mkstemp's 0600)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def make_instructions(docs: Iterable[dict], out_path: str | Path, *, seed: int = 0, n: int = 400) -> Path:
     """Write up to ``n`` Alpaca examples built from ``docs`` (dicts with ``text``, ``url``) as a JSON list.
 
@@ -290,7 +273,7 @@ def make_instructions(docs: Iterable[dict], out_path: str | Path, *, seed: int =
     if not examples:
         raise ValueError("no instruction examples: every document is too short or has no prose")
     path = Path(out_path)
-    _atomic_write(path, (json.dumps(examples, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
+    _write_if_changed(path, (json.dumps(examples, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
     return path
 
 
@@ -304,5 +287,5 @@ def make_preferences(docs: Iterable[dict], out_path: str | Path, *, seed: int = 
         raise ValueError("no preference pairs: every document is too short or has no prose")
     path = Path(out_path)
     lines = [json.dumps({"chosen": p["chosen"], "rejected": p["rejected"]}, ensure_ascii=False) for p in pairs]
-    _atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    _write_if_changed(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path
