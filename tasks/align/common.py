@@ -5,94 +5,20 @@ Heavy imports (torch, transformers, peft) happen inside functions.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, Field
 
-MANIFEST = "manifest.json"
-MODEL_KEYS = ("merged", "model")  # manifest keys naming a model subfolder, in order of preference
+from tasks.modelref import MANIFEST, MODEL_KEYS, model_identity, resolve_model  # noqa: F401 (re-exported)
 
 
 # --------------------------------------------------------------------------- model folders
-def _sub(base: str, value: Any) -> str | None:
-    if isinstance(value, dict):
-        value = value.get("path")
-    if not isinstance(value, str) or not value:
-        return None
-    if "://" in value or os.path.isabs(value):
-        return value
-    return os.path.join(base, value)
-
-
 def resolve_model_dir(path: str | os.PathLike) -> str:
-    """A loadable HF model folder from either a plain HF model folder (has ``config.json``) or a
-    refinery dataset folder whose manifest names the model subfolder (``merged`` preferred, then
-    ``model``; a relative path, an absolute one, or ``{"path": ...}``), e.g. the finetune flow's
-    output. Remote datasets (fsspec URLs) are copied to the local cache first."""
-    path = os.fspath(path)
-    if "://" in path:
-        from tasks.store import Dataset
-
-        path = Dataset.open(path).local_path()
-    p = Path(path)
-    if (p / MANIFEST).is_file():
-        try:
-            manifest = json.loads((p / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: unreadable {MANIFEST}: {e}") from e
-        places = [manifest.get(k) for k in MODEL_KEYS]
-        places += [manifest.get("extra", {}).get(k) for k in MODEL_KEYS] if isinstance(manifest.get("extra"), dict) else []
-        for value in places:
-            sub = _sub(str(p), value)
-            if sub and os.path.isfile(os.path.join(sub, "config.json")):
-                return sub
-        for k in MODEL_KEYS:  # conventional folder names without a manifest key
-            if (p / k / "config.json").is_file():
-                return str(p / k)
-        if (p / "config.json").is_file():
-            return str(p)
-        raise ValueError(f"{path}: refinery dataset (stage {manifest.get('stage')!r}) names no model folder "
-                         f"(manifest keys {list(MODEL_KEYS)} with a config.json inside)")
-    if (p / "config.json").is_file():
-        return str(p)
-    if not p.exists():
-        raise FileNotFoundError(f"{path}: no such model folder")
-    raise ValueError(f"{path}: neither a Hugging Face model folder (config.json) nor a refinery dataset (manifest.json)")
-
-
-def model_identity(path: str | os.PathLike | None) -> str | None:
-    """What identifies a model input for fingerprints: ``stage:fingerprint`` of a refinery dataset,
-    else a hash of the folder's file names, sizes and mtimes (a hub id is returned as is)."""
-    if path is None:
-        return None
-    path = os.fspath(path)
-    p = Path(path)
-    if "://" in path:
-        from tasks.store import Dataset
-
-        ds = Dataset.open(path)
-        return f"{ds.stage}:{ds.fingerprint}"
-    if (p / MANIFEST).is_file():
-        try:
-            m = json.loads((p / MANIFEST).read_text())
-            return f"{m['stage']}:{m['fingerprint']}"
-        except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{path}: unreadable {MANIFEST}: {e}") from e
-    if p.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(q for q in p.rglob("*") if q.is_file()):
-            st = f.stat()
-            h.update(f"{f.relative_to(p).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-        return f"dir:{h.hexdigest()[:16]}"
-    if p.exists():
-        st = p.stat()
-        return f"file:{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return f"hub:{path}"  # not local: a hub id, identified by name
+    """A local HF model folder from a plain folder or a refinery dataset naming one (no hub ids)."""
+    return resolve_model(path, allow_hub=False)
 
 
 def is_dataset_dir(path: str | None) -> bool:

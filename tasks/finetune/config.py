@@ -19,8 +19,6 @@ prefix_tuning   1e-2     PEFT's prefix-tuning example; Li & Liang used 5e-5 .. 8
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -43,8 +41,7 @@ MERGEABLE: tuple[str, ...] = ("lora", "qlora", "ia3")
 # methods that feed extra virtual tokens / past key-values: no packing with them
 PROMPT_METHODS: tuple[str, ...] = ("prompt_tuning", "prefix_tuning", "llama_adapter")
 
-MANIFEST = "manifest.json"
-MODEL_KEYS = ("merged", "model")  # manifest keys naming a model folder in a refinery dataset
+from tasks.modelref import model_identity
 
 
 class FinetuneConfig(BaseModel):
@@ -128,39 +125,6 @@ class FinetuneConfig(BaseModel):
 
 
 # --------------------------------------------------------------------------- input identities
-def _dataset_manifest(path: str) -> dict | None:
-    if "://" in path:
-        try:
-            from tasks.store import Dataset
-
-            return Dataset.open(path).manifest
-        except Exception:
-            return None
-    p = Path(path) / MANIFEST
-    if p.is_file():
-        try:
-            return json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: unreadable {MANIFEST}: {e}") from e
-    return None
-
-
-def model_identity(path: str, revision: str | None = None) -> str:
-    """``dataset:stage:fingerprint`` for a refinery dataset, a hash of file names, sizes and mtimes
-    for a model folder, ``hub:ID@REVISION`` otherwise."""
-    m = _dataset_manifest(path)
-    if m is not None and "fingerprint" in m:
-        return f"dataset:{m.get('stage')}:{m['fingerprint']}"
-    p = Path(path)
-    if p.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(q for q in p.rglob("*") if q.is_file()):
-            st = f.stat()
-            h.update(f"{f.relative_to(p).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-        return f"dir:{os.path.abspath(path)}:{h.hexdigest()[:16]}"
-    return f"hub:{path}@{revision or 'main'}"
-
-
 def file_identity(path: str) -> str:
     """Content hash of the instruction file (``missing:PATH`` when it does not exist yet)."""
     p = Path(path)

@@ -6,52 +6,20 @@ Heavy imports (torch, transformers, peft, bitsandbytes) happen inside functions.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-from tasks.finetune.config import MANIFEST, MERGEABLE, MODEL_KEYS, FinetuneConfig
+from tasks.finetune.config import MERGEABLE, FinetuneConfig
+from tasks.modelref import resolve_model
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 # --------------------------------------------------------------------------- model source
 def resolve_model_source(path: str) -> str:
-    """A loadable model: an HF folder, a hub id, or the model folder named by a refinery dataset's
-    manifest (``merged`` preferred, then ``model``; remote datasets are copied to a local cache)."""
-    if "://" in path:
-        from tasks.store import Dataset
-
-        path = Dataset.open(path).local_path()
-    p = Path(path)
-    if (p / MANIFEST).is_file():
-        try:
-            manifest = json.loads((p / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: unreadable {MANIFEST}: {e}") from e
-        for key in MODEL_KEYS:
-            value = manifest.get(key)
-            if isinstance(value, dict):
-                value = value.get("path")
-            if isinstance(value, str) and value:
-                sub = value if os.path.isabs(value) else str(p / value)
-                if (Path(sub) / "config.json").is_file():
-                    return os.path.normpath(sub)
-        for key in MODEL_KEYS:
-            if (p / key / "config.json").is_file():
-                return str(p / key)
-        if (p / "config.json").is_file():
-            return str(p)
-        raise ValueError(f"{path}: refinery dataset (stage {manifest.get('stage')!r}) holds no model folder")
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise ValueError(f"{path}: not a Hugging Face model folder (no config.json)")
-        return str(p)
-    if p.exists() or path.startswith((".", "/")):
-        raise FileNotFoundError(f"{path}: no such model folder")
-    return path  # a hub id
+    """A loadable model: an HF folder, a hub id, or the model folder a refinery dataset names."""
+    return resolve_model(path, allow_hub=True)
 
 
 def resolve_device(cfg: FinetuneConfig):

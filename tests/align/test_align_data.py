@@ -112,7 +112,7 @@ def test_resolve_model_dir(tmp_path, tiny_causal_lm_dir):
     (ds / "manifest.json").write_text(json.dumps({"stage": "finetune", "fingerprint": "abc", "merged": "merged",
                                                   "adapter": "adapter"}))
     assert resolve_model_dir(ds) == str(ds / "merged")
-    assert model_identity(str(ds)) == "finetune:abc"
+    assert model_identity(str(ds)) == "dataset:finetune:abc"
     # "model" key, as a {"path": ...} record
     ds2 = tmp_path / "sft" / "def"
     (ds2 / "weights").mkdir(parents=True)
@@ -142,4 +142,4 @@ def test_model_identity_follows_files(tmp_path):
     assert b != a
     os.utime(d / "model.safetensors", ns=(1, 1))
     assert model_identity(str(d)) != b
-    assert model_identity("org/some-hub-model") == "hub:org/some-hub-model"
+    assert model_identity("org/some-hub-model") == "hub:org/some-hub-model@main"
