@@ -1,5 +1,7 @@
-"""Dedup stages: ``minhash`` (sharded: signatures and band keys per input part) then ``dedup``
-(global: bucketing band by band, union-find, keep rule, kept documents + clusters for audit).
+"""Dedup stages: ``minhash`` (sharded: signatures and band keys per input part), ``lsh_bands``
+(sharded: one task per LSH band / exact / URL key, which buckets that key over all documents and
+writes its candidate pairs) then ``dedup`` (global: union-find over the pairs, band by band,
+verification, keep rule, kept documents + clusters for audit).
 
 Semantics
 ---------
@@ -20,11 +22,15 @@ Semantics
 
 Memory
 ------
-The signature stage holds one input batch at a time. The global stage holds, per band, the keys of
-all documents and their sort scratch, plus the union-find parents:
-``peak ~ 48 bytes x documents + 16 bytes x candidate pairs of one band`` (+ the ids and keep-rule
-keys of documents that are in non-singleton clusters), independent of the number of bands and of
-text size. Signatures on disk: ``documents x (4 x num_perm + 8 x (bands + 2))`` bytes.
+The signature stage holds one input batch at a time. An ``lsh_bands`` shard holds one key column
+of all documents, its sort scratch and that key's candidate pairs:
+``peak ~ 26 bytes x documents + 32 bytes x pairs of that key``, whatever the number of bands or
+workers (shards run in parallel, each in its own bound). The ``dedup`` stage holds the
+union-find parents and one key's pairs at a time, then the cluster sizes:
+``peak ~ 32 bytes x documents + 16 bytes x pairs of one key`` (+ the ids and keep-rule keys of
+documents in non-singleton clusters), independent of text size. Signatures on disk:
+``documents x (4 x num_perm + 8 x (bands + 2))`` bytes; candidate pairs: ~16 bytes per pair
+before compression.
 """
 from __future__ import annotations
 
@@ -87,7 +93,6 @@ class SignatureConfig(BaseModel):
     exact: bool = True
     by_url: bool = False
     shingles: bool = False
-    keep_fields: list[str] = Field(default_factory=list)
 
 
 class DedupRunConfig(DedupConfig):
@@ -96,11 +101,24 @@ class DedupRunConfig(DedupConfig):
     index_base: list[dict] = Field(default_factory=list)
 
 
+class BandsConfig(BaseModel):
+    """What the ``lsh_bands`` shards depend on: the keys to bucket and the index state."""
+
+    model_config = ConfigDict(extra="forbid")
+    # not "keys": Prefect reads models with dict(model), which would call a field named keys
+    key_names: list[str] = Field(default_factory=list)
+    index: str | None = None
+    index_base: list[dict] = Field(default_factory=list)
+
+
+def bands_config(cfg: DedupRunConfig) -> BandsConfig:
+    return BandsConfig(key_names=_key_names(cfg), index=cfg.index, index_base=cfg.index_base)
+
+
 def signature_config(cfg: DedupConfig) -> SignatureConfig:
     return SignatureConfig(ngram=cfg.ngram, num_perm=cfg.num_perm, bands=cfg.bands, rows=cfg.rows,
                            seed=cfg.seed, scheme=cfg.scheme, near=cfg.near, exact=cfg.exact,
-                           by_url=cfg.by_url, shingles=cfg.verify,
-                           keep_fields=sorted({k.lstrip("-") for k in cfg.keep_rule}))
+                           by_url=cfg.by_url, shingles=cfg.verify)
 
 
 def index_params(cfg) -> dict:
@@ -230,6 +248,40 @@ def _keep_columns(batch, fields: list[str]) -> dict:
     return out
 
 
+def _keep_values(path: str, fields: list[str], rows: np.ndarray) -> dict[str, list]:
+    """The keep-rule values (see :func:`_keep_columns`) of rows ``rows`` (sorted positions) of one
+    input part, computed batch by batch (``BATCH`` rows) over the whole batch, so a value's type
+    never depends on which rows are asked for."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out: dict[str, list] = {f: [] for f in fields}
+    if not fields or len(rows) == 0:
+        return {f: [None] * len(rows) for f in fields}
+    try:
+        fh = _open(path)
+        pf = pq.ParquetFile(fh)
+    except Exception as e:  # noqa: BLE001 - name the unreadable file
+        raise OSError(f"dedup: cannot read input part {path}: {e}") from e
+    with fh:
+        names = pf.schema_arrow.names
+        wanted = [c for c in names if c in set(fields) | {"metadata"}]
+        if not wanted:
+            return {f: [None] * len(rows) for f in fields}
+        pos = 0
+        for batch in pf.iter_batches(batch_size=BATCH, columns=wanted):
+            lo, hi = np.searchsorted(rows, [pos, pos + batch.num_rows])
+            if hi > lo:
+                cols = _keep_columns(batch, fields)
+                idx = pa.array(rows[lo:hi] - pos, type=pa.int64())
+                for f in fields:
+                    out[f] += cols[f"k_{f}"].take(idx).to_pylist()
+            pos += batch.num_rows
+    if any(len(v) != len(rows) for v in out.values()):
+        raise ValueError(f"dedup: {path} has fewer rows than its signatures")
+    return out
+
+
 def _clean_texts(mh, ids, texts):
     """``(texts with corrupt records blanked, valid mask)``: a record is corrupt when its id or
     text is null, or its text is not valid UTF-8."""
@@ -280,7 +332,6 @@ def _signature_tables(mh, batch, cfg: SignatureConfig):
         uk = _url_keys(urls)
         uk[~valid] = 0
         cols["url"] = pa.array(uk)
-    cols.update(_keep_columns(batch, cfg.keep_fields))
     if cfg.near:
         cols["nsh"] = pa.array(nsh.astype(np.int32))
         cols["sig"] = pa.FixedSizeListArray.from_arrays(pa.array(sig.reshape(-1), type=pa.uint32()), cfg.num_perm)
@@ -290,9 +341,10 @@ def _signature_tables(mh, batch, cfg: SignatureConfig):
     return pa.table(cols), shingles, counts
 
 
-@stage("minhash", version="1", sharded=True)
+@stage("minhash", version="2", sharded=True)
 class Minhash:
-    """Signatures, LSH band keys, exact/URL keys and keep-rule keys of each input part."""
+    """Signatures, LSH band keys and exact/URL keys of each input part (no keep-rule values: the
+    ``dedup`` stage reads those from the documents, so a keep-rule change reuses this stage)."""
 
     @staticmethod
     def plan(inputs: list[Dataset], cfg: SignatureConfig) -> list[dict]:
@@ -316,8 +368,7 @@ class Minhash:
             raise OSError(f"dedup: cannot read input part {item['file']}: {e}") from e
         with f:
             names = pf.schema_arrow.names
-            wanted = [c for c in names if c in {"id", "text", "url", "metadata"}
-                      | set(cfg.keep_fields)]
+            wanted = [c for c in names if c in {"id", "text", "url"}]
             for batch in pf.iter_batches(batch_size=BATCH, columns=wanted):
                 t, sh, c = _signature_tables(mh, batch, cfg)
                 tables.append(t)
@@ -399,45 +450,150 @@ class _Shingles:
         return values[offsets[r]:offsets[r + 1]]
 
 
-def _peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-@stage("dedup", version="1")
-def dedup(b, inputs: list[Dataset], cfg: DedupRunConfig) -> StageOutput:
-    """Cluster duplicates over the input (and the index), keep one document per cluster."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from tasks.dedup.clusters import UnionFind, bucket_edges, choose_winners, sort_key, verify_edges
-    from tasks.dedup.index import DedupIndex
-
-    docs_ds, sig_ds = inputs
-    t0 = time.perf_counter()
-    parts = docs_ds.files
+def _sources(sig_ds: Dataset, index_path: str | None, index_base: list[dict]) -> list[_Source]:
+    """All documents in global order: index segments first (they win ties and keep their numbers
+    low), then the new parts; each with its first global document number."""
     sig_files = sorted(sig_ds.files_with_prefix("sig-"))
-    if len(sig_files) != len(parts):
-        raise ValueError(f"dedup: {len(parts)} input parts but {len(sig_files)} signature files in {sig_ds.path}")
     sig_rows = {f["path"]: f["rows"] for f in sig_ds.manifest["files"]}
     sh_files = {f"sig-{p.rsplit('shingles-', 1)[1]}".replace(".arrow", ".parquet"): p
                 for p in sig_ds.files_with_prefix("shingles-")}
-    # sources: index segments first (they win ties and keep their numbers low), then the new parts
     sources: list[_Source] = []
     start = 0
-    index = DedupIndex(cfg.index) if cfg.index else None
-    for seg in cfg.index_base:
+    index = None
+    if index_base:
+        from tasks.dedup.index import DedupIndex
+
+        index = DedupIndex(index_path)
+    for seg in index_base:
         for f in seg["files"]:
             sources.append(_Source(index.url(f["sig"]), index.url(f["shingles"]) if f.get("shingles") else None,
                                    int(f["rows"]), start, True))
             start += int(f["rows"])
-    n_index = start
     for path in sig_files:
         name = path.rsplit("/", 1)[-1]
         rows = sig_rows[name]
         sources.append(_Source(path, sh_files.get(name), rows, start, False))
         start += rows
-    n_total = start
+    return sources
+
+
+def _traced(fn):
+    """``(fn(), traced peak bytes or None)``; traced when ``REFINERY_DEDUP_TRACEMALLOC`` is set
+    (benchmarks: numpy reports its buffers to tracemalloc)."""
+    if not os.environ.get("REFINERY_DEDUP_TRACEMALLOC"):
+        return fn(), None
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _pairs_name(key: str) -> str:
+    return f"part-{key}.parquet"
+
+
+@stage("lsh_bands", version="1", sharded=True)
+class LshBands:
+    """Candidate pairs of each LSH band (and of the exact and URL keys), one shard per key: the
+    shard reads that one key column of every signature part (index segments first), sorts it and
+    links each bucket member to the bucket's first member. Pairs are global document numbers."""
+
+    @staticmethod
+    def plan(inputs: list[Dataset], cfg: BandsConfig) -> list[dict]:
+        (sig_ds,) = inputs
+        srcs = [[s.sig, s.rows] for s in _sources(sig_ds, cfg.index, cfg.index_base)]
+        return [{"name": key, "key": key, "sources": srcs} for key in cfg.key_names]
+
+    @staticmethod
+    def shard(b, item: dict, cfg: BandsConfig) -> dict:
+        import pyarrow as pa
+
+        from tasks.dedup.clusters import bucket_edges_owned
+
+        key = item["key"]
+        n = sum(int(r) for _, r in item["sources"])
+        t0 = time.perf_counter()
+
+        def work():
+            keys = np.empty(n, dtype=np.uint64)
+            pos = 0
+            for path, rows in item["sources"]:
+                try:
+                    col = _Source(path, None, rows, pos, False).column(key)
+                except Exception as e:  # noqa: BLE001 - name the unreadable file
+                    raise OSError(f"lsh_bands: cannot read {path}: {e}") from e
+                if col is None:
+                    raise ValueError(f"dedup: key column {key!r} missing in {path} (index built with other settings?)")
+                if len(col) != rows:
+                    raise ValueError(f"lsh_bands: {path} has {len(col)} rows, expected {rows}")
+                for chunk in col.chunks:
+                    keys[pos: pos + len(chunk)] = np.asarray(chunk, dtype=np.uint64)
+                    pos += len(chunk)
+                del col
+            holder = [keys]
+            del keys
+            return bucket_edges_owned(holder)  # frees the keys once sorted
+
+        (first, member), traced = _traced(work)
+        b.write_table(_pairs_name(key), pa.table({"first": first, "member": member}), key=key)
+        out = {"key": key, "docs": n, "pairs": int(len(first)),
+               "memory_model_bytes": 24 * n + 32 * int(len(first)),
+               "seconds": round(time.perf_counter() - t0, 3)}
+        if traced is not None:
+            out["traced_peak_bytes"] = int(traced)
+        return out
+
+    @staticmethod
+    def reduce(b, results: list[dict], cfg: BandsConfig, inputs) -> StageOutput:
+        (sig_ds,) = inputs
+        srcs = _sources(sig_ds, cfg.index, cfg.index_base)
+        n_total = sum(s.rows for s in srcs)
+        n_index = sum(s.rows for s in srcs if s.is_index)
+        pairs = {r["key"]: r["pairs"] for r in results}
+        counts = {"docs": n_total, "index_docs": n_index, "keys": len(results),
+                  "candidate_pairs": sum(pairs.values()), "pairs_per_key": pairs}
+        traced = [r["traced_peak_bytes"] for r in results if "traced_peak_bytes" in r]
+        stats = {"shard_seconds_per_key": {r["key"]: r.get("seconds") for r in results},
+                 "memory_model_bytes_per_shard": max((r["memory_model_bytes"] for r in results), default=0),
+                 "traced_peak_bytes_per_shard": max(traced) if traced else None}
+        return StageOutput(counts=counts, stats=stats, extra={"lsh_bands": {
+            "keys": [r["key"] for r in results], "files": {r["key"]: _pairs_name(r["key"]) for r in results},
+            "docs": n_total, "index_segments": [s["name"] for s in cfg.index_base]}})
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+@stage("dedup", version="2")
+def dedup(b, inputs: list[Dataset], cfg: DedupRunConfig) -> StageOutput:
+    """Cluster duplicates over the input (and the index) from the ``lsh_bands`` candidate pairs,
+    keep one document per cluster."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.dedup.clusters import UnionFind, choose_winners, sort_key, verify_edges
+
+    docs_ds, sig_ds, bands_ds = inputs
+    t0 = time.perf_counter()
+    parts = docs_ds.files
+    sources = _sources(sig_ds, cfg.index, cfg.index_base)
+    n_new_parts = sum(not s.is_index for s in sources)
+    if n_new_parts != len(parts):
+        raise ValueError(f"dedup: {len(parts)} input parts but {n_new_parts} signature files in {sig_ds.path}")
+    n_total = sum(s.rows for s in sources)
+    n_index = sum(s.rows for s in sources if s.is_index)
     n_new = n_total - n_index
+    meta = bands_ds.manifest.get("lsh_bands", {})
+    keys_order = _key_names(cfg)
+    if meta.get("keys") != keys_order or meta.get("docs") != n_total or \
+            meta.get("index_segments") != [s["name"] for s in cfg.index_base]:
+        raise ValueError(f"dedup: {bands_ds.path} holds the pairs of keys {meta.get('keys')} over "
+                         f"{meta.get('docs')} documents; this run needs {keys_order} over {n_total}")
 
     trace = bool(os.environ.get("REFINERY_DEDUP_TRACEMALLOC"))  # bench: measure the clustering's memory
     if trace:
@@ -450,16 +606,18 @@ def dedup(b, inputs: list[Dataset], cfg: DedupRunConfig) -> StageOutput:
     edges_by_key: dict[str, int] = {}
     from tqdm.auto import tqdm
 
-    for name in tqdm(_key_names(cfg), desc="dedup: bucketing bands", unit="band", disable=None, leave=False):
-        cols = [s.column(name) for s in sources]
-        if any(c is None for c in cols):
-            missing = [s.sig for s, c in zip(sources, cols) if c is None]
-            raise ValueError(f"dedup: key column {name!r} missing in {missing[:3]} (index built with other settings?)")
-        keys = np.concatenate([np.asarray(c.combine_chunks() if hasattr(c, "combine_chunks") else c,
-                                          dtype=np.uint64) for c in cols]) if cols else np.zeros(0, np.uint64)
-        del cols
-        first, member = bucket_edges(keys)
-        del keys
+    # key by key, in the order of the single-pass algorithm (bands, exact, url): verification
+    # depends on which pairs are already joined, so the order keeps the result identical
+    for name in tqdm(keys_order, desc="dedup: clustering candidate pairs", unit="key", disable=None, leave=False):
+        path = bands_ds.file(meta["files"][name])
+        try:
+            with _open(path) as f:
+                t = pq.read_table(f)
+        except Exception as e:  # noqa: BLE001
+            raise OSError(f"dedup: cannot read candidate pairs {path}: {e}") from e
+        first = t.column("first").to_numpy()
+        member = t.column("member").to_numpy()
+        del t
         edges_by_key[name] = int(len(first))
         if shingles is not None and name.startswith("b"):
             st = verify_edges(first, member, uf, shingles, cfg.threshold)
@@ -482,13 +640,14 @@ def dedup(b, inputs: list[Dataset], cfg: DedupRunConfig) -> StageOutput:
     # per involved document: id, valid, keys for the keep rule, exact/url keys, kept (index)
     info: dict[str, list] = {"id": [], "kept_before": [], "exact": [], "url": []}
     rule_vals: list[list] = [[] for _ in cfg.keep_rule]
+    fields = sorted({k.lstrip("-") for k in cfg.keep_rule})
     valid_new = np.ones(n_new, dtype=bool)
+    new_part = dict(zip((s.sig for s in sources if not s.is_index), parts))
     for s in sources:
         lo, hi = np.searchsorted(involved, [s.start, s.start + s.rows])
         rows = involved[lo:hi] - s.start
         need = ["id", "valid"] + (["kept"] if s.is_index else []) + \
-            [c for c in ("exact", "url") if getattr(cfg, "exact" if c == "exact" else "by_url")] + \
-            [f"k_{k.lstrip('-')}" for k in cfg.keep_rule]
+            [c for c in ("exact", "url") if getattr(cfg, "exact" if c == "exact" else "by_url")]
         with _open(s.sig) as f:
             pf = pq.ParquetFile(f)
             have = [c for c in need if c in pf.schema_arrow.names]
@@ -500,9 +659,11 @@ def dedup(b, inputs: list[Dataset], cfg: DedupRunConfig) -> StageOutput:
         info["kept_before"] += (t.column("kept").to_pylist() if s.is_index else [None] * len(rows))
         for c in ("exact", "url"):
             info[c] += (t.column(c).to_pylist() if c in have else [0] * len(rows))
+        # keep-rule values: from the documents (index documents rank by their tier only)
+        vals = _keep_values(new_part[s.sig], fields, rows) if not s.is_index else \
+            {f: [None] * len(rows) for f in fields}
         for i, k in enumerate(cfg.keep_rule):
-            col = f"k_{k.lstrip('-')}"
-            rule_vals[i] += (t.column(col).to_pylist() if col in have else [None] * len(rows))
+            rule_vals[i] += vals[k.lstrip("-")]
     is_index = involved < n_index
     kept_before = np.array([bool(k) for k in info["kept_before"]], dtype=bool)
     # rank: earlier-kept index docs, then other index docs, then new docs by the keep rule
@@ -576,8 +737,8 @@ def dedup(b, inputs: list[Dataset], cfg: DedupRunConfig) -> StageOutput:
               "candidate_pairs": pair_stats["candidates"]}
     stats = {"cluster_size_histogram": histogram, "pairs": pair_stats, "edges_per_key": edges_by_key,
              "cluster_seconds": round(t_cluster, 3), "peak_rss_mb": _peak_rss_mb(),
-             "memory_model_bytes": {"per_doc": 48, "docs": n_total,
-                                    "estimate": 48 * n_total + 16 * max(edges_by_key.values(), default=0),
+             "memory_model_bytes": {"per_doc": 32, "docs": n_total,
+                                    "estimate": 32 * n_total + 16 * max(edges_by_key.values(), default=0),
                                     "measured_cluster_peak": traced_peak}}
     return StageOutput(counts=counts, stats=stats, extra={"dedup": {
         "index": cfg.index, "index_segments": [s["name"] for s in cfg.index_base],
@@ -598,7 +759,8 @@ def run_config(cfg: DedupConfig, docs: Dataset) -> DedupRunConfig:
 
 def dedup_stages(workdir: str, docs: Dataset | str, cfg: DedupConfig, runner: Any = None,
                  prefect: bool = True, map_fn=None) -> dict[str, Dataset]:
-    """Run ``minhash`` then ``dedup`` (then add the run to ``cfg.index``); returns both datasets.
+    """Run ``minhash``, ``lsh_bands`` then ``dedup`` (then add the run to ``cfg.index``); returns
+    the three datasets in that order (the last one holds the deduplicated documents).
 
     ``prefect=True`` (flows) runs the stages as Prefect tasks (shards through ``runner``);
     ``prefect=False`` runs them as plain Python (``map_fn`` may parallelize the shards).
@@ -608,17 +770,20 @@ def dedup_stages(workdir: str, docs: Dataset | str, cfg: DedupConfig, runner: An
     docs = docs if isinstance(docs, Dataset) else Dataset.open(docs)
     scfg = signature_config(cfg)
     rcfg = run_config(cfg, docs)
+    bcfg = bands_config(rcfg)
     if prefect:
         sig = Minhash.call(workdir, [docs], scfg, runner=runner)
-        out = dedup.call(workdir, [docs, sig], rcfg)
+        bands = LshBands.call(workdir, [sig], bcfg, runner=runner)
+        out = dedup.call(workdir, [docs, sig, bands], rcfg)
     else:
         store = workdir if isinstance(workdir, Store) else Store(workdir)
         sig = Minhash.run(store, [docs], scfg, map_fn=map_fn)
-        out = dedup.run(store, [docs, sig], rcfg)
+        bands = LshBands.run(store, [sig], bcfg, map_fn=map_fn)
+        out = dedup.run(store, [docs, sig, bands], rcfg)
     if cfg.index:
         DedupIndex(cfg.index).append(out, docs.fingerprint, index_params(cfg),
                                      base=[s["name"] for s in rcfg.index_base])
-    return {"minhash": sig, "dedup": out}
+    return {"minhash": sig, "lsh_bands": bands, "dedup": out}
 
 
 def run_dedup(store: Store | str, docs: Dataset | str, cfg: DedupConfig | None = None, map_fn=None) -> dict[str, Dataset]:
