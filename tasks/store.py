@@ -317,15 +317,21 @@ class Builder:
     def shard_seconds(self) -> float:
         """Total time spent in this dataset's shards (including those of earlier, crashed runs)."""
         total = 0.0
-        for p in self.fs.ls(_join(self.dir, _SHARDS), detail=False):
+        for p in self._ls(_SHARDS):
             if p.endswith(".json"):
                 with self.fs.open(p, "rb") as f:
                     total += json.loads(f.read()).get("seconds", 0.0)
         return total
 
+    def _ls(self, sub: str) -> list[str]:
+        try:
+            return self.fs.ls(_join(self.dir, sub), detail=False)
+        except FileNotFoundError:  # an object store's "folder" with nothing in it yet
+            return []
+
     def records(self) -> list[dict]:
         out = []
-        for p in sorted(self.fs.ls(_join(self.dir, _RECORDS), detail=False)):
+        for p in sorted(self._ls(_RECORDS)):
             if p.endswith(".json"):
                 with self.fs.open(p, "rb") as f:
                     out.append(json.loads(f.read()))
@@ -354,8 +360,11 @@ class Builder:
         self._tmpdirs.clear()
         data = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False, default=str).encode()
         if not self.store.local:
-            for sub in (_RECORDS, _SHARDS):
-                self.fs.rm(_join(self.dir, sub), recursive=True)
+            for sub in (_RECORDS, _SHARDS):  # object stores have no empty folders: maybe absent
+                try:
+                    self.fs.rm(_join(self.dir, sub), recursive=True)
+                except FileNotFoundError:
+                    pass
             _atomic_write_bytes(self.fs, _join(self.final, MANIFEST), data)
             return Dataset.open(_url(self.fs, self.final))
         for sub in (_RECORDS, _SHARDS):
