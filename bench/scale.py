@@ -46,12 +46,15 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     files = make_demo_crawl(tmp / "crawl", seed=0, n_pages=args.pages, n_files=args.files)
     glob = str(Path(files[0]).parent / "*.warc.gz")
+    from prefect.testing.utilities import prefect_test_harness
+
     results = {}
-    for workers in (1, 2):
-        secs, out = run(glob, tmp / f"w{workers}", workers)
-        docs = out["counts"]["ingest"].get("docs_out") or out["counts"]["ingest"].get("docs_in")
-        results[workers] = (secs, docs, out)
-        print(f"workers={workers}: {secs:.1f} s, {docs / secs:.1f} docs/s")
+    with prefect_test_harness(server_startup_timeout=120):  # one server for both runs: its start is not timed
+        for workers in (1, 2):
+            secs, out = run(glob, tmp / f"w{workers}", workers)
+            docs = out["counts"]["ingest"].get("docs_out") or out["counts"]["ingest"].get("docs_in")
+            results[workers] = (secs, docs, out)
+            print(f"workers={workers}: {secs:.1f} s, {docs / secs:.1f} docs/s")
     (t1, docs, out1), (t2, _, _) = results[1], results[2]
     print(f"speed-up 2 workers vs 1 worker (same run): {t1 / t2:.2f}x")
 
@@ -60,9 +63,10 @@ def main() -> None:
     for stage, path in out1["outputs"].items():
         m = json.loads((Path(path) / "manifest.json").read_text())
         stage_secs[stage] = m.get("stats", {}).get("seconds", 0.0)
-    per_core = docs / t1
-    print("stage seconds (1 worker):", {k: round(v, 2) for k, v in stage_secs.items()})
-    print(f"end-to-end per-core rate: {per_core:.1f} docs/s")
+    per_core = docs / sum(stage_secs.values())
+    print("stage work seconds (1 worker):", {k: round(v, 2) for k, v in stage_secs.items()})
+    print(f"per-core rate from the stages' work seconds: {per_core:.1f} docs/s "
+          f"(flow wall rate with orchestration: {docs / t1:.1f} docs/s)")
     for n_workers, cores in ((100, 16), (1000, 16)):
         hours = CC_PAGES / (per_core * n_workers * cores) / 3600
         cost = hours * n_workers * cores * CORE_HOUR_USD
