@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from flows.common import FlowParams, refinery_flow, result
+from flows.common import FlowParams, gpu_slot, refinery_flow, result
 from tasks.align.common import is_dataset_dir
 from tasks.align.dpo import DPOConfig
 from tasks.align.ppo import PPOConfig
@@ -93,14 +93,15 @@ def _lineage(*paths: str | None) -> list[str]:
 def align_flow(p: AlignParams) -> dict:
     """Align a model on preference pairs with DPO, or with PPO against a (trained) reward model."""
     stages = {}
-    if p.method == "dpo":
-        stages["dpo"] = dpo_stage.call(p.workdir, _lineage(p.input), dpo_config(p))
-    else:
-        reward_model = p.reward_model
-        if reward_model is None:
-            stages["reward"] = reward_stage.call(p.workdir, _lineage(p.input), reward_config(p))
-            reward_model = stages["reward"].path
-        stages["ppo"] = ppo_stage.call(p.workdir, _lineage(p.input, reward_model), ppo_config(p, reward_model))
+    with gpu_slot():
+        if p.method == "dpo":
+            stages["dpo"] = dpo_stage.call(p.workdir, _lineage(p.input), dpo_config(p))
+        else:
+            reward_model = p.reward_model
+            if reward_model is None:
+                stages["reward"] = reward_stage.call(p.workdir, _lineage(p.input), reward_config(p))
+                reward_model = stages["reward"].path
+            stages["ppo"] = ppo_stage.call(p.workdir, _lineage(p.input, reward_model), ppo_config(p, reward_model))
     metrics = {name: ds.manifest.get("metrics", {}) for name, ds in stages.items()}
     rows = [{"stage": name, **m, "seconds": ds.manifest.get("stats", {}).get("seconds"), "fingerprint": ds.fingerprint}
             for (name, ds), m in zip(stages.items(), metrics.values())]

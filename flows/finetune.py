@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from flows.common import FlowParams, refinery_flow
+from flows.common import FlowParams, gpu_slot, refinery_flow
 from tasks.finetune.config import FinetuneConfig, Method
 
 
@@ -68,7 +68,8 @@ def finetune_flow(p: FinetuneParams) -> dict:
     from tasks.report import format_table, table_artifact
 
     cfg = p.stage_config()
-    ds = finetune.call(p.workdir, [], cfg)
+    with gpu_slot():
+        ds = finetune.call(p.workdir, [], cfg)
     m, s = ds.manifest, ds.manifest.get("stats", {})
     row = {"method": cfg.method, "trainable": s.get("trainable_params"), "trainable_%": s.get("trainable_pct"),
            "val_before": s.get("val_loss_before"), "val_after": s.get("val_loss_after"),

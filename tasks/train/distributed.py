@@ -101,6 +101,20 @@ def world_size_for(devices: int, device: str = "auto") -> int:
     return devices
 
 
+def rendezvous_args(run_id: str) -> list[str]:
+    """torchrun's rendezvous: one node (``--standalone``) unless ``REFINERY_NNODES`` > 1, when every
+    node runs the same flow with ``REFINERY_NODE_RANK`` and ``REFINERY_RDZV_ENDPOINT`` (host:port of
+    node 0) set, e.g. by a Kubernetes indexed job, and they meet there (c10d backend)."""
+    nnodes = int(os.environ.get("REFINERY_NNODES", "1"))
+    if nnodes <= 1:
+        return ["--standalone"]
+    endpoint = os.environ.get("REFINERY_RDZV_ENDPOINT")
+    if not endpoint:
+        raise ValueError("REFINERY_NNODES > 1 needs REFINERY_RDZV_ENDPOINT=host:port of node 0")
+    return [f"--nnodes={nnodes}", f"--node_rank={int(os.environ.get('REFINERY_NODE_RANK', '0'))}",
+            "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={run_id}"]
+
+
 def launch(spec: dict, nproc: int, workdir: str | Path, timeout: float | None = None) -> dict:
     """Run the training spec on ``nproc`` processes with torchrun and return rank 0's result."""
     workdir = Path(workdir)
@@ -108,8 +122,8 @@ def launch(spec: dict, nproc: int, workdir: str | Path, timeout: float | None = 
     spec_path, result_path = workdir / "launch.json", workdir / "result.json"
     result_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec, indent=2, default=str))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "tasks.train.worker", str(spec_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous_args(workdir.name),
+           f"--nproc_per_node={nproc}", "-m", "tasks.train.worker", str(spec_path)]
     env_ = dict(os.environ)
     env_.setdefault("OMP_NUM_THREADS", "1")
     root = str(Path(__file__).resolve().parents[2])

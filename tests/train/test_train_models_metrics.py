@@ -80,3 +80,19 @@ def test_config_accepts_model_overrides_as_json_and_checks_them():
         TrainConfig(model="{hidden_size: 64")
     with pytest.raises(ValidationError):
         TrainConfig(objective="diffusion")
+
+
+def test_rendezvous_args_single_and_multi_node(monkeypatch):
+    import pytest
+
+    from tasks.train.distributed import rendezvous_args
+
+    monkeypatch.delenv("REFINERY_NNODES", raising=False)
+    assert rendezvous_args("fp") == ["--standalone"]
+    monkeypatch.setenv("REFINERY_NNODES", "2")
+    with pytest.raises(ValueError, match="RDZV_ENDPOINT"):
+        rendezvous_args("fp")
+    monkeypatch.setenv("REFINERY_RDZV_ENDPOINT", "node0:29500")
+    monkeypatch.setenv("REFINERY_NODE_RANK", "1")
+    assert rendezvous_args("fp") == ["--nnodes=2", "--node_rank=1", "--rdzv_backend=c10d",
+                                     "--rdzv_endpoint=node0:29500", "--rdzv_id=fp"]
