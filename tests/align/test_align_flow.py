@@ -45,7 +45,7 @@ def test_cli_ppo_trains_reward_model_then_policy(tmp_path, tiny_causal_lm_dir, h
     pm = json.loads((Path(out["outputs"]["ppo"]) / "manifest.json").read_text())
     assert "held_out_accuracy" in rm["metrics"] and rm["model"] == "model"
     assert pm["config"]["reward_model"] == out["outputs"]["reward"]
-    assert pm["config"]["reward_model_id"] == f"reward:{rm['fingerprint']}"
+    assert pm["config"]["reward_model_id"] == f"dataset:reward:{rm['fingerprint']}"
     for k in ("reward_last", "kl_last", "entropy_last"):
         assert isinstance(pm["metrics"][k], float) and out["metrics"]["ppo"][k] == pm["metrics"][k]
     assert Path(out["model"], "config.json").exists() and Path(out["model"], "tokenizer.json").exists()

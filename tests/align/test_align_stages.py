@@ -49,7 +49,7 @@ def test_dpo_lora_from_finetune_dataset_is_deterministic(tmp_path, finetune_like
 
     cfg = DPOStageConfig(model=finetune_like.path, data=str(dpo_en_path), max_pairs=24,
                          train=DPOConfig(lr=1e-3, max_steps=3, batch_size=4, max_len=64, lora=LoraSettings(enabled=True, r=4)))
-    assert cfg.model_dump()["model_id"] == "finetune:0123456789abcdef"
+    assert cfg.model_dump()["model_id"] == "dataset:finetune:0123456789abcdef"
     a = dpo_stage.run(tmp_path / "a", [finetune_like], cfg)
     b = dpo_stage.run(tmp_path / "b", [finetune_like], cfg)
     assert a.fingerprint == b.fingerprint and a.manifest["inputs"][0]["stage"] == "finetune"
@@ -91,7 +91,7 @@ def test_ppo_stage_against_trained_reward_model(tmp_path, finetune_like, trained
                                          lr=1e-3, temperature=0.9, top_k=50, kl_coef=0.1))
     ds = ppo_stage.run(tmp_path, [finetune_like, trained_reward], cfg)
     m = ds.manifest
-    assert m["config"]["reward_model_id"] == f"reward:{trained_reward.fingerprint}"
+    assert m["config"]["reward_model_id"] == f"dataset:reward:{trained_reward.fingerprint}"
     assert [i["stage"] for i in m["inputs"]] == ["finetune", "reward"]
     assert m["counts"]["steps"] == 3 and m["counts"]["rollouts"] == 24 and m["counts"]["prompts"] > 8
     for k in ("reward_first", "reward_last", "kl_last", "kl_max", "entropy_last"):
