@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from flows.common import FlowParams, gpu_slot, refinery_flow, result
+from flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow, result
 from tasks.align.common import is_dataset_dir
 from tasks.align.dpo import DPOConfig
 from tasks.align.ppo import PPOConfig
@@ -117,7 +117,9 @@ def align_flow(p: AlignParams) -> dict:
             image_artifact(f"align-{p.method}-curves", png, description=f"{p.method}: per-step curves")
             os.remove(png)
     model_dir = final.file(final.manifest.get("merged") or final.manifest.get("model"))
-    return result(stages, metrics=metrics, model=model_dir)
+    out = result(stages, metrics=metrics, model=model_dir)
+    emit_completed("align", out, primary=final.path)
+    return out
 
 
 def _history_rows(ds, limit: int = 50) -> list[dict]:

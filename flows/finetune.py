@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from flows.common import FlowParams, gpu_slot, refinery_flow
+from flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow
 from tasks.finetune.config import FinetuneConfig, Method
 
 
@@ -82,4 +82,6 @@ def finetune_flow(p: FinetuneParams) -> dict:
         if m.get(key):
             outputs[f"finetune_{key}"] = ds.file(m[key])
     outputs["finetune"] = ds.path  # last: the primary output the next flow takes as input
-    return {"outputs": outputs, "counts": {"finetune": ds.counts}}
+    out = {"outputs": outputs, "counts": {"finetune": ds.counts}}
+    emit_completed("finetune", out, primary=ds.path)
+    return out

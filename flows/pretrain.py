@@ -14,7 +14,7 @@ import sys
 
 from pydantic import Field
 
-from flows.common import FlowParams, gpu_slot, refinery_flow, result
+from flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow, result
 from tasks.report import format_table, image_artifact, markdown_artifact, markdown_table, table_artifact
 from tasks.train.config import TrainConfig
 from tasks.train.stage import pretrain
@@ -63,5 +63,7 @@ def pretrain_flow(p: PretrainParams) -> dict:
     with gpu_slot():
         ds = pretrain.call(p.workdir, p.inputs(), p.train_config())
     _report(ds)
-    return result({"pretrain": ds}, val_loss_start=ds.manifest.get("val_loss_start"),
-                  val_loss_end=ds.manifest.get("val_loss_end"), unigram_entropy=ds.manifest.get("unigram_entropy"))
+    out = result({"pretrain": ds}, val_loss_start=ds.manifest.get("val_loss_start"),
+                 val_loss_end=ds.manifest.get("val_loss_end"), unigram_entropy=ds.manifest.get("unigram_entropy"))
+    emit_completed("pretrain", out, primary=ds.path)  # the finetune deployment's trigger
+    return out

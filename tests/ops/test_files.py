@@ -81,3 +81,13 @@ def test_gpu_job_templates():
     docker = yaml.safe_load((ROOT / "deployments" / "gpu-docker-job-variables.yaml").read_text())
     req = docker["container_create_kwargs"]["device_requests"][0]
     assert req["capabilities"] == [["gpu"]] and req["count"] == -1
+
+
+def test_every_trigger_listens_to_an_event_its_flow_emits():
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    for dep in spec["deployments"]:
+        for trig in dep.get("triggers", []):
+            upstream = trig["match"]["prefect.resource.name"]
+            assert trig["expect"] == [f"refinery.{upstream}.completed"]
+            source = (ROOT / "flows" / f"{upstream}.py").read_text()
+            assert f'emit_completed("{upstream}"' in source, f"flows/{upstream}.py never emits its completion event"
