@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel
 
-from tasks.store import Builder, Dataset, Store, canonical_json, fingerprint
+from tasks.store import Builder, Dataset, Store, fingerprint
 
 
 @dataclasses.dataclass
@@ -172,11 +172,6 @@ class Stage:
                         shard_results=results)
         return Dataset.open(manifest["path"])
 
-    def task(self, root: str, input_paths: Sequence[str] = (), cfg: Any = None, runner: Any = None) -> dict:
-        """Like :meth:`call` but returns the manifest (with its ``path``), as a Prefect result would."""
-        ds = self.call(root, input_paths, cfg, runner)
-        return {"path": ds.path, **ds.manifest}
-
     def __call__(self, *args, **kwargs):
         return self.obj(*args, **kwargs)
 
@@ -299,5 +294,4 @@ def make_runner(spec: str | None):
     raise ValueError(f"unknown task runner {spec!r}: use threads[:N], processes[:N], dask[:N] or tcp://host:port")
 
 
-__all__ = ["stage", "Stage", "StageOutput", "sum_counts", "make_runner", "config_dict", "resolve",
-           "canonical_json"]
+__all__ = ["stage", "Stage", "StageOutput", "sum_counts", "make_runner", "config_dict", "resolve"]

@@ -158,7 +158,6 @@ class Dataset:
 
         tables = list(self.iter_tables(columns, files))
         if not tables:
-            import pyarrow.parquet as pq  # noqa: F401
             return pa.table({})
         return pa.concat_tables(tables)
 
@@ -378,9 +377,3 @@ class Builder:
                 raise
             shutil.rmtree(self.dir, ignore_errors=True)
         return Dataset.open(self.final)
-
-
-def load_manifest(path: str) -> dict:
-    return Dataset.open(path).manifest
-
-

@@ -10,6 +10,8 @@ import random
 from pathlib import Path
 from typing import Literal, Sequence
 
+from dataclasses import dataclass, field
+
 from pydantic import BaseModel, Field
 
 from tasks.modelref import MANIFEST, MODEL_KEYS, model_identity, resolve_model  # noqa: F401 (re-exported)
@@ -23,6 +25,16 @@ def resolve_model_dir(path: str | os.PathLike) -> str:
 
 def is_dataset_dir(path: str | None) -> bool:
     return bool(path) and ("://" in str(path) or (Path(path) / MANIFEST).is_file())
+
+
+@dataclass
+class TrainResult:
+    """What the reward and DPO trainers return: the trained model, its tokenizer, figures, history."""
+
+    model: object
+    tokenizer: object
+    stats: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- settings

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from pydantic import Field
 
-from tasks.align.common import (LoraSettings, TrainerBase, apply_lora, count_params, encode_reply, load_tokenizer,
+from tasks.align.common import (LoraSettings, TrainerBase, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
                                 model_device, pad, pick_device, position_ids, seed_everything, token_logprobs,
                                 torch_dtype)
 from tasks.align.data import PreferencePair, render_prompt, render_reply
@@ -41,14 +41,6 @@ class DPOConfig(TrainerBase):
     grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clip (0: none).")
     eval_batch_size: int = Field(16, ge=1, description="Pairs per forward pass when scoring.")
     lora: LoraSettings = LoraSettings()
-
-
-@dataclass
-class DPOResult:
-    model: object
-    tokenizer: object
-    stats: dict = field(default_factory=dict)
-    history: list = field(default_factory=list)
 
 
 @dataclass
@@ -128,7 +120,7 @@ def preference_metrics(pc, pr, rc, rr, nc, nr, beta: float) -> dict:
 
 
 def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequence[PreferencePair], cfg: DPOConfig,
-              seed: int = 0, on_step: Callable[[dict], None] | None = None, progress: bool = False) -> DPOResult:
+              seed: int = 0, on_step: Callable[[dict], None] | None = None, progress: bool = False) -> TrainResult:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -208,4 +200,4 @@ def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequenc
              "first_loss": history[0]["loss"] if history else None,
              "final_loss": history[-1]["loss"] if history else None,
              "train_seconds": round(train_seconds, 3), **count_params(model)}
-    return DPOResult(model=model, tokenizer=tok, stats=stats, history=history)
+    return TrainResult(model=model, tokenizer=tok, stats=stats, history=history)

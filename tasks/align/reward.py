@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from pydantic import Field
 
-from tasks.align.common import (LoraSettings, TrainerBase, apply_lora, count_params, encode_reply, load_tokenizer,
+from tasks.align.common import (LoraSettings, TrainerBase, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
                                 model_device, pad, pick_device, seed_everything, torch_dtype)
 from tasks.align.data import PreferencePair, render_prompt, render_reply
 
@@ -35,14 +34,6 @@ class RewardConfig(TrainerBase):
     grad_clip: float = Field(1.0, description="Gradient-norm clip (0: none).")
     eval_batch_size: int = Field(32, ge=1, description="Pairs per forward pass when scoring.")
     lora: LoraSettings = LoraSettings()
-
-
-@dataclass
-class RewardResult:
-    model: object
-    tokenizer: object
-    stats: dict = field(default_factory=dict)
-    history: list = field(default_factory=list)
 
 
 def load_reward_model(model_dir: str, lora: LoraSettings | None = None, dtype: str = "float32"):
@@ -111,7 +102,7 @@ def evaluate_pairs(model, tokenizer, pairs: Sequence[PreferencePair], cfg: Rewar
 
 def train_reward_model(model_dir: str, train: Sequence[PreferencePair], held_out: Sequence[PreferencePair],
                        cfg: RewardConfig, seed: int = 0, on_step: Callable[[dict], None] | None = None,
-                       progress: bool = False) -> RewardResult:
+                       progress: bool = False) -> TrainResult:
     """Train a reward model from ``model_dir`` on ``train`` pairs; evaluate on ``held_out``."""
     import torch
     import torch.nn.functional as F
@@ -174,7 +165,7 @@ def train_reward_model(model_dir: str, train: Sequence[PreferencePair], held_out
              "held_out_before": before, "held_out_after": after,
              "final_loss": history[-1]["loss"] if history else None,
              "train_seconds": round(train_seconds, 3), **count_params(model)}
-    return RewardResult(model=model, tokenizer=tok, stats=stats, history=history)
+    return TrainResult(model=model, tokenizer=tok, stats=stats, history=history)
 
 
 def _bar(total: int, desc: str, enabled: bool):
