@@ -13,9 +13,10 @@ A stage is declared once::
         def identity(cfg) -> list[str]               # optional: raw inputs' identities
 
 and used either as plain Python (``stage.run(store, inputs, cfg)``, what tests call) or from a
-flow (``stage.call(root, inputs, cfg, runner=...)``), where each shard and the stage itself are
-Prefect tasks whose cache key is the fingerprint (plus the storage root) and whose result is the
-manifest as JSON. Either way a dataset whose manifest exists is returned without any work, and a
+flow (``stage.call(root, inputs, cfg, runner=...)``), where the stage is a Prefect task whose
+cache key is the fingerprint (plus the storage root) and whose result is the manifest as JSON, and
+its unfinished shards are spread over the task runner in ``TASKS_PER_SLOT`` Prefect tasks per
+runner slot (see :func:`shard_groups`). Either way a dataset whose manifest exists is returned without any work, and a
 sharded stage that crashed resumes from its finished shards.
 
 Set ``REFINERY_EXEC_LOG=/path`` to get one line per real execution (``stage fp [shard]``): the
@@ -155,15 +156,21 @@ class Stage:
             items = self.obj.plan(inputs, cfg)
             _check_items(self.name, items)
             b = store.builder(self.name, fp)
-            shard_task = _prefect_shard_task().with_options(
-                name=f"{self.name}-shard", result_storage=result_storage(store))
+            results: list = [b.shard_result(it["name"]) for it in items]   # finished shards need no task
+            todo = [i for i, r in enumerate(results) if r is None]
+            shard_task = _prefect_shard_task().with_options(name=f"{self.name}-shards")
             futures = []
-            for item in items:
-                t = shard_task.with_options(task_run_name=f"{self.name}:{item['name']}",
-                                            refresh_cache=b.shard_result(item["name"]) is None)
-                params = {"stage_ref": self.ref, "root": store.root, "fp": fp, "item": item, "cfg": cfg}
-                futures.append(runner.submit(t, parameters=params) if runner is not None else t.submit(**params))
-            results = [f.result() for f in futures]
+            for group in shard_groups(todo, runner_slots(runner)):
+                first, last = items[group[0]]["name"], items[group[-1]]["name"]
+                label = first if len(group) == 1 else f"{first}..{last} ({len(group)} shards)"
+                t = shard_task.with_options(task_run_name=f"{self.name}:{label}")
+                params = {"stage_ref": self.ref, "root": store.root, "fp": fp,
+                          "items": [items[i] for i in group], "cfg": cfg}
+                fut = runner.submit(t, parameters=params) if runner is not None else t.submit(**params)
+                futures.append((group, fut))
+            for group, fut in futures:
+                for i, r in zip(group, fut.result()):
+                    results[i] = r
         else:
             results = None
         task = _prefect_stage_task().with_options(name=self.name, task_run_name=f"{self.name}:{fp}",
@@ -206,14 +213,54 @@ def _stage_key(context, parameters) -> str:
         fingerprint("root", "", {"root": parameters["root"]}, [])
 
 
-def _shard_key(context, parameters) -> str:
-    return _stage_key(context, parameters) + "-" + \
-        fingerprint("shard", "", {"name": parameters["item"]["name"]}, [])
-
-
-def _run_shard_task(stage_ref: str, root: str, fp: str, item: dict, cfg: Any) -> dict:
+def _run_shard_task(stage_ref: str, root: str, fp: str, items: list[dict], cfg: Any) -> list[dict]:
+    """Run a group of shards; one that fails does not stop the others (they are recorded as done),
+    and the first failure is raised once all were tried."""
     st = resolve(stage_ref)
-    return st._shard(Store(root).builder(st.name, fp), item, cfg)
+    b = Store(root).builder(st.name, fp)
+    results, failed = [], []
+    for item in items:
+        try:
+            results.append(st._shard(b, item, cfg))
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other shards
+            failed.append((item["name"], e))
+    if failed:
+        err = failed[0][1]
+        err.add_note(f"{st.name}: {len(failed)} of {len(items)} shards of this task failed: "
+                     + ", ".join(name for name, _ in failed))
+        raise err
+    return results
+
+
+TASKS_PER_SLOT = 2
+
+
+def runner_slots(runner: Any) -> int | None:
+    """How many tasks ``runner`` runs at once: a Dask cluster's worker threads, a pool's size;
+    None when unbounded or unknown."""
+    client = getattr(runner, "_client", None)
+    if client is not None:
+        try:
+            return max(1, sum(client.nthreads().values()))
+        except Exception:  # noqa: BLE001 - a cluster that cannot say: one shard per task
+            return None
+    n = getattr(runner, "_max_workers", None)
+    return n if isinstance(n, int) and 0 < n < 1 << 20 else None
+
+
+def shard_groups(todo: list[int], slots: int | None) -> list[list[int]]:
+    """Split shard indices into Prefect tasks: ``TASKS_PER_SLOT`` tasks per slot of the runner
+    (round-robin, so neighbouring shards of similar size land in different tasks), or one task
+    per shard when the runner's width is unknown.
+
+    Each Prefect task costs the flow ~0.1-0.3 s to submit (context and argument serialization)
+    whatever its size, so one task per shard caps a cluster at a few shards per second; grouping
+    keeps the submissions proportional to the cluster, not to the input. Resume granularity is
+    unchanged: every shard records its own completion."""
+    if not todo:
+        return []
+    n_tasks = len(todo) if not slots else min(len(todo), TASKS_PER_SLOT * slots)
+    return [todo[k::n_tasks] for k in range(n_tasks)]
 
 
 def _run_stage_task(stage_ref: str, root: str, fp: str, input_paths: list[str], cfg: Any,
@@ -243,15 +290,25 @@ def result_storage(store: Store):
     every worker that shares the storage root shares the cache, whatever its Prefect database.
     ``REFINERY_RESULT_STORAGE`` (a path or URL) overrides the location."""
     from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+    from prefect.settings import get_current_settings
 
     where = os.environ.get("REFINERY_RESULT_STORAGE") or f"{store.root.rstrip('/')}/.prefect-results"
-    if "://" in where and not where.startswith("file://"):
-        block = RemoteFileSystem(basepath=where)
-    else:
-        block = LocalFileSystem(basepath=where.removeprefix("file://"))
-    # Prefect wants result storage saved server-side; the name is derived from the location.
-    block.save("refinery-results-" + fingerprint("results", "", {"where": where}, []), overwrite=True)
-    return block
+    # Prefect wants result storage saved server-side; the name is derived from the location. One
+    # save per server, database and location in this process (each save is an API round trip).
+    settings = get_current_settings()
+    db = settings.server.database.connection_url
+    key = (settings.api.url, getattr(db, "get_secret_value", lambda: db)(), where)
+    if key not in _SAVED_BLOCKS:
+        if "://" in where and not where.startswith("file://"):
+            block = RemoteFileSystem(basepath=where)
+        else:
+            block = LocalFileSystem(basepath=where.removeprefix("file://"))
+        block.save("refinery-results-" + fingerprint("results", "", {"where": where}, []), overwrite=True)
+        _SAVED_BLOCKS[key] = block
+    return _SAVED_BLOCKS[key]
+
+
+_SAVED_BLOCKS: dict[tuple, Any] = {}
 
 
 def _prefect_stage_task():
@@ -264,11 +321,14 @@ def _prefect_stage_task():
 
 
 def _prefect_shard_task():
+    """Shard tasks are not cached by Prefect: each shard's completion is recorded in the dataset's
+    staging folder (see ``Builder.record_shard``), which is what a rerun resumes from."""
     if "shard" not in _TASKS:
         from prefect import task
+        from prefect.cache_policies import NO_CACHE
 
-        _TASKS["shard"] = task(_run_shard_task, name="shard", cache_key_fn=_shard_key,
-                               persist_result=True, result_serializer="json", retries=1)
+        _TASKS["shard"] = task(_run_shard_task, name="shards", cache_policy=NO_CACHE, persist_result=False,
+                               retries=1)
     return _TASKS["shard"]
 
 

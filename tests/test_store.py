@@ -115,3 +115,57 @@ def test_remote_store_memory_fs():
     again = Dataset.open(toy.path)
     assert again.read_table().num_rows == 8
     assert json.loads(store.fs.cat(toy.path + "/manifest.json"))["counts"]["docs_out"] == 8
+
+
+def test_shard_groups_spread_shards_over_runner_slots():
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from tasks.runtime import TASKS_PER_SLOT, runner_slots, shard_groups
+
+    groups = shard_groups(list(range(10)), 2)
+    assert len(groups) == 2 * TASKS_PER_SLOT
+    assert sorted(i for g in groups for i in g) == list(range(10))
+    assert groups[0] == [0, 4, 8]                           # round-robin: neighbours in different tasks
+    assert shard_groups([3, 5], 4) == [[3], [5]]            # never more tasks than shards
+    assert shard_groups(list(range(5)), None) == [[i] for i in range(5)]   # unknown width: one per shard
+    assert shard_groups([], 2) == []
+    assert runner_slots(ThreadPoolTaskRunner(max_workers=3)) == 3
+    assert runner_slots(ThreadPoolTaskRunner()) is None     # unbounded pool
+    assert runner_slots(None) is None
+
+
+def test_prefect_path_groups_shards_and_resumes_after_a_failed_run(tmp_path, exec_log):
+    """Through Prefect, 7 shards on a 2-thread runner: grouped tasks, a shard that keeps failing
+    fails the run (after the task's retry), and the next run redoes only that shard."""
+    from prefect import flow
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    calls: list[str] = []
+    original = Toy.obj.shard
+    broken = {"on": True}
+
+    def flaky(b, item, c):
+        calls.append(item["name"])
+        if item["name"] == "s2" and broken["on"]:
+            raise RuntimeError("s2 is broken")
+        return original(b, item, c)
+
+    @flow
+    def toy_flow(root: str) -> str:
+        with ThreadPoolTaskRunner(max_workers=2) as runner:
+            return Toy.call(root, [], ToyConfig(shards=7), runner=runner).path
+
+    Toy.obj.shard = staticmethod(flaky)
+    try:
+        with pytest.raises(Exception, match="s2 is broken"):
+            toy_flow(str(tmp_path / "w"))
+        assert sorted(calls) == sorted([f"s{i}" for i in range(7)] + ["s2"])   # its task retried once
+        broken["on"] = False
+        calls.clear()
+        path = toy_flow(str(tmp_path / "w"))
+    finally:
+        Toy.obj.shard = staticmethod(original)
+    assert calls == ["s2"]
+    ds = Dataset.open(path)
+    assert ds.manifest["counts"]["docs_out"] == 28 and ds.read_table().num_rows == 28
+    assert ds.manifest["files"] == Toy.run(tmp_path / "plain", [], ToyConfig(shards=7)).manifest["files"]
