@@ -5,10 +5,11 @@
 
 Both trainers get a model built by ``tasks.train.models.build_model`` from the same seed, the same
 sequence of windows (two readers with one seed), AdamW with the same hyper-parameters, warmup +
-cosine, gradient clipping 1.0, and bf16 autocast on GPU. Throughput is measured between the end of
-step ``--warmup`` and the end of the last step (wall clock, everything the loop does in between),
-runs alternate ours/HF ``--repeats`` times and the best runs are compared (medians printed too). On GPU our loop's MFU (from
-the peak-FLOPs table) is printed too. The corpus is real text: ``../shared/data/quality/c4-demo.jsonl``
+cosine, gradient clipping 1.0, and bf16 autocast on GPU. Each trainer's clock is read at the end of
+every step (everything the loop does counts); throughput is given two ways: over the whole span from
+the end of step ``--warmup`` to the last step, and from the median step (robust to bursts of other
+load on a shared machine). Runs alternate ours/HF ``--repeats`` times; best runs, median runs and
+the per-pair ratios are printed. On GPU our loop's MFU (from the peak-FLOPs table) is printed too. The corpus is real text: ``../shared/data/quality/c4-demo.jsonl``
 when present, else Python's standard-library docstrings; a byte-level BPE tokenizer is trained on it.
 """
 from __future__ import annotations
@@ -84,11 +85,19 @@ def run_ours(args, make_reader, work: Path) -> dict:
     shutil.rmtree(ck, ignore_errors=True)
     res = train(cfg, make_reader("train"), make_reader("val"), ck, progress=False, log=lambda m: None)
     rows = [r for r in res["history"] if r.get("loss") is not None]
-    t0, t1 = rows[args.warmup - 1]["time"], rows[-1]["time"]
-    tokens = (rows[-1]["tokens"] - rows[args.warmup - 1]["tokens"])
     mfus = [r["mfu"] for r in rows[args.warmup:] if r.get("mfu") is not None]
-    return {"tokens_per_sec": tokens / (t1 - t0), "loss_end": rows[-1]["loss"], "params": res["params"],
-            "mfu": statistics.median(mfus) if mfus else None}
+    step_tokens = rows[-1]["tokens"] - rows[-2]["tokens"]
+    return {**rates([r["time"] for r in rows[args.warmup - 1:]], step_tokens),
+            "loss_end": rows[-1]["loss"], "params": res["params"], "mfu": statistics.median(mfus) if mfus else None}
+
+
+def rates(times: list[float], step_tokens: int) -> dict:
+    """Tokens/s from the end-of-step clock readings: over the whole timed span (``tokens_per_sec``)
+    and from the median step (``median_step``: what a step costs when nothing else on the machine
+    interferes; timeit's reasoning, robust to a shared box's bursts)."""
+    steps = [b - a for a, b in zip(times, times[1:])]
+    return {"tokens_per_sec": len(steps) * step_tokens / (times[-1] - times[0]),
+            "median_step": step_tokens / statistics.median(steps)}
 
 
 def run_hf(args, make_reader, work: Path) -> dict:
@@ -133,8 +142,16 @@ def run_hf(args, make_reader, work: Path) -> dict:
     # Trainer shuffles with its sampler; keep the window order of our loop (same data, same order)
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(len(windows)))
     trainer.train()
-    dt = times[-1] - times[args.warmup - 1]
-    return {"tokens_per_sec": (args.steps - args.warmup) * args.batch_size * args.seq_len / dt}
+    return rates(times[args.warmup - 1:], args.batch_size * args.seq_len)
+
+
+def child_run(who: str, work: Path) -> dict:
+    import subprocess
+
+    argv = [a for a in sys.argv[1:]]
+    out = subprocess.run([sys.executable, __file__, *argv, "--one", who, "--work", str(work)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -155,6 +172,8 @@ def main() -> int:
     ap.add_argument("--no-hf", action="store_true", help="only our loop (e.g. a GPU MFU measurement)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default; 1 is steadiest on a shared box)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--one", choices=["ours", "hf"], help=argparse.SUPPRESS)   # child: one run, JSON out
+    ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     import torch
@@ -163,33 +182,45 @@ def main() -> int:
     hf_logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.one:   # a child process: one run of one trainer, its numbers as JSON on the last line
+        work = Path(args.work)
+        make_reader = make_readers(args, None if args.tokens else work / "tok")
+        print(json.dumps((run_ours if args.one == "ours" else run_hf)(args, make_reader, work)))
+        return 0
     work = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
     try:
         texts, source = corpus()
         tok_dir = train_tokenizer(texts, args.vocab, work / "tok") if not args.tokens else None
-        make_reader = make_readers(args, tok_dir)
         dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
         print(f"bench/pretrain: preset {args.preset}, seq_len {args.seq_len}, batch {args.batch_size}, "
               f"{args.steps} steps (timed after {args.warmup}), device {dev}, corpus {args.tokens or source}")
         ours, hf = [], []
         for r in range(args.repeats):
-            ours.append(run_ours(args, make_reader, work))
-            print(f"  run {r}: ours {ours[-1]['tokens_per_sec']:,.0f} tok/s"
-                  + (f", MFU {ours[-1]['mfu'] * 100:.1f}%" if ours[-1]["mfu"] is not None else ""), flush=True)
-            if not args.no_hf:
-                hf.append(run_hf(args, make_reader, work))
-                print(f"  run {r}: HF Trainer {hf[-1]['tokens_per_sec']:,.0f} tok/s", flush=True)
-        # best of N (as timeit does: other load on the machine only ever slows a run down) and median
-        o_best, o_med = max(x["tokens_per_sec"] for x in ours), statistics.median(x["tokens_per_sec"] for x in ours)
+            # Each run in a fresh process, the order alternating pair by pair: neither trainer
+            # inherits the other's allocator state or always runs first.
+            order = ["ours"] + ([] if args.no_hf else ["hf"])
+            for who in (order if r % 2 == 0 else order[::-1]):
+                res = child_run(who, work)
+                (ours if who == "ours" else hf).append(res)
+                print(f"  run {r}: {'ours' if who == 'ours' else 'HF Trainer'} {res['tokens_per_sec']:,.0f} tok/s "
+                      f"(median step {res['median_step']:,.0f})"
+                      + (f", MFU {res['mfu'] * 100:.1f}%" if res.get("mfu") is not None else ""), flush=True)
         print(f"params: {ours[0]['params'] / 1e6:.2f}M")
-        print(f"ours:       {o_best:,.0f} tokens/sec best of {len(ours)} (median {o_med:,.0f})")
         mfus = [x["mfu"] for x in ours if x["mfu"] is not None]
         if mfus:
             print(f"ours MFU:   {max(mfus) * 100:.1f}% best (median {statistics.median(mfus) * 100:.1f}%)")
-        if hf:
-            h_best, h_med = max(x["tokens_per_sec"] for x in hf), statistics.median(x["tokens_per_sec"] for x in hf)
-            print(f"HF Trainer: {h_best:,.0f} tokens/sec best of {len(hf)} (median {h_med:,.0f})")
-            print(f"ratio ours/HF: {o_best / h_best:.2f}x (best of {len(ours)}; medians {o_med / h_med:.2f}x)")
+        # Runs alternate ours/HF; for each measure: the best run of each (other load only ever slows
+        # a run down), the median run of each, and the median of the per-pair ratios.
+        for key, what in (("median_step", "median step"), ("tokens_per_sec", "whole timed span")):
+            o = [x[key] for x in ours]
+            print(f"ours ({what}):       {max(o):,.0f} tokens/sec best of {len(o)} (median {statistics.median(o):,.0f})")
+            if hf:
+                h = [x[key] for x in hf]
+                pairs = sorted(a / b for a, b in zip(o, h))
+                print(f"HF Trainer ({what}): {max(h):,.0f} tokens/sec best of {len(h)} (median {statistics.median(h):,.0f})")
+                print(f"ratio ours/HF ({what}): {max(o) / max(h):.2f}x best of {len(o)}; medians "
+                      f"{statistics.median(o) / statistics.median(h):.2f}x; per-pair ratios "
+                      f"{', '.join(f'{x:.2f}' for x in pairs)} (median {statistics.median(pairs):.2f}x)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

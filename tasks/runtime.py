@@ -238,10 +238,9 @@ TASKS_PER_SLOT = 2
 def runner_slots(runner: Any) -> int | None:
     """How many tasks ``runner`` runs at once: a Dask cluster's worker threads, a pool's size;
     None when unbounded or unknown."""
-    client = getattr(runner, "_client", None)
-    if client is not None:
+    if hasattr(runner, "_client"):   # prefect-dask: ``client`` connects on first use
         try:
-            return max(1, sum(client.nthreads().values()))
+            return max(1, sum(runner.client.nthreads().values()))
         except Exception:  # noqa: BLE001 - a cluster that cannot say: one shard per task
             return None
     n = getattr(runner, "_max_workers", None)

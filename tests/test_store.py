@@ -169,3 +169,14 @@ def test_prefect_path_groups_shards_and_resumes_after_a_failed_run(tmp_path, exe
     ds = Dataset.open(path)
     assert ds.manifest["counts"]["docs_out"] == 28 and ds.read_table().num_rows == 28
     assert ds.manifest["files"] == Toy.run(tmp_path / "plain", [], ToyConfig(shards=7)).manifest["files"]
+
+
+def test_runner_slots_of_a_dask_cluster_before_any_submission():
+    from distributed import LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    from tasks.runtime import runner_slots
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with DaskTaskRunner(address=cluster.scheduler_address) as runner:
+            assert runner_slots(runner) == 2
