@@ -16,8 +16,8 @@ and used either as plain Python (``stage.run(store, inputs, cfg)``, what tests c
 flow (``stage.call(root, inputs, cfg, runner=...)``), where the stage is a Prefect task whose
 cache key is the fingerprint (plus the storage root) and whose result is the manifest as JSON, and
 its unfinished shards are spread over the task runner in ``TASKS_PER_SLOT`` Prefect tasks per
-runner slot (see :func:`shard_groups`). Either way a dataset whose manifest exists is returned without any work, and a
-sharded stage that crashed resumes from its finished shards.
+runner slot (see :func:`shard_groups`). Either way a dataset whose manifest exists is returned
+without any work, and a sharded stage that crashed resumes from its finished shards.
 
 Set ``REFINERY_EXEC_LOG=/path`` to get one line per real execution (``stage fp [shard]``): the
 tests count executions with it.
