@@ -9,7 +9,8 @@ cosine, gradient clipping 1.0, and bf16 autocast on GPU. Each trainer's clock is
 every step (everything the loop does counts); throughput is given two ways: over the whole span from
 the end of step ``--warmup`` to the last step, and from the median step (robust to bursts of other
 load on a shared machine). Runs alternate ours/HF ``--repeats`` times; best runs, median runs and
-the per-pair ratios are printed. On GPU our loop's MFU (from the peak-FLOPs table) is printed too. The corpus is real text: ``../shared/data/quality/c4-demo.jsonl``
+the per-pair ratios are printed. On GPU our loop's MFU (from the peak-FLOPs table) is printed too.
+The corpus is real text: ``../shared/data/quality/c4-demo.jsonl``
 when present, else Python's standard-library docstrings; a byte-level BPE tokenizer is trained on it.
 """
 from __future__ import annotations
@@ -148,8 +149,7 @@ def run_hf(args, make_reader, work: Path) -> dict:
 def child_run(who: str, work: Path) -> dict:
     import subprocess
 
-    argv = [a for a in sys.argv[1:]]
-    out = subprocess.run([sys.executable, __file__, *argv, "--one", who, "--work", str(work)],
+    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", who, "--work", str(work)],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
