@@ -37,6 +37,31 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
+
+class StepLog:
+    """The trainers' per-step records: kept in ``history``, passed to ``on_step``, and shown on a
+    progress bar (when ``progress``) with the ``show`` keys as its postfix."""
+
+    def __init__(self, total: int, desc: str, progress: bool, on_step=None, show: tuple[str, ...] = ("loss",)):
+        self.history: list[dict] = []
+        self.on_step, self.show, self.bar = on_step, show, None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False)
+
+    def add(self, rec: dict) -> None:
+        self.history.append(rec)
+        if self.on_step:
+            self.on_step(rec)
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix({k: rec[k] for k in self.show})
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
 # --------------------------------------------------------------------------- settings
 class LoraSettings(BaseModel):
     """LoRA adapters instead of full fine-tuning (``enabled=false``: train all weights)."""

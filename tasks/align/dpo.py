@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 from pydantic import Field
 
-from tasks.align.common import (LoraSettings, TrainerBase, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
+from tasks.align.common import (LoraSettings, StepLog, TrainerBase, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
                                 model_device, pad, pick_device, position_ids, seed_everything, token_logprobs,
                                 torch_dtype)
 from tasks.align.data import PreferencePair, render_prompt, render_reply
@@ -146,12 +146,8 @@ def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequenc
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     gen = torch.Generator().manual_seed(seed)
-    history, step = [], 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="dpo", leave=False)
+    steps, step = StepLog(total, "dpo", progress, on_step), 0
+    history = steps.history
     t0 = time.perf_counter()
     while step < total:
         order = torch.randperm(len(train), generator=gen).tolist()
@@ -178,14 +174,8 @@ def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequenc
                        "accuracy": round((rew_c > rew_r).float().mean().item(), 4),
                        "margin": round((rew_c - rew_r).mean().item(), 6),
                        "reward_chosen": round(rew_c.mean().item(), 6), "reward_rejected": round(rew_r.mean().item(), 6)}
-            history.append(rec)
-            if on_step:
-                on_step(rec)
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=rec["loss"])
-    if bar:
-        bar.close()
+            steps.add(rec)
+    steps.close()
     train_seconds = time.perf_counter() - t0
     after = {"pairs": 0}
     if held_out:

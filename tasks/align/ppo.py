@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 from pydantic import Field
 
-from tasks.align.common import (LoraSettings, TrainerBase, apply_lora, count_params, load_tokenizer, pad,
+from tasks.align.common import (LoraSettings, StepLog, TrainerBase, apply_lora, count_params, load_tokenizer, pad,
                                 pick_device, position_ids, seed_everything, torch_dtype)
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[Sequence[int]]], "object"]
@@ -310,12 +310,8 @@ def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg:
     trainer = PPOTrainer(policy_dir, reward_fn, cfg, seed)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    history = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, desc="ppo", leave=False)
+    steps = StepLog(cfg.steps, "ppo", progress, on_step, show=("reward", "kl"))
+    history = steps.history
     t0 = time.perf_counter()
     for _ in range(cfg.steps):
         batch = []
@@ -324,14 +320,8 @@ def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg:
                 order = torch.randperm(len(prompts), generator=gen).tolist()
             batch.append(prompts[order.pop(0)])
         rec = trainer.step(batch)
-        history.append(rec)
-        if on_step:
-            on_step(rec)
-        if bar:
-            bar.update(1)
-            bar.set_postfix(reward=rec["reward"], kl=rec["kl"])
-    if bar:
-        bar.close()
+        steps.add(rec)
+    steps.close()
     first, last = history[0], history[-1]
     k = max(1, min(3, len(history) // 2))  # averages over the first / last few steps
     avg = lambda rows, key: round(sum(r[key] for r in rows) / len(rows), 6)  # noqa: E731

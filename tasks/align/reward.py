@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from pydantic import Field
 
-from tasks.align.common import (LoraSettings, TrainerBase, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
+from tasks.align.common import (LoraSettings, StepLog, TrainerBase, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
                                 model_device, pad, pick_device, seed_everything, torch_dtype)
 from tasks.align.data import PreferencePair, render_prompt, render_reply
 
@@ -127,8 +127,8 @@ def train_reward_model(model_dir: str, train: Sequence[PreferencePair], held_out
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     gen = torch.Generator().manual_seed(seed)
-    history = []
-    bar = _bar(total, "reward", progress)
+    steps = StepLog(total, "reward", progress, on_step)
+    history = steps.history
     t0 = time.perf_counter()
     step = 0
     model.train()
@@ -151,14 +151,8 @@ def train_reward_model(model_dir: str, train: Sequence[PreferencePair], held_out
             opt.step()
             step += 1
             rec = {"step": step, "loss": round(loss.item(), 6), "accuracy": round((rc > rr).float().mean().item(), 4)}
-            history.append(rec)
-            if on_step:
-                on_step(rec)
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=rec["loss"])
-    if bar:
-        bar.close()
+            steps.add(rec)
+    steps.close()
     train_seconds = time.perf_counter() - t0
     after = evaluate_pairs(model, tok, held_out, cfg)
     stats = {"steps": step, "train_pairs": len(train), "held_out_pairs": len(held_out),
@@ -166,14 +160,6 @@ def train_reward_model(model_dir: str, train: Sequence[PreferencePair], held_out
              "final_loss": history[-1]["loss"] if history else None,
              "train_seconds": round(train_seconds, 3), **count_params(model)}
     return TrainResult(model=model, tokenizer=tok, stats=stats, history=history)
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False)
 
 
 class RewardScorer:
