@@ -134,6 +134,20 @@ def iter_documents(item: dict, cfg: IngestConfig, stats: dict) -> Iterator[dict]
         if len(samples) < cfg.max_error_samples:
             samples.append(f"@{e.offset}: {e.message}")
 
+    def document(text: str, key: str, rec, meta: dict) -> dict | None:
+        """The document of a record's text, or None when the text is empty or too short (counted)."""
+        text = normalize_text(text)
+        if not text:
+            dropped["empty_text"] += 1
+            return None
+        if len(text) < cfg.min_text_chars:
+            dropped["too_short"] += 1
+            return None
+        lang, score = lid.identify(text)
+        return {"id": doc_id(source, key), "text": text, "url": rec.url, "source": source,
+                "crawl_date": rec.date, "lang": lang, "lang_score": score,
+                "metadata": json.dumps(meta, sort_keys=True, ensure_ascii=False)}
+
     with open_binary(path, cfg.storage_options) as raw:
         fmt, comp = sniff(raw, path)
         want = item.get("format", "auto")
@@ -161,21 +175,12 @@ def iter_documents(item: dict, cfg: IngestConfig, stats: dict) -> Iterator[dict]
                     error(rec)
                     continue
                 stats["docs_in"] += 1
-                text = normalize_text(rec.text)
-                if not text:
-                    dropped["empty_text"] += 1
-                    continue
-                if len(text) < cfg.min_text_chars:
-                    dropped["too_short"] += 1
-                    continue
-                key = rec.record_id or rec.url or f"{base}:{rec.offset}"
-                lang, score = lid.identify(text)
                 meta = {"file": path, "row": rec.offset, "format": fmt}
                 if rec.fields:
                     meta["fields"] = rec.fields
-                yield {"id": doc_id(source, key), "text": text, "url": rec.url, "source": source,
-                       "crawl_date": rec.date, "lang": lang, "lang_score": score,
-                       "metadata": json.dumps(meta, sort_keys=True, ensure_ascii=False)}
+                doc = document(rec.text, rec.record_id or rec.url or f"{base}:{rec.offset}", rec, meta)
+                if doc is not None:
+                    yield doc
             return
         if fmt == "arc":
             records = warc.iter_arc(raw)
@@ -209,24 +214,15 @@ def iter_documents(item: dict, cfg: IngestConfig, stats: dict) -> Iterator[dict]
             else:
                 dropped["not_html"] += 1
                 continue
-            text = normalize_text(text)
-            if not text:
-                dropped["empty_text"] += 1
-                continue
-            if len(text) < cfg.min_text_chars:
-                dropped["too_short"] += 1
-                continue
-            lang, score = lid.identify(text)
             meta = {"file": path, "offset": rec.offset, "record_type": rec.record_type,
                     "content_type": rec.content_type, "charset": charset, "charset_from": how,
                     "http_status": rec.http_status, "extractor": cfg.extractor if rec.kind == "html" else None}
             if rec.record_id:
                 meta["record_id"] = rec.record_id
-            key = rec.record_id or rec.url or f"{os.path.basename(path)}@{rec.offset}"
-            yield {"id": doc_id(source, key), "text": text, "url": rec.url, "source": source,
-                   "crawl_date": rec.date, "lang": lang, "lang_score": score,
-                   "metadata": json.dumps({k: v for k, v in meta.items() if v is not None},
-                                          sort_keys=True, ensure_ascii=False)}
+            doc = document(text, rec.record_id or rec.url or f"{os.path.basename(path)}@{rec.offset}", rec,
+                           {k: v for k, v in meta.items() if v is not None})
+            if doc is not None:
+                yield doc
 
 
 def ingest_file(item: dict, cfg: IngestConfig, write_part) -> dict:
