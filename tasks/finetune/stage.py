@@ -105,21 +105,19 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
         M.save_full(model, tok, out)
         b.put_dir(out, "")
         extra["model"] = "."
-        del model
-        _free(device)
     else:
         adapter = os.path.join(tmp, "adapter")
         M.save_adapter(model, tok, adapter)
         b.put_dir(adapter, "adapter")
         extra["adapter"] = "adapter"
-        del model
+    del model
+    _free(device)
+    if cfg.method != "full" and M.is_mergeable(cfg.method):   # the merge loads the base model afresh
+        merged = os.path.join(tmp, "merged")
+        M.merge_adapter(cfg, source, adapter, tok, merged)
+        b.put_dir(merged, "merged")
+        extra["merged"] = "merged"
         _free(device)
-        if M.is_mergeable(cfg.method):
-            merged = os.path.join(tmp, "merged")
-            M.merge_adapter(cfg, source, adapter, tok, merged)
-            b.put_dir(merged, "merged")
-            extra["merged"] = "merged"
-            _free(device)
 
     val_at = {h["step"]: h["val_loss"] for h in run["val_history"]}
     b.write_table("metrics.parquet", pa.table({
