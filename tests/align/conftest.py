@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from refinery_testlib import shared_file
 
 HH = "preference/hh-rlhf-harmless-base-test.jsonl.gz"
 DPO_EN = "preference/dpo_en_demo.json"
@@ -17,18 +18,12 @@ def _reply(transcript: str) -> str:
 
 @pytest.fixture(scope="session")
 def hh_path(shared_data) -> Path:
-    p = shared_data / HH
-    if not p.exists():
-        pytest.skip(f"{p} is absent")
-    return p
+    return shared_file(shared_data, HH)
 
 
 @pytest.fixture(scope="session")
 def dpo_en_path(shared_data) -> Path:
-    p = shared_data / DPO_EN
-    if not p.exists():
-        pytest.skip(f"{p} is absent")
-    return p
+    return shared_file(shared_data, DPO_EN)
 
 
 @pytest.fixture(scope="session")

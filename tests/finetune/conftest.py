@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from refinery_testlib import shared_file
 
 ALPACA_EN = "sft/alpaca_en_demo.json"
 ALPACA_ZH = "sft/alpaca_zh_demo.json"
@@ -41,28 +42,21 @@ def tiny_tokenizer(tiny_tokenizer_dir):
     return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
 
 
-def _shared(shared_data: Path, rel: str) -> Path:
-    p = shared_data / rel
-    if not p.exists():
-        pytest.skip(f"{p} is absent")
-    return p
-
-
 @pytest.fixture(scope="session")
 def alpaca_en(shared_data) -> Path:
-    return _shared(shared_data, ALPACA_EN)
+    return shared_file(shared_data, ALPACA_EN)
 
 
 @pytest.fixture(scope="session")
 def alpaca_zh(shared_data) -> Path:
-    return _shared(shared_data, ALPACA_ZH)
+    return shared_file(shared_data, ALPACA_ZH)
 
 
 @pytest.fixture(scope="session")
 def glaive(shared_data) -> Path:
-    return _shared(shared_data, GLAIVE)
+    return shared_file(shared_data, GLAIVE)
 
 
 @pytest.fixture(scope="session")
 def self_instruct(shared_data) -> Path:
-    return _shared(shared_data, SELF_INSTRUCT)
+    return shared_file(shared_data, SELF_INSTRUCT)

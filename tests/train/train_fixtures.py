@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from refinery_testlib import shared_file
 
 TINY_MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
 N_SENTINELS = 32
@@ -19,9 +20,7 @@ _CACHE: dict = {}   # session-wide: these fixtures are imported into several mod
 @pytest.fixture(scope="session")
 def corpus_texts(shared_data) -> list[str]:
     """300 real C4 documents (quality/c4-demo.jsonl)."""
-    path = shared_data / "quality" / "c4-demo.jsonl"
-    if not path.exists():
-        pytest.skip(f"{path} is absent")
+    path = shared_file(shared_data, "quality/c4-demo.jsonl")
     return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
 
 
