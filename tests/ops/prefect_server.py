@@ -31,7 +31,7 @@ class PrefectStack:
             "PREFECT_HOME": str(home), "PREFECT_API_URL": self.api,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
             "PREFECT_WORKER_PREFETCH_SECONDS": "5", "PREFECT_UI_API_URL": self.api,
-            "PREFECT_LOGGING_LEVEL": "INFO", "PYTHONPATH": str(ROOT),
+            "PREFECT_LOGGING_LEVEL": "INFO", "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true", "PYTHONPATH": str(ROOT),
             "REFINERY_PROJECT_DIR": str(ROOT), "PATH": f"{BIN}:{os.environ['PATH']}",
             **(extra_env or {}),
         })
