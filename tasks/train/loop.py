@@ -139,7 +139,7 @@ def train(cfg: TrainConfig, reader, val_reader, ckpt_dir: str | Path, *, unigram
     from tasks.train.data import unigram_entropy
     from tasks.train.metrics import MetricsLog, loss_curve_png, mfu, peak_flops
     from tasks.train.models import build_model, count_params, flops_per_token, padded_vocab
-    from tasks.train.objectives import make_objective, special_ids, step_generator
+    from tasks.train.objectives import example_lengths, make_objective, special_ids, step_generator
 
     t_start = time.perf_counter()
     rank, world, local_rank = dist.env()
@@ -195,7 +195,7 @@ def train(cfg: TrainConfig, reader, val_reader, ckpt_dir: str | Path, *, unigram
     unigram = state.get("unigram")
     history = list(state.get("history", []))
     n_params = count_params(model)
-    fpt = flops_per_token(model, cfg.seq_len)
+    fpt = flops_per_token(model, *example_lengths(objective, cfg.seq_len))
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
     def summary(status: str) -> dict:

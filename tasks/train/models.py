@@ -115,16 +115,42 @@ def count_params(model, non_embedding: bool = False) -> int:
     return n
 
 
-def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N (forward + backward of the weights) plus attention scores
-    (PaLM appendix B: 12 * layers * hidden * seq_len)."""
+def flops_per_token(model, seq_len: int, decoder_len: int = 0) -> float:
+    """Model FLOPs of one training token (forward + backward = 3 x forward), as nanoGPT and PaLM
+    (appendix B) count them for MFU: 6 x every weight a token meets in a matmul, plus
+    12 x layers x attention width x context for the attention scores and values. Activation
+    recomputation is not counted (that would be hardware FLOPs).
+
+    The output projection counts even when it is tied to the input embedding: tied, it is the same
+    weights but still a (hidden x vocab) matmul per token, a third of a 124M model's work at a 50k
+    vocabulary. The input embedding is a lookup and does not count.
+
+    Encoder-decoder models (T5) take the encoder length ``seq_len`` and the decoder length
+    ``decoder_len`` of one example: encoder tokens meet the encoder; decoder tokens meet the
+    decoder and the output projection; the cross-attention projects its keys and values once per
+    encoder token. The result is per token of ``seq_len + decoder_len``, which is how the span
+    objective counts tokens.
+    """
     cfg = model.config
-    n = count_params(model, non_embedding=True)
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "num_layers", 0)
-    if getattr(cfg, "num_decoder_layers", None):
-        layers += cfg.num_decoder_layers
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", 0)
-    return 6.0 * n + 12.0 * layers * hidden * seq_len
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    head = out.weight.numel() if out is not None else 0
+
+    def matmul_params(module) -> int:  # weights other than the (input or tied output) embedding
+        return sum(p.numel() for p in module.parameters() if p is not emb and (out is None or p is not out.weight))
+
+    if getattr(cfg, "is_encoder_decoder", False):
+        width = cfg.num_heads * cfg.d_kv
+        enc_layers, dec_layers = cfg.num_layers, cfg.num_decoder_layers
+        cross_kv = 2 * cfg.d_model * width * dec_layers
+        te, td = seq_len, decoder_len
+        per_example = (6.0 * (matmul_params(model.encoder) * te + (matmul_params(model.decoder) - cross_kv + head) * td
+                              + cross_kv * te)
+                       + 12.0 * width * (enc_layers * te * te + dec_layers * td * td + dec_layers * td * te))
+        return per_example / (te + td)
+    heads = cfg.num_attention_heads
+    width = heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    return 6.0 * (matmul_params(model) + head) + 12.0 * cfg.num_hidden_layers * width * seq_len
 
 
 __all__ = ["PRESETS", "ARCH", "model_config", "build_model", "auto_class", "padded_vocab", "count_params",

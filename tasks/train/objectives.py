@@ -194,6 +194,13 @@ def make_objective(name: str, tokenizer, vocab_size: int, seq_len: int, *, mlm_p
     raise ValueError(f"unknown objective {name!r}: use clm, mlm or span")
 
 
+def example_lengths(objective, seq_len: int) -> tuple[int, int]:
+    """(model input length, decoder length or 0) of one example of ``seq_len`` tokens, from the
+    objective's own ``prepare`` (span corruption shortens the encoder input and adds a target)."""
+    batch = objective.prepare(torch.full((1, seq_len + 1), 3, dtype=torch.long), step_generator(0, 0, 0))
+    return batch["input_ids"].size(1), batch["labels"].size(1) if "decoder_input_ids" in batch else 0
+
+
 def step_generator(seed: int, step: int, micro: int, stream: int = 0) -> torch.Generator:
     """A generator for one micro-batch: depends only on (seed, step, micro-step, stream), so resume is
     exact. Stream 0 is training, 1 validation."""
@@ -203,4 +210,4 @@ def step_generator(seed: int, step: int, micro: int, stream: int = 0) -> torch.G
 
 
 __all__ = ["CausalLM", "MaskedLM", "SpanCorruption", "make_objective", "mask_tokens", "corrupt_spans", "noise_mask",
-           "span_lengths", "sentinel_token_ids", "special_ids", "step_generator", "cross_entropy", "IGNORE"]
+           "span_lengths", "example_lengths", "sentinel_token_ids", "special_ids", "step_generator", "cross_entropy", "IGNORE"]

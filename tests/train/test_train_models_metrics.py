@@ -31,10 +31,39 @@ def test_every_objective_builds_from_config_with_sdpa(objective, model_type):
     with torch.device("meta"):
         model = build_model(objective, "tiny", 512, 64, SPECIAL, overrides)
     assert model.config._attn_implementation == "sdpa"
-    assert flops_per_token(model, 64) > 6 * count_params(model, non_embedding=True)
     with pytest.raises(ValueError, match="preset"):
         model_config(objective, "7B", 512, 64, SPECIAL)
     assert set(PRESETS) == {"tiny", "25M", "124M", "350M", "1B"}
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm", "span"])
+def test_flops_per_token_matches_counted_matmul_flops(objective):
+    """The MFU numerator equals the matmul FLOPs PyTorch counts in a real forward + backward (eager
+    attention, so the attention matmuls are counted too), the tied output projection included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tasks.train.objectives import CausalLM, MaskedLM, SpanCorruption, example_lengths, step_generator
+
+    vocab, seq_len, batch = 512, 96, 2
+    overrides = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 160}
+    torch.manual_seed(0)
+    model = build_model(objective, "tiny", vocab, seq_len, SPECIAL, overrides, attn_implementation="eager")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
+    obj = {"clm": CausalLM(), "mlm": MaskedLM(2, vocab, [0, 1, 2]),
+           "span": SpanCorruption(list(range(vocab - 40, vocab)), 0, 1)}[objective]
+    data = obj.prepare(torch.randint(3, vocab - 40, (batch, seq_len + 1)), step_generator(0, 0, 0))
+    with FlopCounterMode(display=False) as counter:
+        obj.loss(model, data).backward()
+    enc, dec = example_lengths(obj, seq_len)
+    assert (enc, dec) == (data["input_ids"].size(1), data["labels"].size(1) if objective == "span" else 0)
+    tokens = obj.tokens(data)
+    assert tokens == batch * (enc + dec)
+    counted = counter.get_total_flops() / tokens
+    # what is left is the first layer's input gradient (never needed) and norm weights (not matmuls)
+    assert flops_per_token(model, enc, dec) == pytest.approx(counted, rel=0.01)
+    # leaving out the tied output projection would miss it by more than that tolerance
+    no_head = flops_per_token(model, enc, dec) - 6 * vocab * 64 * (dec or enc) / (enc + dec)
+    assert no_head < counted / 1.01
 
 
 def test_peak_flops_table_by_device_name():
