@@ -122,7 +122,7 @@ def flops_per_token(model, seq_len: int, decoder_len: int = 0) -> float:
     recomputation is not counted (that would be hardware FLOPs).
 
     The output projection counts even when it is tied to the input embedding: tied, it is the same
-    weights but still a (hidden x vocab) matmul per token, a third of a 124M model's work at a 50k
+    weights but still a (hidden x vocab) matmul per token, over a quarter of a 124M model's work at a 50k
     vocabulary. The input embedding is a lookup and does not count.
 
     Encoder-decoder models (T5) take the encoder length ``seq_len`` and the decoder length
