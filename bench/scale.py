@@ -7,14 +7,15 @@ Baseline: the same flow, same input, on a 1-worker cluster, in the same run. Run
 1 worker / 2 workers ``--repeats`` times against one Prefect server (its start is not timed), each
 on a fresh output folder; the median of the per-pair ratios (the headline: a pair runs back to
 back, so a shared machine's speed drifts cancel best there), of the median runs and of the best
-runs are printed. Each cluster
-is "existing": started, and its workers' imports done, before the clock starts.
+runs are printed. Each cluster is "existing": started, and its workers' imports done, before the
+clock starts.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -77,8 +78,6 @@ def main() -> None:
     warm = make_demo_crawl(tmp / "warm", seed=1, n_pages=200, n_files=2)
     warm_glob = str(Path(warm[0]).parent / "*.warc.gz")
     from prefect.testing.utilities import prefect_test_harness
-
-    import statistics
 
     times: dict[int, list[float]] = {1: [], 2: []}
     outs: dict[int, dict] = {}

@@ -37,7 +37,6 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
-
 class StepLog:
     """The trainers' per-step records: kept in ``history``, passed to ``on_step``, and shown on a
     progress bar (when ``progress``) with the ``show`` keys as its postfix."""
@@ -61,6 +60,7 @@ class StepLog:
     def close(self) -> None:
         if self.bar:
             self.bar.close()
+
 
 # --------------------------------------------------------------------------- settings
 class LoraSettings(BaseModel):
