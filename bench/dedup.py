@@ -102,7 +102,7 @@ def build_corpus(n: int, out_dir: Path, parts: int = 8, seed: int = 0) -> list[P
 
 
 def publish_docs(root: Path, files: list[Path]):
-    from tasks.store import Store, fingerprint
+    from refinery.tasks.store import Store, fingerprint
 
     store = Store(root)
     fp = fingerprint("bench-docs", "1", {"files": [f.name for f in files], "bytes": [f.stat().st_size for f in files]}, [])
@@ -133,8 +133,8 @@ def run_child(cmd: list[str], env: dict | None = None) -> tuple[float, float, st
 
 def ours_child(workdir: str, docs_path: str) -> None:
     """In the child: run both stages (sequential shards) and print a JSON summary."""
-    from tasks.dedup.stage import DedupConfig, run_dedup
-    from tasks.store import Store
+    from refinery.tasks.dedup.stage import DedupConfig, run_dedup
+    from refinery.tasks.store import Store
 
     t = time.perf_counter()
     res = run_dedup(Store(workdir), docs_path, DedupConfig())
@@ -198,8 +198,8 @@ def ensure_datatrove() -> Path:
 def copycat_table(threshold: float = 0.8) -> list[dict]:
     import numpy as np
 
-    from tasks.dedup.clusters import jaccard
-    from tasks.dedup.minhash import MinHasher, band_keys
+    from refinery.tasks.dedup.clusters import jaccard
+    from refinery.tasks.dedup.minhash import MinHasher, band_keys
 
     rows = [json.loads(line) for line in open(DATA / "dedup" / "copycat-judged-pairs.jsonl")]
     mh = MinHasher()
@@ -230,7 +230,7 @@ def copycat_table(threshold: float = 0.8) -> list[dict]:
 def signature_speed(files: list[Path], limit: int = 20000) -> float:
     import pyarrow.parquet as pq
 
-    from tasks.dedup.minhash import MinHasher
+    from refinery.tasks.dedup.minhash import MinHasher
 
     texts = pq.read_table(files[0], columns=["text"]).column("text").combine_chunks()[:limit]
     mh = MinHasher()

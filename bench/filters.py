@@ -34,7 +34,6 @@ import os
 import subprocess
 import tarfile
 import tempfile
-import time
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -205,8 +204,8 @@ def run_datatrove(py: Path, args: dict) -> dict:
 
 # --------------------------------------------------------------------------- our side
 def our_config(rules: list[str], domains: list[str]):
-    from tasks.filters import FilterConfig
-    from tasks.filters.content import PiiConfig, UrlConfig
+    from refinery.tasks.filters import FilterConfig
+    from refinery.tasks.filters.content import PiiConfig, UrlConfig
 
     # Same lists as the datatrove side; PII with datatrove's scope (e-mails, IPs; phones are ours only)
     return FilterConfig(rules=rules, url=UrlConfig(domains_files=[], extra_domains=domains),
@@ -215,7 +214,7 @@ def our_config(rules: list[str], domains: list[str]):
 
 
 def our_rules(docs: list[dict], domains: list[str], rules: list[str] = RULES) -> dict:
-    from tasks.filters import FilterChain
+    from refinery.tasks.filters import FilterChain
 
     out = {}
     for name in rules:
@@ -234,7 +233,7 @@ sys.path.insert(0, sys.argv[2])
 args = json.loads(sys.argv[1])
 import pyarrow as pa, pyarrow.parquet as pq
 from bench.filters import our_config
-from tasks.filters import FilterChain, filter_table
+from refinery.tasks.filters import FilterChain, filter_table
 docs = [json.loads(l) for l in open(args["docs"])]
 table = pa.table({"id": [d["id"] for d in docs], "text": [d["text"] for d in docs],
                   "url": [d["url"] for d in docs], "source": [d["source"] for d in docs],
@@ -247,9 +246,9 @@ if args["mode"] == "memory":
     kept, excluded, counts = filter_table(table, cfg, chain)
     res = {"cpu": time.process_time() - t0, "wall": time.perf_counter() - w0, "kept": counts["docs_out"]}
 else:   # the whole stage: parquet input dataset -> Filter.run -> parquet outputs + manifest
-    from tasks.store import Store
-    from tasks.runtime import stage, StageOutput
-    from tasks.filters import Filter
+    from refinery.tasks.store import Store
+    from refinery.tasks.runtime import stage, StageOutput
+    from refinery.tasks.filters import Filter
     store = Store(args["tmp"] + "/store-" + str(time.time_ns()))
     b = store.builder("docs", "bench")
     n = len(docs)
@@ -331,7 +330,7 @@ def url_docs(py: Path) -> list[dict]:
 
 def bench_domains(docs: list[dict], py: Path, tmp: str) -> list[str]:
     """The UT1 'adult' domains shipped with datatrove that could match a benchmark URL (same list to both)."""
-    from tasks.filters.content import UrlFilter
+    from refinery.tasks.filters.content import UrlFilter
 
     hosts = {UrlFilter.host(d["url"]) for d in docs if d["url"]}
     suffixes = set()

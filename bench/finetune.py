@@ -4,7 +4,7 @@
     python bench/finetune.py --device cuda --preset 1b          # GPU, Llama-3.2-1B shape (1.24B)
 
 Baseline: full fine-tuning (float32 master weights, torch AdamW). Each method runs in its own
-process through the stage's own code (``tasks.finetune.methods``: the same loading, 4-bit NF4 +
+process through the stage's own code (``refinery.tasks.finetune.methods``: the same loading, 4-bit NF4 +
 double quantization + ``prepare_model_for_kbit_training`` for QLoRA, PEFT wrapping, optimizer
 choice, paged 8-bit AdamW for QLoRA on a GPU) and takes ``--steps`` optimizer steps on random
 tokens. Gradient checkpointing is on for all three (it is QLoRA's default), so the comparison is
@@ -85,11 +85,11 @@ def worker(args) -> dict:
     """One method in this process: load, wrap, train ``steps`` steps; print one JSON line."""
     import torch
 
-    from tasks.finetune.config import FinetuneConfig
-    from tasks.finetune.data import Batch
-    from tasks.finetune.methods import (load_base_model, make_optimizer, memory_footprint, resolve_device,
+    from refinery.tasks.finetune.config import FinetuneConfig
+    from refinery.tasks.finetune.data import Batch
+    from refinery.tasks.finetune.methods import (load_base_model, make_optimizer, memory_footprint, resolve_device,
                                         resolve_dtypes, trainable_summary, wrap_model)
-    from tasks.finetune.train import autocast_ctx, rss_mb, token_loss_sum
+    from refinery.tasks.finetune.train import autocast_ctx, rss_mb, token_loss_sum
 
     torch.set_num_threads(max(1, args.threads))
     cfg = FinetuneConfig(model=args.model_dir, data="bench-random-tokens", method=args.worker, device=args.device,

@@ -12,7 +12,7 @@ Rows (docs/s = response/conversion records per second):
   parse+decode  + our HTTP parsing and charset decoding (no extraction)
   resiliparse   the extractor alone on pre-decoded HTML strings
   trafilatura   the extractor alone on the same strings
-  ingest        our whole per-file path (tasks.ingest.iter_documents): parse, decode, extract, langid,
+  ingest        our whole per-file path (refinery.tasks.ingest.iter_documents): parse, decode, extract, langid,
                 with the default extractor (resiliparse) and with trafilatura
 Ratios are printed against the bare parser and against the bare default extractor.
 
@@ -63,10 +63,10 @@ def main() -> None:
 
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
-    from tasks.ingest import IngestConfig, iter_documents
-    from tasks.ingest.extract import decode_html, get_extractor
-    from tasks.ingest.langid import LanguageIdentifier
-    from tasks.ingest.warc import RawRecord, iter_warc
+    from refinery.tasks.ingest import IngestConfig, iter_documents
+    from refinery.tasks.ingest.extract import decode_html, get_extractor
+    from refinery.tasks.ingest.langid import LanguageIdentifier
+    from refinery.tasks.ingest.warc import RawRecord, iter_warc
 
     LanguageIdentifier()  # load the model outside the timings
     types = WarcRecordType.response | WarcRecordType.conversion
@@ -154,7 +154,7 @@ def bench_langid() -> dict:
     rows = [ln.split("\t", 1) for ln in lines[1:] if "\t" in ln]
     out = {}
     cands = {}
-    from tasks.ingest.langid import LangIdConfig, LanguageIdentifier
+    from refinery.tasks.ingest.langid import LangIdConfig, LanguageIdentifier
 
     for backend in ("py3langid", "fasttext"):
         lid = LanguageIdentifier(LangIdConfig(backend=backend))
@@ -190,8 +190,8 @@ def bench_langid() -> dict:
 
 def bench_langid_docs(htmls: list[str]) -> dict:
     """Per-document cost and agreement of the two shipped backends on the extracted WARC pages."""
-    from tasks.ingest.extract import get_extractor, normalize_text
-    from tasks.ingest.langid import LangIdConfig, LanguageIdentifier
+    from refinery.tasks.ingest.extract import get_extractor, normalize_text
+    from refinery.tasks.ingest.langid import LangIdConfig, LanguageIdentifier
 
     ex = get_extractor("resiliparse")
     texts = [normalize_text(ex(h)) for h in htmls]

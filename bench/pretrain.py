@@ -3,7 +3,7 @@
     .venv/bin/python bench/pretrain.py                                  # CPU, tiny preset
     .venv/bin/python bench/pretrain.py --device cuda --preset 124M --seq-len 1024 --batch-size 16
 
-Both trainers get a model built by ``tasks.train.models.build_model`` from the same seed, the same
+Both trainers get a model built by ``refinery.tasks.train.models.build_model`` from the same seed, the same
 sequence of windows (two readers with one seed), AdamW with the same hyper-parameters, warmup +
 cosine, gradient clipping 1.0, and bf16 autocast on GPU. Each trainer's clock is read at the end of
 every step (everything the loop does counts); throughput is given two ways: over the whole span from
@@ -62,7 +62,7 @@ def train_tokenizer(texts: list[str], vocab: int, out: Path) -> Path:
 def make_readers(args, tok_dir: Path):
     from transformers import AutoTokenizer
 
-    from tasks.train.data import ArrayTokenReader, open_reader, tokenize_texts
+    from refinery.tasks.train.data import ArrayTokenReader, open_reader, tokenize_texts
 
     if args.tokens:
         spec = {"kind": "tokens", "datasets": args.tokens.split(",")}
@@ -75,8 +75,8 @@ def make_readers(args, tok_dir: Path):
 
 
 def run_ours(args, make_reader, work: Path) -> dict:
-    from tasks.train.config import TrainConfig
-    from tasks.train.loop import train
+    from refinery.tasks.train.config import TrainConfig
+    from refinery.tasks.train.loop import train
 
     cfg = TrainConfig(objective="clm", preset=args.preset, model=json.loads(args.model), seq_len=args.seq_len,
                       batch_size=args.batch_size, max_steps=args.steps, lr=args.lr, warmup_steps=args.warmup_lr,
@@ -106,8 +106,8 @@ def run_hf(args, make_reader, work: Path) -> dict:
     import torch
     from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-    from tasks.train.models import build_model, padded_vocab
-    from tasks.train.objectives import special_ids
+    from refinery.tasks.train.models import build_model, padded_vocab
+    from refinery.tasks.train.objectives import special_ids
 
     reader = make_reader("train")
     tok = AutoTokenizer.from_pretrained(str(reader.tokenizer_path))

@@ -53,7 +53,7 @@ def run(glob: str, warm_glob: str, workdir: Path, workers: int) -> tuple[float, 
     language-ID model and the compiled kernels, and opened their Prefect client)."""
     from distributed import LocalCluster
 
-    from flows.curate import CurateParams, curate_flow
+    from refinery.flows.curate import CurateParams, curate_flow
 
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as c:
         curate_flow.run_params(CurateParams(input=warm_glob, workdir=str(workdir) + "-warm",
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    from tasks.demo.crawl import make_demo_crawl
+    from refinery.tasks.demo.crawl import make_demo_crawl
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     files = make_demo_crawl(tmp / "crawl", seed=0, n_pages=args.pages, n_files=args.files)

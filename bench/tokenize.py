@@ -27,7 +27,6 @@ import sys
 sys.path[:] = [p for p in sys.path if p not in ("", ".") and not p.rstrip("/").endswith("/bench")]
 
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -81,10 +80,10 @@ def main() -> int:
     import pyarrow as pa
     from tokenizers import Tokenizer
 
-    from tasks.store import Store
-    from tasks.tokens.reader import TokenReader
-    from tasks.tokens.stage import Tokenize, TokenizeConfig
-    from tasks.tokens.tokenizer import TokenizerConfig, tokenizer_stage
+    from refinery.tasks.store import Store
+    from refinery.tasks.tokens.reader import TokenReader
+    from refinery.tasks.tokens.stage import Tokenize, TokenizeConfig
+    from refinery.tasks.tokens.tokenizer import TokenizerConfig, tokenizer_stage
 
     work = Path(tempfile.mkdtemp(prefix="bench-tokenize-"))
     try:

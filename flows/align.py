@@ -15,14 +15,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow, result
-from tasks.align.common import is_dataset_dir
-from tasks.align.dpo import DPOConfig
-from tasks.align.ppo import PPOConfig
-from tasks.align.reward import RewardConfig
-from tasks.align.stage import (DPOStageConfig, PPOStageConfig, RewardStageConfig, dpo_stage, ppo_stage,
+from refinery.flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow, result
+from refinery.tasks.align.common import is_dataset_dir
+from refinery.tasks.align.dpo import DPOConfig
+from refinery.tasks.align.ppo import PPOConfig
+from refinery.tasks.align.reward import RewardConfig
+from refinery.tasks.align.stage import (DPOStageConfig, PPOStageConfig, RewardStageConfig, dpo_stage, ppo_stage,
                                reward_stage)
-from tasks.report import format_table, image_artifact, markdown_artifact, markdown_table, table_artifact
+from refinery.tasks.report import format_table, image_artifact, markdown_artifact, markdown_table, table_artifact
 
 
 class AlignParams(FlowParams):

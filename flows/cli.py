@@ -55,7 +55,7 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def load_flow(name: str):
-    from flows.common import FLOWS
+    from refinery.flows.common import FLOWS
 
     if name not in FLOWS:
         raise SystemExit(f"refinery: unknown flow {name!r}; flows: {', '.join(sorted(FLOWS))}")
@@ -113,7 +113,7 @@ def emit(out: dict, as_json: bool) -> None:
 
 
 def cmd_inspect(args) -> int:
-    from tasks.store import Dataset, DatasetNotFound
+    from refinery.tasks.store import Dataset, DatasetNotFound
 
     try:
         ds = Dataset.open(args.path)
@@ -125,7 +125,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_flows(args) -> int:
-    from flows.common import FLOWS
+    from refinery.flows.common import FLOWS
 
     for name in FLOWS:
         print(name)

@@ -13,28 +13,27 @@ import inspect
 import sys
 from typing import Any, Callable, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+from refinery.tasks.config import StrictModel
 
-from tasks.report import format_table, table_artifact
+from refinery.tasks.report import format_table, table_artifact
 
 P = TypeVar("P", bound="FlowParams")
 
 # name -> "module:attribute" of the flow; imported only when used so `refinery --help` stays instant.
 FLOWS = {
-    "curate": "flows.curate:curate_flow",
-    "tokenize": "flows.tokenize:tokenize_flow",
-    "pretrain": "flows.pretrain:pretrain_flow",
-    "finetune": "flows.finetune:finetune_flow",
-    "align": "flows.align:align_flow",
-    "pipeline": "flows.pipeline:pipeline_flow",
-    "demo": "flows.demo:demo_flow",
+    "curate": "refinery.flows.curate:curate_flow",
+    "tokenize": "refinery.flows.tokenize:tokenize_flow",
+    "pretrain": "refinery.flows.pretrain:pretrain_flow",
+    "finetune": "refinery.flows.finetune:finetune_flow",
+    "align": "refinery.flows.align:align_flow",
+    "pipeline": "refinery.flows.pipeline:pipeline_flow",
+    "demo": "refinery.flows.demo:demo_flow",
 }
 
 
-class FlowParams(BaseModel):
+class FlowParams(StrictModel):
     """Parameters every flow has."""
-
-    model_config = ConfigDict(extra="forbid")
 
     workdir: str = Field("refinery-work", description="Root of all datasets: a local folder or an fsspec URL such as s3://bucket/refinery.")
     task_runner: str = Field("threads", description="Where shard tasks run: threads[:N], processes[:N], dask[:N] (local cluster) or tcp://HOST:PORT (an existing Dask scheduler).")

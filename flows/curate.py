@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from flows.common import FlowParams, emit_completed, refinery_flow, report_stages, result
-from tasks.dedup.stage import DedupConfig, dedup_stages
-from tasks.filters.stage import Filter, FilterConfig, table_rows
-from tasks.ingest.stage import Ingest, IngestConfig, InputSpec, ingest_report_rows
-from tasks.report import table_artifact
+from refinery.flows.common import FlowParams, emit_completed, refinery_flow, report_stages, result
+from refinery.tasks.dedup.stage import DedupConfig, dedup_stages
+from refinery.tasks.filters.stage import Filter, FilterConfig, table_rows
+from refinery.tasks.ingest.stage import Ingest, IngestConfig, InputSpec, ingest_report_rows
+from refinery.tasks.report import table_artifact
 
 
 class CurateParams(FlowParams):
@@ -32,7 +32,7 @@ def ingest_config(p: CurateParams) -> IngestConfig:
 @refinery_flow("curate", CurateParams)
 def curate_flow(p: CurateParams) -> dict:
     """Ingest crawl files and dumps, extract main text, identify language, filter, deduplicate."""
-    from tasks.runtime import make_runner
+    from refinery.tasks.runtime import make_runner
 
     stages = {}
     with make_runner(p.task_runner) as runner:

@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import Field
 
-from flows.common import FlowParams, refinery_flow
-from tasks.report import format_table, markdown_artifact, markdown_table, table_artifact
+from refinery.flows.common import FlowParams, refinery_flow
+from refinery.tasks.report import format_table, markdown_artifact, markdown_table, table_artifact
 
 # Small enough for a few minutes on 2 CPU cores, big enough that every stage visibly does something.
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -31,7 +31,7 @@ class DemoParams(FlowParams):
 
 
 def _docs(ds_path: str, limit: int = 2000) -> list[dict]:
-    from tasks.store import Dataset
+    from refinery.tasks.store import Dataset
 
     table = Dataset.open(ds_path).read_table(columns=["id", "text", "url"])
     return table.slice(0, limit).to_pylist()
@@ -50,10 +50,10 @@ def _summary_row(flow: str, stage: str, c: dict) -> dict:
 @refinery_flow("demo", DemoParams)
 def demo_flow(p: DemoParams) -> dict:
     """Generate a small deterministic crawl and run curate, tokenize, pretrain, finetune and align on it."""
-    from flows.cli import deep_merge, load_flow
-    from flows.pipeline import primary_output
-    from tasks.demo.crawl import make_demo_crawl
-    from tasks.demo.instructions import make_instructions, make_preferences
+    from refinery.flows.cli import deep_merge, load_flow
+    from refinery.flows.pipeline import primary_output
+    from refinery.tasks.demo.crawl import make_demo_crawl
+    from refinery.tasks.demo.instructions import make_instructions, make_preferences
 
     work = Path(p.workdir) if "://" not in p.workdir else Path("refinery-demo-inputs")
     crawl_dir = work / "demo-inputs" / f"crawl-{p.seed}-{p.pages}"

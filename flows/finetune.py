@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow
-from tasks.finetune.config import FinetuneConfig, Method
+from refinery.flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow
+from refinery.tasks.finetune.config import FinetuneConfig, Method
 
 
 class FinetuneParams(FlowParams):
@@ -64,8 +64,8 @@ class FinetuneParams(FlowParams):
 @refinery_flow("finetune", FinetuneParams)
 def finetune_flow(p: FinetuneParams) -> dict:
     """Fine-tune a causal LM on instructions (full, LoRA, QLoRA, IA3, LLaMA-Adapter, prompt or prefix tuning)."""
-    from tasks.finetune.stage import finetune
-    from tasks.report import format_table, table_artifact
+    from refinery.tasks.finetune.stage import finetune
+    from refinery.tasks.report import format_table, table_artifact
 
     cfg = p.stage_config()
     with gpu_slot():

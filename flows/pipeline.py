@@ -5,7 +5,7 @@ from typing import Any
 
 from pydantic import Field
 
-from flows.common import FlowParams, refinery_flow
+from refinery.flows.common import FlowParams, refinery_flow
 
 
 class PipelineParams(FlowParams):
@@ -21,7 +21,7 @@ class PipelineParams(FlowParams):
 
 def run_chain(p: FlowParams, crawl: str, data: str, preferences: str, overrides: dict[str, dict]) -> dict:
     """Run the flows one after another, each on the previous one's primary output."""
-    from flows.cli import load_flow
+    from refinery.flows.cli import load_flow
 
     common = {"workdir": p.workdir, "task_runner": p.task_runner}
     outputs: dict[str, str] = {}

@@ -14,10 +14,10 @@ import sys
 
 from pydantic import Field
 
-from flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow, result
-from tasks.report import format_table, image_artifact, markdown_artifact, markdown_table, table_artifact
-from tasks.train.config import TrainConfig
-from tasks.train.stage import pretrain
+from refinery.flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow, result
+from refinery.tasks.report import format_table, image_artifact, markdown_artifact, markdown_table, table_artifact
+from refinery.tasks.train.config import TrainConfig
+from refinery.tasks.train.stage import pretrain
 
 
 class PretrainParams(FlowParams, TrainConfig):
@@ -48,7 +48,7 @@ def _report(ds) -> None:
     except FileNotFoundError:
         rows = []
     if rows:
-        from tasks.train.metrics import summary_rows
+        from refinery.tasks.train.metrics import summary_rows
 
         merged = summary_rows(rows, every=max(1, len(rows) // 50))
         table_artifact("pretrain-metrics", merged, description="loss, lr, tokens/sec, MFU, validation loss by step")

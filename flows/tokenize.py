@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from flows.common import FlowParams, emit_completed, refinery_flow, report_stages, result
-from tasks.tokens.stage import Tokenize, TokenizeConfig
-from tasks.tokens.tokenizer import TokenizerConfig, tokenizer_stage
+from refinery.flows.common import FlowParams, emit_completed, refinery_flow, report_stages, result
+from refinery.tasks.tokens.stage import Tokenize, TokenizeConfig
+from refinery.tasks.tokens.tokenizer import TokenizerConfig, tokenizer_stage
 
 
 class TokenizeParams(FlowParams):
@@ -27,8 +27,8 @@ class TokenizeParams(FlowParams):
 @refinery_flow("tokenize", TokenizeParams)
 def tokenize_flow(p: TokenizeParams) -> dict:
     """Train (or load) a tokenizer and tokenize a documents dataset into memory-mappable token shards."""
-    from tasks.runtime import make_runner
-    from tasks.store import Dataset
+    from refinery.tasks.runtime import make_runner
+    from refinery.tasks.store import Dataset
 
     if not p.input:
         raise ValueError("tokenize needs a documents dataset: --set input=PATH")

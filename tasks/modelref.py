@@ -27,7 +27,7 @@ def _sub(base: Path, value: Any) -> str | None:
 def dataset_manifest(path: str) -> dict | None:
     """The manifest when ``path`` is a refinery dataset, else None."""
     if "://" in path:
-        from tasks.store import Dataset, DatasetNotFound
+        from refinery.tasks.store import Dataset, DatasetNotFound
 
         try:
             return Dataset.open(path).manifest
@@ -47,7 +47,7 @@ def resolve_model(path: str | os.PathLike, allow_hub: bool = True) -> str:
     datasets are copied to the local cache first), or, when ``allow_hub``, a hub id as given."""
     path = os.fspath(path)
     if "://" in path:
-        from tasks.store import Dataset
+        from refinery.tasks.store import Dataset
 
         path = Dataset.open(path).local_path()
     p = Path(path)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel
 
-from tasks.store import Builder, Dataset, Store, fingerprint
+from refinery.tasks.store import Builder, Dataset, Store, fingerprint
 
 
 @dataclasses.dataclass

@@ -300,7 +300,7 @@ class Builder:
         self._tmpdirs.append(d)
         return d
 
-    # -- shard bookkeeping (used by tasks.runtime)
+    # -- shard bookkeeping (used by refinery.tasks.runtime)
     def shard_result(self, name: str) -> dict | None:
         p = _join(self.dir, _SHARDS, hashlib.sha1(name.encode()).hexdigest()[:20] + ".json")
         if not self.fs.exists(p):

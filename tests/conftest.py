@@ -28,7 +28,7 @@ def shared_data() -> Path:
 
 @pytest.fixture
 def exec_log(tmp_path, monkeypatch) -> Path:
-    """Path of a file that gets one line per real stage execution (see tasks.runtime)."""
+    """Path of a file that gets one line per real stage execution (see refinery.tasks.runtime)."""
     path = tmp_path / "exec.log"
     monkeypatch.setenv("REFINERY_EXEC_LOG", str(path))
     return path

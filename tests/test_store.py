@@ -6,11 +6,10 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
 from refinery_testlib import read_exec_log
-from tasks.store import Dataset, DatasetNotFound, Store, fingerprint
+from refinery.tasks.store import Dataset, DatasetNotFound, Store, fingerprint
 from toy_stages import DoubleConfig, Toy, ToyConfig, double
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +119,7 @@ def test_remote_store_memory_fs():
 def test_shard_groups_spread_shards_over_runner_slots():
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from tasks.runtime import TASKS_PER_SLOT, runner_slots, shard_groups
+    from refinery.tasks.runtime import TASKS_PER_SLOT, runner_slots, shard_groups
 
     groups = shard_groups(list(range(10)), 2)
     assert len(groups) == 2 * TASKS_PER_SLOT
@@ -175,7 +174,7 @@ def test_runner_slots_of_a_dask_cluster_before_any_submission():
     from distributed import LocalCluster
     from prefect_dask import DaskTaskRunner
 
-    from tasks.runtime import runner_slots
+    from refinery.tasks.runtime import runner_slots
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         with DaskTaskRunner(address=cluster.scheduler_address) as runner:

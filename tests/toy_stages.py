@@ -5,7 +5,7 @@ import time
 import pyarrow as pa
 from pydantic import BaseModel
 
-from tasks.runtime import StageOutput, stage, sum_counts
+from refinery.tasks.runtime import StageOutput, stage, sum_counts
 
 
 class ToyConfig(BaseModel):

@@ -12,9 +12,10 @@ from typing import Literal, Sequence
 
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, Field
+from pydantic import Field
+from refinery.tasks.config import StrictModel
 
-from tasks.modelref import MANIFEST, MODEL_KEYS, model_identity, resolve_model  # noqa: F401 (re-exported)
+from refinery.tasks.modelref import MANIFEST, MODEL_KEYS, model_identity, resolve_model  # noqa: F401 (re-exported)
 
 
 # --------------------------------------------------------------------------- model folders
@@ -63,7 +64,7 @@ class StepLog:
 
 
 # --------------------------------------------------------------------------- settings
-class LoraSettings(BaseModel):
+class LoraSettings(StrictModel):
     """LoRA adapters instead of full fine-tuning (``enabled=false``: train all weights)."""
 
     enabled: bool = Field(False, description="Train LoRA adapters instead of all weights.")
@@ -73,7 +74,7 @@ class LoraSettings(BaseModel):
     target_modules: str | list[str] = Field("all-linear", description="Modules to adapt: 'all-linear' or a list of names.")
 
 
-class TrainerBase(BaseModel):
+class TrainerBase(StrictModel):
     """What every trainer config has: where it runs and the weights' dtype."""
 
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N.")

@@ -18,10 +18,10 @@ from typing import Callable, Sequence
 
 from pydantic import Field
 
-from tasks.align.common import (LoraSettings, StepLog, TrainerBase, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
+from refinery.tasks.align.common import (LoraSettings, StepLog, TrainerBase, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
                                 model_device, pad, pick_device, position_ids, seed_everything, token_logprobs,
                                 torch_dtype)
-from tasks.align.data import PreferencePair, render_prompt, render_reply
+from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
 
 TRAIN_EVAL_PAIRS = 128
 

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 from pydantic import Field
 
-from tasks.align.common import (LoraSettings, StepLog, TrainerBase, apply_lora, count_params, load_tokenizer, pad,
+from refinery.tasks.align.common import (LoraSettings, StepLog, TrainerBase, apply_lora, count_params, load_tokenizer, pad,
                                 pick_device, position_ids, seed_everything, torch_dtype)
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[Sequence[int]]], "object"]

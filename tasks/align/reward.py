@@ -15,9 +15,9 @@ from typing import Callable, Sequence
 
 from pydantic import Field
 
-from tasks.align.common import (LoraSettings, StepLog, TrainerBase, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
+from refinery.tasks.align.common import (LoraSettings, StepLog, TrainerBase, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
                                 model_device, pad, pick_device, seed_everything, torch_dtype)
-from tasks.align.data import PreferencePair, render_prompt, render_reply
+from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
 
 
 class RewardConfig(TrainerBase):

@@ -6,22 +6,23 @@ mtime, are computed fields of the config, so the fingerprint covers them) and pu
 holding the trained model in Hugging Face format with its tokenizer (``model/``; with LoRA
 ``adapter/`` and ``merged/``), the per-step history (``history.parquet``) and the figures in the
 manifest (``stats``, and a short ``metrics`` summary). The manifest keys ``model``/``merged``
-name the folders, so :func:`tasks.align.common.resolve_model_dir` (and the next stage) finds
+name the folders, so :func:`refinery.tasks.align.common.resolve_model_dir` (and the next stage) finds
 them. Light at import: torch and transformers load inside the bodies.
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, computed_field
+from pydantic import Field, computed_field
+from refinery.tasks.config import StrictModel
 
-from tasks.align.common import model_identity
-from tasks.align.data import file_identity
-from tasks.align.dpo import DPOConfig
-from tasks.align.ppo import PPOConfig
-from tasks.align.reward import RewardConfig
-from tasks.runtime import StageOutput, stage
+from refinery.tasks.align.common import model_identity
+from refinery.tasks.align.data import file_identity
+from refinery.tasks.align.dpo import DPOConfig
+from refinery.tasks.align.ppo import PPOConfig
+from refinery.tasks.align.reward import RewardConfig
+from refinery.tasks.runtime import StageOutput, stage
 
 
-class _AlignInputs(BaseModel):
+class _AlignInputs(StrictModel):
     model: str = Field(description="Starting model: a HF model folder (or hub id) or a refinery dataset naming one.")
     data: str = Field(description="Preference pairs: .json, .jsonl or .jsonl.gz (HH-RLHF, ShareGPT or prompt/chosen/rejected).")
     max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs.")
@@ -66,7 +67,7 @@ class PPOStageConfig(_AlignInputs):
 
 # --------------------------------------------------------------------------- helpers
 def _load_split(cfg: _AlignInputs):
-    from tasks.align.data import load_pairs, split_pairs
+    from refinery.tasks.align.data import load_pairs, split_pairs
 
     pairs, counts = load_pairs(cfg.data, cfg.max_pairs)
     if not pairs:
@@ -85,7 +86,7 @@ def _write_history(b, history: list[dict]) -> None:
 
 
 def _save(b, model, tokenizer, lora: bool) -> dict:
-    from tasks.align.common import save_model
+    from refinery.tasks.align.common import save_model
 
     tmp = b.tmpdir()
     keys = save_model(model, tokenizer, tmp, lora)
@@ -103,8 +104,8 @@ def _threads():
 @stage("reward", version="1")
 def reward_stage(b, inputs, cfg: RewardStageConfig) -> StageOutput:
     """Train a reward model (scalar head on the starting model) on preference pairs."""
-    from tasks.align.common import resolve_model_dir
-    from tasks.align.reward import train_reward_model
+    from refinery.tasks.align.common import resolve_model_dir
+    from refinery.tasks.align.reward import train_reward_model
 
     model_dir = resolve_model_dir(cfg.model)
     train, held_out, counts = _load_split(cfg)
@@ -123,8 +124,8 @@ def reward_stage(b, inputs, cfg: RewardStageConfig) -> StageOutput:
 @stage("dpo", version="1")
 def dpo_stage(b, inputs, cfg: DPOStageConfig) -> StageOutput:
     """Direct preference optimisation of the starting model on preference pairs."""
-    from tasks.align.common import resolve_model_dir
-    from tasks.align.dpo import train_dpo
+    from refinery.tasks.align.common import resolve_model_dir
+    from refinery.tasks.align.dpo import train_dpo
 
     model_dir = resolve_model_dir(cfg.model)
     train, held_out, counts = _load_split(cfg)
@@ -145,10 +146,10 @@ def dpo_stage(b, inputs, cfg: DPOStageConfig) -> StageOutput:
 @stage("ppo", version="1")
 def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
     """PPO of the starting model against a reward model, on the prompts of the preference pairs."""
-    from tasks.align.common import load_tokenizer, resolve_model_dir
-    from tasks.align.data import render_prompt
-    from tasks.align.ppo import save_value_head, train_ppo
-    from tasks.align.reward import RewardScorer
+    from refinery.tasks.align.common import load_tokenizer, resolve_model_dir
+    from refinery.tasks.align.data import render_prompt
+    from refinery.tasks.align.ppo import save_value_head, train_ppo
+    from refinery.tasks.align.reward import RewardScorer
 
     model_dir = resolve_model_dir(cfg.model)
     reward_dir = resolve_model_dir(cfg.reward_model)

@@ -1,5 +1,5 @@
 """numba-compiled kernels (module level, so ``cache=True`` stores them on disk). Imported lazily by
-:func:`tasks.dedup._kernels.kernels`; see there."""
+:func:`refinery.tasks.dedup._kernels.kernels`; see there."""
 import numpy as np
 from numba import njit
 

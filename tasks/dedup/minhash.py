@@ -1,6 +1,6 @@
 """MinHash signatures of word n-gram shingles, vectorized over batches of documents.
 
-Shingles: the word n-grams of the normalized text (:mod:`tasks.dedup.normalize`), each hashed
+Shingles: the word n-grams of the normalized text (:mod:`refinery.tasks.dedup.normalize`), each hashed
 to 32 bits as ``fmix64(sum_j word_hash[i+j] * C_j) >> 32`` (order-sensitive). A document with
 fewer than ``n`` (but at least one) words has one shingle made of all its words; an empty one
 has none (its signature is all-max and it never enters an LSH bucket).
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tasks.dedup._kernels import kernels
-from tasks.dedup.normalize import _SEP, _WORD_MULT, _string_buffers, fmix64, hash_words
+from refinery.tasks.dedup._kernels import kernels
+from refinery.tasks.dedup.normalize import _SEP, _WORD_MULT, _string_buffers, fmix64, hash_words
 
 _NGRAM_MULT = (np.random.RandomState(0xC0FFEE).randint(0, 1 << 62, 64, dtype=np.uint64) * np.uint64(2)
                + np.uint64(1)).astype(np.uint64)

@@ -41,18 +41,17 @@ import time
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+from refinery.tasks.config import StrictModel
 
-from tasks.runtime import StageOutput, stage, sum_counts
-from tasks.store import Dataset, Store
+from refinery.tasks.runtime import StageOutput, stage, sum_counts
+from refinery.tasks.store import Dataset, Store
 
 BATCH = 2048
 
 
-class DedupConfig(BaseModel):
+class DedupConfig(StrictModel):
     """Exact and MinHash LSH near-duplicate removal (defaults: FineWeb)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     exact: bool = Field(True, description="Drop documents whose normalized text equals a kept document's.")
     by_url: bool = Field(False, description="Also treat documents with the same normalized URL as duplicates.")
@@ -79,10 +78,8 @@ class DedupConfig(BaseModel):
         return self
 
 
-class SignatureConfig(BaseModel):
+class SignatureConfig(StrictModel):
     """What the signature shards depend on (a keep_rule or threshold change reuses them)."""
-
-    model_config = ConfigDict(extra="forbid")
     ngram: int = 5
     num_perm: int = 112
     bands: int = 14
@@ -101,10 +98,8 @@ class DedupRunConfig(DedupConfig):
     index_base: list[dict] = Field(default_factory=list)
 
 
-class BandsConfig(BaseModel):
+class BandsConfig(StrictModel):
     """What the ``lsh_bands`` shards depend on: the keys to bucket and the index state."""
-
-    model_config = ConfigDict(extra="forbid")
     # not "keys": Prefect reads models with dict(model), which would call a field named keys
     key_names: list[str] = Field(default_factory=list)
     index: str | None = None
@@ -122,7 +117,7 @@ def signature_config(cfg: DedupConfig) -> SignatureConfig:
 
 
 def index_params(cfg) -> dict:
-    from tasks.dedup.index import NORMALIZE_VERSION
+    from refinery.tasks.dedup.index import NORMALIZE_VERSION
 
     return {"ngram": cfg.ngram, "num_perm": cfg.num_perm, "bands": cfg.bands, "rows": cfg.rows,
             "seed": cfg.seed, "scheme": cfg.scheme, "normalize": NORMALIZE_VERSION,
@@ -174,7 +169,7 @@ _POS_MULT = (np.random.RandomState(0xE8AC7).randint(0, 1 << 62, 1024, dtype=np.u
 def exact_keys(h: np.ndarray, nsh: np.ndarray) -> np.ndarray:
     """64-bit key of each document's normalized word sequence, from its ordered n-gram hashes
     (consecutive overlapping n-grams determine the words). 0 = no words."""
-    from tasks.dedup.normalize import fmix64
+    from refinery.tasks.dedup.normalize import fmix64
 
     n = len(nsh)
     out = np.zeros(n, dtype=np.uint64)
@@ -310,7 +305,7 @@ def _signature_tables(mh, batch, cfg: SignatureConfig):
     """``(signature table, shingle lists or None, counts)`` of one record batch."""
     import pyarrow as pa
 
-    from tasks.dedup.minhash import band_keys
+    from refinery.tasks.dedup.minhash import band_keys
 
     names = batch.schema.names
     for col in ("id", "text"):
@@ -356,7 +351,7 @@ class Minhash:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from tasks.dedup.minhash import MinHasher
+        from refinery.tasks.dedup.minhash import MinHasher
 
         mh = MinHasher(ngram=cfg.ngram, num_perm=cfg.num_perm, seed=cfg.seed, scheme=cfg.scheme)
         t0 = time.perf_counter()
@@ -461,7 +456,7 @@ def _sources(sig_ds: Dataset, index_path: str | None, index_base: list[dict]) ->
     start = 0
     index = None
     if index_base:
-        from tasks.dedup.index import DedupIndex
+        from refinery.tasks.dedup.index import DedupIndex
 
         index = DedupIndex(index_path)
     for seg in index_base:
@@ -512,7 +507,7 @@ class LshBands:
     def shard(b, item: dict, cfg: BandsConfig) -> dict:
         import pyarrow as pa
 
-        from tasks.dedup.clusters import bucket_edges_owned
+        from refinery.tasks.dedup.clusters import bucket_edges_owned
 
         key = item["key"]
         n = sum(int(r) for _, r in item["sources"])
@@ -576,7 +571,7 @@ def dedup(b, inputs: list[Dataset], cfg: DedupRunConfig) -> StageOutput:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.dedup.clusters import UnionFind, choose_winners, sort_key, verify_edges
+    from refinery.tasks.dedup.clusters import UnionFind, choose_winners, sort_key, verify_edges
 
     docs_ds, sig_ds, bands_ds = inputs
     t0 = time.perf_counter()
@@ -747,7 +742,7 @@ def dedup(b, inputs: list[Dataset], cfg: DedupRunConfig) -> StageOutput:
 
 # --------------------------------------------------------------------------- composition
 def run_config(cfg: DedupConfig, docs: Dataset) -> DedupRunConfig:
-    from tasks.dedup.index import DedupIndex
+    from refinery.tasks.dedup.index import DedupIndex
 
     base: list[dict] = []
     if cfg.index:
@@ -765,7 +760,7 @@ def dedup_stages(workdir: str, docs: Dataset | str, cfg: DedupConfig, runner: An
     ``prefect=True`` (flows) runs the stages as Prefect tasks (shards through ``runner``);
     ``prefect=False`` runs them as plain Python (``map_fn`` may parallelize the shards).
     """
-    from tasks.dedup.index import DedupIndex
+    from refinery.tasks.dedup.index import DedupIndex
 
     docs = docs if isinstance(docs, Dataset) else Dataset.open(docs)
     scfg = signature_config(cfg)

@@ -3,7 +3,7 @@
 ``make_demo_crawl(out_dir, seed=0, n_pages=400, n_files=4)`` writes ``demo-00000.warc.gz`` ...
 (WARC/1.1, one gzip member per record: a ``warcinfo`` record, then a ``request`` and a
 ``response`` record per page) and ``ground_truth.json`` beside them. Page text is real
-English prose (standard-library docstrings, see :mod:`tasks.demo.prose`) wrapped in HTML
+English prose (standard-library docstrings, see :mod:`refinery.tasks.demo.prose`) wrapped in HTML
 with menus, cookie banners, sidebars, comments and footers, so main-text extraction has work
 to do. Planted for the curation stages to find, and listed in ``ground_truth.json``:
 
@@ -39,8 +39,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.demo import texts as T
-from tasks.demo.prose import Passage, stdlib_prose
+from refinery.tasks.demo import texts as T
+from refinery.tasks.demo.prose import Passage, stdlib_prose
 
 GENERATOR_VERSION = 1
 BASE_DATE = _dt.datetime(2024, 5, 20, 6, 0, 0, tzinfo=_dt.timezone.utc)
@@ -687,7 +687,7 @@ def make_demo_crawl(out_dir: str | Path, *, seed: int = 0, n_pages: int = 400, n
 
     n_resp = sum(c["response"] for c in records.values())
     truth = {
-        "generator": "tasks.demo.crawl", "version": GENERATOR_VERSION, "seed": seed, "n_pages": n_pages,
+        "generator": "refinery.tasks.demo.crawl", "version": GENERATOR_VERSION, "seed": seed, "n_pages": n_pages,
         "n_files": n_files, "files": [p.name for p in files], "records": records,
         "totals": {"warcinfo": len(files), "request": sum(c["request"] for c in records.values()),
                    "response": n_resp, "complete_responses": n_resp - len(corrupt_info),
@@ -742,7 +742,7 @@ def load_ground_truth(out_dir: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tasks.demo.crawl OUT_DIR [--seed N] [--pages N] [--files N]``: write a demo crawl."""
+    """``python -m refinery.tasks.demo.crawl OUT_DIR [--seed N] [--pages N] [--files N]``: write a demo crawl."""
     import argparse
 
     ap = argparse.ArgumentParser(description=main.__doc__)

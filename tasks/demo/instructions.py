@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from tasks.demo.crawl import _write_if_changed
+from refinery.tasks.demo.crawl import _write_if_changed
 
 TASKS = ("summarize", "title", "continue", "topic", "keywords", "write")
 REJECTION_KINDS = ("unrelated", "truncated", "repetitive", "evasive")

@@ -2,13 +2,13 @@
 
 Light to import: pydantic, regex, numpy; no model downloads. Public API::
 
-    from tasks.filters import Filter, FilterConfig, FilterChain, filter_table, table_rows
+    from refinery.tasks.filters import Filter, FilterConfig, FilterChain, filter_table, table_rows
     ds = Filter.run(store, [docs_ds], FilterConfig(rules=["url", "gopher_quality", "pii"]))
 """
-from tasks.filters import c4, content, fineweb, gopher  # noqa: F401  (registers the rules)
-from tasks.filters.base import RULES, Drop, Rule, RuleConfig, rule_names
-from tasks.filters.stage import DEFAULT_RULES, Filter, FilterChain, FilterConfig, filter_table, run_filter, table_rows
-from tasks.filters.text import DocView, WordTokenizer
+from refinery.tasks.filters import c4, content, fineweb, gopher  # noqa: F401  (registers the rules)
+from refinery.tasks.filters.base import RULES, Drop, Rule, RuleConfig, rule_names
+from refinery.tasks.filters.stage import DEFAULT_RULES, Filter, FilterChain, FilterConfig, filter_table, run_filter, table_rows
+from refinery.tasks.filters.text import DocView, WordTokenizer
 
 __all__ = ["Filter", "FilterConfig", "FilterChain", "filter_table", "table_rows", "run_filter", "DEFAULT_RULES",
            "RULES", "Rule", "RuleConfig", "Drop", "rule_names", "DocView", "WordTokenizer"]

@@ -1,6 +1,6 @@
 """What every filter rule shares: its config base (language handling), the rule interface, the registry.
 
-A rule looks at one :class:`~tasks.filters.text.DocView` and either returns ``None`` (keep; it may
+A rule looks at one :class:`~refinery.tasks.filters.text.DocView` and either returns ``None`` (keep; it may
 have rewritten ``doc.text``) or a :class:`Drop` with a short reason and the measured value that
 crossed the threshold. Rules never re-split text themselves when the view already has it.
 """
@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Callable, ClassVar, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+from refinery.tasks.config import StrictModel
 
-from tasks.filters.text import DocView
+from refinery.tasks.filters.text import DocView
 
 
 class Drop(NamedTuple):
@@ -19,9 +20,8 @@ class Drop(NamedTuple):
     value: float | None    # the measured quantity that failed (ratio, count), None when not numeric
 
 
-class RuleConfig(BaseModel):
+class RuleConfig(StrictModel):
     """Language handling common to all rules."""
-    model_config = ConfigDict(extra="forbid")
 
     languages: list[str] | None = Field(
         default=None, description="languages (ISO 639-1 codes, as in the `lang` column) this rule applies to; "

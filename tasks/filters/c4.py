@@ -16,8 +16,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from tasks.filters.base import Drop, Rule, RuleConfig, register
-from tasks.filters.text import DATA_DIR, DocView, count_sentences
+from refinery.tasks.filters.base import Drop, Rule, RuleConfig, register
+from refinery.tasks.filters.text import DATA_DIR, DocView, count_sentences
 
 CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
 END_PUNCTUATION = (".", "?", "!", '"', "'")
@@ -100,7 +100,7 @@ class C4Quality(Rule):
 
 def _sentences(text: str, tok) -> list[str]:
     """Split text into sentences with the same boundary rule as :func:`count_sentences`."""
-    from tasks.filters.text import _is_punct_cached, terminal_punctuation
+    from refinery.tasks.filters.text import _is_punct_cached, terminal_punctuation
 
     term = terminal_punctuation()
     out, cur, seen = [], [], False

@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 
 from pydantic import Field
 
-from tasks.filters.base import Drop, Rule, RuleConfig, register
-from tasks.filters.c4 import _trie_regex
-from tasks.filters.text import DATA_DIR, DocView
+from refinery.tasks.filters.base import Drop, Rule, RuleConfig, register
+from refinery.tasks.filters.c4 import _trie_regex
+from refinery.tasks.filters.text import DATA_DIR, DocView
 
 URL_DATA = DATA_DIR / "url"
 _NON_ALNUM = re.compile(r"[^a-zA-Z0-9]+")

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from tasks.filters.base import Drop, Rule, RuleConfig, register
-from tasks.filters.gopher import duplicates
-from tasks.filters.text import DocView, terminal_punctuation
+from refinery.tasks.filters.base import Drop, Rule, RuleConfig, register
+from refinery.tasks.filters.gopher import duplicates
+from refinery.tasks.filters.text import DocView, terminal_punctuation
 
 
 class FineWebConfig(RuleConfig):

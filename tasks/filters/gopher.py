@@ -14,8 +14,8 @@ from bisect import bisect_right
 import numpy as np
 from pydantic import Field
 
-from tasks.filters.base import Drop, Rule, RuleConfig, register
-from tasks.filters.text import DocView
+from refinery.tasks.filters.base import Drop, Rule, RuleConfig, register
+from refinery.tasks.filters.text import DocView
 
 # Gopher A.1.1: "at least two of the following English words: the, be, to, of, and, that, have, with".
 EN_STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with"]

@@ -14,21 +14,21 @@ import time
 from collections import Counter
 from typing import Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+from refinery.tasks.config import StrictModel
 
-from tasks.filters.base import RULES, Drop, Rule
-from tasks.filters.c4 import C4BadWordsConfig, C4Config
-from tasks.filters.content import PiiConfig, UrlConfig
-from tasks.filters.fineweb import FineWebConfig
-from tasks.filters.gopher import GopherQualityConfig, GopherRepetitionConfig
-from tasks.filters.text import DocView, WordTokenizer
-from tasks.runtime import StageOutput, stage, sum_counts
+from refinery.tasks.filters.base import RULES, Drop, Rule
+from refinery.tasks.filters.c4 import C4BadWordsConfig, C4Config
+from refinery.tasks.filters.content import PiiConfig, UrlConfig
+from refinery.tasks.filters.fineweb import FineWebConfig
+from refinery.tasks.filters.gopher import GopherQualityConfig, GopherRepetitionConfig
+from refinery.tasks.filters.text import DocView, WordTokenizer
+from refinery.tasks.runtime import StageOutput, stage, sum_counts
 
 DEFAULT_RULES = ["url", "gopher_repetition", "gopher_quality", "c4", "fineweb", "pii"]
 
 
-class FilterConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FilterConfig(StrictModel):
 
     rules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_RULES),
@@ -191,7 +191,7 @@ class Filter:
     @staticmethod
     def identity(cfg: FilterConfig) -> list[str]:
         """Contents of the list files the rules read, so editing a list re-runs the stage."""
-        from tasks.filters.c4 import C4BadWords
+        from refinery.tasks.filters.c4 import C4BadWords
 
         paths: list = []
         if "url" in cfg.rules:
@@ -214,7 +214,7 @@ class Filter:
 
     @staticmethod
     def shard(b, item: dict, cfg: FilterConfig) -> dict:
-        from tasks.store import Dataset
+        from refinery.tasks.store import Dataset
 
         ds = Dataset.open(item["dataset"])
         try:
@@ -240,7 +240,7 @@ class Filter:
         rows = table_rows(counts, cfg.rules)
         if "prefect" in sys.modules:   # no Prefect loaded -> not inside a flow run -> no artifact
             try:
-                from tasks.report import table_artifact
+                from refinery.tasks.report import table_artifact
                 table_artifact("filter-drops", rows, description="documents dropped per rule and reason")
             except Exception:  # artifacts are a convenience; never fail the stage on them
                 pass

@@ -1,4 +1,4 @@
-"""The fine-tuning stage's configuration (pydantic only: cheap to import from flows and the CLI).
+"""The fine-tuning stage's configuration (pydantic only: cheap to import from refinery.flows and the CLI).
 
 Learning-rate defaults by method (``lr=None`` picks them; see :data:`DEFAULT_LR`):
 
@@ -22,7 +22,8 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+from refinery.tasks.config import StrictModel
 
 Method = Literal["full", "lora", "qlora", "ia3", "llama_adapter", "prompt_tuning", "prefix_tuning"]
 METHODS: tuple[str, ...] = ("full", "lora", "qlora", "ia3", "llama_adapter", "prompt_tuning", "prefix_tuning")
@@ -41,13 +42,11 @@ MERGEABLE: tuple[str, ...] = ("lora", "qlora", "ia3")
 # methods that feed extra virtual tokens / past key-values: no packing with them
 PROMPT_METHODS: tuple[str, ...] = ("prompt_tuning", "prefix_tuning", "llama_adapter")
 
-from tasks.modelref import model_identity
+from refinery.tasks.modelref import model_identity
 
 
-class FinetuneConfig(BaseModel):
+class FinetuneConfig(StrictModel):
     """Supervised fine-tuning of a causal LM on an instruction file, by one of seven methods."""
-
-    model_config = ConfigDict(extra="forbid")
 
     # -- inputs
     model: str = Field(description="Base model: a Hugging Face model folder, a hub id, or a refinery dataset folder whose manifest names a model (e.g. pretrain's output).")

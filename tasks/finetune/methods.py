@@ -10,8 +10,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tasks.finetune.config import MERGEABLE, FinetuneConfig
-from tasks.modelref import resolve_model
+from refinery.tasks.finetune.config import MERGEABLE, FinetuneConfig
+from refinery.tasks.modelref import resolve_model
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 

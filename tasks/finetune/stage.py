@@ -19,9 +19,9 @@ import gc
 import os
 import sys
 
-from tasks.finetune.config import FinetuneConfig
-from tasks.runtime import StageOutput, stage
-from tasks.store import Builder, Dataset
+from refinery.tasks.finetune.config import FinetuneConfig
+from refinery.tasks.runtime import StageOutput, stage
+from refinery.tasks.store import Builder, Dataset
 
 
 def _logger():
@@ -50,9 +50,9 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
     import pyarrow as pa
     import torch
 
-    from tasks.finetune import data as D
-    from tasks.finetune import methods as M
-    from tasks.finetune.train import PeakMemory, evaluate, generate_samples, train_loop
+    from refinery.tasks.finetune import data as D
+    from refinery.tasks.finetune import methods as M
+    from refinery.tasks.finetune.train import PeakMemory, evaluate, generate_samples, train_loop
 
     log = _logger()
     torch.manual_seed(cfg.seed)
@@ -187,7 +187,7 @@ def summary_markdown(cfg: FinetuneConfig, counts: dict, stats: dict) -> str:
 
 def _report_artifact(cfg: FinetuneConfig, counts: dict, stats: dict) -> None:
     try:
-        from tasks.report import markdown_artifact
+        from refinery.tasks.report import markdown_artifact
     except ImportError:  # pragma: no cover
         return
     try:

@@ -12,8 +12,8 @@ import resource
 import time
 from typing import Any, Callable, Sequence
 
-from tasks.finetune.config import FinetuneConfig
-from tasks.finetune.data import IGNORE, Batch, Encoded, make_batches, prompt_and_reference, render
+from refinery.tasks.finetune.config import FinetuneConfig
+from refinery.tasks.finetune.data import IGNORE, Batch, Encoded, make_batches, prompt_and_reference, render
 
 
 # --------------------------------------------------------------------------- memory
@@ -194,7 +194,7 @@ def train_loop(cfg: FinetuneConfig, model, train_items: Sequence[Encoded], val_b
     Returns the loss curve, validation history, throughput and early-stopping facts."""
     import torch
 
-    from tasks.finetune.methods import lr_lambda, make_optimizer
+    from refinery.tasks.finetune.methods import lr_lambda, make_optimizer
 
     if not train_items:
         raise ValueError("no training examples left after validation split and encoding")

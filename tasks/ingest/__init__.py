@@ -2,7 +2,7 @@
 
 Public API::
 
-    from tasks.ingest import Ingest, IngestConfig, InputSpec, run_ingest
+    from refinery.tasks.ingest import Ingest, IngestConfig, InputSpec, run_ingest
     ds = Ingest.run(store, inputs=[], cfg=IngestConfig(inputs=[InputSpec(path="crawl/*.warc.gz", source="cc")]))
     ds = Ingest.call(root, [], cfg, runner=...)        # from a flow (one Prefect task per file)
 
@@ -10,8 +10,8 @@ Modules: ``warc`` (archive records), ``dumps`` (JSONL/Parquet rows), ``extract``
 text), ``langid`` (offline language id), ``sources`` (paths, globs, URLs, format sniffing), ``stage``.
 Heavy libraries (fastwarc, resiliparse, trafilatura, pyarrow, language models) load lazily.
 """
-from tasks.ingest.langid import LangIdConfig
-from tasks.ingest.stage import (DOC_COLUMNS, Ingest, IngestConfig, IngestError, InputSpec, doc_id, docs_table,
+from refinery.tasks.ingest.langid import LangIdConfig
+from refinery.tasks.ingest.stage import (DOC_COLUMNS, Ingest, IngestConfig, IngestError, InputSpec, doc_id, docs_table,
                                 ingest_file, ingest_report_rows, iter_documents, resolve_inputs, run_ingest)
 
 __all__ = ["Ingest", "IngestConfig", "InputSpec", "LangIdConfig", "IngestError", "run_ingest", "iter_documents", "ingest_report_rows",

@@ -38,13 +38,13 @@ from __future__ import annotations
 import threading
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+from refinery.tasks.config import StrictModel
 
 BACKENDS = ("py3langid", "fasttext")
 
 
-class LangIdConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class LangIdConfig(StrictModel):
 
     backend: Literal["py3langid", "fasttext"] = Field("py3langid", description="language-id model (offline)")
     max_chars: int = Field(1000, ge=50, description="identify the language from the first N characters")

@@ -22,16 +22,16 @@ import time
 from collections import Counter
 from typing import Any, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+from refinery.tasks.config import StrictModel
 
-from tasks.ingest.langid import LangIdConfig
-from tasks.runtime import StageOutput, stage
+from refinery.tasks.ingest.langid import LangIdConfig
+from refinery.tasks.runtime import StageOutput, stage
 
 STAGE_VERSION = "1"
 
 
-class InputSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class InputSpec(StrictModel):
 
     path: str = Field(description="file, glob (local or fsspec) or URL (http(s)://, s3://, file://, memory://)")
     source: str = Field(description="source name stored in every document, e.g. cc-main-2024-22, books, code")
@@ -43,8 +43,7 @@ class InputSpec(BaseModel):
     date_field: str | None = Field(None, description="JSONL/Parquet: field with a date/timestamp, if any")
 
 
-class IngestConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class IngestConfig(StrictModel):
 
     inputs: list[InputSpec] = Field(default_factory=list, description="input files and their source names")
     extractor: Literal["resiliparse", "trafilatura"] = Field(
@@ -98,7 +97,7 @@ def docs_table(rows: list[dict]):
 # --------------------------------------------------------------------------- one file -> documents
 def resolve_inputs(cfg: IngestConfig) -> list[dict]:
     """One item per input file: ``{name, path, source, format, ...}``; sorted within each input spec."""
-    from tasks.ingest.sources import resolve_paths
+    from refinery.tasks.ingest.sources import resolve_paths
 
     items = []
     for spec in cfg.inputs:
@@ -115,10 +114,10 @@ def iter_documents(item: dict, cfg: IngestConfig, stats: dict) -> Iterator[dict]
     ``stats`` gets ``docs_in``, ``dropped[reason]``, ``record_errors[reason]``, ``error_samples``,
     ``format``. File-level problems raise (the shard turns them into a file error).
     """
-    from tasks.ingest import dumps, warc
-    from tasks.ingest.extract import decode_html, decode_text, get_extractor, normalize_text
-    from tasks.ingest.langid import LanguageIdentifier
-    from tasks.ingest.sources import UnknownFormat, open_binary, sniff
+    from refinery.tasks.ingest import dumps, warc
+    from refinery.tasks.ingest.extract import decode_html, decode_text, get_extractor, normalize_text
+    from refinery.tasks.ingest.langid import LanguageIdentifier
+    from refinery.tasks.ingest.sources import UnknownFormat, open_binary, sniff
 
     item = {**InputSpec(path=item["path"], source=item["source"]).model_dump(), **item}
     path, source = item["path"], item["source"]
@@ -233,8 +232,8 @@ def ingest_file(item: dict, cfg: IngestConfig, write_part) -> dict:
     """
     from tqdm.auto import tqdm
 
-    from tasks.ingest.sources import UnknownFormat
-    from tasks.ingest.warc import NotAnArchive
+    from refinery.tasks.ingest.sources import UnknownFormat
+    from refinery.tasks.ingest.warc import NotAnArchive
 
     t0 = time.perf_counter()
     stats: dict = {}
@@ -285,7 +284,7 @@ class Ingest:
 
     @staticmethod
     def identity(cfg: IngestConfig) -> list[str]:
-        from tasks.ingest.sources import identity
+        from refinery.tasks.ingest.sources import identity
 
         return [identity(it["path"], cfg.storage_options) for it in resolve_inputs(cfg)]
 

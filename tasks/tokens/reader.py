@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from tasks.tokens.shards import MappedTokenFile, token_files_of, tokenizer_dir_of
+from refinery.tasks.tokens.shards import MappedTokenFile, token_files_of, tokenizer_dir_of
 
 _MIX_CHUNK = 4096
 _STATE_VERSION = 1
@@ -56,7 +56,7 @@ class _Source:
     """One token dataset: its memory-mapped chunks as a single token stream."""
 
     def __init__(self, path: str):
-        from tasks.store import Dataset
+        from refinery.tasks.store import Dataset
 
         ds = Dataset.open(path)
         self.path = ds.path
@@ -271,8 +271,8 @@ class TokenReader:
 
 
 def iterable_dataset(datasets, seq_len: int, **kwargs):
-    """A ``torch.utils.data.IterableDataset`` of windows (see :mod:`tasks.tokens.torch_data`)."""
-    from tasks.tokens.torch_data import TokenIterableDataset
+    """A ``torch.utils.data.IterableDataset`` of windows (see :mod:`refinery.tasks.tokens.torch_data`)."""
+    from refinery.tasks.tokens.torch_data import TokenIterableDataset
 
     return TokenIterableDataset(datasets, seq_len, **kwargs)
 

@@ -15,13 +15,14 @@ import time
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
+from refinery.tasks.config import StrictModel
 
-from tasks.runtime import StageOutput, stage
-from tasks.tokens.shards import TOKENIZER_DIR, ShardWriter, token_dtype, token_manifest
+from refinery.tasks.runtime import StageOutput, stage
+from refinery.tasks.tokens.shards import TOKENIZER_DIR, ShardWriter, token_dtype, token_manifest
 
 
-class TokenizeConfig(BaseModel):
+class TokenizeConfig(StrictModel):
     max_tokens_per_file: int = Field(100_000_000, ge=1, description="Target size of a token file in tokens "
                                      "(cut at document boundaries); a larger input part gives several files.")
     batch_tokens: int = Field(1 << 20, ge=1, description="Tokens per Arrow record batch inside a file.")
@@ -39,7 +40,7 @@ def load_fast_tokenizer(tokenizer_ds: str, sha256: str | None = None):
 
     from tokenizers import Tokenizer
 
-    from tasks.store import Dataset
+    from refinery.tasks.store import Dataset
 
     tokenizer_json = f"{Dataset.open(tokenizer_ds).local_path()}/tokenizer.json"
     if sha256 is not None:
@@ -158,7 +159,7 @@ class Tokenize:
 
     @staticmethod
     def reduce(b, results: list[dict], cfg: TokenizeConfig, inputs) -> StageOutput:
-        from tasks.runtime import sum_counts
+        from refinery.tasks.runtime import sum_counts
 
         docs, tok_ds = inputs
         tok_dir, info = _tokenizer_of(tok_ds)

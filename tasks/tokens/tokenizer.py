@@ -15,14 +15,15 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from pydantic import BaseModel, Field, computed_field, model_validator
+from pydantic import Field, computed_field, model_validator
+from refinery.tasks.config import StrictModel
 
-from tasks.runtime import StageOutput, stage
+from refinery.tasks.runtime import StageOutput, stage
 
 BYTE_ALPHABET = 256
 
 
-class TokenizerConfig(BaseModel):
+class TokenizerConfig(StrictModel):
     """Train a byte-level BPE tokenizer (``path`` empty) or load an existing one (``path`` set)."""
 
     path: str | None = Field(None, description="Load this tokenizer instead of training one: a local folder "

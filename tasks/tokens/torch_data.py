@@ -1,6 +1,6 @@
 """A PyTorch ``IterableDataset`` over token windows, for ``DataLoader(num_workers=N)`` and DDP.
 
-Every (rank, worker) pair opens its own :class:`~tasks.tokens.reader.TokenReader` as shard
+Every (rank, worker) pair opens its own :class:`~refinery.tasks.tokens.reader.TokenReader` as shard
 ``rank * num_workers + worker`` of ``world_size * num_workers``, so workers and ranks read disjoint
 samples of the same global stream, and nothing memory-mapped crosses a process boundary.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from tasks.tokens.reader import TokenReader
+from refinery.tasks.tokens.reader import TokenReader
 
 
 class TokenIterableDataset(IterableDataset):

@@ -2,5 +2,5 @@
 checkpoints, DDP, metrics, and the ``pretrain`` stage.
 
 Submodules import torch/transformers lazily or at their own top level; this package imports nothing
-heavy, so ``from tasks.train.config import TrainConfig`` is cheap.
+heavy, so ``from refinery.tasks.train.config import TrainConfig`` is cheap.
 """

@@ -8,15 +8,14 @@ from typing import Any, Literal
 
 import json
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+from refinery.tasks.config import StrictModel
 
 Objective = Literal["clm", "mlm", "span"]
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(StrictModel):
     """Everything that decides a pretraining run's numbers (model, data, optimisation, schedule)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     # -- model
     objective: Objective = Field("clm", description="clm: causal LM (Llama-style decoder); mlm: masked LM "

@@ -84,12 +84,12 @@ def open_reader(spec: dict, seq_len: int, *, split: str = "train", val_fraction:
                 weights=None):
     """A reader from a JSON-able spec.
 
-    ``{"kind": "tokens", "datasets": [path, ...]}``  token datasets (``tasks.tokens.reader.TokenReader``)
+    ``{"kind": "tokens", "datasets": [path, ...]}``  token datasets (``refinery.tasks.tokens.reader.TokenReader``)
     ``{"kind": "array", "tokens": "file.npy", "tokenizer_path": dir, "vocab_size": n, "eos_id": i}``
     """
     kind = spec.get("kind", "tokens")
     if kind == "tokens":
-        from tasks.tokens.reader import TokenReader
+        from refinery.tasks.tokens.reader import TokenReader
 
         # Every process reads the same global batch and keeps its slice (see loop.py), so the
         # reader is opened unsharded (rank 0 of 1): a DDP run sees exactly the single-process data.

@@ -1,8 +1,8 @@
 """Data-parallel training (DDP): process-group helpers and the torchrun launcher.
 
 When a run asks for more than one process, :func:`launch` starts ``torchrun`` (``python -m
-torch.distributed.run``) on this machine with :mod:`tasks.train.worker` as the program; every
-worker runs the same loop (``tasks.train.loop.train``) and rank 0 writes the result JSON. On GPUs
+torch.distributed.run``) on this machine with :mod:`refinery.tasks.train.worker` as the program; every
+worker runs the same loop (``refinery.tasks.train.loop.train``) and rank 0 writes the result JSON. On GPUs
 the backend is NCCL (one process per GPU); on CPU it is gloo, which is how the tests exercise the
 very same code path with two processes.
 """
@@ -123,7 +123,7 @@ def launch(spec: dict, nproc: int, workdir: str | Path, timeout: float | None = 
     result_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec, indent=2, default=str))
     cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous_args(workdir.name),
-           f"--nproc_per_node={nproc}", "-m", "tasks.train.worker", str(spec_path)]
+           f"--nproc_per_node={nproc}", "-m", "refinery.tasks.train.worker", str(spec_path)]
     env_ = dict(os.environ)
     env_.setdefault("OMP_NUM_THREADS", "1")
     root = str(Path(__file__).resolve().parents[2])

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from tasks.train.config import TrainConfig
+from refinery.tasks.train.config import TrainConfig
 
 
 class WarmupCosine:
@@ -101,7 +101,7 @@ def evaluate(model, objective, val_reader, cfg: TrainConfig, device, autocast, b
     same validation windows as a single process with the same global batch."""
     import torch
 
-    from tasks.train.objectives import IGNORE, step_generator
+    from refinery.tasks.train.objectives import IGNORE, step_generator
 
     was_training = model.training
     model.eval()
@@ -134,12 +134,12 @@ def train(cfg: TrainConfig, reader, val_reader, ckpt_dir: str | Path, *, unigram
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from tasks.train import checkpoint as ckpt
-    from tasks.train import distributed as dist
-    from tasks.train.data import unigram_entropy
-    from tasks.train.metrics import MetricsLog, loss_curve_png, mfu, peak_flops
-    from tasks.train.models import build_model, count_params, flops_per_token, padded_vocab
-    from tasks.train.objectives import example_lengths, make_objective, special_ids, step_generator
+    from refinery.tasks.train import checkpoint as ckpt
+    from refinery.tasks.train import distributed as dist
+    from refinery.tasks.train.data import unigram_entropy
+    from refinery.tasks.train.metrics import MetricsLog, loss_curve_png, mfu, peak_flops
+    from refinery.tasks.train.models import build_model, count_params, flops_per_token, padded_vocab
+    from refinery.tasks.train.objectives import example_lengths, make_objective, special_ids, step_generator
 
     t_start = time.perf_counter()
     rank, world, local_rank = dist.env()
@@ -365,7 +365,7 @@ def train(cfg: TrainConfig, reader, val_reader, ckpt_dir: str | Path, *, unigram
 def run_local(cfg: TrainConfig, reader_spec: dict, ckpt_dir: str | Path, *, stop_after: int | None = None,
               log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Open the readers of ``reader_spec`` and train in this process (one rank of a DDP run, or the only one)."""
-    from tasks.train.data import open_reader
+    from refinery.tasks.train.data import open_reader
 
     kw = dict(val_fraction=cfg.val_fraction, seed=cfg.seed, weights=cfg.weights)
     reader = open_reader(reader_spec, cfg.seq_len, split="train", **kw)
@@ -378,7 +378,7 @@ def run_local(cfg: TrainConfig, reader_spec: dict, ckpt_dir: str | Path, *, stop
 def run_training(cfg: TrainConfig, reader_spec: dict, ckpt_dir: str | Path, *, stop_after: int | None = None,
                  log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Train in this process, or with torchrun on ``cfg.devices`` processes when that is more than one."""
-    from tasks.train import distributed as dist
+    from refinery.tasks.train import distributed as dist
 
     nproc = dist.world_size_for(cfg.devices, cfg.device)
     if nproc <= 1 or dist.env()[1] > 1:

@@ -19,9 +19,9 @@ import os
 import shutil
 from pathlib import Path
 
-from tasks.runtime import StageOutput, stage
-from tasks.store import Builder, Dataset
-from tasks.train.config import TrainConfig
+from refinery.tasks.runtime import StageOutput, stage
+from refinery.tasks.store import Builder, Dataset
+from refinery.tasks.train.config import TrainConfig
 
 _HF_SKIP = {"trainer_state.pt", "trainer_state.json"}
 
@@ -56,7 +56,7 @@ def export_folder(ckpt: str | Path, dest: str | Path, log_dir: str | Path | None
 @stage("pretrain", version="1")
 def pretrain(b: Builder, inputs: list[Dataset], cfg: TrainConfig) -> StageOutput:
     """Pretrain a model from config on the input token datasets (mixed by ``cfg.weights``)."""
-    from tasks.train.loop import run_training
+    from refinery.tasks.train.loop import run_training
 
     if not inputs:
         raise ValueError("pretrain needs at least one token dataset as input")

@@ -1,6 +1,6 @@
-"""One DDP process, started by torchrun (see :func:`tasks.train.distributed.launch`).
+"""One DDP process, started by torchrun (see :func:`refinery.tasks.train.distributed.launch`).
 
-    python -m torch.distributed.run --standalone --nproc_per_node=N -m tasks.train.worker launch.json
+    python -m torch.distributed.run --standalone --nproc_per_node=N -m refinery.tasks.train.worker launch.json
 
 ``launch.json`` holds the TrainConfig, the reader spec, the checkpoint folder and an optional
 ``stop_after``; rank 0 writes ``result.json`` beside it.
@@ -16,14 +16,14 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m tasks.train.worker LAUNCH.json", file=sys.stderr)
+        print("usage: python -m refinery.tasks.train.worker LAUNCH.json", file=sys.stderr)
         return 2
     spec_path = Path(argv[0])
     spec = json.loads(spec_path.read_text())
 
-    from tasks.train import distributed as dist
-    from tasks.train.config import TrainConfig
-    from tasks.train.loop import run_local
+    from refinery.tasks.train import distributed as dist
+    from refinery.tasks.train.config import TrainConfig
+    from refinery.tasks.train.loop import run_local
 
     cfg = TrainConfig.model_validate(spec["config"])
     dist.init()

@@ -49,7 +49,7 @@ def hh_subset(hh_path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def align_store(tmp_path_factory):
-    from tasks.store import Store
+    from refinery.tasks.store import Store
 
     return Store(tmp_path_factory.mktemp("align_store"))
 
@@ -57,8 +57,8 @@ def align_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_reward(align_store, tiny_causal_lm_dir, hh_subset):
     """The reward stage trained on the real HH subset (used by the reward and PPO tests)."""
-    from tasks.align.reward import RewardConfig
-    from tasks.align.stage import RewardStageConfig, reward_stage
+    from refinery.tasks.align.reward import RewardConfig
+    from refinery.tasks.align.stage import RewardStageConfig, reward_stage
 
     cfg = RewardStageConfig(model=str(tiny_causal_lm_dir), data=str(hh_subset), max_pairs=600, eval_fraction=0.25,
                             train=RewardConfig(lr=1e-3, epochs=2, batch_size=16, max_prompt_len=32, max_len=128))

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from tasks.align.common import model_identity, resolve_model_dir
-from tasks.align.data import load_pairs, parse_record, render_prompt, render_reply, split_pairs
+from refinery.tasks.align.common import model_identity, resolve_model_dir
+from refinery.tasks.align.data import load_pairs, parse_record, render_prompt, render_reply, split_pairs
 
 
 def test_hh_rlhf_real(hh_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flows.align import AlignParams, dpo_config, ppo_config, reward_config
+from refinery.flows.align import AlignParams, dpo_config, ppo_config, reward_config
 
 
 def test_flat_shortcuts_override_nested_configs():
@@ -27,7 +27,7 @@ def test_cli_ppo_trains_reward_model_then_policy(tmp_path, tiny_causal_lm_dir, h
     """``refinery run align ... --json`` (in-process, so the Prefect server is shared with other tests)."""
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
-    from flows.cli import main
+    from refinery.flows.cli import main
 
     work = tmp_path / "work"
     argv = ["run", "align", "--workdir", str(work), "--json",

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tasks.align.ppo import PPOConfig, gae, reply_mask, shaped_rewards, train_ppo, whiten
+from refinery.tasks.align.ppo import PPOConfig, gae, reply_mask, shaped_rewards, train_ppo, whiten
 
 TARGET = set(range(100, 164))  # 64 of the 512 token ids: about 1/8 of random samples hit one
 
@@ -56,7 +56,7 @@ def test_gae_matches_hand_computation():
 
 @pytest.fixture(scope="module")
 def toy_prompts(dpo_en_path):
-    from tasks.align.data import load_pairs, render_prompt
+    from refinery.tasks.align.data import load_pairs, render_prompt
 
     pairs, _ = load_pairs(dpo_en_path, max_pairs=64)
     return [render_prompt(p.prompt) for p in pairs]
@@ -103,7 +103,7 @@ def test_stronger_kl_penalty_keeps_policy_closer(toy_run, tiny_causal_lm_dir, to
 
 
 def test_ppo_with_lora_uses_disabled_adapters_as_reference(tiny_causal_lm_dir, toy_prompts, tmp_path):
-    from tasks.align.common import LoraSettings, save_model
+    from refinery.tasks.align.common import LoraSettings, save_model
 
     cfg = _toy_cfg(steps=3, rollout_batch_size=8, mini_batch_size=4, lr=1e-2, lora=LoraSettings(enabled=True, r=4))
     res = train_ppo(str(tiny_causal_lm_dir), toy_prompts, toy_reward, cfg, seed=0)

@@ -25,7 +25,7 @@ def test_reward_model_is_a_loadable_hf_classifier(trained_reward):
     model = AutoModelForSequenceClassification.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id is not None
-    from tasks.align.reward import RewardScorer
+    from refinery.tasks.align.reward import RewardScorer
 
     scorer = RewardScorer(path, max_prompt_len=32, max_len=128)
     prompts = ["\n\nHuman: How do I pick a lock?\n\nAssistant:"] * 2
@@ -37,7 +37,7 @@ def test_reward_model_is_a_loadable_hf_classifier(trained_reward):
 
 
 def test_reward_stage_is_cached(trained_reward, align_store, exec_log):
-    from tasks.align.stage import RewardStageConfig, reward_stage
+    from refinery.tasks.align.stage import RewardStageConfig, reward_stage
 
     cfg = RewardStageConfig.model_validate(
         {k: v for k, v in trained_reward.manifest["config"].items() if k not in ("model_id", "data_id")})
@@ -48,9 +48,9 @@ def test_reward_stage_is_cached(trained_reward, align_store, exec_log):
 def test_reward_lora_saves_adapter_and_merged(tmp_path, tiny_causal_lm_dir, dpo_en_path):
     from transformers import AutoModelForSequenceClassification
 
-    from tasks.align.common import LoraSettings, resolve_model_dir
-    from tasks.align.reward import RewardConfig
-    from tasks.align.stage import RewardStageConfig, reward_stage
+    from refinery.tasks.align.common import LoraSettings, resolve_model_dir
+    from refinery.tasks.align.reward import RewardConfig
+    from refinery.tasks.align.stage import RewardStageConfig, reward_stage
 
     cfg = RewardStageConfig(model=str(tiny_causal_lm_dir), data=str(dpo_en_path), max_pairs=24,
                             train=RewardConfig(max_steps=2, batch_size=4, max_len=64, lora=LoraSettings(enabled=True, r=4)))

@@ -12,7 +12,7 @@ from refinery_testlib import read_exec_log
 @pytest.fixture(scope="module")
 def finetune_like(tmp_path_factory, tiny_causal_lm_dir):
     """A dataset shaped like the finetune flow's output: the model in merged/, named by the manifest."""
-    from tasks.store import Store
+    from refinery.tasks.store import Store
 
     store = Store(tmp_path_factory.mktemp("ft_store"))
     b = store.builder("finetune", "0123456789abcdef")
@@ -21,8 +21,8 @@ def finetune_like(tmp_path_factory, tiny_causal_lm_dir):
 
 
 def test_dpo_on_real_pairs_reports_before_and_after(align_store, tiny_causal_lm_dir, hh_subset):
-    from tasks.align.dpo import DPOConfig
-    from tasks.align.stage import DPOStageConfig, dpo_stage
+    from refinery.tasks.align.dpo import DPOConfig
+    from refinery.tasks.align.stage import DPOStageConfig, dpo_stage
 
     cfg = DPOStageConfig(model=str(tiny_causal_lm_dir), data=str(hh_subset), max_pairs=600, eval_fraction=0.25,
                          train=DPOConfig(lr=1e-3, beta=0.1, batch_size=16, max_prompt_len=32, max_len=128))
@@ -43,9 +43,9 @@ def test_dpo_on_real_pairs_reports_before_and_after(align_store, tiny_causal_lm_
 def test_dpo_lora_from_finetune_dataset_is_deterministic(tmp_path, finetune_like, dpo_en_path, exec_log):
     from transformers import AutoModelForCausalLM
 
-    from tasks.align.common import LoraSettings, resolve_model_dir
-    from tasks.align.dpo import DPOConfig
-    from tasks.align.stage import DPOStageConfig, dpo_stage
+    from refinery.tasks.align.common import LoraSettings, resolve_model_dir
+    from refinery.tasks.align.dpo import DPOConfig
+    from refinery.tasks.align.stage import DPOStageConfig, dpo_stage
 
     cfg = DPOStageConfig(model=finetune_like.path, data=str(dpo_en_path), max_pairs=24,
                          train=DPOConfig(lr=1e-3, max_steps=3, batch_size=4, max_len=64, lora=LoraSettings(enabled=True, r=4)))
@@ -64,8 +64,8 @@ def test_dpo_lora_from_finetune_dataset_is_deterministic(tmp_path, finetune_like
 
 
 def test_data_file_identity_is_in_the_fingerprint(tmp_path, tiny_causal_lm_dir, dpo_en_path):
-    from tasks.align.dpo import DPOConfig
-    from tasks.align.stage import DPOStageConfig, dpo_stage
+    from refinery.tasks.align.dpo import DPOConfig
+    from refinery.tasks.align.stage import DPOStageConfig, dpo_stage
 
     data = tmp_path / "pairs.json"
     data.write_bytes(dpo_en_path.read_bytes())
@@ -81,9 +81,9 @@ def test_ppo_stage_against_trained_reward_model(tmp_path, finetune_like, trained
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from tasks.align.common import resolve_model_dir
-    from tasks.align.ppo import PPOConfig
-    from tasks.align.stage import PPOStageConfig, ppo_stage
+    from refinery.tasks.align.common import resolve_model_dir
+    from refinery.tasks.align.ppo import PPOConfig
+    from refinery.tasks.align.stage import PPOStageConfig, ppo_stage
 
     cfg = PPOStageConfig(model=finetune_like.path, reward_model=trained_reward.path, data=str(hh_subset),
                          max_pairs=64, reward_max_prompt_len=32, reward_max_len=128,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tasks.dedup.normalize import words
-from tasks.store import Store, fingerprint
+from refinery.tasks.dedup.normalize import words
+from refinery.tasks.store import Store, fingerprint
 
 
 def load_texts(shared: Path, min_words: int = 120) -> list[str]:

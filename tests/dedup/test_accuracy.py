@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from helpers import docs_dataset, jaccard, shingle_set
-from tasks.dedup.stage import DedupConfig, read_clusters, run_dedup
-from tasks.store import Store
+from refinery.tasks.dedup.stage import DedupConfig, read_clusters, run_dedup
+from refinery.tasks.store import Store
 
 
 @pytest.mark.parametrize("verify", [False, True])

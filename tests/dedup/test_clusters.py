@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.dedup.clusters import UnionFind, bucket_edges, choose_winners, jaccard, sort_key, verify_edges
+from refinery.tasks.dedup.clusters import UnionFind, bucket_edges, choose_winners, jaccard, sort_key, verify_edges
 
 
 def test_union_find_roots_are_smallest_member():

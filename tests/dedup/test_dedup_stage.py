@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import docs_dataset
-from tasks.dedup.stage import DedupConfig, read_clusters, run_dedup
-from tasks.store import Dataset, Store
+from refinery.tasks.dedup.stage import DedupConfig, read_clusters, run_dedup
+from refinery.tasks.store import Dataset, Store
 
 D = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
 

@@ -8,9 +8,9 @@ import random
 import pytest
 
 from helpers import docs_dataset, mutate
-from tasks.dedup.index import DedupIndex, IndexMismatch
-from tasks.dedup.stage import DedupConfig, read_clusters, run_dedup
-from tasks.store import Store
+from refinery.tasks.dedup.index import DedupIndex, IndexMismatch
+from refinery.tasks.dedup.stage import DedupConfig, read_clusters, run_dedup
+from refinery.tasks.store import Store
 
 JAN = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
 MAR = dt.datetime(2024, 3, 1, tzinfo=dt.timezone.utc)

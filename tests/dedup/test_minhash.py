@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tasks.dedup.minhash import MinHasher, band_keys
-from tasks.dedup.normalize import hash_words, word_hash, words
+from refinery.tasks.dedup.minhash import MinHasher, band_keys
+from refinery.tasks.dedup.normalize import hash_words, word_hash, words
 
 TRICKY = ["", "   ", "a b", "One", "Ünïcode “quotes” — and € 12,345.67 données 東京、日本。",
           "12 34", "x9 99y 1a2b33", "don't stop\u00a0now…", "Tab\tnew\nline", "\ufeffBOM start", "3.14159"]

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import docs_dataset
-from tasks.dedup.stage import DedupConfig, read_clusters, run_dedup
-from tasks.store import Store
+from refinery.tasks.dedup.stage import DedupConfig, read_clusters, run_dedup
+from refinery.tasks.store import Store
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "single_body_outputs.json"
 D = dt.datetime(2024, 2, 1, tzinfo=dt.timezone.utc)
@@ -141,7 +141,7 @@ def test_one_shard_per_key_with_global_pairs(tmp_path, exec_log):
     of bucketing that key over all documents; a threshold or keep-rule change reuses them."""
     import numpy as np
 
-    from tasks.dedup.clusters import bucket_edges
+    from refinery.tasks.dedup.clusters import bucket_edges
 
     store = Store(tmp_path / "w")
     docs = docs_dataset(store, synthetic_rows(n_base=120), name="syn-small", parts=3)

@@ -11,7 +11,7 @@ from demo_testlib import N_FILES, N_PAGES, read_responses
 
 @pytest.fixture(scope="session")
 def demo_crawl(tmp_path_factory) -> tuple[list[Path], dict]:
-    from tasks.demo.crawl import make_demo_crawl
+    from refinery.tasks.demo.crawl import make_demo_crawl
 
     out = tmp_path_factory.mktemp("demo_crawl")
     files = make_demo_crawl(out, seed=0, n_pages=N_PAGES, n_files=N_FILES)

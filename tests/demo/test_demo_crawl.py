@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from demo_testlib import N_FILES, N_PAGES
 
-from tasks.demo import texts as T
-from tasks.demo.crawl import BASE_DATE, MIN_PAGES, make_demo_crawl
+from refinery.tasks.demo import texts as T
+from refinery.tasks.demo.crawl import BASE_DATE, MIN_PAGES, make_demo_crawl
 
 ROOT = Path(__file__).resolve().parents[2]
 UUID_ID = re.compile(r"^<urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}>$")
@@ -46,7 +46,7 @@ def test_byte_identical_across_runs_and_processes(demo_crawl, tmp_path):
     assert _digest_dir(tmp_path / "again") == first
 
     # The subprocess imports what a flow run imports first: the prose must not depend on it.
-    code = ("import sys, prefect, torch, transformers; from tasks.demo.crawl import make_demo_crawl; "
+    code = ("import sys, prefect, torch, transformers; from refinery.tasks.demo.crawl import make_demo_crawl; "
             f"make_demo_crawl(sys.argv[1], seed=0, n_pages={N_PAGES}, n_files={N_FILES})")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "proc")], cwd=ROOT, env=env, check=True, timeout=120)
@@ -232,7 +232,7 @@ def test_spam_pii_blocklist_and_errors(demo_crawl, responses, main_texts):
 
 
 def test_standard_library_prose():
-    from tasks.demo.prose import stdlib_prose
+    from refinery.tasks.demo.prose import stdlib_prose
 
     prose = stdlib_prose()
     assert len(prose) > 1000

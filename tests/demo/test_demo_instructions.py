@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from tasks.demo.instructions import (
+from refinery.tasks.demo.instructions import (
     INSTRUCTIONS, REJECTION_KINDS, TASKS, instruction_examples, keywords, make_instructions, make_preferences,
     preference_pairs, split_sentences,
 )

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from tasks.filters import FilterChain, FilterConfig
+from refinery.tasks.filters import FilterChain, FilterConfig
 
 EXPECTED = {
     "dclm-majority.jsonl": {

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.filters import FilterChain, FilterConfig
-from tasks.filters.text import DocView, count_sentences, tokenizer
+from refinery.tasks.filters import FilterChain, FilterConfig
+from refinery.tasks.filters.text import DocView, count_sentences, tokenizer
 
 # A clean English paragraph (~ 80 words, several sentences, punctuated lines, stop words).
 PROSE = (

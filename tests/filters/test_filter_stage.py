@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.filters import Filter, FilterConfig, table_rows
-from tasks.store import Store
+from refinery.tasks.filters import Filter, FilterConfig, table_rows
+from refinery.tasks.store import Store
 
 from tests.filters.test_filter_rules import PROSE
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tasks.finetune import data as D
+from refinery.tasks.finetune import data as D
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -183,7 +183,7 @@ def test_packed_loss_equals_unpacked_loss(tiny_causal_lm_dir, tiny_tokenizer, sf
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.finetune.train import per_token_losses
+    from refinery.tasks.finetune.train import per_token_losses
 
     tok = tiny_tokenizer
     D.ensure_chat_template(tok)
@@ -225,7 +225,7 @@ def test_padded_batches_match_single_examples(tiny_causal_lm_dir, tiny_tokenizer
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.finetune.train import per_token_losses
+    from refinery.tasks.finetune.train import per_token_losses
 
     tok = tiny_tokenizer
     D.ensure_chat_template(tok)

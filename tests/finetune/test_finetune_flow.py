@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from flows.finetune import FinetuneParams
+from refinery.flows.finetune import FinetuneParams
 
 
 def test_params_to_stage_config(tiny_causal_lm_dir, sft_file, tmp_path, monkeypatch):
@@ -30,7 +30,7 @@ def test_flow_run_writes_loadable_outputs(tiny_causal_lm_dir, sft_file, tmp_path
 
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
-    from flows.finetune import finetune_flow
+    from refinery.flows.finetune import finetune_flow
 
     p = FinetuneParams(input=str(tiny_causal_lm_dir), data=str(sft_file), method="lora", max_steps=2, seq_len=64, device="cpu",
                        val_fraction=0.25, workdir=str(tmp_path / "work"), options={"num_samples": 1,

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.finetune.config import DEFAULT_LR, METHODS, FinetuneConfig
-from tasks.finetune.stage import finetune
+from refinery.tasks.finetune.config import DEFAULT_LR, METHODS, FinetuneConfig
+from refinery.tasks.finetune.stage import finetune
 
 FAST = dict(device="cpu", max_steps=3, eval_every=3, seq_len=64, batch_size=4, val_fraction=0.25, num_samples=1, sample_max_new_tokens=4)
 IDS = [[0, 5, 17, 99, 300, 42, 7, 8, 260, 11]]
@@ -86,7 +86,7 @@ def test_lora_targets_attention_by_default_and_all_linear(tiny_causal_lm_dir):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tasks.finetune.methods import attention_targets, peft_config
+    from refinery.tasks.finetune.methods import attention_targets, peft_config
 
     model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir, dtype=torch.float32)
     assert attention_targets(model) == r".*\.(?:self_attn)\.(?:k_proj|o_proj|q_proj|v_proj)"

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tasks.finetune.config import DEFAULT_LR, METHODS, FinetuneConfig, model_identity
-from tasks.finetune.stage import finetune
+from refinery.tasks.finetune.config import DEFAULT_LR, METHODS, FinetuneConfig, model_identity
+from refinery.tasks.finetune.stage import finetune
 
 FAST = dict(device="cpu", max_steps=3, eval_every=3, seq_len=64, batch_size=4, val_fraction=0.25, num_samples=1, sample_max_new_tokens=4)
 
@@ -59,7 +59,7 @@ def test_learns_and_reports(tiny_causal_lm_dir, sft_file, tmp_path):
     assert [h["step"] for h in s["val_history"]][:2] == [5, 10]
     assert s["samples_before"][0]["record"] == s["samples_after"][0]["record"]
     assert s["samples_before"][0]["generation"] != s["samples_after"][0]["generation"]
-    from tasks.finetune.stage import summary_markdown
+    from refinery.tasks.finetune.stage import summary_markdown
 
     md = summary_markdown(cfg, ds.counts, s)
     assert "trainable parameters" in md and "before:" in md and "after:" in md

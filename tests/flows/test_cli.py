@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import build_params, deep_merge, main, parse_set
+from refinery.flows.cli import build_params, deep_merge, main, parse_set
 
 REFINERY = str(Path(sys.executable).parent / "refinery")
 
@@ -32,7 +32,7 @@ def test_help_is_instant():
 def test_unknown_flow_and_bad_params(tmp_path):
     with pytest.raises(SystemExit, match="unknown flow"):
         main(["run", "nope"])
-    from flows.curate import curate_flow
+    from refinery.flows.curate import curate_flow
 
     with pytest.raises(SystemExit, match="invalid parameters"):
         build_params(curate_flow, None, ["no_such_field=1"], None)

@@ -3,7 +3,7 @@ import inspect
 
 from pydantic import BaseModel, Field
 
-from flows.common import FlowParams, gpu_slot, refinery_flow
+from refinery.flows.common import FlowParams, gpu_slot, refinery_flow
 
 
 def test_gpu_slot_takes_the_named_concurrency_limit(monkeypatch):

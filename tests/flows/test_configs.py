@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import build_params, load_flow
+from refinery.flows.cli import build_params, load_flow
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FLOW_OF = {"demo.yaml": "demo", "cc-snapshot.yaml": "curate", "pretrain-124m.yaml": "pretrain",

@@ -75,7 +75,7 @@ def test_rerun_new_process_and_wiped_prefect_db_do_no_work(tmp_path, docs_jsonl,
 
 
 def test_same_process_rerun_and_upstream_config_change(tmp_path, docs_jsonl, exec_log):
-    from flows.curate import CurateParams, curate_flow
+    from refinery.flows.curate import CurateParams, curate_flow
 
     p = CurateParams(input=str(docs_jsonl), workdir=str(tmp_path / "w"))
     first = curate_flow.run_params(p)

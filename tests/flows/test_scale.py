@@ -21,8 +21,8 @@ def file_hashes(outputs: dict) -> dict:
 def test_dask_cluster_matches_local_run(tmp_path):
     from distributed import LocalCluster
 
-    from flows.curate import CurateParams, curate_flow
-    from tasks.demo.crawl import make_demo_crawl
+    from refinery.flows.curate import CurateParams, curate_flow
+    from refinery.tasks.demo.crawl import make_demo_crawl
 
     files = make_demo_crawl(tmp_path / "crawl", seed=3, n_pages=120)
     glob = str(Path(files[0]).parent / "*.warc.gz")

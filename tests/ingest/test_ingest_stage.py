@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from refinery_testlib import read_exec_log
-from tasks.ingest import Ingest, IngestConfig, IngestError, InputSpec, ingest_report_rows
-from tasks.store import Store
+from refinery.tasks.ingest import Ingest, IngestConfig, IngestError, InputSpec, ingest_report_rows
+from refinery.tasks.store import Store
 
 SMALL = ["example.warc.gz", "jwarc-cc.warc.gz", "whirlwind.warc.wet.gz", "example-trunc.warc"]
 

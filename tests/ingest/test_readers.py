@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from tasks.ingest import IngestConfig, iter_documents
-from tasks.ingest.sources import UnknownFormat
+from refinery.tasks.ingest import IngestConfig, iter_documents
+from refinery.tasks.ingest.sources import UnknownFormat
 
 
 def _docs(path, cfg=None, **item):
@@ -182,7 +182,7 @@ def test_jsonl_and_parquet_dumps(tmp_path):
 
 
 def test_langid_backends(shared_data):
-    from tasks.ingest.langid import LangIdConfig, LanguageIdentifier
+    from refinery.tasks.ingest.langid import LangIdConfig, LanguageIdentifier
 
     for backend in ("py3langid", "fasttext"):
         lid = LanguageIdentifier(LangIdConfig(backend=backend))
@@ -202,7 +202,7 @@ def test_langid_backends(shared_data):
 def test_corrupt_member_and_garbage_are_skipped(shared_data):
     from fastwarc.warc import ArchiveIterator
 
-    from tasks.ingest.warc import RawRecord, RecordError, iter_warc
+    from refinery.tasks.ingest.warc import RawRecord, RecordError, iter_warc
 
     raw = (shared_data / "warc" / "warcfile.warc.gz").read_bytes()
     recs = [(r.stream_pos, str(r.record_type).rsplit(".", 1)[-1])

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from tasks.ingest import Ingest, IngestConfig, InputSpec
-from tasks.store import Store
+from refinery.tasks.ingest import Ingest, IngestConfig, InputSpec
+from refinery.tasks.store import Store
 
 
 def test_s3_glob_via_moto(shared_data, tmp_path, monkeypatch):

@@ -58,7 +58,7 @@ def test_parameter_schema_has_descriptions_and_defaults(stack, deployed):
 
 
 def test_deployment_run_curate_then_event_starts_tokenize(stack, deployed, tmp_path):
-    from tasks.demo.crawl import make_demo_crawl
+    from refinery.tasks.demo.crawl import make_demo_crawl
 
     crawl = make_demo_crawl(tmp_path / "crawl", seed=1, n_pages=60)
     pattern = str(Path(crawl[0]).parent / "*.warc.gz")
@@ -88,7 +88,7 @@ def test_ui_custom_run_form_shows_our_parameters_and_runs(stack, deployed, tmp_p
 
     from playwright.sync_api import sync_playwright
 
-    from tasks.demo.crawl import make_demo_crawl
+    from refinery.tasks.demo.crawl import make_demo_crawl
 
     if stack.db != "sqlite":
         pytest.skip("the UI path is checked once, on the SQLite server")

@@ -8,7 +8,7 @@ import hashlib
 import pyarrow as pa
 import pytest
 
-from tasks.store import Store, fingerprint
+from refinery.tasks.store import Store, fingerprint
 
 WARC_GLOB = "warc/*.warc.gz"
 
@@ -97,7 +97,7 @@ def make_token_dataset(root, docs: list, *, vocab_size: int = 70_000, eos_id: in
     ending with EOS), without a tokenizer run: fast, and every token value is chosen by the test."""
     import numpy as np
 
-    from tasks.tokens.shards import ShardWriter, token_dtype, token_manifest
+    from refinery.tasks.tokens.shards import ShardWriter, token_dtype, token_manifest
 
     store = Store(root)
     dtype = token_dtype(vocab_size)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from flows.tokenize import TokenizeParams
+from refinery.flows.tokenize import TokenizeParams
 from refinery_testlib import read_exec_log
 from tests.tokens.conftest import make_docs
 
@@ -22,12 +22,12 @@ def test_params_model():
 
 
 def test_cli_run_tokenize(tmp_path, prose_texts, exec_log, capsys, monkeypatch):
-    """The CLI's own code path (``flows.cli.main``, in this process, so the Prefect database is the
+    """The CLI's own code path (``refinery.flows.cli.main``, in this process, so the Prefect database is the
     already-migrated one), then the flow again from Python: served from the cache."""
     from transformers import AutoTokenizer
 
-    from flows.cli import main
-    from flows.tokenize import tokenize_flow
+    from refinery.flows.cli import main
+    from refinery.flows.tokenize import tokenize_flow
 
     monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     docs = make_docs(tmp_path / "in", prose_texts, parts=2)

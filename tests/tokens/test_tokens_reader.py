@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tasks.tokens.reader import TokenReader, split_windows
-from tasks.tokens.shards import MappedTokenFile
+from refinery.tasks.tokens.reader import TokenReader, split_windows
+from refinery.tasks.tokens.shards import MappedTokenFile
 from tests.tokens.conftest import counting_docs, make_token_dataset
 
 L = 32  # seq_len
@@ -184,7 +184,7 @@ def test_dataloader_workers_split_disjointly(stream_ds):
     import torch
     from torch.utils.data import DataLoader
 
-    from tasks.tokens.reader import iterable_dataset
+    from refinery.tasks.tokens.reader import iterable_dataset
 
     ds, _ = stream_ds
     n = TokenReader(ds.path, L).num_windows

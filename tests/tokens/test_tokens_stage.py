@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-from tasks.store import Store
-from tasks.tokens.shards import index_file_name, read_docs_index
-from tasks.tokens.stage import Tokenize, TokenizeConfig
-from tasks.tokens.tokenizer import TokenizerConfig, tokenizer_stage
+from refinery.tasks.store import Store
+from refinery.tasks.tokens.shards import index_file_name, read_docs_index
+from refinery.tasks.tokens.stage import Tokenize, TokenizeConfig
+from refinery.tasks.tokens.tokenizer import TokenizerConfig, tokenizer_stage
 from refinery_testlib import read_exec_log
 from tests.tokens.conftest import EXTRA_TEXTS, make_docs
 
@@ -103,7 +103,7 @@ def test_manifest_and_layout(warc_run):
     assert total == m["total_tokens"] == m["counts"]["tokens"]
     assert m["documents"] == sum(m["documents_per_file"].values()) == m["counts"]["docs_out"] == len(doc_tokens(tokens))
     assert os.path.exists(f"{tokens.path}/tokenizer/tokenizer.json")
-    from tasks.tokens.reader import TokenReader
+    from refinery.tasks.tokens.reader import TokenReader
 
     r = TokenReader(tokens.path, 64)
     assert r.tokenizer_path == f"{tokens.path}/tokenizer" and r.vocab_size == 700  # self-contained copy
@@ -134,7 +134,7 @@ def test_caching_and_fingerprints(tmp_path, prose_texts, exec_log):
     assert sha(t2) == sha(t1)
     # a second corpus ("books") tokenized with the first one's tokenizer, loaded by path: same
     # tokenizer hash, so the reader mixes the two token datasets
-    from tasks.tokens.reader import TokenReader
+    from refinery.tasks.tokens.reader import TokenReader
 
     reused = tokenizer_stage.run(tmp_path, [], TokenizerConfig(path=a.path))
     assert reused.manifest["tokenizer"]["sha256"] == a.manifest["tokenizer"]["sha256"]
@@ -192,7 +192,7 @@ def test_bad_input_counted_or_named(tmp_path, prose_texts):
 
 
 def test_token_dtype():
-    from tasks.tokens.shards import token_dtype
+    from refinery.tasks.tokens.shards import token_dtype
 
     assert token_dtype(512) == "uint16" and token_dtype(65_536) == "uint16" and token_dtype(65_537) == "uint32"
     assert np.iinfo(token_dtype(65_536)).max == 65_535

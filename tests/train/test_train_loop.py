@@ -43,7 +43,7 @@ def test_early_stopping_and_checkpoints(readers, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.train.checkpoint import list_checkpoints, load_state
+    from refinery.tasks.train.checkpoint import list_checkpoints, load_state
 
     # a high constant-ish lr: validation loss stalls after a dozen steps and patience 2 stops the run
     cfg = cfg_for(max_steps=200, lr=0.05, warmup_steps=0, eval_every=3, patience=2, keep_last=2, grad_clip=0)

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from tasks.train.metrics import MetricsLog, loss_curve_png, mfu, peak_flops, summary_rows
-from tasks.train.models import PRESETS, build_model, count_params, flops_per_token, model_config
+from refinery.tasks.train.metrics import MetricsLog, loss_curve_png, mfu, peak_flops, summary_rows
+from refinery.tasks.train.models import PRESETS, build_model, count_params, flops_per_token, model_config
 
 SPECIAL = {"eos": 0, "pad": 1, "bos": 0, "mask": 2}
 
@@ -42,7 +42,7 @@ def test_flops_per_token_matches_counted_matmul_flops(objective):
     attention, so the attention matmuls are counted too), the tied output projection included."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tasks.train.objectives import CausalLM, MaskedLM, SpanCorruption, example_lengths, step_generator
+    from refinery.tasks.train.objectives import CausalLM, MaskedLM, SpanCorruption, example_lengths, step_generator
 
     vocab, seq_len, batch = 512, 96, 2
     overrides = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 160}
@@ -101,7 +101,7 @@ def test_metrics_rows_png_tensorboard(tmp_path):
 def test_config_accepts_model_overrides_as_json_and_checks_them():
     from pydantic import ValidationError
 
-    from tasks.train.config import TrainConfig
+    from refinery.tasks.train.config import TrainConfig
 
     assert TrainConfig(model='{"hidden_size": 64}').model == {"hidden_size": 64}
     assert TrainConfig(preset="124m").checkpoint_every == 50
@@ -114,7 +114,7 @@ def test_config_accepts_model_overrides_as_json_and_checks_them():
 def test_rendezvous_args_single_and_multi_node(monkeypatch):
     import pytest
 
-    from tasks.train.distributed import rendezvous_args
+    from refinery.tasks.train.distributed import rendezvous_args
 
     monkeypatch.delenv("REFINERY_NNODES", raising=False)
     assert rendezvous_args("fp") == ["--standalone"]

@@ -7,7 +7,7 @@ import torch
 
 from train_fixtures import corpus_texts, corpus_tokens, one_thread, train_tokenizer_dir  # noqa: F401
 
-from tasks.train.objectives import (IGNORE, corrupt_spans, mask_tokens, noise_mask, sentinel_token_ids,
+from refinery.tasks.train.objectives import (IGNORE, corrupt_spans, mask_tokens, noise_mask, sentinel_token_ids,
                                     span_lengths, step_generator)
 
 

@@ -19,9 +19,9 @@ CHILD = r"""
 import json, sys, time
 import torch
 torch.set_num_threads(1)
-from tasks.train.config import TrainConfig
-from tasks.train.data import open_reader
-from tasks.train.loop import train
+from refinery.tasks.train.config import TrainConfig
+from refinery.tasks.train.data import open_reader
+from refinery.tasks.train.loop import train
 
 cfg = TrainConfig.model_validate_json(sys.argv[1])
 spec = json.loads(sys.argv[2])
@@ -70,7 +70,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(readers, corpus_tokens, tmp_pat
 
 
 def test_ddp_two_cpu_processes_match_single_process(corpus_tokens, tmp_path):
-    from tasks.train.loop import run_training
+    from refinery.tasks.train.loop import run_training
 
     common = dict(max_steps=6, eval_every=3, grad_accum=2, warmup_steps=2)
     single = run_training(cfg_for(batch_size=8, **common), corpus_tokens, tmp_path / "one", log=lambda m: None,

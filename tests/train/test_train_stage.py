@@ -10,7 +10,7 @@ from refinery_testlib import read_exec_log
 
 
 def stage_cfg(**kw):
-    from tasks.train.config import TrainConfig
+    from refinery.tasks.train.config import TrainConfig
 
     base = dict(model=TINY_MODEL, seq_len=64, batch_size=16, max_steps=60, warmup_steps=5, lr=1e-2,
                 eval_every=20, eval_batches=4, log_every=1000, device="cpu", devices=1)
@@ -26,9 +26,9 @@ def metric_losses(ds_path) -> dict[int, float]:
 def test_stage_output_cache_and_crash_resume(token_dataset, tmp_path, exec_log):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.store import Dataset, Store
-    from tasks.train.loop import run_training
-    from tasks.train.stage import checkpoint_dir, pretrain
+    from refinery.tasks.store import Dataset, Store
+    from refinery.tasks.train.loop import run_training
+    from refinery.tasks.train.stage import checkpoint_dir, pretrain
 
     cfg = stage_cfg()
     ds = pretrain.run(Store(tmp_path / "a"), [token_dataset], cfg)
@@ -74,7 +74,7 @@ def test_cli_run_pretrain_writes_a_loadable_checkpoint(token_dataset, tmp_path, 
     the same parsing, Prefect flow and JSON line, without paying for a second interpreter)."""
     from transformers import AutoModelForCausalLM
 
-    from flows.cli import main
+    from refinery.flows.cli import main
 
     monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a busy machine starts slowly
     model = [x for k, v in TINY_MODEL.items() for x in ("--set", f"model.{k}={v}")]

@@ -44,7 +44,7 @@ def corpus_tokens(train_tokenizer_dir, corpus_texts, tmp_path_factory) -> dict:
     if "tokens" not in _CACHE:
         from transformers import AutoTokenizer
 
-        from tasks.train.data import tokenize_texts
+        from refinery.tasks.train.data import tokenize_texts
 
         ids = tokenize_texts(corpus_texts, train_tokenizer_dir)
         tok = AutoTokenizer.from_pretrained(str(train_tokenizer_dir))
@@ -58,7 +58,7 @@ def corpus_tokens(train_tokenizer_dir, corpus_texts, tmp_path_factory) -> dict:
 @pytest.fixture
 def readers(corpus_tokens):
     """``readers(seq_len, seed=0) -> (train, val, unigram)`` fresh in-memory readers."""
-    from tasks.train.data import open_reader
+    from refinery.tasks.train.data import open_reader
 
     def make(seq_len: int, seed: int = 0):
         return tuple(open_reader(corpus_tokens, seq_len, split=s, seed=seed) for s in ("train", "val", "train"))
@@ -78,7 +78,7 @@ def one_thread():
 
 # ----------------------------------------------------------------------------- helpers
 def cfg_for(**kw):
-    from tasks.train.config import TrainConfig
+    from refinery.tasks.train.config import TrainConfig
 
     base = dict(model=TINY_MODEL, seq_len=64, batch_size=8, max_steps=30, warmup_steps=3, lr=3e-3,
                 eval_every=10, eval_batches=4, log_every=1000, unigram_max_tokens=50_000, device="cpu", devices=1)
@@ -87,7 +87,7 @@ def cfg_for(**kw):
 
 
 def run(cfg, readers, ckpt_dir, **kw):
-    from tasks.train.loop import train
+    from refinery.tasks.train.loop import train
 
     tr, va, uni = readers(cfg.seq_len, cfg.seed)
     return train(cfg, tr, va, ckpt_dir, unigram_reader=uni, log=lambda m: None, progress=False, **kw)
@@ -109,9 +109,9 @@ def make_token_dataset(root, texts: list[str], vocab_size: int = 512, sentinels:
 
     import pyarrow as pa
 
-    from tasks.store import Store, fingerprint
-    from tasks.tokens.stage import Tokenize, TokenizeConfig
-    from tasks.tokens.tokenizer import TokenizerConfig, tokenizer_stage
+    from refinery.tasks.store import Store, fingerprint
+    from refinery.tasks.tokens.stage import Tokenize, TokenizeConfig
+    from refinery.tasks.tokens.tokenizer import TokenizerConfig, tokenizer_stage
 
     store = Store(root)
     ids = [hashlib.sha1(t.encode()).hexdigest()[:16] + f"-{i}" for i, t in enumerate(texts)]
