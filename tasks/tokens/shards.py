@@ -1,4 +1,4 @@
-"""The token shard layout (DESIGN.md section 4): writing and memory-mapped reading.
+"""The token shard layout (ARCHITECTURE.md, section 5): writing and memory-mapped reading.
 
 A token dataset directory holds::
 

@@ -71,7 +71,7 @@ def mutate(text: str, target: float, rng: random.Random, vocab: list[str], n: in
 
 
 def docs_dataset(store: Store, rows: list[dict], name: str = "docs", parts: int = 2):
-    """Publish a documents dataset (DESIGN.md section 3 schema) split into ``parts`` parts."""
+    """Publish a documents dataset (ARCHITECTURE.md, section 4 schema) split into ``parts`` parts."""
     fp = fingerprint(name, "1", {"rows": [r["id"] for r in rows], "n": len(rows),
                                  "h": hash(tuple(r["text"] for r in rows)) & 0xFFFFFFFF}, [])
     b = store.builder(name, fp)

@@ -14,7 +14,7 @@ WARC_GLOB = "warc/*.warc.gz"
 
 
 def make_docs(root, texts: list, parts: int = 1, ids: list | None = None, name: str = "docs"):
-    """A complete documents dataset (DESIGN.md section 3 columns) of ``texts`` in ``parts`` parts."""
+    """A complete documents dataset (ARCHITECTURE.md, section 4 columns) of ``texts`` in ``parts`` parts."""
     store = Store(root)
     ids = ids or [hashlib.sha1(f"{i}:{t}".encode()).hexdigest()[:16] for i, t in enumerate(texts)]
     fp = fingerprint(name, "1", {}, [hashlib.sha256(repr(list(zip(ids, texts))).encode()).hexdigest()])
