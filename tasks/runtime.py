@@ -19,6 +19,12 @@ its unfinished shards are spread over the task runner in ``TASKS_PER_SLOT`` Pref
 runner slot (see :func:`shard_groups`). Either way a dataset whose manifest exists is returned
 without any work, and a sharded stage that crashed resumes from its finished shards.
 
+Failures: a shard that raises is never recorded as finished (the next run redoes it); the other
+shards still run, and the stage fails at the end with :class:`ShardsFailed` naming every failed
+shard and its error, unless the stage tolerates some (``max_failed_shards`` on the config, default 0,
+or the stage's own ``max_failed(cfg)``); tolerated failures are listed in the manifest under
+``stats.failed_shards``. Prefect results are read only as JSON (see :func:`check_result_record`).
+
 Set ``REFINERY_EXEC_LOG=/path`` to get one line per real execution (``stage fp [shard]``): the
 tests count executions with it.
 """
@@ -26,6 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+import logging
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -33,6 +41,9 @@ from typing import Any, Callable, Sequence
 from pydantic import BaseModel
 
 from refinery.tasks.store import Builder, Dataset, Store, fingerprint
+
+
+log = logging.getLogger("refinery.runtime")
 
 
 @dataclasses.dataclass
@@ -59,6 +70,35 @@ def _log_exec(line: str) -> None:
 
 def _open_inputs(inputs: Sequence[Dataset | str | os.PathLike]) -> list[Dataset]:
     return [d if isinstance(d, Dataset) else Dataset.open(d) for d in inputs]
+
+
+class ShardsFailed(RuntimeError):
+    """Shards of a sharded stage failed; raised once every other shard has finished.
+
+    ``failures`` is ``[(shard name, error text), ...]``. Picklable (its args rebuild it), so it
+    crosses process and Dask boundaries intact."""
+
+    def __init__(self, stage: str, failures: Sequence[Sequence[str]]):
+        self.stage, self.failures = stage, [(str(n), str(e)) for n, e in failures]
+        super().__init__(stage, self.failures)
+
+    def __str__(self) -> str:
+        lines = "\n".join(f"  {name}: {err}" for name, err in self.failures)
+        return f"stage {self.stage}: {len(self.failures)} shard(s) failed:\n{lines}"
+
+
+@dataclasses.dataclass
+class ShardFailure:
+    """The outcome of a shard that raised: never recorded as finished, so a rerun redoes it."""
+
+    name: str
+    error: str
+
+
+def error_text(e: BaseException, limit: int = 1000) -> str:
+    """``Type: message`` of an exception, cut to ``limit`` characters (messages may quote input)."""
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def sum_counts(results: Sequence[dict]) -> dict:
@@ -107,6 +147,46 @@ class Stage:
         b.record_shard(item["name"], result, time.perf_counter() - t0)
         return result
 
+    def _try_shard(self, b: Builder, item: dict, cfg: Any) -> dict | ShardFailure:
+        """One shard; an exception becomes a :class:`ShardFailure` (logged by name) so the other
+        shards still run."""
+        try:
+            return self._shard(b, item, cfg)
+        except Exception as e:  # noqa: BLE001 - reported with every other failure in _settle
+            failure = ShardFailure(item["name"], error_text(e))
+            log.warning("%s: shard %s failed: %s", self.name, failure.name, failure.error)
+            return failure
+
+    def max_failed(self, cfg: Any) -> int:
+        """How many shards may fail before the stage does: the stage's ``max_failed(cfg)`` hook,
+        else ``cfg.max_failed_shards``, else 0."""
+        hook = getattr(self.obj, "max_failed", None)
+        if hook is not None:
+            return int(hook(cfg))
+        return int(getattr(cfg, "max_failed_shards", 0) or 0)
+
+    def _settle(self, items: list[dict], outcomes: list, cfg: Any) -> tuple[list[dict], list[dict]]:
+        """(results for reduce, failures) from every shard's outcome. Raises :class:`ShardsFailed`
+        naming each failed shard when more failed than the stage tolerates. A tolerated failure
+        reaches reduce as the stage's ``failed(item, error)`` result when it has that hook."""
+        failed = [{"name": o.name, "error": o.error} for o in outcomes if isinstance(o, ShardFailure)]
+        if failed and len(failed) > self.max_failed(cfg):
+            raise ShardsFailed(self.name, [(f["name"], f["error"]) for f in failed])
+        hook = getattr(self.obj, "failed", None)
+        results = []
+        for item, o in zip(items, outcomes):
+            if not isinstance(o, ShardFailure):
+                results.append(o)
+            elif hook is not None:
+                results.append(hook(item, o.error))
+        return results, failed
+
+    def _run_shards(self, b: Builder, items: list[dict], cfg: Any, mapper: Callable | None = None):
+        """Every shard in this process (or through ``mapper``); see :meth:`_settle`."""
+        mapper = mapper or (lambda f, xs: [f(x) for x in xs])
+        outcomes = list(mapper(lambda it: self._try_shard(b, it, cfg), items))
+        return self._settle(items, outcomes, cfg)
+
     def _reduce(self, b: Builder, results: list[dict], inputs: list[Dataset], cfg: Any) -> StageOutput:
         _log_exec(f"{self.name} {b.fingerprint}")
         reduce = getattr(self.obj, "reduce", None)
@@ -114,8 +194,11 @@ class Stage:
             return StageOutput(counts=sum_counts(results))
         return reduce(b, results, cfg, inputs)
 
-    def _publish(self, b: Builder, inputs: list[Dataset], cfg: Any, out: StageOutput, seconds: float) -> Dataset:
+    def _publish(self, b: Builder, inputs: list[Dataset], cfg: Any, out: StageOutput, seconds: float,
+                 failed: list[dict] | None = None) -> Dataset:
         stats = dict(out.stats)
+        if failed:  # tolerated failures (max_failed_shards): listed, never silent
+            stats["failed_shards"] = failed
         if self.sharded:  # work seconds: every shard's time plus the reduce step's
             stats.setdefault("shard_seconds", round(b.shard_seconds(), 3))
             seconds += stats["shard_seconds"]
@@ -132,17 +215,21 @@ class Stage:
         found = store.get(self.name, fp)
         if found is not None:
             return found
+        with store.lock(self.name, fp):   # one writer per fingerprint: the others wait, then reuse its dataset
+            return store.recover(self.name, fp) or self._build(store, fp, inputs, cfg, map_fn)
+
+    def _build(self, store: Store, fp: str, inputs: list[Dataset], cfg: Any, map_fn: Callable | None) -> Dataset:
         t0 = time.perf_counter()
         b = store.builder(self.name, fp)
+        failed: list[dict] = []
         if self.sharded:
             items = self.obj.plan(inputs, cfg)
             _check_items(self.name, items)
-            mapper = map_fn or (lambda f, xs: [f(x) for x in xs])
-            results = list(mapper(lambda it: self._shard(b, it, cfg), items))
+            results, failed = self._run_shards(b, items, cfg, map_fn)
             out = self._reduce(b, results, inputs, cfg)
         else:
             out = self._body(b, inputs, cfg)
-        return self._publish(b, inputs, cfg, out, time.perf_counter() - t0)
+        return self._publish(b, inputs, cfg, out, time.perf_counter() - t0, failed)
 
     # -- Prefect
     def call(self, root: str, inputs: Sequence[Dataset | str] = (), cfg: Any = None, runner: Any = None) -> Dataset:
@@ -150,8 +237,14 @@ class Stage:
         store = Store(root)
         inputs = _open_inputs(inputs)
         fp = self.fingerprint(inputs, cfg)
-        exists = store.get(self.name, fp) is not None
+        if store.get(self.name, fp) is not None:
+            return self._call(store, inputs, fp, cfg, runner, exists=True)
+        with store.lock(self.name, fp):   # one writer per fingerprint: the others wait, then reuse its dataset
+            return self._call(store, inputs, fp, cfg, runner, exists=store.recover(self.name, fp) is not None)
+
+    def _call(self, store: Store, inputs: list[Dataset], fp: str, cfg: Any, runner: Any, exists: bool) -> Dataset:
         input_paths = [d.path for d in inputs]
+        failed: list[dict] = []
         if self.sharded and not exists:
             items = self.obj.plan(inputs, cfg)
             _check_items(self.name, items)
@@ -168,15 +261,19 @@ class Stage:
                           "items": [items[i] for i in group], "cfg": cfg}
                 fut = runner.submit(t, parameters=params) if runner is not None else t.submit(**params)
                 futures.append((group, fut))
-            for group, fut in futures:
-                for i, r in zip(group, fut.result()):
+            for group, fut in futures:   # every group is waited for before any failure is raised
+                for i, r in zip(group, _group_outcomes(b, [items[i] for i in group], fut)):
                     results[i] = r
+            results, failed = self._settle(items, results, cfg)
         else:
             results = None
+        storage = result_storage(store)
+        key = _stage_key(None, {"stage_ref": self.ref, "fp": fp, "root": store.root})
+        check_stored_result(storage, key)   # a planted record is refused here, with its file named
         task = _prefect_stage_task().with_options(name=self.name, task_run_name=f"{self.name}:{fp}",
-                                                  refresh_cache=not exists, result_storage=result_storage(store))
+                                                  refresh_cache=not exists, result_storage=storage)
         manifest = task(stage_ref=self.ref, root=store.root, fp=fp, input_paths=input_paths, cfg=cfg,
-                        shard_results=results)
+                        shard_results=results, failed_shards=failed)
         return Dataset.open(manifest["path"])
 
     def __call__(self, *args, **kwargs):
@@ -214,22 +311,32 @@ def _stage_key(context, parameters) -> str:
 
 
 def _run_shard_task(stage_ref: str, root: str, fp: str, items: list[dict], cfg: Any) -> list[dict]:
-    """Run a group of shards; one that fails does not stop the others (they are recorded as done),
-    and the first failure is raised once all were tried."""
+    """Run a group of shards; one that fails does not stop the others (those are recorded as done),
+    and :class:`ShardsFailed` naming the failed ones is raised once all were tried (so Prefect
+    retries the task, which redoes only the failed shards)."""
     st = resolve(stage_ref)
     b = Store(root).builder(st.name, fp)
-    results, failed = [], []
-    for item in items:
-        try:
-            results.append(st._shard(b, item, cfg))
-        except Exception as e:  # noqa: BLE001 - re-raised below, after the other shards
-            failed.append((item["name"], e))
+    outcomes = [st._try_shard(b, item, cfg) for item in items]
+    failed = [(o.name, o.error) for o in outcomes if isinstance(o, ShardFailure)]
     if failed:
-        err = failed[0][1]
-        err.add_note(f"{st.name}: {len(failed)} of {len(items)} shards of this task failed: "
-                     + ", ".join(name for name, _ in failed))
-        raise err
-    return results
+        raise ShardsFailed(st.name, failed)
+    return outcomes
+
+
+def _group_outcomes(b: Builder, items: list[dict], fut: Any) -> list:
+    """Each shard's outcome in a finished shard task: its result, or a :class:`ShardFailure` (a
+    task that failed as a whole, e.g. a lost worker, fails those of its shards with no record)."""
+    try:
+        return list(fut.result())
+    except ShardsFailed as e:
+        errors = dict(e.failures)
+    except Exception as e:  # noqa: BLE001 - reported per shard by Stage._settle
+        errors = {it["name"]: error_text(e) for it in items}
+    out: list = []
+    for it in items:
+        done = b.shard_result(it["name"])
+        out.append(done if done is not None else ShardFailure(it["name"], errors.get(it["name"], "no record")))
+    return out
 
 
 TASKS_PER_SLOT = 2
@@ -263,7 +370,7 @@ def shard_groups(todo: list[int], slots: int | None) -> list[list[int]]:
 
 
 def _run_stage_task(stage_ref: str, root: str, fp: str, input_paths: list[str], cfg: Any,
-                    shard_results: list[dict] | None) -> dict:
+                    shard_results: list[dict] | None, failed_shards: list[dict] | None = None) -> dict:
     st = resolve(stage_ref)
     store = Store(root)
     found = store.get(st.name, fp)
@@ -273,25 +380,151 @@ def _run_stage_task(stage_ref: str, root: str, fp: str, input_paths: list[str], 
         b = store.builder(st.name, fp)
         if st.sharded:
             if shard_results is None:  # cached stage result vanished: redo shards here
-                shard_results = [st._shard(b, it, cfg) for it in st.obj.plan(inputs, cfg)]
+                shard_results, failed_shards = st._run_shards(b, st.obj.plan(inputs, cfg), cfg)
             out = st._reduce(b, shard_results, inputs, cfg)
         else:
             out = st._body(b, inputs, cfg)
-        found = st._publish(b, inputs, cfg, out, time.perf_counter() - t0)
+        found = st._publish(b, inputs, cfg, out, time.perf_counter() - t0, failed_shards)
     return {"path": found.path, **found.manifest}
 
 
 _TASKS: dict[str, Any] = {}
 
 
+class UnsafeResultRecord(RuntimeError):
+    """A Prefect result record that is not plain JSON (it names pickle or another serializer).
+
+    Not an OSError/ValueError on purpose: Prefect and our own "no record yet" checks swallow
+    those, and a planted record must stop the run, not be taken for a cache miss."""
+
+
+_SAFE_DECODERS = (None, "prefect.serializers.prefect_json_object_decoder")
+
+
+def check_result_record(content: bytes, where: str) -> bytes:
+    """``content`` unchanged if it is a plain JSON result record; otherwise
+    :class:`UnsafeResultRecord` naming ``where``.
+
+    Why: Prefect decodes a record with whatever the record itself names: a serializer (pickle), a
+    ``jsonlib`` or ``object_decoder`` to import, or ``__class__``/``__exc_type__`` objects in the
+    payload that its JSON decoder imports and builds. Anyone who can write the result store (a
+    shared volume, a bucket) could make every worker run their code. Our stage results are JSON
+    manifests (``result_serializer="json"``), so only that is read: serializer ``json`` with the
+    standard ``json`` module, Prefect's default decoder (or none), no loader options, and a payload
+    of plain JSON values. The check parses with the standard library only, before Prefect does."""
+    def refuse(why: str) -> UnsafeResultRecord:
+        return UnsafeResultRecord(f"{where}: {why}; refusing to decode this result record "
+                                  "(only plain JSON records are read; delete the file to rebuild it)")
+
+    try:
+        record = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        raise refuse("not JSON") from None
+    meta = record.get("metadata") if isinstance(record, dict) else None
+    ser = meta.get("serializer") if isinstance(meta, dict) else None
+    if not isinstance(ser, dict) or ser.get("type") != "json":
+        kind = ser.get("type") if isinstance(ser, dict) else ser
+        raise refuse(f"it names serializer {str(kind)[:40]!r}")
+    if ser.get("jsonlib", "json") != "json" or ser.get("object_decoder") not in _SAFE_DECODERS \
+            or ser.get("loads_kwargs"):
+        raise refuse("its JSON serializer names a non-standard loader or decoder")
+    payload = record.get("result")
+    try:
+        value = json.loads(payload) if isinstance(payload, str) else payload
+    except ValueError:
+        raise refuse("its payload is not JSON") from None
+    if _has_typed_objects(value):
+        raise refuse("its payload holds __class__/__exc_type__ objects")
+    return content
+
+
+def _has_typed_objects(value: Any) -> bool:
+    """Whether any JSON object in ``value`` is one Prefect's decoder would import and build."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            if "__class__" in v or "__exc_type__" in v:
+                return True
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
+def _json_only(base: type) -> type:
+    """A Prefect storage block like ``base`` whose reads pass :func:`check_result_record`, so no
+    read path of Prefect's (cache lookup, ``exists``, result retrieval) can decode a record that
+    names another serializer."""
+
+    class JsonOnly(base):  # type: ignore[misc, valid-type]
+        _block_type_name = f"Refinery JSON Results ({base._block_type_name})"
+
+        def _where(self, path: str) -> str:
+            return str(self._resolve_path(path))
+
+        async def aread_path(self, path: str) -> bytes:
+            return check_result_record(await super().aread_path(path), self._where(path))
+
+        def read_path(self, path: str, _sync: bool | None = None) -> Any:
+            if _sync is False:
+                return self.aread_path(path)
+            return check_result_record(base.read_path(self, path, _sync=True), self._where(path))
+
+    JsonOnly.__name__ = JsonOnly.__qualname__ = f"JsonOnly{base.__name__}"
+    return JsonOnly
+
+
+_BLOCK_CLASSES: dict[str, type] = {}
+
+
+def _block_class(kind: str) -> type:
+    """The JSON-only block class for ``local`` or ``remote`` storage (defined once per process:
+    Prefect registers block types by class)."""
+    if kind not in _BLOCK_CLASSES:
+        from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+
+        cls = _json_only(LocalFileSystem if kind == "local" else RemoteFileSystem)
+        globals()[cls.__name__] = cls   # importable by name (pickled to Dask workers)
+        cls.__module__ = __name__
+        _BLOCK_CLASSES[kind] = cls
+    return _BLOCK_CLASSES[kind]
+
+
+def __getattr__(name: str) -> Any:
+    """``JsonOnlyLocalFileSystem`` / ``JsonOnlyRemoteFileSystem`` on demand (unpickling in a
+    process that has not built them yet), without importing Prefect when this module loads."""
+    kinds = {"JsonOnlyLocalFileSystem": "local", "JsonOnlyRemoteFileSystem": "remote"}
+    if name in kinds:
+        return _block_class(kinds[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_stored_result(storage: Any, key: str) -> None:
+    """Raise :class:`UnsafeResultRecord` (naming the file) when the record Prefect would read for
+    ``key`` exists and is not JSON; a missing record is fine (the task will write one)."""
+    try:
+        storage.read_path(key, _sync=True)
+    except UnsafeResultRecord:
+        raise
+    except Exception:  # noqa: BLE001 - no record yet (LocalFileSystem says ValueError, fsspec OSError)
+        return
+
+
+def result_storage_location(store: Store) -> str:
+    """Where Prefect results go: ``REFINERY_RESULT_STORAGE`` (a path or URL, e.g. a bucket that
+    only the workers can write), else ``<root>/.prefect-results``."""
+    return os.environ.get("REFINERY_RESULT_STORAGE") or f"{store.root.rstrip('/')}/.prefect-results"
+
+
 def result_storage(store: Store):
     """Prefect results (the manifests) live beside the data, in ``<root>/.prefect-results``, so
     every worker that shares the storage root shares the cache, whatever its Prefect database.
-    ``REFINERY_RESULT_STORAGE`` (a path or URL) overrides the location."""
-    from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+    ``REFINERY_RESULT_STORAGE`` (a path or URL) overrides the location. Records are read only as
+    JSON (see :func:`check_result_record`)."""
     from prefect.settings import get_current_settings
 
-    where = os.environ.get("REFINERY_RESULT_STORAGE") or f"{store.root.rstrip('/')}/.prefect-results"
+    where = result_storage_location(store)
     # Prefect wants result storage saved server-side; the name is derived from the location. One
     # save per server, database and location in this process (each save is an API round trip).
     settings = get_current_settings()
@@ -299,9 +532,9 @@ def result_storage(store: Store):
     key = (settings.api.url, getattr(db, "get_secret_value", lambda: db)(), where)
     if key not in _SAVED_BLOCKS:
         if "://" in where and not where.startswith("file://"):
-            block = RemoteFileSystem(basepath=where)
+            block = _block_class("remote")(basepath=where)
         else:
-            block = LocalFileSystem(basepath=where.removeprefix("file://"))
+            block = _block_class("local")(basepath=where.removeprefix("file://"))
         block.save("refinery-results-" + fingerprint("results", "", {"where": where}, []), overwrite=True)
         _SAVED_BLOCKS[key] = block
     return _SAVED_BLOCKS[key]
@@ -353,4 +586,5 @@ def make_runner(spec: str | None):
     raise ValueError(f"unknown task runner {spec!r}: use threads[:N], processes[:N], dask[:N] or tcp://host:port")
 
 
-__all__ = ["stage", "Stage", "StageOutput", "sum_counts", "make_runner", "config_dict", "resolve"]
+__all__ = ["stage", "Stage", "StageOutput", "ShardsFailed", "UnsafeResultRecord", "sum_counts", "make_runner",
+           "config_dict", "resolve", "check_result_record"]

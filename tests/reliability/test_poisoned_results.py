@@ -1,0 +1,147 @@
+"""A planted Prefect result record must not run code: stage results are read only as plain JSON.
+
+Prefect decodes a record with the serializer the record names, and our record paths are
+predictable (``<result store>/refinery-<Stage>-<fingerprint>-<root hash>``). These tests plant real
+payloads that create a marker file when decoded (checked against Prefect itself first), then show
+the next stage run refuses them with an error naming the file and that the marker never appears.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from refinery.tasks.runtime import (UnsafeResultRecord, _stage_key, check_result_record, result_storage,
+                                    result_storage_location)
+from refinery.tasks.store import Store
+from toy_stages import Toy, ToyConfig
+
+CFG = ToyConfig(shards=2)
+
+
+class _Touch:
+    """Unpickling this creates ``path`` (stands in for any code an attacker would run)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def pickle_record(marker: Path) -> bytes:
+    """A genuine Prefect result record with the pickle serializer, as an attacker would write it."""
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import PickleSerializer
+
+    rec = ResultRecord(metadata=ResultRecordMetadata(serializer=PickleSerializer()), result=_Touch(str(marker)))
+    return rec.serialize()
+
+
+def json_record(payload, **serializer) -> bytes:
+    """A record that says "json" but asks Prefect to import something while decoding."""
+    ser = {"type": "json", "jsonlib": "json", "object_decoder": "prefect.serializers.prefect_json_object_decoder",
+           "dumps_kwargs": {}, "loads_kwargs": {}, **serializer}
+    return json.dumps({"metadata": {"storage_key": "k", "expiration": None, "serializer": ser,
+                                    "prefect_version": "3", "storage_block_id": None},
+                       "result": json.dumps(payload)}).encode()
+
+
+def record_path(root: Path) -> Path:
+    """Where the Toy stage's result record for ``root`` lives (what the next run reads)."""
+    store = Store(root)
+    key = _stage_key(None, {"stage_ref": Toy.ref, "fp": Toy.fingerprint([], CFG), "root": store.root})
+    return Path(result_storage_location(store)) / key
+
+
+def run_toy(root: Path) -> str:
+    from prefect import flow
+
+    @flow
+    def toy_flow(root: str) -> str:
+        return Toy.call(root, [], CFG).path
+
+    return toy_flow(str(root))
+
+
+def test_the_planted_payload_is_live(tmp_path):
+    """Control: Prefect itself runs the planted pickle payload (so the refusals below mean something)."""
+    from prefect._internal.result_records import ResultRecord
+
+    marker = tmp_path / "ran"
+    ResultRecord.deserialize(pickle_record(marker))
+    assert marker.exists()
+
+
+def test_planted_records_are_refused_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("REFINERY_RESULT_STORAGE", raising=False)
+    root = tmp_path / "w"
+    first = run_toy(root)                      # a healthy run writes a JSON record
+    path = record_path(root)
+    assert path.exists() and json.loads(path.read_text())["metadata"]["serializer"]["type"] == "json"
+    assert check_result_record(path.read_bytes(), str(path))   # ours pass the check
+
+    marker = tmp_path / "pwned"
+    path.write_bytes(pickle_record(marker))
+    with pytest.raises(UnsafeResultRecord, match=f"{path}.*serializer 'pickle'"):
+        run_toy(root)
+    assert not marker.exists()
+
+    # "json" records that would import code while decoding are refused too
+    for poison in (json_record({"x": 1}, jsonlib="pickle"),
+                   json_record({"x": {"__exc_type__": "builtins.SystemExit", "message": "bye"}}),
+                   json_record({"x": {"__class__": "os.system", "data": f"touch {marker}"}}),
+                   b"\x80\x04not json at all"):
+        path.write_bytes(poison)
+        with pytest.raises(UnsafeResultRecord, match=str(path)):
+            run_toy(root)
+    assert not marker.exists()
+
+    # Prefect's own cache lookup through our storage block never decodes it either
+    from prefect.results import ResultStore
+
+    path.write_bytes(pickle_record(marker))
+    storage = result_storage(Store(root))
+    assert ResultStore(result_storage=storage).exists(path.name) is False
+    with pytest.raises(UnsafeResultRecord, match=str(path)):
+        storage.read_path(path.name)
+    assert not marker.exists()
+
+    path.unlink()                              # deleting the record heals: the dataset is reused
+    assert run_toy(root) == first
+
+
+def test_a_record_planted_before_the_first_run_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("REFINERY_RESULT_STORAGE", raising=False)
+    root = tmp_path / "fresh"
+    path = record_path(root)
+    path.parent.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    path.write_bytes(pickle_record(marker))
+    with pytest.raises(UnsafeResultRecord, match=str(path)):
+        run_toy(root)
+    assert not marker.exists()
+
+
+def test_result_store_apart_from_the_data_root(tmp_path, monkeypatch):
+    """REFINERY_RESULT_STORAGE puts the records elsewhere (e.g. where only workers can write)."""
+    results = tmp_path / "results-only-workers-write"
+    monkeypatch.setenv("REFINERY_RESULT_STORAGE", str(results))
+    root = tmp_path / "data"
+    out = run_toy(root)
+    assert Path(out).parent.parent == root
+    assert not (root / ".prefect-results").exists()
+    path = record_path(root)
+    assert path.parent == results and path.exists()
+    assert json.loads(json.loads(path.read_text())["result"])["path"] == out
+    # a record planted in the data root is simply not read; one planted in the store is refused
+    (root / ".prefect-results").mkdir()
+    (root / ".prefect-results" / path.name).write_bytes(pickle_record(tmp_path / "m1"))
+    assert run_toy(root) == out
+    path.write_bytes(pickle_record(tmp_path / "m2"))
+    with pytest.raises(UnsafeResultRecord, match=str(path)):
+        run_toy(root)
+    assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()
+    assert os.environ["REFINERY_RESULT_STORAGE"] == str(results)
