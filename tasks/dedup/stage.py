@@ -3,6 +3,10 @@
 writes its candidate pairs) then ``dedup`` (global: union-find over the pairs, band by band,
 verification, keep rule, kept documents + clusters for audit).
 
+Outputs of ``dedup``: the kept documents in the input's schema (``part-XXXXX.train.parquet``, one
+per input part that keeps any document), the audit table in the ``clusters/`` side folder (see
+:func:`read_clusters`) and, with ``index``, the segment files under ``index/``.
+
 Semantics
 ---------
 - A *cluster* is a connected component of the graph whose edges are: documents with the same
@@ -34,6 +38,8 @@ before compression.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import resource
@@ -44,6 +50,7 @@ import numpy as np
 from pydantic import Field, model_validator
 from refinery.tasks.config import StrictModel
 
+from refinery.tasks.card import part_name
 from refinery.tasks.runtime import StageOutput, stage, sum_counts
 from refinery.tasks.store import Dataset, Store
 
@@ -491,7 +498,8 @@ def _pairs_name(key: str) -> str:
     return f"part-{key}.parquet"
 
 
-@stage("lsh_bands", version="1", sharded=True)
+# version 2: no empty pairs files
+@stage("lsh_bands", version="2", sharded=True)
 class LshBands:
     """Candidate pairs of each LSH band (and of the exact and URL keys), one shard per key: the
     shard reads that one key column of every signature part (index segments first), sorts it and
@@ -534,7 +542,8 @@ class LshBands:
             return bucket_edges_owned(holder)  # frees the keys once sorted
 
         (first, member), traced = _traced(work)
-        b.write_table(_pairs_name(key), pa.table({"first": first, "member": member}), key=key)
+        if len(first):  # a key without pairs writes no (empty) part; dedup reads it as no pairs
+            b.write_table(_pairs_name(key), pa.table({"first": first, "member": member}), key=key)
         out = {"key": key, "docs": n, "pairs": int(len(first)),
                "memory_model_bytes": 24 * n + 32 * int(len(first)),
                "seconds": round(time.perf_counter() - t0, 3)}
@@ -556,7 +565,8 @@ class LshBands:
                  "memory_model_bytes_per_shard": max((r["memory_model_bytes"] for r in results), default=0),
                  "traced_peak_bytes_per_shard": max(traced) if traced else None}
         return StageOutput(counts=counts, stats=stats, extra={"lsh_bands": {
-            "keys": [r["key"] for r in results], "files": {r["key"]: _pairs_name(r["key"]) for r in results},
+            "keys": [r["key"] for r in results],
+            "files": {r["key"]: _pairs_name(r["key"]) for r in results if r["pairs"]},
             "docs": n_total, "index_segments": [s["name"] for s in cfg.index_base]}})
 
 
@@ -564,81 +574,162 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-@stage("dedup", version="2")
-def dedup(b, inputs: list[Dataset], cfg: DedupRunConfig) -> StageOutput:
-    """Cluster duplicates over the input (and the index) from the ``lsh_bands`` candidate pairs,
-    keep one document per cluster."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+# The dedup stage runs in named phases, each a function over small dataclasses:
+#   _inputs_of      check that documents, signatures and pairs belong together (a _Run)
+#   _cluster        union-find over the candidate pairs, key by key (a _Clustering)
+#   _members        ids and keep-rule values of the documents in non-singleton clusters (_Members)
+#   _decide         the winner of every cluster, why the others go, what is kept (a _Decisions)
+#   _write_clusters / _write_parts   the audit side table, the kept documents, the index segments
+#   _summary        counts and stats for the manifest
+CLUSTERS_FILE = "clusters/clusters.parquet"   # a side table: a subfolder, so readers of the parts never see it
 
-    from refinery.tasks.dedup.clusters import UnionFind, choose_winners, sort_key, verify_edges
 
-    docs_ds, sig_ds, bands_ds = inputs
-    t0 = time.perf_counter()
+@dataclasses.dataclass
+class _Run:
+    """What one dedup run reads: the documents' parts, every signature source (index segments
+    first) and where each key's candidate pairs are."""
+    parts: list[str]
+    sources: list[_Source]
+    n_total: int
+    n_index: int
+    keys: list[str]
+    pair_files: dict[str, str]   # key -> pairs file in the lsh_bands dataset (absent: no pairs)
+
+    @property
+    def n_new(self) -> int:
+        return self.n_total - self.n_index
+
+    @property
+    def new_sources(self) -> list[_Source]:
+        return self.sources[len(self.sources) - len(self.parts):]
+
+    def new_rows(self, s: _Source) -> slice:
+        """The rows of a new source among the new documents (``kept_new``, ``valid_new``)."""
+        return slice(s.start - self.n_index, s.start - self.n_index + s.rows)
+
+
+@dataclasses.dataclass
+class _Clustering:
+    roots: np.ndarray                 # root (smallest member) of each document's cluster
+    pair_stats: dict[str, int]
+    edges_by_key: dict[str, int]
+    seconds: float
+    traced_peak: int | None
+
+    @functools.cached_property
+    def sizes(self) -> np.ndarray:
+        return np.bincount(self.roots, minlength=len(self.roots))
+
+
+@dataclasses.dataclass
+class _Members:
+    """The documents in non-singleton clusters (``involved``, global numbers, sorted) and what the
+    keep rule and the drop reasons need of them; plus the validity of every new document."""
+    involved: np.ndarray
+    ids: list
+    kept_before: list
+    exact: list
+    url: list
+    rule_values: list[list]           # one list per keep-rule entry
+    valid_new: np.ndarray
+
+
+@dataclasses.dataclass
+class _Decisions:
+    is_index: np.ndarray              # per involved document
+    winner_pos: np.ndarray            # per involved document: position of its cluster's winner
+    winner_is_self: np.ndarray
+    reasons: np.ndarray               # per involved document: why it is dropped ("" = kept)
+    new_inv: np.ndarray               # positions (in involved) of the new documents
+    kept_new: np.ndarray              # per new document
+    dropped: dict[str, int]
+
+
+def _inputs_of(docs_ds: Dataset, sig_ds: Dataset, bands_ds: Dataset, cfg: DedupRunConfig) -> _Run:
+    """Fail early when the three inputs do not describe the same documents and keys."""
     parts = docs_ds.files
     sources = _sources(sig_ds, cfg.index, cfg.index_base)
     n_new_parts = sum(not s.is_index for s in sources)
     if n_new_parts != len(parts):
         raise ValueError(f"dedup: {len(parts)} input parts but {n_new_parts} signature files in {sig_ds.path}")
     n_total = sum(s.rows for s in sources)
-    n_index = sum(s.rows for s in sources if s.is_index)
-    n_new = n_total - n_index
     meta = bands_ds.manifest.get("lsh_bands", {})
-    keys_order = _key_names(cfg)
-    if meta.get("keys") != keys_order or meta.get("docs") != n_total or \
+    keys = _key_names(cfg)
+    if meta.get("keys") != keys or meta.get("docs") != n_total or \
             meta.get("index_segments") != [s["name"] for s in cfg.index_base]:
         raise ValueError(f"dedup: {bands_ds.path} holds the pairs of keys {meta.get('keys')} over "
-                         f"{meta.get('docs')} documents; this run needs {keys_order} over {n_total}")
+                         f"{meta.get('docs')} documents; this run needs {keys} over {n_total}")
+    return _Run(parts=parts, sources=sources, n_total=n_total,
+                n_index=sum(s.rows for s in sources if s.is_index), keys=keys,
+                pair_files={k: bands_ds.file(f) for k, f in meta["files"].items()})
 
+
+def _read_pairs(run: _Run, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate pairs of one key (a key with no pairs has no file)."""
+    import pyarrow.parquet as pq
+
+    path = run.pair_files.get(key)
+    if path is None:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    try:
+        with _open(path) as f:
+            t = pq.read_table(f)
+    except Exception as e:  # noqa: BLE001
+        raise OSError(f"dedup: cannot read candidate pairs {path}: {e}") from e
+    return t.column("first").to_numpy(), t.column("member").to_numpy()
+
+
+def _cluster(run: _Run, cfg: DedupRunConfig, tmpdir) -> _Clustering:
+    """Union-find over every key's pairs. Key by key, in the order of the single-pass algorithm
+    (bands, exact, url): verification skips pairs already joined, so the order keeps the result
+    identical to it. Only one key's pairs are in memory at a time."""
+    from tqdm.auto import tqdm
+
+    from refinery.tasks.dedup.clusters import UnionFind, verify_edges
+
+    t0 = time.perf_counter()
     trace = bool(os.environ.get("REFINERY_DEDUP_TRACEMALLOC"))  # bench: measure the clustering's memory
     if trace:
         import tracemalloc
 
         tracemalloc.start()
-    uf = UnionFind(n_total)
-    shingles = _Shingles(sources, b.tmpdir()) if (cfg.verify and cfg.near) else None
+    uf = UnionFind(run.n_total)
+    shingles = _Shingles(run.sources, tmpdir()) if (cfg.verify and cfg.near) else None
     pair_stats = {"candidates": 0, "verified": 0, "rejected": 0, "skipped": 0}
     edges_by_key: dict[str, int] = {}
-    from tqdm.auto import tqdm
-
-    # key by key, in the order of the single-pass algorithm (bands, exact, url): verification
-    # depends on which pairs are already joined, so the order keeps the result identical
-    for name in tqdm(keys_order, desc="dedup: clustering candidate pairs", unit="key", disable=None, leave=False):
-        path = bands_ds.file(meta["files"][name])
-        try:
-            with _open(path) as f:
-                t = pq.read_table(f)
-        except Exception as e:  # noqa: BLE001
-            raise OSError(f"dedup: cannot read candidate pairs {path}: {e}") from e
-        first = t.column("first").to_numpy()
-        member = t.column("member").to_numpy()
-        del t
+    for name in tqdm(run.keys, desc="dedup: clustering candidate pairs", unit="key", disable=None, leave=False):
+        first, member = _read_pairs(run, name)
         edges_by_key[name] = int(len(first))
         if shingles is not None and name.startswith("b"):
-            st = verify_edges(first, member, uf, shingles, cfg.threshold)
-            for k, v in st.items():
+            for k, v in verify_edges(first, member, uf, shingles, cfg.threshold).items():
                 pair_stats[k] += v
         else:
             pair_stats["candidates"] += int(len(first))
             uf.union(first, member)
         del first, member
-    t_cluster = time.perf_counter() - t0
-
+    seconds = time.perf_counter() - t0
     roots = uf.roots()
     traced_peak = None
     if trace:
         traced_peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    sizes = np.bincount(roots, minlength=n_total)
-    csize = sizes[roots]
-    involved = np.flatnonzero(csize > 1)
-    # per involved document: id, valid, keys for the keep rule, exact/url keys, kept (index)
-    info: dict[str, list] = {"id": [], "kept_before": [], "exact": [], "url": []}
-    rule_vals: list[list] = [[] for _ in cfg.keep_rule]
+    return _Clustering(roots=roots, pair_stats=pair_stats, edges_by_key=edges_by_key, seconds=seconds,
+                       traced_peak=traced_peak)
+
+
+def _members(run: _Run, clustering: _Clustering, cfg: DedupRunConfig) -> _Members:
+    """Read, source by source, what deciding needs of the documents in non-singleton clusters:
+    ids, the index's kept flags, exact/URL keys (for the drop reason) and keep-rule values. Index
+    documents have no keep-rule values: they rank by their tier only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    involved = np.flatnonzero(clustering.sizes[clustering.roots] > 1)
+    m = _Members(involved=involved, ids=[], kept_before=[], exact=[], url=[],
+                 rule_values=[[] for _ in cfg.keep_rule], valid_new=np.ones(run.n_new, dtype=bool))
     fields = sorted({k.lstrip("-") for k in cfg.keep_rule})
-    valid_new = np.ones(n_new, dtype=bool)
-    new_part = dict(zip((s.sig for s in sources if not s.is_index), parts))
-    for s in sources:
+    new_part = dict(zip((s.sig for s in run.sources if not s.is_index), run.parts))
+    for s in run.sources:
         lo, hi = np.searchsorted(involved, [s.start, s.start + s.rows])
         rows = involved[lo:hi] - s.start
         need = ["id", "valid"] + (["kept"] if s.is_index else []) + \
@@ -648,63 +739,91 @@ def dedup(b, inputs: list[Dataset], cfg: DedupRunConfig) -> StageOutput:
             have = [c for c in need if c in pf.schema_arrow.names]
             t = pf.read(columns=have)
         if not s.is_index:
-            valid_new[s.start - n_index: s.start - n_index + s.rows] = np.asarray(t.column("valid"), dtype=bool)
+            m.valid_new[run.new_rows(s)] = np.asarray(t.column("valid"), dtype=bool)
         t = t.take(pa.array(rows, type=pa.int64()))
-        info["id"] += t.column("id").to_pylist()
-        info["kept_before"] += (t.column("kept").to_pylist() if s.is_index else [None] * len(rows))
-        for c in ("exact", "url"):
-            info[c] += (t.column(c).to_pylist() if c in have else [0] * len(rows))
-        # keep-rule values: from the documents (index documents rank by their tier only)
+        m.ids += t.column("id").to_pylist()
+        m.kept_before += (t.column("kept").to_pylist() if s.is_index else [None] * len(rows))
+        m.exact += (t.column("exact").to_pylist() if "exact" in have else [0] * len(rows))
+        m.url += (t.column("url").to_pylist() if "url" in have else [0] * len(rows))
         vals = _keep_values(new_part[s.sig], fields, rows) if not s.is_index else \
             {f: [None] * len(rows) for f in fields}
         for i, k in enumerate(cfg.keep_rule):
-            rule_vals[i] += vals[k.lstrip("-")]
+            m.rule_values[i] += vals[k.lstrip("-")]
+    return m
+
+
+def _decide(run: _Run, clustering: _Clustering, m: _Members, cfg: DedupRunConfig) -> _Decisions:
+    """One winner per cluster: earlier-kept index documents, then other index documents, then new
+    documents by the keep rule (the index never un-keeps what it published). A dropped document's
+    reason is the strongest link to its winner: exact, else same URL, else near."""
+    from refinery.tasks.dedup.clusters import choose_winners, sort_key
+
+    involved, n_index = m.involved, run.n_index
     is_index = involved < n_index
-    kept_before = np.array([bool(k) for k in info["kept_before"]], dtype=bool)
-    # rank: earlier-kept index docs, then other index docs, then new docs by the keep rule
+    kept_before = np.array([bool(k) for k in m.kept_before], dtype=bool)
     tier = np.where(is_index, np.where(kept_before, 0, 1), 2).astype(np.float64)
-    keys = [tier] + [sort_key(v, k.startswith("-")) for v, k in zip(rule_vals, cfg.keep_rule)]
-    winner_pos, _ = choose_winners(roots[involved], keys)
+    keys = [tier] + [sort_key(v, k.startswith("-")) for v, k in zip(m.rule_values, cfg.keep_rule)]
+    winner_pos, _ = choose_winners(clustering.roots[involved], keys)
     winner_is_self = winner_pos == np.arange(len(involved))
 
-    # decisions for the new documents
-    kept_new = valid_new.copy()
+    kept_new = m.valid_new.copy()
     new_inv = np.flatnonzero(~is_index)
-    kept_new[involved[new_inv] - n_index] = winner_is_self[new_inv] & valid_new[involved[new_inv] - n_index]
-    ids = np.array(info["id"], dtype=object)
-    exact_k = np.array(info["exact"], dtype=np.uint64)
-    url_k = np.array(info["url"], dtype=np.uint64)
+    new_rows = involved[new_inv] - n_index
+    kept_new[new_rows] = winner_is_self[new_inv] & m.valid_new[new_rows]
+
+    exact_k = np.array(m.exact, dtype=np.uint64)
+    url_k = np.array(m.url, dtype=np.uint64)
     reasons = np.full(len(involved), "", dtype=object)
-    dup = ~winner_is_self
-    w = winner_pos
+    dup, w = ~winner_is_self, winner_pos
     reasons[dup] = "near_duplicate"
     if cfg.by_url:
         reasons[dup & (url_k != 0) & (url_k == url_k[w])] = "url_duplicate"
     if cfg.exact:
         reasons[dup & (exact_k != 0) & (exact_k == exact_k[w])] = "exact_duplicate"
     dropped = {"exact_duplicate": 0, "url_duplicate": 0, "near_duplicate": 0,
-               "corrupt": int((~valid_new).sum())}
+               "corrupt": int((~m.valid_new).sum())}
     for r in reasons[new_inv][dup[new_inv]]:
         dropped[r] += 1
+    return _Decisions(is_index=is_index, winner_pos=winner_pos, winner_is_self=winner_is_self,
+                      reasons=reasons, new_inv=new_inv, kept_new=kept_new, dropped=dropped)
 
-    # the clusters part (new documents in non-singleton clusters)
-    sel = new_inv
+
+def _write_clusters(b, clustering: _Clustering, m: _Members, d: _Decisions) -> bool:
+    """The audit side table: every new document in a non-singleton cluster, its cluster (the id
+    of the kept document), whether it is kept and why not. Nothing is written when no new
+    document has a duplicate (see :func:`read_clusters`)."""
+    import pyarrow as pa
+
+    sel = d.new_inv
+    if not len(sel):
+        return False
+    ids = np.array(m.ids, dtype=object)
+    w = d.winner_pos
     clusters = pa.table({
         "id": pa.array(ids[sel].tolist(), pa.string()),
         "cluster_id": pa.array(ids[w[sel]].tolist(), pa.string()),
-        "kept": pa.array(winner_is_self[sel]),
-        "duplicate_of": pa.array([None if k else d for k, d in zip(winner_is_self[sel], ids[w[sel]].tolist())], pa.string()),
-        "reason": pa.array([r or None for r in reasons[sel].tolist()], pa.string()),
-        "cluster_size": pa.array(csize[involved[sel]].astype(np.int64)),
-        "winner_from_index": pa.array(is_index[w[sel]]),
+        "kept": pa.array(d.winner_is_self[sel]),
+        "duplicate_of": pa.array([None if k else x for k, x in zip(d.winner_is_self[sel], ids[w[sel]].tolist())],
+                                 pa.string()),
+        "reason": pa.array([r or None for r in d.reasons[sel].tolist()], pa.string()),
+        "cluster_size": pa.array(clustering.sizes[clustering.roots][m.involved[sel]].astype(np.int64)),
+        "winner_from_index": pa.array(d.is_index[w[sel]]),
     })
-    b.write_table("clusters.parquet", clusters)
+    b.write_table(CLUSTERS_FILE, clusters)
+    return True
 
-    # the deduplicated parts (same schema as the input), and the index segment files
-    new_sources = sources[len(sources) - len(parts):]
-    for k, (part, s) in enumerate(tqdm(list(zip(parts, new_sources)), desc="dedup: writing parts", unit="part",
-                                       disable=None, leave=False)):
-        mask = kept_new[s.start - n_index: s.start - n_index + s.rows]
+
+def _write_parts(b, run: _Run, d: _Decisions, cfg: DedupRunConfig) -> None:
+    """The kept documents, input part by input part, in the input's schema (a part that keeps
+    nothing writes no file); with an index, every part's signature segment and kept flags (all
+    documents, so later runs deduplicate against them)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    for k, (part, s) in enumerate(tqdm(list(zip(run.parts, run.new_sources)), desc="dedup: writing parts",
+                                       unit="part", disable=None, leave=False)):
+        mask = d.kept_new[run.new_rows(s)]
         try:
             with _open(part) as f:
                 table = pq.read_table(f)
@@ -712,7 +831,8 @@ def dedup(b, inputs: list[Dataset], cfg: DedupRunConfig) -> StageOutput:
             raise OSError(f"dedup: cannot read input part {part}: {e}") from e
         if table.num_rows != s.rows:
             raise ValueError(f"dedup: {part} has {table.num_rows} rows, its signatures {s.rows}")
-        b.write_table(f"part-{k:05d}.parquet", table.filter(pa.array(mask)))
+        if mask.any():
+            b.write_table(part_name(k), table.filter(pa.array(mask)))
         if cfg.index:
             with _open(s.sig) as f:
                 st = pq.read_table(f, columns=["id", "valid"] + _key_names(cfg))
@@ -721,23 +841,43 @@ def dedup(b, inputs: list[Dataset], cfg: DedupRunConfig) -> StageOutput:
                 with _open(s.shingles) as src:
                     b.write_bytes(f"index/shingles-{k:05d}.arrow", src.read())
 
-    # cluster-size histogram over the clusters that contain new documents
-    new_roots = np.unique(roots[n_index:]) if n_new else np.zeros(0, np.int64)
-    hist = np.bincount(sizes[new_roots]) if len(new_roots) else np.zeros(1, np.int64)
-    histogram = {str(sz): int(c) for sz, c in enumerate(hist) if c}
-    docs_out = int(kept_new.sum())
-    counts = {"docs_in": n_new, "docs_out": docs_out, "dropped": dropped,
+
+def _summary(run: _Run, c: _Clustering, d: _Decisions) -> tuple[dict, dict]:
+    """Counts and stats; the cluster-size histogram covers the clusters with new documents."""
+    n_index = run.n_index
+    new_roots = np.unique(c.roots[n_index:]) if run.n_new else np.zeros(0, np.int64)
+    hist = np.bincount(c.sizes[new_roots]) if len(new_roots) else np.zeros(1, np.int64)
+    dup_new = ~d.winner_is_self[d.new_inv]
+    counts = {"docs_in": run.n_new, "docs_out": int(d.kept_new.sum()), "dropped": d.dropped,
               "clusters": int((hist[2:] if len(hist) > 2 else np.zeros(0)).sum()),
-              "index_docs": n_index, "duplicates_of_index": int((dup[new_inv] & is_index[w[new_inv]]).sum()),
-              "candidate_pairs": pair_stats["candidates"]}
-    stats = {"cluster_size_histogram": histogram, "pairs": pair_stats, "edges_per_key": edges_by_key,
-             "cluster_seconds": round(t_cluster, 3), "peak_rss_mb": _peak_rss_mb(),
-             "memory_model_bytes": {"per_doc": 32, "docs": n_total,
-                                    "estimate": 32 * n_total + 16 * max(edges_by_key.values(), default=0),
-                                    "measured_cluster_peak": traced_peak}}
+              "index_docs": n_index,
+              "duplicates_of_index": int((dup_new & d.is_index[d.winner_pos[d.new_inv]]).sum()),
+              "candidate_pairs": c.pair_stats["candidates"]}
+    stats = {"cluster_size_histogram": {str(sz): int(n) for sz, n in enumerate(hist) if n},
+             "pairs": c.pair_stats, "edges_per_key": c.edges_by_key,
+             "cluster_seconds": round(c.seconds, 3), "peak_rss_mb": _peak_rss_mb(),
+             "memory_model_bytes": {"per_doc": 32, "docs": run.n_total,
+                                    "estimate": 32 * run.n_total + 16 * max(c.edges_by_key.values(), default=0),
+                                    "measured_cluster_peak": c.traced_peak}}
+    return counts, stats
+
+
+# version 3: parts named part-XXXXX.train.parquet, none empty; clusters under clusters/
+@stage("dedup", version="3")
+def dedup(b, inputs: list[Dataset], cfg: DedupRunConfig) -> StageOutput:
+    """Cluster duplicates over the input (and the index) from the ``lsh_bands`` candidate pairs,
+    keep one document per cluster."""
+    docs_ds, sig_ds, bands_ds = inputs
+    run = _inputs_of(docs_ds, sig_ds, bands_ds, cfg)
+    clustering = _cluster(run, cfg, b.tmpdir)
+    members = _members(run, clustering, cfg)
+    decisions = _decide(run, clustering, members, cfg)
+    wrote_clusters = _write_clusters(b, clustering, members, decisions)
+    _write_parts(b, run, decisions, cfg)
+    counts, stats = _summary(run, clustering, decisions)
     return StageOutput(counts=counts, stats=stats, extra={"dedup": {
         "index": cfg.index, "index_segments": [s["name"] for s in cfg.index_base],
-        "clusters_file": "clusters.parquet"}})
+        "clusters_file": CLUSTERS_FILE if wrote_clusters else None}})
 
 
 # --------------------------------------------------------------------------- composition
@@ -787,8 +927,15 @@ def run_dedup(store: Store | str, docs: Dataset | str, cfg: DedupConfig | None =
 
 
 def read_clusters(ds: Dataset):
-    """The audit table of a dedup dataset: id, cluster_id, kept, duplicate_of, reason, cluster_size."""
+    """The audit table of a dedup dataset: id, cluster_id, kept, duplicate_of, reason,
+    cluster_size, winner_from_index (no rows when no document had a duplicate)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with ds.fs.open(ds.file("clusters.parquet"), "rb") as f:
+    name = ds.manifest.get("dedup", {}).get("clusters_file")
+    if name is None:
+        return pa.table({c: pa.array([], t) for c, t in [
+            ("id", pa.string()), ("cluster_id", pa.string()), ("kept", pa.bool_()), ("duplicate_of", pa.string()),
+            ("reason", pa.string()), ("cluster_size", pa.int64()), ("winner_from_index", pa.bool_())]})
+    with ds.fs.open(ds.file(name), "rb") as f:
         return pq.read_table(f)

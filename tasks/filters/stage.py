@@ -2,9 +2,12 @@
 
 ``FilterConfig.rules`` names the rules in the order they run; the first rule that drops a document
 decides its reason. Rules that rewrite text (``c4`` line cleaning, ``pii``) hand the new text to the
-rules after them. Output: kept documents in the input's schema (``part-XXXXX.parquet``, one per input
-part) and, with ``write_exclusions``, the dropped ones (``excluded-XXXXX.parquet``: ``id``, ``url``,
-``rule``, ``reason`` = "rule:reason", ``value`` = the measured quantity, optionally ``text``).
+rules after them. Output: kept documents in the input's schema (``part-XXXXX.train.parquet``, one per
+input part that keeps any document: an input part whose documents are all dropped writes no part, so
+every part loads with any reader) and, with ``write_exclusions``, the dropped ones in the
+``excluded/`` side folder (``excluded/excluded-XXXXX.parquet``, likewise only when non-empty:
+``id``, ``url``, ``rule``, ``reason`` = "rule:reason", ``value`` = the measured quantity, optionally
+``text``). Read them with :func:`read_exclusions`.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Any, Iterable
 from pydantic import Field, field_validator
 from refinery.tasks.config import StrictModel
 
+from refinery.tasks.card import part_name
 from refinery.tasks.filters.base import RULES, Drop, Rule
 from refinery.tasks.filters.c4 import C4BadWordsConfig, C4Config
 from refinery.tasks.filters.content import PiiConfig, UrlConfig
@@ -41,7 +45,7 @@ class FilterConfig(StrictModel):
     fineweb: FineWebConfig = Field(default_factory=FineWebConfig)
     pii: PiiConfig = Field(default_factory=PiiConfig)
     default_language: str = Field("en", description="language assumed for documents whose `lang` is empty")
-    write_exclusions: bool = Field(True, description="write dropped documents to excluded-XXXXX.parquet")
+    write_exclusions: bool = Field(True, description="write dropped documents to excluded/excluded-XXXXX.parquet")
     exclusions_text: bool = Field(False, description="also keep the dropped documents' text in the exclusions")
 
     @field_validator("rules")
@@ -184,7 +188,21 @@ def _file_digest(paths: Iterable) -> list[str]:
     return out
 
 
-@stage("filter", version="1", sharded=True)
+EXCLUDED_DIR = "excluded"
+
+
+def read_exclusions(ds):
+    """The exclusions side table of a filter dataset (empty table when nothing was dropped or
+    ``write_exclusions`` was off)."""
+    import pyarrow as pa
+
+    files = [ds.file(f["path"]) for f in ds.manifest.get("files", [])
+             if f["path"].startswith(f"{EXCLUDED_DIR}/") and f["path"].endswith(".parquet")]
+    return ds.read_table(files=files) if files else pa.table({})
+
+
+# version 2: parts named part-XXXXX.train.parquet, no empty parts, exclusions under excluded/
+@stage("filter", version="2", sharded=True)
 class Filter:
     """Quality and content filtering: one shard per input parquet part."""
 
@@ -225,9 +243,12 @@ class Filter:
         t0 = time.perf_counter()
         kept, excluded, counts = filter_table(table, cfg, chain, progress=f"filter {item['name']}")
         seconds = time.perf_counter() - t0
-        b.write_table(f"part-{item['index']:05d}.parquet", kept)
-        if excluded is not None:
-            b.write_table(f"excluded-{item['index']:05d}.parquet", excluded)
+        # Empty tables are not written: a shard that keeps (or drops) nothing is still recorded as
+        # done by the runtime, and zero-row files would only trip readers that infer schemas.
+        if kept.num_rows:
+            b.write_table(part_name(item["index"]), kept)
+        if excluded is not None and excluded.num_rows:
+            b.write_table(f"{EXCLUDED_DIR}/excluded-{item['index']:05d}.parquet", excluded)
         counts["rules"] = chain.rule_stats()
         return {"counts": counts, "seconds": seconds}
 

@@ -27,7 +27,7 @@ def _snapshots(planted):
     copies = [r for r in rows if r["id"] in copy_of and copy_of[r["id"]] in orig_ids]
     half = {r["id"] for r in originals[:130]}
     a, b = [], []
-    for k, r in enumerate(originals):
+    for r in originals:
         (a if r["id"] in half else b).append(dict(r))
     for k, r in enumerate(copies):
         (a if copy_of[r["id"]] in half and k % 2 == 0 else b).append(dict(r))

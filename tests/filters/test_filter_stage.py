@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from refinery.tasks.filters import Filter, FilterConfig, table_rows
+from refinery.tasks.filters import Filter, FilterConfig, read_exclusions, table_rows
 from refinery.tasks.store import Store
 
 from tests.filters.test_filter_rules import PROSE
@@ -53,7 +52,10 @@ def test_stage_outputs_exclusions_and_counts(store, exec_log):
     assert kept.column("id").to_pylist() == ["a", "c"]
     assert "jane.doe" not in kept.column("text")[1].as_py()   # PII redacted in the output
     assert len(ds.files) == 2                               # one part per input part
-    ex = pa.concat_tables([pq.read_table(p) for p in ds.files_with_prefix("excluded-")])
+    paths = [f["path"] for f in ds.manifest["files"]]
+    assert [p for p in paths if p.startswith("excluded/")] == ["excluded/excluded-00000.parquet",
+                                                               "excluded/excluded-00001.parquet"]
+    ex = read_exclusions(ds)
     got = {r["id"]: (r["reason"], r["rule"]) for r in ex.to_pylist()}
     assert got["b"][0].startswith("gopher_quality:") or got["b"][0].startswith("gopher_repetition:")
     assert got["d"] == ("url:hard_blacklisted", "url")
@@ -90,8 +92,38 @@ def test_stage_config_changes_fingerprint_and_is_deterministic(tmp_path):
 def test_stage_without_exclusions(store):
     src = _input(store, [_docs([("a", GOOD, None), ("b", SHORT, None)])])
     ds = Filter.run(store, [src], FilterConfig(write_exclusions=False))
-    assert ds.files_with_prefix("excluded-") == []
+    assert not any(f["path"].startswith("excluded") for f in ds.manifest["files"])
+    assert read_exclusions(ds).num_rows == 0
     assert ds.counts["dropped"] == 1
+
+
+def test_shard_that_keeps_nothing_writes_no_part(store, exec_log, monkeypatch):
+    """An input part whose documents are all dropped (or that drops none) writes no empty table,
+    is still counted, and a rerun after a crash in the reduce step does not redo its shard."""
+    src = _input(store, [_docs([("a", SHORT, None), ("b", None, None)]), _docs([("c", GOOD, None)])])
+    ds = Filter.run(store, [src], FilterConfig())
+    paths = [f["path"] for f in ds.manifest["files"]]
+    assert [p for p in paths if p.startswith("part-")] == ["part-00001.train.parquet"]
+    assert [p for p in paths if p.startswith("excluded/")] == ["excluded/excluded-00000.parquet"]
+    assert all(f["rows"] for f in ds.manifest["files"] if f["rows"] is not None)
+    assert ds.read_table().column("id").to_pylist() == ["c"]
+    assert (ds.counts["docs_in"], ds.counts["docs_out"]) == (3, 1)
+
+    class Crash(Exception):
+        pass
+
+    def crash(*args):
+        raise Crash()
+
+    cfg = FilterConfig(rules=["gopher_quality"])
+    with monkeypatch.context() as m:
+        m.setattr(Filter.obj, "reduce", staticmethod(crash))
+        with pytest.raises(Crash):
+            Filter.run(store, [src], cfg)
+    before = len(read_exec_log(exec_log))
+    again = Filter.run(store, [src], cfg)
+    assert read_exec_log(exec_log)[before:] == [f"filter {again.fingerprint}"]   # only the reduce step
+    assert again.counts["docs_out"] == 1 and len(again.files) == 1
 
 
 def test_list_file_contents_are_part_of_the_fingerprint(store, tmp_path):
