@@ -124,6 +124,31 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """Check every file of a dataset against its manifest (existence, size, sha256)."""
+    from refinery.tasks.store import Dataset, DatasetCorrupt, DatasetNotFound
+
+    try:
+        ds = Dataset.open(args.path, check=False)   # verify() reports size problems itself, all of them
+    except DatasetCorrupt as e:                      # unreadable manifest, path outside the folder
+        print(f"BAD {e}")
+        return 1
+    except DatasetNotFound as e:
+        print(f"refinery: {e}", file=sys.stderr)
+        return 2
+    problems = ds.verify()
+    for p in problems:
+        print(f"BAD {p}")
+    files = ds.manifest["files"]
+    if problems:
+        print(f"refinery: {ds.path}: {len(problems)} of {len(files)} files damaged", file=sys.stderr)
+        return 1
+    rows = sum(f.get("rows") or 0 for f in files)
+    print(f"OK {ds.path}: {len(files)} files, {sum(f.get('bytes') or 0 for f in files)} bytes, "
+          f"{rows} rows, sha256 checked")
+    return 0
+
+
 def cmd_flows(args) -> int:
     from refinery.flows.common import FLOWS
 
@@ -152,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("inspect", help="print a dataset's manifest as JSON")
     p.add_argument("path")
     p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("verify", help="check a dataset's files against its manifest (sizes and sha256); exit 1 names damaged files")
+    p.add_argument("path", help="a dataset folder or URL (WORKDIR/STAGE/FINGERPRINT)")
+    p.set_defaults(fn=cmd_verify)
     p = sub.add_parser("flows", help="list the flows")
     p.set_defaults(fn=cmd_flows)
     args = ap.parse_args(argv)

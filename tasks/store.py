@@ -1,6 +1,6 @@
 """Dataset directories on local disk or any fsspec URL: manifests, fingerprints, atomic publish.
 
-Layout (DESIGN.md section 2)::
+Layout (ARCHITECTURE.md, section 3)::
 
     <root>/<stage>/<fingerprint>/
         part-00000.parquet ...      main data parts ("part-" prefix), or .arrow token shards
@@ -13,16 +13,35 @@ with the same fingerprint resumes from them. Each finished file has a small reco
 ``.records/``; publish writes the manifest from those records and renames the staging folder to
 its final name, so nothing half-written ever looks complete. On object stores, where there is no
 atomic rename, files go to the final prefix and the manifest is written last.
+
+Trust (see the README's "Reliability" section):
+
+* **One writer per fingerprint.** :meth:`Store.lock` serializes builders of one ``(stage,
+  fingerprint)``: an ``flock`` on ``<root>/<stage>/.lock-<fp>`` on local disks and shared volumes
+  (the kernel drops it when the holder dies), a lease object with an expiry and a heartbeat on
+  object stores (``.lease-<fp>/<generation>.json`` created with a conditional write, so two
+  writers never both win). A second run waits, then reuses what the first published.
+* **Verify on open.** :meth:`Dataset.open` checks that every file of the manifest exists with the
+  manifest's size and that no manifest path leaves the dataset folder; :meth:`Dataset.verify`
+  also checks sha256s (``refinery verify PATH``). :meth:`Store.recover`, called by the lock
+  holder, moves a damaged dataset (or a folder without a manifest, or a staging folder whose
+  files do not match their records) aside to ``<stage>/.quarantine-<fp>-<time>`` with a warning.
+* Parts are fsynced before their rename; ``*.tmp-*`` files never reach a published folder.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import hashlib
-
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -34,10 +53,18 @@ REFINERY_VERSION = "0.1.0"
 MANIFEST = "manifest.json"
 _RECORDS = ".records"
 _SHARDS = ".shards"
+_TMP_MARK = ".tmp-"          # in the name of every file being written (see _tmp_name)
+
+log = logging.getLogger("refinery.store")
 
 
 class DatasetNotFound(FileNotFoundError):
     """A path that holds no complete dataset (no manifest.json)."""
+
+
+class DatasetCorrupt(DatasetNotFound):
+    """A dataset whose files do not match its manifest (missing or resized file, path outside
+    the folder, unreadable manifest). A subclass of DatasetNotFound: it is not a usable dataset."""
 
 
 def canonical_json(obj: Any) -> str:
@@ -75,17 +102,120 @@ def _url(fs, path: str) -> str:
     return path if _is_local(fs) else fs.unstrip_protocol(path)
 
 
-def _atomic_write_bytes(fs, path: str, data: bytes) -> None:
-    if _is_local(fs):
-        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def _tmp_name(path: str) -> str:
+    return f"{path}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _local_atomic(path: str):
+    """Yield a binary file to write; on success it is fsynced and renamed to ``path``, on any
+    error (a full disk, an exception in the writer) the temporary file is removed."""
+    tmp = _tmp_name(path)
+    try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_write_bytes(fs, path: str, data: bytes) -> None:
+    if _is_local(fs):
+        with _local_atomic(path) as f:
+            f.write(data)
     else:  # object stores: a PUT is atomic
         with fs.open(path, "wb") as f:
             f.write(data)
+
+
+# --------------------------------------------------------------------------- integrity checks
+def path_problem(rel: Any) -> str | None:
+    """Why a manifest path is not a plain relative path inside the dataset folder, else None."""
+    if not isinstance(rel, str) or not rel:
+        return f"bad path {rel!r}"
+    if rel.startswith(("/", "~")) or "\\" in rel or (len(rel) > 1 and rel[1] == ":") or "://" in rel:
+        return f"{rel}: absolute path (manifest paths must stay inside the dataset folder)"
+    if any(p in ("", ".", "..") for p in rel.split("/")):
+        return f"{rel}: path leaves the dataset folder or is not normalized"
+    if _TMP_MARK in rel.rsplit("/", 1)[-1]:
+        return f"{rel}: temporary file listed in the manifest"
+    return None
+
+
+def manifest_problems(manifest: Any) -> list[str]:
+    """Structural problems of a manifest: its shape and its file paths (no file is read)."""
+    if not isinstance(manifest, dict):
+        return ["manifest is not a JSON object"]
+    missing = [k for k in ("stage", "fingerprint", "files") if k not in manifest]
+    if missing:
+        return [f"manifest lacks {', '.join(missing)}"]
+    files = manifest["files"]
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        return ["manifest 'files' is not a list of objects"]
+    out = [p for p in (path_problem(f.get("path")) for f in files) if p]
+    seen = [f["path"] for f in files if isinstance(f.get("path"), str)]
+    if len(set(seen)) != len(seen):
+        out.append("manifest lists a file twice")
+    return out
+
+
+def _sizes(fs, root: str, rels: list[str]) -> dict[str, int | None]:
+    """Size of each file (None when absent): one stat per file on local disks, one listing on
+    object stores (cheaper than a request per file)."""
+    if _is_local(fs):
+        out: dict[str, int | None] = {}
+        for rel in rels:
+            try:
+                st = os.stat(os.path.join(root, rel))
+                out[rel] = st.st_size if not os.path.isdir(os.path.join(root, rel)) else None
+            except OSError:
+                out[rel] = None
+        return out
+    fs.invalidate_cache(root)
+    try:
+        listing = fs.find(root, detail=True)
+    except FileNotFoundError:
+        listing = {}
+    prefix = fs._strip_protocol(root).rstrip("/") + "/"
+    by_rel = {fs._strip_protocol(k)[len(prefix):]: v.get("size") for k, v in listing.items()
+              if fs._strip_protocol(k).startswith(prefix) and v.get("type", "file") == "file"}
+    return {rel: by_rel.get(rel) for rel in rels}
+
+
+def size_problems(fs, root: str, files: list[dict]) -> list[str]:
+    """Files of a manifest (or of staging records) that are absent or not of the recorded size."""
+    sizes = _sizes(fs, root, [f["path"] for f in files])
+    out = []
+    for f in files:
+        have, want = sizes.get(f["path"]), f.get("bytes")
+        if have is None:
+            out.append(f"{f['path']}: missing")
+        elif isinstance(want, int) and have != want:
+            out.append(f"{f['path']}: {have} bytes, manifest says {want}")
+    return out
+
+
+def _summary(problems: list[str]) -> str:
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return "; ".join(problems[:3]) + more
 
 
 class Dataset:
@@ -98,7 +228,11 @@ class Dataset:
         self.manifest = manifest
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Dataset":
+    def open(cls, path: str | os.PathLike, check: bool = True) -> "Dataset":
+        """Open a published dataset. Its manifest must be readable with every path inside the
+        folder (always checked); with ``check`` (the default, cheap: a stat per file or one
+        listing) every file must exist with the manifest's size. Raises DatasetNotFound when there
+        is no manifest, DatasetCorrupt (a subclass) when the files do not match it."""
         path = str(path)
         fs, fs_path = fsspec.core.url_to_fs(path)
         if _is_local(fs):
@@ -110,8 +244,30 @@ class Dataset:
         except FileNotFoundError:
             raise DatasetNotFound(f"{path}: no {MANIFEST}, so not a complete refinery dataset") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DatasetNotFound(f"{path}: unreadable {MANIFEST}: {e}") from None
+            raise DatasetCorrupt(f"{path}: unreadable {MANIFEST}: {e}") from None
+        problems = manifest_problems(manifest)
+        if not problems and check:
+            problems = size_problems(fs, fs_path, manifest["files"])
+        if problems:
+            raise DatasetCorrupt(f"{path}: damaged dataset: {_summary(problems)}")
         return cls(path, manifest, fs)
+
+    def verify(self) -> list[str]:
+        """Every problem of the dataset: files missing, of the wrong size, or whose sha256
+        differs from the manifest's (reads every byte). Empty when the dataset is intact."""
+        problems = manifest_problems(self.manifest)
+        if problems:
+            return problems
+        files = self.manifest["files"]
+        problems = size_problems(self.fs, self._fs_path, files)
+        bad = {p.split(": ", 1)[0] for p in problems}
+        for f in files:
+            if f["path"] in bad or not f.get("sha256"):
+                continue
+            digest, _ = sha256_file(self.fs, _join(self._fs_path, f["path"]))
+            if digest != f["sha256"]:
+                problems.append(f"{f['path']}: sha256 {digest[:16]}..., manifest says {f['sha256'][:16]}...")
+        return problems
 
     # -- manifest accessors
     @property
@@ -201,13 +357,346 @@ class Store:
         return _url(self.fs, _join(self._root, stage, fp))
 
     def get(self, stage: str, fp: str) -> Dataset | None:
-        path = _join(self._root, stage, fp)
-        if not self.fs.exists(_join(path, MANIFEST)):
+        """The published dataset, or None when there is none or it fails the open check (the
+        writer that takes the lock then moves it aside: see :meth:`recover`)."""
+        try:
+            return Dataset.open(self.dataset_path(stage, fp))
+        except DatasetNotFound:
             return None
-        return Dataset.open(_url(self.fs, path))
 
     def builder(self, stage: str, fp: str) -> "Builder":
         return Builder(self, stage, fp)
+
+    # -- one writer per fingerprint
+    def lock(self, stage: str, fp: str, timeout: float | None = None,
+             lease_seconds: float | None = None) -> "WriterLock":
+        """The writer lock of ``(stage, fp)``, a context manager (see :class:`WriterLock`)."""
+        return WriterLock(self, stage, fp, timeout=timeout, lease_seconds=lease_seconds)
+
+    def recover(self, stage: str, fp: str) -> Dataset | None:
+        """For the lock holder, before it builds: the published dataset if it is intact, else
+        None, after moving aside (with a warning) a damaged dataset, a final folder without a
+        manifest, and a staging folder whose files do not match their records, so the build
+        starts from a clean place instead of failing on every run."""
+        final = _join(self._root, stage, fp)
+        try:
+            return Dataset.open(self.dataset_path(stage, fp))
+        except DatasetCorrupt as e:
+            self.quarantine(stage, fp, final, str(e))
+        except DatasetNotFound:
+            # On object stores the final prefix *is* the staging area: files without a manifest
+            # there are a build to resume. On local disks they are debris.
+            if self.local and os.path.lexists(final):
+                self.quarantine(stage, fp, final, f"{final}: folder without {MANIFEST}")
+        staging = _join(self._root, stage, f".staging-{fp}") if self.local else final
+        problems = _staging_problems(self.fs, staging)
+        if problems:
+            self.quarantine(stage, fp, staging, f"{staging}: staged files do not match their records: "
+                            + _summary(problems))
+        return None
+
+    def quarantine(self, stage: str, fp: str, path: str, reason: str) -> str:
+        """Move ``path`` aside to ``<stage>/.quarantine-<fp>-<UTC time>-<id>`` (kept for
+        inspection) and log a warning naming both."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = _join(self._root, stage, f".quarantine-{fp}-{stamp}-{uuid.uuid4().hex[:4]}")
+        if self.local:
+            os.rename(path, dest)
+        else:
+            self.fs.mv(path, dest, recursive=True)
+            self.fs.invalidate_cache(path)
+        log.warning("%s; moved aside to %s (kept for inspection); it will be rebuilt", reason,
+                    _url(self.fs, dest))
+        return _url(self.fs, dest)
+
+
+def _staging_problems(fs, staging: str) -> list[str]:
+    """Records of a staging folder whose file is missing or of another size, or unreadable."""
+    try:
+        names = fs.ls(_join(staging, _RECORDS), detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    recs = []
+    for p in names:
+        if not p.endswith(".json"):
+            continue
+        try:
+            with fs.open(p, "rb") as f:
+                rec = json.loads(f.read())
+            recs.append({"path": rec["path"], "bytes": rec.get("bytes")})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return [f"{p}: unreadable record ({e})"]
+    bad = [p for p in (path_problem(r["path"]) for r in recs) if p]
+    return bad or size_problems(fs, staging, recs)
+
+
+# --------------------------------------------------------------------------- one writer per fingerprint
+LEASE_SECONDS = 60.0     # an object-store lease's lifetime; its holder renews it every third of that
+_POLL_MIN, _POLL_MAX = 0.05, 1.0
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+def _holder_info() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "id": uuid.uuid4().hex[:12],
+            "since": round(time.time(), 3)}
+
+
+def _describe(info: dict | None) -> str:
+    if not info:
+        return "another writer"
+    return f"pid {info.get('pid')} on {info.get('host')} (lease {info.get('id')})"
+
+
+class WriterLock:
+    """The one writer of ``(stage, fingerprint)``: whoever holds it builds and publishes; others
+    wait (``timeout`` seconds at most, None: as long as it takes), then find the dataset published.
+
+    * Local disks and shared volumes: ``fcntl.flock`` on ``<stage>/.lock-<fp>`` (released by the
+      kernel when the holder dies, also on NFS, where Linux maps it to POSIX locks). The holder
+      unlinks the file before unlocking; a waiter that then locks the old inode sees that the
+      path no longer names it and tries again.
+    * Object stores (and volumes without ``flock``): a lease object ``<stage>/.lease-<fp>/<gen>.json``
+      created with a conditional write (``If-None-Match: *``), renewed by a heartbeat thread. An
+      expired lease (its holder died or hung for ``lease_seconds``) is taken over by creating the
+      next generation, which, being a conditional create too, only one waiter can win.
+    * Threads of one process are serialized by an in-process lock first.
+    """
+
+    def __init__(self, store: Store, stage: str, fp: str, timeout: float | None = None,
+                 lease_seconds: float | None = None):
+        self.store, self.stage, self.fingerprint = store, stage, fp
+        self.timeout = timeout
+        self.lease_seconds = lease_seconds or float(os.environ.get("REFINERY_LEASE_SECONDS", LEASE_SECONDS))
+        self.key = f"{store.root}|{stage}|{fp}"
+        self._impl: Any = None
+        self._thread_lock: threading.Lock | None = None
+
+    def __enter__(self) -> "WriterLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    @property
+    def lost(self) -> bool:
+        """True when a lease expired while held (its heartbeat could not renew it in time)."""
+        return bool(getattr(self._impl, "lost", False))
+
+    def _new_impl(self):
+        base = _join(self.store._root, self.stage)
+        if self.store.local:
+            os.makedirs(base, exist_ok=True)
+            return _Flock(_join(base, f".lock-{self.fingerprint}"))
+        return _Lease(self.store.fs, _join(base, f".lease-{self.fingerprint}"), self.lease_seconds)
+
+    def acquire(self) -> None:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        with _THREAD_LOCKS_GUARD:
+            tl = _THREAD_LOCKS.setdefault(self.key, threading.Lock())
+        if not tl.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"{self.stage} {self.fingerprint}: another thread holds the writer lock")
+        try:
+            self._impl = self._new_impl()
+            self._wait(deadline)
+        except BaseException:
+            self._impl = None
+            tl.release()
+            raise
+        self._thread_lock = tl
+
+    def _wait(self, deadline: float | None) -> None:
+        delay, told = _POLL_MIN, False
+        info = _holder_info()
+        while True:
+            try:
+                got = self._impl.try_acquire(info)
+            except OSError as e:
+                if not isinstance(self._impl, _Flock) or e.errno not in _NO_FLOCK:
+                    raise
+                log.warning("%s: no flock on this volume (%s); using a lease file instead", self._impl.path, e)
+                self._impl = _Lease(self.store.fs, self._impl.path.replace("/.lock-", "/.lease-"),
+                                    self.lease_seconds)
+                continue
+            if got is True:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"{self.stage} {self.fingerprint}: still built by {got} after "
+                                   f"{self.timeout} s")
+            if not told and got:
+                log.warning("%s %s is being built by %s; waiting for it", self.stage, self.fingerprint, got)
+                told = True
+            time.sleep(delay)
+            delay = min(_POLL_MAX, delay * 1.5)
+
+    def release(self) -> None:
+        if self._impl is not None:
+            try:
+                self._impl.release()
+            finally:
+                self._impl = None
+                if self._thread_lock is not None:
+                    self._thread_lock.release()
+                    self._thread_lock = None
+
+
+class _Flock:
+    def __init__(self, path: str):
+        self.path = path
+        self.fd: int | None = None
+
+    def try_acquire(self, info: dict) -> bool | str:
+        """True once held; else who holds it ("" to retry at once)."""
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0) or b"null")
+            except ValueError:
+                holder = None
+            os.close(fd)
+            return _describe(holder)
+        except OSError:
+            os.close(fd)
+            raise
+        try:   # the previous holder may have unlinked the file between our open and our lock
+            same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            return ""
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        import fcntl
+
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)   # before unlocking: see WriterLock
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+
+def _create_exclusive(fs, path: str, data: bytes) -> None:
+    """Create ``path`` with ``data`` unless it exists (FileExistsError): ``O_EXCL`` on local
+    disks, a conditional PUT (``mode="xb"``) on object stores that support it."""
+    if _is_local(fs):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(data)
+    except FileExistsError:
+        raise
+    except (ValueError, NotImplementedError, TypeError) as e:  # no conditional writes: best effort
+        log.warning("%s: this store has no conditional writes (%s); the writer lock is best effort", path, e)
+        if fs.exists(path):
+            raise FileExistsError(path) from None
+        with fs.open(path, "wb") as f:
+            f.write(data)
+    except OSError as e:   # S3 answers 412 Precondition Failed
+        if "412" in str(e) or "Precondition" in str(e) or "ConditionalRequestConflict" in str(e):
+            raise FileExistsError(path) from e
+        raise
+
+
+class _Lease:
+    def __init__(self, fs, directory: str, lease_seconds: float):
+        self.fs, self.dir, self.seconds = fs, directory, lease_seconds
+        self.path = directory
+        self.gen: int | None = None
+        self.info: dict = {}
+        self.lost = False
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def _file(self, gen: int) -> str:
+        return _join(self.dir, f"{gen:012d}.json")
+
+    def _gens(self) -> list[int]:
+        self.fs.invalidate_cache(self.dir)
+        try:
+            names = self.fs.ls(self.dir, detail=False)
+        except FileNotFoundError:
+            return []
+        out = []
+        for n in names:
+            base = n.rstrip("/").rsplit("/", 1)[-1]
+            if base.endswith(".json") and base[:-5].isdigit():
+                out.append(int(base[:-5]))
+        return sorted(out)
+
+    def _read(self, gen: int) -> dict | None:
+        try:
+            with self.fs.open(self._file(gen), "rb") as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, ValueError):
+            return None   # released or still being written: look again
+
+    def try_acquire(self, info: dict) -> bool | str:
+        gens = self._gens()
+        gen = 1
+        if gens:
+            top = self._read(gens[-1])
+            if top is None:
+                return ""
+            if top.get("expires", 0) > time.time():
+                return _describe(top)
+            log.warning("%s: lease %d of %s expired; taking over", self.dir, gens[-1], _describe(top))
+            gen = gens[-1] + 1
+        if _is_local(self.fs):
+            self.fs.makedirs(self.dir, exist_ok=True)
+        self.info = dict(info, expires=time.time() + self.seconds)
+        try:
+            _create_exclusive(self.fs, self._file(gen), json.dumps(self.info).encode())
+        except FileExistsError:
+            return ""
+        self.gen = gen
+        for g in gens:   # superseded leases of dead holders: safe to drop, ours is above them
+            with contextlib.suppress(OSError):
+                self.fs.rm(self._file(g))
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._heartbeat, name=f"lease-{gen}", daemon=True)
+        self._beat.start()
+        return True
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                if self._gens()[-1:] != [self.gen] or time.time() > self.info["expires"]:
+                    self.lost = True
+                    log.error("%s: lease %s was lost (expired or taken over)", self.dir, self.gen)
+                    return
+                self.info["expires"] = time.time() + self.seconds
+                with self.fs.open(self._file(self.gen), "wb") as f:
+                    f.write(json.dumps(self.info).encode())
+            except Exception as e:  # noqa: BLE001 - a failed renewal is retried at the next beat
+                log.warning("%s: could not renew lease %s: %s", self.dir, self.gen, e)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=5)
+        if self.gen is not None and not self.lost:
+            with contextlib.suppress(OSError):
+                self.fs.rm(self._file(self.gen))
+        self.gen = None
 
 
 class Builder:
@@ -244,42 +733,62 @@ class Builder:
         with self.fs.open(rpath, "rb") as f:
             return json.loads(f.read())
 
+    def discard(self, rel: str) -> None:
+        """Forget a file written by a shard that then failed (its record first, then the file), so
+        a partial shard never reaches the manifest; the retry writes it again."""
+        for p in (_join(self.dir, _RECORDS, self._record_name(rel)), _join(self.dir, rel)):
+            try:
+                self.fs.rm(p)
+            except FileNotFoundError:
+                pass
+
     # -- writing
+    def _dest(self, rel: str) -> str:
+        """Staging path of ``rel`` (its folder created); refuses paths that leave the dataset."""
+        problem = path_problem(rel)
+        if problem:
+            raise ValueError(f"{self.stage}: cannot write {problem}")
+        dest = _join(self.dir, rel)
+        self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+        return dest
+
     def write_table(self, rel: str, table, **extra) -> dict:
-        """Write a pyarrow Table atomically as Parquet (``.parquet``) or Arrow IPC (``.arrow``)."""
+        """Write a pyarrow Table atomically as Parquet (``.parquet``) or Arrow IPC (``.arrow``):
+        locally into a temporary file, fsynced, then renamed (removed if writing fails)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        dest = _join(self.dir, rel)
-        self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{dest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}" if self.store.local else dest
-        with self.fs.open(tmp, "wb") as f:
+        if not rel.endswith((".arrow", ".parquet")):
+            raise ValueError(f"{rel}: write_table needs a .parquet or .arrow name")
+        dest = self._dest(rel)
+
+        def write(f) -> None:
             if rel.endswith(".arrow"):
                 with pa.ipc.new_file(f, table.schema) as w:
                     w.write_table(table)
-            elif rel.endswith(".parquet"):
-                pq.write_table(table, f, compression="zstd")
             else:
-                raise ValueError(f"{rel}: write_table needs a .parquet or .arrow name")
+                pq.write_table(table, f, compression="zstd")
+
         if self.store.local:
-            os.replace(tmp, dest)
+            with _local_atomic(dest) as f:
+                write(f)
+        else:
+            with self.fs.open(dest, "wb") as f:
+                write(f)
         digest, size = sha256_file(self.fs, dest)
         return self._write_record({"path": rel, "rows": table.num_rows, "bytes": size, "sha256": digest, **extra})
 
     def write_bytes(self, rel: str, data: bytes, **extra) -> dict:
-        dest = _join(self.dir, rel)
-        self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+        dest = self._dest(rel)
         _atomic_write_bytes(self.fs, dest, data)
         return self._write_record({"path": rel, "rows": None, "bytes": len(data),
                                    "sha256": hashlib.sha256(data).hexdigest(), **extra})
 
     def put_file(self, local_path: str | os.PathLike, rel: str, **extra) -> dict:
-        dest = _join(self.dir, rel)
-        self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+        dest = self._dest(rel)
         if self.store.local:
-            tmp = f"{dest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            shutil.copyfile(local_path, tmp)
-            os.replace(tmp, dest)
+            with open(local_path, "rb") as src, _local_atomic(dest) as f:
+                shutil.copyfileobj(src, f, 1 << 20)
         else:
             self.fs.put_file(str(local_path), dest)
         digest, size = sha256_file(self.fs, dest)
@@ -357,6 +866,7 @@ class Builder:
         for d in self._tmpdirs:
             shutil.rmtree(d, ignore_errors=True)
         self._tmpdirs.clear()
+        self._check_before_publish(manifest)
         data = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False, default=str).encode()
         if not self.store.local:
             for sub in (_RECORDS, _SHARDS):  # object stores have no empty folders: maybe absent
@@ -372,8 +882,29 @@ class Builder:
         try:
             os.rename(self.dir, self.final)
         except OSError:
-            # Another process published the same fingerprint first; its copy is as good as ours.
-            if not os.path.exists(_join(self.final, MANIFEST)):
+            # Only without the writer lock (see Store.lock): another process published the same
+            # fingerprint first; its copy is as good as ours if it is intact.
+            if self.store.get(self.stage, self.fingerprint) is None:
                 raise
             shutil.rmtree(self.dir, ignore_errors=True)
+        _fsync_dir(os.path.dirname(self.final))
         return Dataset.open(self.final)
+
+    def _check_before_publish(self, manifest: dict) -> None:
+        """Nothing damaged or temporary gets published: every recorded file must be there with its
+        recorded size (else the staging folder is moved aside and the stage fails: a rerun
+        rebuilds it), and leftover ``*.tmp-*`` files (a write interrupted by a full disk, a kill)
+        are deleted."""
+        problems = manifest_problems(manifest) or size_problems(self.fs, self.dir, manifest["files"])
+        if problems:
+            where = self.store.quarantine(self.stage, self.fingerprint, self.dir,
+                                          f"{self.path('')}: not published, staged files are damaged: "
+                                          + _summary(problems))
+            raise DatasetCorrupt(f"{self.stage} {self.fingerprint}: staged files are damaged "
+                                 f"({_summary(problems)}); moved aside to {where}; a rerun rebuilds them")
+        if self.store.local:
+            for folder, _, names in os.walk(self.dir):
+                for name in names:
+                    if _TMP_MARK in name:
+                        log.info("%s: removing temporary file %s before publishing", self.stage, name)
+                        os.unlink(os.path.join(folder, name))

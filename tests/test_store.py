@@ -33,7 +33,7 @@ def test_publish_manifest_and_lineage(tmp_path):
         assert key in m
     assert m["inputs"] == [toy.ref()]
     assert m["config"] == {"factor": 2}
-    f = m["files"][0]
+    f = next(f for f in m["files"] if f["path"].startswith("part-"))   # the other files: the card
     assert f["rows"] == 12 and f["bytes"] == (Path(out.path) / f["path"]).stat().st_size
     assert out.read_table()["x"].to_pylist() == [0] * 4 + [2] * 4 + [4] * 4
     assert not list((tmp_path / "toy").glob(".staging-*"))
@@ -98,7 +98,7 @@ def test_rerun_after_crash_skips_finished_shards(tmp_path, exec_log):
 
     Toy.obj.shard = staticmethod(flaky)
     try:
-        with pytest.raises(Boom):
+        with pytest.raises((Boom, RuntimeError)):   # the shard's error, or ShardsFailed naming it
             Toy.run(store, [], cfg)
         assert store.get("toy", Toy.fingerprint([], cfg)) is None
         Toy.run(store, [], cfg)

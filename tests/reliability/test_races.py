@@ -1,0 +1,161 @@
+"""One writer per fingerprint: processes, threads and CLI runs racing on one dataset.
+
+Every trial starts its racers together (a barrier) on a fresh root and then checks what a reader
+sees: one complete manifest equal to a clean run's, every shard executed once (counted through
+REFINERY_EXEC_LOG, so a racer that rebuilt instead of waiting is caught), and no staging, lock or
+quarantine folder left behind.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from refinery_testlib import read_exec_log
+from refinery.tasks.store import Dataset, Store, WriterLock, _Lease
+from toy_stages import Toy, ToyConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+REFINERY = str(Path(sys.executable).parent / "refinery")
+CFG = ToyConfig(shards=6, rows=5)
+TRIALS, RACERS = 20, 3
+
+
+def _signature(ds: Dataset) -> tuple:
+    """What must be equal between two builds of one fingerprint (not the build time)."""
+    files = [(f["path"], f["rows"], f["bytes"], f["sha256"]) for f in ds.manifest["files"]]
+    return ds.fingerprint, tuple(files), json.dumps(ds.counts, sort_keys=True)
+
+
+def _leftovers(stage_dir: Path) -> list[str]:
+    return sorted(p.name for p in stage_dir.iterdir() if p.name.startswith("."))
+
+
+def _racer(root: str, barrier, out) -> None:
+    barrier.wait(timeout=60)
+    ds = Toy.run(root, [], CFG)
+    out.put((os.getpid(), ds.path, ds.manifest["counts"]["docs_out"], len(ds.manifest["files"])))
+
+
+def test_processes_racing_on_one_fingerprint_publish_once_and_completely(tmp_path, exec_log):
+    clean = Toy.run(tmp_path / "clean", [], CFG)
+    want = _signature(clean)
+    per_build = len(read_exec_log(exec_log))          # 6 shards + the reduce step
+    ctx = mp.get_context("fork")                       # fast: the racers share this process's imports
+    for trial in range(TRIALS):
+        root = tmp_path / f"trial-{trial}"
+        barrier, out = ctx.Barrier(RACERS), ctx.Queue()
+        procs = [ctx.Process(target=_racer, args=(str(root), barrier, out)) for _ in range(RACERS)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+            assert p.exitcode == 0, f"trial {trial}: a racer failed (exit {p.exitcode})"
+        seen = [out.get(timeout=5) for _ in procs]
+        assert {path for _, path, _, _ in seen} == {str(root / "toy" / clean.fingerprint)}
+        assert all(rows == 30 and n == len(clean.manifest["files"]) for _, _, rows, n in seen), seen
+        ds = Dataset.open(root / "toy" / clean.fingerprint)
+        assert _signature(ds) == want and ds.read_table().num_rows == 30
+        assert ds.verify() == []
+        assert _leftovers(root / "toy") == [], f"trial {trial}"
+    lines = read_exec_log(exec_log)
+    assert len(lines) == per_build * (TRIALS + 1), "a racer built instead of waiting for the writer"
+    assert set(Counter(lines).values()) == {TRIALS + 1}   # each shard once per root
+
+
+def test_threads_racing_in_one_process(tmp_path, exec_log):
+    paths, errors = [], []
+
+    def racer():
+        try:
+            paths.append(Toy.run(tmp_path / "w", [], CFG).path)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=racer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(set(paths)) == 1
+    assert len(read_exec_log(exec_log)) == 7
+    assert _leftovers(tmp_path / "w" / "toy") == []
+
+
+def test_a_dead_holder_does_not_block(tmp_path):
+    """The kernel drops a killed holder's flock: the next writer gets the lock at once."""
+    store = Store(tmp_path)
+    code = ("import sys, time; sys.path[:0] = [%r, %r]\n"
+            "from refinery.tasks.store import Store\n"
+            "lock = Store(%r).lock('toy', 'fp'); lock.acquire(); print('held', flush=True); time.sleep(600)\n"
+            % (str(ROOT), str(ROOT / "tests"), str(tmp_path)))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(TimeoutError, match="still built by pid"):
+            store.lock("toy", "fp", timeout=0.3).acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+    t0 = time.monotonic()
+    with store.lock("toy", "fp", timeout=10):
+        assert time.monotonic() - t0 < 5
+    assert not (tmp_path / "toy" / ".lock-fp").exists()   # the holder removes it on release
+
+
+def test_object_store_lease_excludes_and_expires():
+    """Leases on an fsspec store (memory://): one holder at a time; an expired lease is taken over."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    lease_dir = "/leases-test/.lease-fp"
+    a, b = _Lease(fs, lease_dir, lease_seconds=30), _Lease(fs, lease_dir, lease_seconds=30)
+    assert a.try_acquire({"pid": 1}) is True
+    assert "pid 1" in b.try_acquire({"pid": 2})          # held and alive: b waits
+    a.release()
+    assert b.try_acquire({"pid": 2}) is True
+    # b "dies" without releasing; once its lease is past its expiry, c takes over with the next generation
+    b._stop.set()
+    rec = json.loads(fs.cat(b._file(b.gen)))
+    fs.pipe(b._file(b.gen), json.dumps(dict(rec, expires=time.time() - 1)).encode())
+    c = _Lease(fs, lease_dir, lease_seconds=30)
+    assert c.try_acquire({"pid": 3}) is True and c.gen == b.gen + 1
+    assert b._gens() == [c.gen]                           # the dead holder's lease was dropped
+    c.release()
+    assert c._gens() == []
+
+
+def test_leases_serialize_writers(tmp_path):
+    """Three threads contending through the lease algorithm alone (on a local folder, where the
+    conditional create is O_EXCL): never two inside at once."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    store = Store(tmp_path)
+    inside, worst, done = [0], [0], []
+
+    def writer(i):
+        lock = WriterLock(store, "toy", "fp", lease_seconds=30)
+        lock._new_impl = lambda: _Lease(LocalFileSystem(), str(tmp_path / "toy" / ".lease-fp"), 30)
+        lock.key = f"separate-{i}"   # no shared in-process lock: only the lease excludes
+        for _ in range(3):
+            with lock:
+                inside[0] += 1
+                worst[0] = max(worst[0], inside[0])
+                time.sleep(0.02)
+                inside[0] -= 1
+                done.append(i)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert worst[0] == 1 and len(done) == 9
