@@ -848,6 +848,10 @@ class Builder:
     # -- publish
     def publish(self, *, version: str, config: dict, inputs: Iterable[dict], counts: dict | None = None,
                 stats: dict | None = None, extra: dict | None = None) -> Dataset:
+        from refinery.tasks.card import write_card
+
+        inputs = list(inputs)  # the card (a record, so the manifest lists it) and the manifest both read them
+        write_card(self, version=version, inputs=inputs, counts=counts or {})
         manifest = {
             "stage": self.stage,
             "fingerprint": self.fingerprint,
