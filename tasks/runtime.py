@@ -101,6 +101,40 @@ def error_text(e: BaseException, limit: int = 1000) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def file_identity(path: str | os.PathLike, storage_options: dict | None = None) -> str:
+    """The identity of a raw input file (one that is not a dataset) in a fingerprint:
+    ``location|size|version``, where version is the modification time (local files: st_mtime_ns)
+    or what the store gives (an object store's ETag, else its modification time).
+
+    The one rule for every stage that reads raw files: ingest's crawl files and dumps, finetune's
+    instruction file, align's preference pairs. Metadata rather than content, because crawl inputs
+    are many gigabytes and often remote: hashing them would read every byte on every run just to
+    compute a fingerprint, where a stat is one call. A changed file changes its size or its
+    mtime/ETag, so a stale dataset is never reused; the price is the other direction (a touched or
+    copied but identical file is rebuilt). A missing or unreadable file gives
+    ``location|missing|ErrorName`` so the fingerprint exists and the stage reports the error."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    path = os.fspath(path)
+    try:
+        fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        if isinstance(fs, LocalFileSystem):   # nanosecond mtimes; absolute, so the cwd does not matter
+            st = os.stat(fs_path)
+            return f"{os.path.abspath(fs_path)}|{st.st_size}|{st.st_mtime_ns}"
+        info = fs.info(fs_path)
+    except (OSError, ValueError) as e:
+        return f"{path}|missing|{type(e).__name__}"
+    version: Any = None
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "created"):
+        if info.get(key) is not None:
+            version = info[key]
+            break
+    if hasattr(version, "isoformat"):
+        version = version.isoformat()
+    return f"{path}|{info.get('size')}|{version}"
+
+
 def sum_counts(results: Sequence[dict]) -> dict:
     """Add up nested dicts of numbers (shard counts)."""
     out: dict = {}
@@ -214,9 +248,12 @@ class Stage:
         fp = self.fingerprint(inputs, cfg)
         found = store.get(self.name, fp)
         if found is not None:
-            return found
+            return _mark(found, cached=True)
         with store.lock(self.name, fp):   # one writer per fingerprint: the others wait, then reuse its dataset
-            return store.recover(self.name, fp) or self._build(store, fp, inputs, cfg, map_fn)
+            found = store.recover(self.name, fp)
+            if found is not None:
+                return _mark(found, cached=True)
+            return _mark(self._build(store, fp, inputs, cfg, map_fn), cached=False)
 
     def _build(self, store: Store, fp: str, inputs: list[Dataset], cfg: Any, map_fn: Callable | None) -> Dataset:
         t0 = time.perf_counter()
@@ -274,13 +311,19 @@ class Stage:
                                                   refresh_cache=not exists, result_storage=storage)
         manifest = task(stage_ref=self.ref, root=store.root, fp=fp, input_paths=input_paths, cfg=cfg,
                         shard_results=results, failed_shards=failed)
-        return Dataset.open(manifest["path"])
+        return _mark(Dataset.open(manifest["path"]), cached=exists)
 
     def __call__(self, *args, **kwargs):
         return self.obj(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<stage {self.name} v{self.version}{' sharded' if self.sharded else ''}>"
+
+
+def _mark(ds: Dataset, cached: bool) -> Dataset:
+    """Tell the flow's reports whether this run built ``ds`` or found it already built."""
+    ds.cached = cached
+    return ds
 
 
 def _check_items(name: str, items: list[dict]) -> None:
@@ -586,5 +629,5 @@ def make_runner(spec: str | None):
     raise ValueError(f"unknown task runner {spec!r}: use threads[:N], processes[:N], dask[:N] or tcp://host:port")
 
 
-__all__ = ["stage", "Stage", "StageOutput", "ShardsFailed", "UnsafeResultRecord", "sum_counts", "make_runner",
+__all__ = ["stage", "Stage", "StageOutput", "ShardsFailed", "UnsafeResultRecord", "sum_counts", "file_identity", "make_runner",
            "config_dict", "resolve", "check_result_record"]
