@@ -5,7 +5,8 @@ Output dataset layout::
     adapter/     PEFT adapter (adapter_config.json, adapter_model.safetensors) + tokenizer files
     merged/      lora / qlora / ia3: the adapter folded into the base (plain transformers folder)
     config.json, model.safetensors, tokenizer files ...   method=full: the whole model at the top
-    metrics.parquet   step, train loss, learning rate (and validation loss where measured)
+    metrics/     the run's per-step metrics (metrics.jsonl, loss.png, tensorboard/; the common
+                 schema of refinery.tasks.train.metrics); a copy sits in adapter/ and merged/ too
     samples.parquet   held-out instructions generated before and after training
     manifest.json     extra keys: method, adapter / merged / model (folders, relative), base_model
 
@@ -48,14 +49,16 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
     """Supervised fine-tuning of a causal LM by full / LoRA / QLoRA / IA3 / LLaMA-Adapter / prompt /
     prefix tuning, with response-only loss, optional packing and early stopping."""
     import pyarrow as pa
-    import torch
 
     from refinery.tasks.finetune import data as D
     from refinery.tasks.finetune import methods as M
-    from refinery.tasks.finetune.train import PeakMemory, evaluate, generate_samples, train_loop
+    from refinery.tasks.finetune.train import evaluate, generate_samples, train_loop
+    from refinery.tasks.train.common import PeakMemory, seed_everything
+    from refinery.tasks.train.metrics import METRICS_DIR, MetricsLog, publish_metrics
+    from refinery.tasks.train.stage import checkpoint_dir
 
     log = _logger()
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
 
     # -- data
     source = M.resolve_model_source(cfg.model)
@@ -84,14 +87,23 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
         val_before = evaluate(model, val_batches, device, compute_dtype)
         samples_before = generate_samples(model, tok, sample_ex, device, cfg.sample_max_new_tokens,
                                           max_prompt_tokens=seq_len)
-        torch.manual_seed(cfg.seed)
+        seed_everything(cfg.seed)   # the adapter's initial weights do not depend on the steps before
         model = M.wrap_model(cfg, model, source)
         params = M.trainable_summary(model)
         footprint = M.memory_footprint(model)
         log(f"finetune[{cfg.method}]: {params['trainable_params']:,} trainable of {params['total_params']:,} "
             f"parameters ({params['trainable_pct']}%), lr {cfg.resolved_lr():g}, device {device.type}")
-        torch.manual_seed(cfg.seed)
-        run = train_loop(cfg, model, train_items, val_batches, pad_id, device, compute_dtype, log, seq_len)
+        seed_everything(cfg.seed)
+        # live while training: <workdir>/checkpoints/<fingerprint>/metrics (a rerun starts it afresh)
+        metrics_dir = checkpoint_dir(b) / METRICS_DIR
+        metrics = MetricsLog(metrics_dir, total_steps=cfg.max_steps, desc=f"finetune[{cfg.method}]", bar=True,
+                             report_to=cfg.report_to, run_config=cfg.model_dump(mode="json"), fresh=True)
+        try:
+            run = train_loop(cfg, model, train_items, val_batches, pad_id, device, compute_dtype, log, seq_len,
+                             metrics=metrics)
+        finally:
+            metrics.close()
+        metrics.plot(f"finetune {cfg.method}")
         val_after = evaluate(model, val_batches, device, compute_dtype)
         samples_after = generate_samples(model, tok, sample_ex, device, cfg.sample_max_new_tokens,
                                          no_cache=cfg.method == "prefix_tuning", max_prompt_tokens=seq_len)
@@ -119,13 +131,7 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
         extra["merged"] = "merged"
         _free(device)
 
-    val_at = {h["step"]: h["val_loss"] for h in run["val_history"]}
-    b.write_table("metrics.parquet", pa.table({
-        "step": pa.array(range(1, len(run["train_losses"]) + 1), pa.int32()),
-        "train_loss": pa.array(run["train_losses"], pa.float64()),
-        "lr": pa.array(run["lrs"], pa.float64()),
-        "val_loss": pa.array([val_at.get(s) for s in range(1, len(run["train_losses"]) + 1)], pa.float64()),
-    }))
+    publish_metrics(b, metrics_dir, [extra[k] for k in ("adapter", "merged") if k in extra])
     rows = [{"when": w, **s} for w, ss in (("before", samples_before), ("after", samples_after)) for s in ss]
     if rows:
         b.write_table("samples.parquet", pa.Table.from_pylist(rows))

@@ -1,74 +1,26 @@
 """The SFT training loop: response-only token loss, gradient accumulation (loss normalised by the
 response tokens of the whole accumulated batch), warm-up + cosine/linear/constant schedule,
 validation with early stopping (restoring the best trainable weights), sample generations, and
-throughput / peak-memory measurement. Readable top to bottom; heavy imports inside functions.
+throughput measurement. :func:`train_loop` is a short sequence of named phases over a
+:class:`LoopState`; per-step rows go through the common :class:`refinery.tasks.train.metrics.MetricsLog`.
+Device, dtype, seeding and peak memory come from :mod:`refinery.tasks.train.common`. Heavy imports
+inside functions.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import resource
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from refinery.tasks.finetune.config import FinetuneConfig
 from refinery.tasks.finetune.data import IGNORE, Batch, Encoded, make_batches, prompt_and_reference, render
-
-
-# --------------------------------------------------------------------------- memory
-def rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return float("nan")
-
-
-def peak_rss_mb() -> float:
-    """The process's high-water resident set (Linux reports KiB, macOS bytes)."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 2**20 if os.uname().sysname == "Darwin" else r / 1024
-
-
-class PeakMemory:
-    """Peak memory over a stretch of work: CUDA max allocated on a GPU, process peak RSS on CPU."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.rss_start = rss_mb()
-        return self
-
-    def stats(self) -> dict:
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return {"peak_memory_mb": round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1),
-                    "peak_memory_kind": "cuda_max_allocated"}
-        return {"peak_memory_mb": round(peak_rss_mb(), 1), "peak_memory_kind": "process_peak_rss",
-                "rss_start_mb": round(self.rss_start, 1)}
-
-    def __exit__(self, *exc):
-        return False
+# one copy of device / dtype / memory helpers for every trainer (bench/finetune imports them from here)
+from refinery.tasks.train.common import PeakMemory, rss_mb  # noqa: F401
+from refinery.tasks.train.common import autocast as autocast_ctx
 
 
 # --------------------------------------------------------------------------- loss
-def autocast_ctx(device, compute_dtype):
-    import torch
-
-    if compute_dtype in (torch.bfloat16, torch.float16) and not (device.type == "cpu" and compute_dtype == torch.float16):
-        return torch.autocast(device.type, dtype=compute_dtype)
-    return contextlib.nullcontext()
-
-
 def token_loss_sum(model, batch: Batch):
     """Sum of next-token cross-entropy over the response tokens, and their count. The last
     ``L`` logits are the real tokens' (prompt tuning prepends virtual tokens)."""
@@ -174,6 +126,25 @@ def generate_samples(model, tokenizer, examples: Sequence, device, max_new_token
 
 
 # --------------------------------------------------------------------------- training
+@dataclass
+class LoopState:
+    """What the SFT loop carries from step to step."""
+
+    step: int = 0
+    epoch: int = 0
+    tokens: int = 0
+    label_tokens: int = 0
+    seconds: float = 0.0                 # time in optimizer steps (validation excluded)
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    val_history: list[dict] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_step: int = 0
+    best_snapshot: dict | None = None    # the trainable weights at the best validation loss
+    bad_evals: int = 0
+    stopped_early: bool = False
+
+
 def _snapshot(model) -> dict:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
@@ -187,14 +158,80 @@ def _restore(model, snap: dict) -> None:
                 p.copy_(snap[n].to(p.device))
 
 
+def _micro_batches(cfg: FinetuneConfig, train_items: Sequence[Encoded], pad_id: int, seq_len: int):
+    """(epoch, batch) forever: each epoch reshuffles with its own seed, so a run is reproducible."""
+    epoch = 0
+    while True:
+        for b in make_batches(train_items, cfg.batch_size, pad_id, cfg.packing, seq_len, seed=cfg.seed * 1000 + epoch):
+            yield epoch, b
+        epoch += 1
+
+
+def _optimizer_step(cfg: FinetuneConfig, model, window: list[Batch], st: LoopState, opt, device,
+                    compute_dtype) -> float | None:
+    """Backward over the ``grad_accum`` micro-batches of one step, each loss divided by the response
+    tokens of the *whole* window (so accumulation equals one bigger batch), then clip and step.
+    Returns the gradient norm (None without clipping)."""
+    import torch
+
+    optimizer, scheduler, scaler, params = opt
+    n_window = sum(b.n_labels for b in window)
+    step_loss = 0.0
+    for b in window:
+        b = b.to(device)
+        with autocast_ctx(device, compute_dtype):
+            loss_sum, _ = token_loss_sum(model, b)
+        loss = loss_sum / max(n_window, 1)
+        (scaler.scale(loss) if scaler else loss).backward()
+        step_loss += float(loss_sum.detach())
+        st.tokens += b.n_tokens
+        st.label_tokens += b.n_labels
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else None
+    st.lrs.append(optimizer.param_groups[0]["lr"])
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    st.losses.append(step_loss / max(n_window, 1))
+    return grad_norm
+
+
+def _validate(cfg: FinetuneConfig, model, val_batches, st: LoopState, device, compute_dtype, metrics,
+              log: Callable[[str], Any]) -> None:
+    """Validation loss; a new best keeps a snapshot (``load_best``), ``early_stopping_patience``
+    validations without one stop the run."""
+    v = evaluate(model, val_batches, device, compute_dtype)
+    st.val_history.append({"step": st.step, "val_loss": v})
+    metrics.val(st.step, tokens=st.tokens, loss=v)
+    if v is not None and v < st.best_loss - cfg.early_stopping_min_delta:
+        st.best_loss, st.best_step, st.bad_evals = v, st.step, 0
+        if cfg.load_best:
+            st.best_snapshot = _snapshot(model)
+        return
+    st.bad_evals += 1
+    if cfg.early_stopping_patience and st.bad_evals >= cfg.early_stopping_patience:
+        st.stopped_early = True
+        log(f"early stopping at step {st.step}: no validation improvement in {st.bad_evals} evaluations "
+            f"(best {st.best_loss:.4f} at step {st.best_step})")
+
+
 def train_loop(cfg: FinetuneConfig, model, train_items: Sequence[Encoded], val_batches: Sequence[Batch],
                pad_id: int, device, compute_dtype, log: Callable[[str], Any] = print,
-               seq_len: int | None = None) -> dict:
+               seq_len: int | None = None, metrics=None) -> dict:
     """Train ``model`` in place for ``cfg.max_steps`` optimizer steps (or until early stopping).
-    Returns the loss curve, validation history, throughput and early-stopping facts."""
+
+    Every step's row goes to ``metrics`` (a :class:`refinery.tasks.train.metrics.MetricsLog`; an
+    in-memory one with a progress bar when None). Returns the loss curve, validation history,
+    throughput and early-stopping facts."""
     import torch
 
     from refinery.tasks.finetune.methods import lr_lambda, make_optimizer
+    from refinery.tasks.train.metrics import MetricsLog
 
     if not train_items:
         raise ValueError("no training examples left after validation split and encoding")
@@ -204,98 +241,40 @@ def train_loop(cfg: FinetuneConfig, model, train_items: Sequence[Encoded], val_b
         raise RuntimeError(f"method {cfg.method}: the model has no trainable parameters")
     optimizer, opt_name = make_optimizer(cfg, params, device, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    # float16 needs loss scaling; bfloat16 and float32 do not
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and compute_dtype == torch.float16 else None
+    opt = (optimizer, scheduler, scaler, params)
     eval_every = cfg.resolved_eval_every()
-    seq_len = seq_len or cfg.seq_len
-
-    def micro_batches():
-        epoch = 0
-        while True:
-            for b in make_batches(train_items, cfg.batch_size, pad_id, cfg.packing, seq_len,
-                                  seed=cfg.seed * 1000 + epoch):
-                yield epoch, b
-            epoch += 1
-
-    stream = micro_batches()
-    losses: list[float] = []
-    lrs: list[float] = []
-    val_history: list[dict] = []
-    best = (math.inf, 0)
-    best_snap = None
-    bad_evals = 0
-    stopped_early = False
-    tokens = labels_seen = 0
-    train_seconds = 0.0
-    epoch = 0
+    stream = _micro_batches(cfg, train_items, pad_id, seq_len or cfg.seq_len)
+    if metrics is None:
+        metrics = MetricsLog(None, total_steps=cfg.max_steps, desc=f"finetune[{cfg.method}]", bar=True)
+    st = LoopState()
     model.train()
-    try:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.max_steps, desc=f"finetune[{cfg.method}]", unit="step", leave=False)
-    except ImportError:  # pragma: no cover
-        bar = None
-    step = 0
-    for step in range(1, cfg.max_steps + 1):
+    for st.step in range(1, cfg.max_steps + 1):
         t0 = time.perf_counter()
         window = [next(stream) for _ in range(cfg.grad_accum)]
-        epoch = window[-1][0]
-        n_window = sum(b.n_labels for _, b in window)
-        step_loss = 0.0
-        for _, b in window:
-            b = b.to(device)
-            with autocast_ctx(device, compute_dtype):
-                loss_sum, _ = token_loss_sum(model, b)
-            loss = loss_sum / max(n_window, 1)
-            (scaler.scale(loss) if scaler else loss).backward()
-            step_loss += float(loss_sum.detach())
-            tokens += b.n_tokens
-            labels_seen += b.n_labels
-        if scaler:
-            scaler.unscale_(optimizer)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        lrs.append(optimizer.param_groups[0]["lr"])
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        st.epoch = window[-1][0]
+        grad_norm = _optimizer_step(cfg, model, [b for _, b in window], st, opt, device, compute_dtype)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        train_seconds += time.perf_counter() - t0
-        losses.append(step_loss / max(n_window, 1))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if val_batches and (step % eval_every == 0 or step == cfg.max_steps):
-            v = evaluate(model, val_batches, device, compute_dtype)
-            val_history.append({"step": step, "val_loss": v})
-            if v is not None and v < best[0] - cfg.early_stopping_min_delta:
-                best = (v, step)
-                bad_evals = 0
-                if cfg.load_best:
-                    best_snap = _snapshot(model)
-            else:
-                bad_evals += 1
-                if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
-                    stopped_early = True
-                    log(f"early stopping at step {step}: no validation improvement in {bad_evals} evaluations "
-                        f"(best {best[0]:.4f} at step {best[1]})")
-                    break
-    if bar is not None:
-        bar.close()
+        st.seconds += time.perf_counter() - t0
+        metrics.train(st.step, tokens=st.tokens, loss=st.losses[-1], lr=st.lrs[-1], grad_norm=grad_norm,
+                      epoch=st.epoch, label_tokens=st.label_tokens)
+        if val_batches and (st.step % eval_every == 0 or st.step == cfg.max_steps):
+            _validate(cfg, model, val_batches, st, device, compute_dtype, metrics, log)
+            if st.stopped_early:
+                break
+    # the best weights back, unless the last step was the best
     restored = False
-    if cfg.load_best and best_snap is not None and best[1] != step:
-        _restore(model, best_snap)
+    if cfg.load_best and st.best_snapshot is not None and st.best_step != st.step:
+        _restore(model, st.best_snapshot)
         restored = True
-    del optimizer
+    del optimizer, opt
     return {
-        "steps": step, "epochs": epoch + 1, "optimizer": opt_name, "lr": lr,
-        "train_losses": losses, "lrs": lrs, "val_history": val_history,
-        "best_val_loss": None if best[0] == math.inf else best[0], "best_step": best[1],
-        "stopped_early": stopped_early, "restored_best": restored,
-        "train_tokens": tokens, "train_label_tokens": labels_seen, "train_seconds": round(train_seconds, 3),
-        "tokens_per_sec": round(tokens / train_seconds, 1) if train_seconds > 0 else None,
+        "steps": st.step, "epochs": st.epoch + 1, "optimizer": opt_name, "lr": lr,
+        "train_losses": st.losses, "lrs": st.lrs, "val_history": st.val_history,
+        "best_val_loss": None if st.best_loss == math.inf else st.best_loss, "best_step": st.best_step,
+        "stopped_early": st.stopped_early, "restored_best": restored,
+        "train_tokens": st.tokens, "train_label_tokens": st.label_tokens, "train_seconds": round(st.seconds, 3),
+        "tokens_per_sec": round(st.tokens / st.seconds, 1) if st.seconds > 0 else None,
     }

@@ -1,11 +1,17 @@
 """The pretraining loop, readable top to bottom (after nanoGPT's train.py).
 
-    model from config -> AdamW (decay on matrices only) -> warmup + cosine LR
-    resume from the latest checkpoint if there is one (weights, optimizer, scheduler, RNG, data position)
-    evaluate at step 0
-    for each step: grad_accum micro-batches (bf16 autocast on GPU) -> clip -> step
-                   log loss / lr / tokens/s / MFU; evaluate every eval_every; early stopping on
-                   validation loss; checkpoint every save_every, on a new best, on SIGTERM, at the end
+    _build              model from config -> AdamW (decay on matrices only) -> warmup + cosine LR
+    _resume             the latest checkpoint if there is one (weights, optimizer, scheduler, RNG,
+                        data position) -> TrainState (step, tokens, best, history ...)
+    _unigram_baseline   the loss a context-free model would reach
+    _open_metrics       metrics.jsonl, TensorBoard, trackers, progress (refinery.tasks.train.metrics)
+    _evaluate, _save    at step 0
+    _loop               _train_step (grad_accum micro-batches, bf16 autocast on GPU, clip, step, log
+                        loss / lr / tokens/s / MFU); _evaluate every eval_every; early stopping on
+                        validation loss; _save every save_every, on a new best, on SIGTERM, at the end
+
+What is built once lives in :class:`Run`; what changes every step (and is checkpointed) in
+:class:`TrainState`; each phase is a function of the two.
 
 The same function runs single-process and under DDP (launched by :func:`run_training` through
 torchrun): every process reads the *global* micro-batch from an unsharded reader and keeps its own
@@ -16,30 +22,35 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from refinery.tasks.train.config import TrainConfig
 
 
 class WarmupCosine:
-    """LR multiplier: linear warmup to 1, cosine decay to ``min_ratio`` at ``max_steps`` (then flat).
+    """LR multiplier: linear warmup to 1, then ``kind`` decay (cosine or linear) to ``min_ratio`` at
+    ``max_steps`` (then flat), or ``constant`` 1.
 
     A class, not a lambda, so the scheduler's state_dict carries it."""
 
-    def __init__(self, warmup: int, max_steps: int, min_ratio: float):
-        self.warmup, self.max_steps, self.min_ratio = warmup, max_steps, min_ratio
+    def __init__(self, warmup: int, max_steps: int, min_ratio: float, kind: str = "cosine"):
+        self.warmup, self.max_steps, self.min_ratio, self.kind = warmup, max_steps, min_ratio, kind
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / (self.warmup + 1)
+        if self.kind == "constant":
+            return 1.0
         if step >= self.max_steps:
             return self.min_ratio
         progress = (step - self.warmup) / max(1, self.max_steps - self.warmup)
+        if self.kind == "linear":
+            return self.min_ratio + (1 - self.min_ratio) * (1 - progress)
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -65,17 +76,6 @@ class _Preemption:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
         return False
-
-
-def pick_device(cfg: TrainConfig, local_rank: int = 0):
-    import torch
-
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    return torch.device(name)
 
 
 def make_optimizer(model, cfg: TrainConfig, device):
@@ -121,46 +121,83 @@ def evaluate(model, objective, val_reader, cfg: TrainConfig, device, autocast, b
     return total / count
 
 
-def train(cfg: TrainConfig, reader, val_reader, ckpt_dir: str | Path, *, unigram_reader=None,
-          stop_after: int | None = None, log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Train (or resume) to ``cfg.max_steps`` and return a summary dict (rank 0's view).
+# ----------------------------------------------------------------------------- the run's pieces and state
+@dataclass
+class TrainState:
+    """What changes from step to step. All of it goes into every checkpoint, so a resumed run
+    continues exactly where the checkpoint left off (same losses, same early-stopping count)."""
 
-    ``ckpt_dir`` is where checkpoints, metrics.jsonl, TensorBoard logs and loss.png go; a previous
-    run's checkpoints there are resumed. ``stop_after`` stops (with a checkpoint) after that many
-    steps in total, as a SIGTERM would.
-    """
-    import numpy as np
+    step: int = 0
+    tokens: int = 0
+    best_step: int | None = None
+    best_val_loss: float | None = None
+    bad_evals: int = 0
+    unigram: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    status: str = "running"          # of the checkpoint resumed from ("done": nothing left to do)
+
+
+@dataclass
+class Run:
+    """What is built once and used by every phase: the rank, device, model, objective, optimizer,
+    readers and the metrics log. ``model`` is what trains (maybe compiled and DDP-wrapped),
+    ``raw_model`` what is saved, ``eval_model`` what evaluates (never the DDP wrapper)."""
+
+    cfg: TrainConfig
+    ckpt_dir: Path
+    rank: int
+    world: int
+    device: Any
+    dtype: Any
+    tokenizer: Any
+    objective: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    reader: Any
+    val_reader: Any
+    log: Callable[[str], None]
+    memory: Any
+    raw_model: Any = None
+    eval_model: Any = None
+    metrics: Any = None
+    n_params: int = 0
+    flops_per_token: float = 0.0
+    peak_flops: float | None = None
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        from refinery.tasks.train.common import autocast
+
+        return autocast(self.device, self.dtype)
+
+
+def _build(cfg: TrainConfig, reader, val_reader, ckpt_dir: Path, log: Callable[[str], None]) -> Run:
+    """Device, then model, objective, optimizer and schedule, in this order: the seed is set first
+    and the same on every rank, so every rank starts from identical weights."""
     import torch
-    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from refinery.tasks.train import checkpoint as ckpt
     from refinery.tasks.train import distributed as dist
-    from refinery.tasks.train.data import unigram_entropy
-    from refinery.tasks.train.metrics import MetricsLog, loss_curve_png, mfu, peak_flops
+    from refinery.tasks.train.common import PeakMemory, compute_dtype, pick_device, seed_everything
+    from refinery.tasks.train.metrics import peak_flops
     from refinery.tasks.train.models import build_model, count_params, flops_per_token, padded_vocab
-    from refinery.tasks.train.objectives import example_lengths, make_objective, special_ids, step_generator
+    from refinery.tasks.train.objectives import example_lengths, make_objective, special_ids
 
     t_start = time.perf_counter()
     rank, world, local_rank = dist.env()
-    master = rank == 0
-    ckpt_dir = Path(ckpt_dir)
-    device = pick_device(cfg, local_rank)
+    device = pick_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    memory = PeakMemory(device).__enter__()
 
-    def autocast():
-        if use_bf16:
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    # -- model, objective, optimizer (same seed on every rank: identical initial weights)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    seed_everything(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(reader.tokenizer_path))
     n_vocab = max(int(reader.vocab_size), len(tokenizer))
     model = build_model(cfg.objective, cfg.preset, padded_vocab(n_vocab), cfg.seq_len, special_ids(tokenizer),
@@ -173,191 +210,271 @@ def train(cfg: TrainConfig, reader, val_reader, ckpt_dir: str | Path, *, unigram
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(model, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg.warmup_steps, cfg.max_steps,
-                                                                          cfg.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg.resolved_warmup(), cfg.max_steps,
+                                                                          cfg.min_lr_ratio, cfg.scheduler))
+    run = Run(cfg=cfg, ckpt_dir=ckpt_dir, rank=rank, world=world, device=device,
+              dtype=compute_dtype(cfg.dtype, device), tokenizer=tokenizer, objective=objective, model=model,
+              optimizer=optimizer, scheduler=scheduler, reader=reader, val_reader=val_reader, log=log,
+              memory=memory, raw_model=model, eval_model=model, t_start=t_start)
+    run.n_params = count_params(model)
+    run.flops_per_token = flops_per_token(model, *example_lengths(objective, cfg.seq_len))
+    run.peak_flops = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    return run
 
-    # -- resume
-    state: dict = {}
-    last = ckpt.latest_checkpoint(ckpt_dir)
-    if last is not None:
-        ckpt.load_weights(model, last)
-        state = ckpt.load_state(last)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        reader.load_state_dict(ckpt.from_safe(state["reader"]))
-        ckpt.set_rng_state(state["rng"])
-        if master:
-            log(f"resumed from {last} (step {state['step']})")
-    step = int(state.get("step", 0))
-    tokens_seen = int(state.get("tokens", 0))
-    best = {"step": state.get("best_step"), "val_loss": state.get("best_val_loss")}
-    bad_evals = int(state.get("bad_evals", 0))
-    unigram = state.get("unigram")
-    history = list(state.get("history", []))
-    n_params = count_params(model)
-    fpt = flops_per_token(model, *example_lengths(objective, cfg.seq_len))
-    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
-    def summary(status: str) -> dict:
-        vals = [r for r in history if r.get("val_loss") is not None]
-        losses = [r for r in history if r.get("loss") is not None]
-        speeds = [r["tokens_per_sec"] for r in losses[1:]] or [r["tokens_per_sec"] for r in losses]
-        mfus = [r["mfu"] for r in losses[1:] if r.get("mfu") is not None]
-        return {
-            "status": status, "steps": step, "tokens": tokens_seen, "params": n_params,
-            "objective": cfg.objective, "preset": cfg.preset,
-            "val_loss_start": vals[0]["val_loss"] if vals else None,
-            "val_loss_end": vals[-1]["val_loss"] if vals else None,
-            "best_step": best["step"], "best_val_loss": best["val_loss"],
-            "loss_start": losses[0]["loss"] if losses else None, "loss_end": losses[-1]["loss"] if losses else None,
-            "unigram_entropy": (unigram or {}).get("entropy"), "unigram_tokens": (unigram or {}).get("tokens"),
-            "tokens_per_sec": float(np.median(speeds)) if speeds else None,
-            "mfu": float(np.median(mfus)) if mfus else None,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-            "world_size": world, "checkpoint_dir": str(ckpt_dir),
-            "final_checkpoint": str(ckpt.step_dir(ckpt_dir, step)),
-            "best_checkpoint": str(ckpt.step_dir(ckpt_dir, best["step"])) if best["step"] is not None else None,
-            "history": history,
-        }
+def _resume(run: Run) -> TrainState:
+    """The latest checkpoint's weights, optimizer, schedule, reader position and RNG, or a fresh state."""
+    from refinery.tasks.train import checkpoint as ckpt
 
-    if state.get("status") in ("done", "early_stopped"):
-        return summary(state["status"])   # finished earlier; nothing to do
+    last = ckpt.latest_checkpoint(run.ckpt_dir)
+    if last is None:
+        return TrainState()
+    ckpt.load_weights(run.model, last)
+    saved = ckpt.load_state(last)
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    run.reader.load_state_dict(ckpt.from_safe(saved["reader"]))
+    ckpt.set_rng_state(saved["rng"])
+    if run.master:
+        run.log(f"resumed from {last} (step {saved['step']})")
+    return TrainState(step=int(saved.get("step", 0)), tokens=int(saved.get("tokens", 0)),
+                      best_step=saved.get("best_step"), best_val_loss=saved.get("best_val_loss"),
+                      bad_evals=int(saved.get("bad_evals", 0)), unigram=saved.get("unigram"),
+                      history=list(saved.get("history", [])), status=saved.get("status", "running"))
 
-    if unigram is None:
-        if master and unigram_reader is not None:
-            unigram = unigram_entropy(unigram_reader, cfg.unigram_max_tokens)
-        unigram = dist.broadcast_object(unigram)
-        if master and unigram:
-            log(f"unigram baseline: {unigram['entropy']:.4f} nats/token over {unigram['tokens']:,} training tokens")
 
-    metrics = MetricsLog(ckpt_dir if master else None, history)
-    if master:
-        metrics.rewrite()   # drop rows a crashed run logged after its last checkpoint
+def _summary(run: Run, st: TrainState, status: str) -> dict:
+    """The run's figures (rank 0's view): what the stage's manifest and the checkpoints' info hold.
+    Speeds are medians over the steps after the first (which pays for warm-up and compilation)."""
+    import numpy as np
+    import torch
 
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    eval_model = model
-    if world > 1:
+    from refinery.tasks.train import checkpoint as ckpt
+
+    vals = [r for r in st.history if r.get("val_loss") is not None]
+    losses = [r for r in st.history if r.get("loss") is not None]
+    speeds = [r["tokens_per_sec"] for r in losses[1:]] or [r["tokens_per_sec"] for r in losses]
+    mfus = [r["mfu"] for r in losses[1:] if r.get("mfu") is not None]
+    device = run.device
+    return {
+        "status": status, "steps": st.step, "tokens": st.tokens, "params": run.n_params,
+        "objective": run.cfg.objective, "preset": run.cfg.preset,
+        "val_loss_start": vals[0]["val_loss"] if vals else None,
+        "val_loss_end": vals[-1]["val_loss"] if vals else None,
+        "best_step": st.best_step, "best_val_loss": st.best_val_loss,
+        "loss_start": losses[0]["loss"] if losses else None, "loss_end": losses[-1]["loss"] if losses else None,
+        "unigram_entropy": (st.unigram or {}).get("entropy"), "unigram_tokens": (st.unigram or {}).get("tokens"),
+        "tokens_per_sec": float(np.median(speeds)) if speeds else None,
+        "mfu": float(np.median(mfus)) if mfus else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "world_size": run.world, "checkpoint_dir": str(run.ckpt_dir),
+        **run.memory.stats(),
+        "final_checkpoint": str(ckpt.step_dir(run.ckpt_dir, st.step)),
+        "best_checkpoint": str(ckpt.step_dir(run.ckpt_dir, st.best_step)) if st.best_step is not None else None,
+        "history": st.history,
+    }
+
+
+def _unigram_baseline(run: Run, st: TrainState, unigram_reader) -> None:
+    """The entropy of the training tokens' unigram distribution: the loss a model that ignores
+    context would reach, the line a pretrained model must get below. Computed once (kept in checkpoints)."""
+    from refinery.tasks.train import distributed as dist
+    from refinery.tasks.train.data import unigram_entropy
+
+    if st.unigram is not None:
+        return
+    if run.master and unigram_reader is not None:
+        st.unigram = unigram_entropy(unigram_reader, run.cfg.unigram_max_tokens)
+    st.unigram = dist.broadcast_object(st.unigram)
+    if run.master and st.unigram:
+        run.log(f"unigram baseline: {st.unigram['entropy']:.4f} nats/token over {st.unigram['tokens']:,} training tokens")
+
+
+def _open_metrics(run: Run, st: TrainState, progress: bool):
+    """Rank 0 writes ``<ckpt_dir>/metrics/``; the other ranks keep rows in memory only. A resumed
+    run rewrites metrics.jsonl from the checkpoint's history, dropping rows a crashed run logged
+    after its last checkpoint."""
+    from refinery.tasks.train.metrics import METRICS_DIR, MetricsLog
+
+    cfg = run.cfg
+    metrics = MetricsLog(run.ckpt_dir / METRICS_DIR if run.master else None, st.history,
+                         total_steps=cfg.max_steps, desc="pretrain", bar=run.master and progress,
+                         report_to=cfg.report_to if run.master else (), run_config=cfg.model_dump(mode="json"),
+                         started=run.t_start)
+    metrics.rewrite()
+    return metrics
+
+
+def _wrap_for_training(run: Run) -> None:
+    """torch.compile and DDP wrap the model that trains; checkpoints save the unwrapped one."""
+    import torch
+
+    if run.cfg.compile:
+        run.model = torch.compile(run.model)
+    run.eval_model = run.model
+    if run.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        run.model = DDP(run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
 
-    def run_eval() -> float:
-        val = evaluate(eval_model, objective, val_reader, cfg, device, autocast, cfg.batch_size * world) if master else None
-        return dist.broadcast_object(val)
 
-    def save(status: str) -> None:
-        if master:
-            st = {"step": step, "tokens": tokens_seen, "status": status, "optimizer": optimizer.state_dict(),
-                  "scheduler": scheduler.state_dict(), "reader": ckpt.to_safe(reader.state_dict()),
-                  "rng": ckpt.rng_state(), "best_step": best["step"], "best_val_loss": best["val_loss"],
-                  "bad_evals": bad_evals, "unigram": unigram, "history": history,
-                  "config": cfg.model_dump(mode="json")}
-            info = {k: v for k, v in summary(status).items() if k != "history"}
-            ckpt.save_checkpoint(ckpt_dir, step, raw_model, reader.tokenizer_path, st, info)
-            keep = {best["step"]} if best["step"] is not None else set()
-            ckpt.prune(ckpt_dir, cfg.keep_last, keep)
-            ckpt.write_index(ckpt_dir, step, best["step"])
-            if status != "running":   # the PNG costs ~0.4 s: drawn when the run ends or stops
-                loss_curve_png(history, ckpt_dir / "loss.png", (unigram or {}).get("entropy"),
-                               f"{cfg.objective} {cfg.preset}: {n_params / 1e6:.2f}M params")
-        dist.barrier()
+def _evaluate(run: Run, st: TrainState) -> bool:
+    """Validation loss on rank 0 (broadcast to all ranks, which must agree on early stopping),
+    logged; True when it is a new best."""
+    from refinery.tasks.train import distributed as dist
 
-    def note_eval(val: float) -> bool:
-        """Record a validation loss; True when it is a new best."""
-        nonlocal bad_evals
-        metrics.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
-        if best["val_loss"] is None or val < best["val_loss"] - cfg.min_delta:
-            best.update(step=step, val_loss=val)
-            bad_evals = 0
-            return True
-        bad_evals += 1
-        return False
+    cfg = run.cfg
+    val = None
+    if run.master:
+        val = evaluate(run.eval_model, run.objective, run.val_reader, cfg, run.device, run.autocast,
+                       cfg.batch_size * run.world)
+    val = dist.broadcast_object(val)
+    run.metrics.val(st.step, tokens=st.tokens, loss=val, ppl=math.exp(min(val, 50.0)))
+    if st.best_val_loss is None or val < st.best_val_loss - cfg.early_stopping_min_delta:
+        st.best_step, st.best_val_loss, st.bad_evals = st.step, val, 0
+        improved = True
+    else:
+        st.bad_evals += 1
+        improved = False
+    if run.master:
+        note = "new best" if improved else f"best {st.best_val_loss:.4f} at step {st.best_step}"
+        run.log(f"step {st.step} | val loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f} | {note}")
+    return improved
 
-    if master:
-        log(f"pretraining {cfg.objective} {cfg.preset}: {n_params / 1e6:.2f}M params on {world} x {device}, "
-            f"{cfg.batch_size * world * cfg.grad_accum} windows x {cfg.seq_len} tokens per step, "
-            f"{cfg.max_steps} steps")
-    if step == 0:
-        val = run_eval()
-        note_eval(val)
-        if master:
-            log(f"step 0 | val loss {val:.4f}")
-        save("running")   # the initial model: the "best" until something beats it, and a resume point
 
+def _save(run: Run, st: TrainState, status: str) -> None:
+    """A checkpoint (rank 0) of weights and the whole state; old ones pruned (the best is kept).
+    The loss PNG (~0.4 s) is drawn only when the run ends or stops."""
+    from refinery.tasks.train import checkpoint as ckpt
+    from refinery.tasks.train import distributed as dist
+
+    if run.master:
+        cfg = run.cfg
+        saved = {"step": st.step, "tokens": st.tokens, "status": status, "optimizer": run.optimizer.state_dict(),
+                 "scheduler": run.scheduler.state_dict(), "reader": ckpt.to_safe(run.reader.state_dict()),
+                 "rng": ckpt.rng_state(), "best_step": st.best_step, "best_val_loss": st.best_val_loss,
+                 "bad_evals": st.bad_evals, "unigram": st.unigram, "history": st.history,
+                 "config": cfg.model_dump(mode="json")}
+        info = {k: v for k, v in _summary(run, st, status).items() if k != "history"}
+        ckpt.save_checkpoint(run.ckpt_dir, st.step, run.raw_model, run.reader.tokenizer_path, saved, info)
+        ckpt.prune(run.ckpt_dir, cfg.keep_last, {st.best_step} if st.best_step is not None else set())
+        ckpt.write_index(run.ckpt_dir, st.step, st.best_step)
+        if status != "running":
+            run.metrics.plot(f"{cfg.objective} {cfg.preset}: {run.n_params / 1e6:.2f}M params",
+                             baseline=(st.unigram or {}).get("entropy"))
+    dist.barrier()
+
+
+def _train_step(run: Run, st: TrainState) -> dict:
+    """One optimizer step: ``grad_accum`` micro-batches of the global batch (this rank keeps its
+    slice; gradients sync on the last one), clip, step, then log the row."""
+    import torch
+
+    from refinery.tasks.train import distributed as dist
+    from refinery.tasks.train.metrics import mfu
+    from refinery.tasks.train.objectives import step_generator
+
+    cfg, model, device, world = run.cfg, run.model, run.device, run.world
+    t0 = time.perf_counter()
+    lr = run.optimizer.param_groups[0]["lr"]
+    loss_sum = torch.zeros((), device=device)
+    step_tokens = 0
+    for micro in range(cfg.grad_accum):
+        windows = torch.from_numpy(run.reader.next_batch(cfg.batch_size * world))
+        batch = run.objective.prepare(windows, step_generator(cfg.seed, st.step, micro))
+        lo, hi = run.rank * cfg.batch_size, (run.rank + 1) * cfg.batch_size
+        batch = {k: v[lo:hi].to(device, non_blocking=True) for k, v in batch.items()}
+        step_tokens += run.objective.tokens(batch) * world
+        sync = micro == cfg.grad_accum - 1 or world == 1
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            with run.autocast():
+                loss = run.objective.loss(model, batch) / cfg.grad_accum
+            loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = None
+    if cfg.grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    st.step += 1
+    st.tokens += step_tokens
+    loss_val = float(dist.mean(loss_sum))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    tps = step_tokens / (time.perf_counter() - t0)
+    row = run.metrics.train(st.step, tokens=st.tokens, loss=loss_val, lr=lr, grad_norm=grad_norm,
+                            tokens_per_sec=tps, mfu=mfu(run.flops_per_token, tps, run.peak_flops, world))
+    if run.master and (st.step % cfg.log_every == 0 or st.step == 1):
+        extra = f" | mfu {row['mfu'] * 100:.1f}%" if row["mfu"] is not None else ""
+        run.log(f"step {st.step} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s{extra}")
+    if not math.isfinite(loss_val):
+        raise FloatingPointError(f"loss is {loss_val} at step {st.step}: lower lr or check the data")
+    return row
+
+
+def _loop(run: Run, st: TrainState, stop_after: int | None) -> str:
+    """Steps until ``max_steps``, early stopping, SIGTERM (all ranks agree) or ``stop_after``.
+    Checkpoints every ``checkpoint_every``, on a new best, and whenever the loop ends; returns the status."""
+    from refinery.tasks.train import distributed as dist
+
+    cfg = run.cfg
     status = "done"
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (master and progress), desc="pretrain", unit="step")
     with _Preemption() as preempt:
-        model.train()
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            loss_sum = torch.zeros((), device=device)
-            step_tokens = 0
-            for micro in range(cfg.grad_accum):
-                windows = torch.from_numpy(reader.next_batch(cfg.batch_size * world))
-                batch = objective.prepare(windows, step_generator(cfg.seed, step, micro))
-                lo, hi = rank * cfg.batch_size, (rank + 1) * cfg.batch_size
-                batch = {k: v[lo:hi].to(device, non_blocking=True) for k, v in batch.items()}
-                step_tokens += objective.tokens(batch) * world
-                sync = micro == cfg.grad_accum - 1 or world == 1
-                with (contextlib.nullcontext() if sync else model.no_sync()):
-                    with autocast():
-                        loss = objective.loss(model, batch) / cfg.grad_accum
-                    loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = None
-            if cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += step_tokens
-            loss_val = float(dist.mean(loss_sum))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            tps = step_tokens / dt
-            row = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                   "tokens_per_sec": tps, "mfu": mfu(fpt, tps, peak, world),
-                   "time": round(time.perf_counter() - t_start, 6)}
-            metrics.log(row)
-            bar.update(1)
-            if master and (step % cfg.log_every == 0 or step == 1):
-                extra = f" | mfu {row['mfu'] * 100:.1f}%" if row["mfu"] is not None else ""
-                log(f"step {step} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s{extra}")
-            if not math.isfinite(loss_val):
-                raise FloatingPointError(f"loss is {loss_val} at step {step}: lower lr or check the data")
-
+        run.model.train()
+        while st.step < cfg.max_steps:
+            _train_step(run, st)
             improved = stop_early = False
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                val = run_eval()
-                improved = note_eval(val)
-                if master:
-                    note = "new best" if improved else f"best {best['val_loss']:.4f} at step {best['step']}"
-                    log(f"step {step} | val loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f} | {note}")
-                stop_early = cfg.patience > 0 and bad_evals >= cfg.patience
-            preempted = dist.any_true(preempt.flag, device)
-            stopped = stop_after is not None and step >= stop_after
+            if st.step % cfg.resolved_eval_every() == 0 or st.step == cfg.max_steps:
+                improved = _evaluate(run, st)
+                stop_early = cfg.early_stopping_patience > 0 and st.bad_evals >= cfg.early_stopping_patience
+            preempted = dist.any_true(preempt.flag, run.device)
+            stopped = stop_after is not None and st.step >= stop_after
             if stop_early:
                 status = "early_stopped"
             elif preempted:
                 status = "preempted"
             elif stopped:
                 status = "stopped"
-            finished = step == cfg.max_steps or stop_early
-            if finished or preempted or stopped or improved or step % cfg.checkpoint_every == 0:
-                save(status if (finished or preempted or stopped) else "running")
+            finished = st.step == cfg.max_steps or stop_early
+            if finished or preempted or stopped or improved or st.step % cfg.checkpoint_every == 0:
+                _save(run, st, status if (finished or preempted or stopped) else "running")
             if stop_early or preempted or stopped:
-                if master:
-                    log(f"{status} at step {step}")
+                if run.master:
+                    run.log(f"{status} at step {st.step}")
                 break
-    bar.close()
-    metrics.close()
-    out = summary(status)
-    out["seconds"] = time.perf_counter() - t_start
+    return status
+
+
+def train(cfg: TrainConfig, reader, val_reader, ckpt_dir: str | Path, *, unigram_reader=None,
+          stop_after: int | None = None, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Train (or resume) to ``cfg.max_steps`` and return a summary dict (rank 0's view).
+
+    ``ckpt_dir`` holds the checkpoints and, in ``metrics/``, metrics.jsonl, TensorBoard files and
+    loss.png; a previous run's checkpoints there are resumed. ``stop_after`` stops (with a
+    checkpoint) after that many steps in total, as a SIGTERM would.
+    """
+    run = _build(cfg, reader, val_reader, Path(ckpt_dir), log)
+    st = _resume(run)
+    if st.status in ("done", "early_stopped"):
+        return _summary(run, st, st.status)   # finished earlier; nothing to do
+    _unigram_baseline(run, st, unigram_reader)
+    run.metrics = _open_metrics(run, st, progress)
+    _wrap_for_training(run)
+    if run.master:
+        log(f"pretraining {cfg.objective} {cfg.preset}: {run.n_params / 1e6:.2f}M params on {run.world} x "
+            f"{run.device}, {cfg.batch_size * run.world * cfg.grad_accum} windows x {cfg.seq_len} tokens per step, "
+            f"{cfg.max_steps} steps")
+    if st.step == 0:
+        # the initial model: the "best" until something beats it, and a resume point
+        _evaluate(run, st)
+        _save(run, st, "running")
+    try:
+        status = _loop(run, st, stop_after)
+    finally:
+        run.metrics.close()
+    out = _summary(run, st, status)
+    out["seconds"] = time.perf_counter() - run.t_start
     return out
 
 
@@ -389,4 +506,4 @@ def run_training(cfg: TrainConfig, reader_spec: dict, ckpt_dir: str | Path, *, s
     return dist.launch(spec, nproc, Path(ckpt_dir))
 
 
-__all__ = ["train", "evaluate", "run_local", "run_training", "WarmupCosine", "make_optimizer", "pick_device"]
+__all__ = ["train", "evaluate", "run_local", "run_training", "WarmupCosine", "make_optimizer", "TrainState", "Run"]

@@ -3,7 +3,8 @@
 Output dataset (``<workdir>/pretrain/<fingerprint>/``)::
 
     config.json, generation_config.json, model.safetensors, tokenizer files   (from_pretrained loads it)
-    training/metrics.jsonl, training/loss.png                                  (the run's curves)
+    metrics/metrics.jsonl, metrics/loss.png, metrics/tensorboard/              (the run's curves; see
+                                                                               refinery.tasks.train.metrics)
 
 Manifest: counts ``steps``, ``tokens``, ``params``; extra keys ``val_loss_start``, ``val_loss_end``,
 ``best_step``, ``best_val_loss``, ``unigram_entropy`` (the baseline), ``training`` (status, device,
@@ -39,17 +40,17 @@ def checkpoint_dir(b: Builder) -> Path:
 
 
 def export_folder(ckpt: str | Path, dest: str | Path, log_dir: str | Path | None = None) -> Path:
-    """Copy a checkpoint's Hugging Face files (not its training state) and the run's curves to ``dest``."""
+    """Copy a checkpoint's Hugging Face files (not its training state) to ``dest``, and the run's
+    metrics folder ``log_dir`` (metrics.jsonl, loss.png, tensorboard/) to ``dest/metrics``."""
+    from refinery.tasks.train.metrics import METRICS_DIR
+
     ckpt, dest = Path(ckpt), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for f in sorted(ckpt.iterdir()):
         if f.is_file() and f.name not in _HF_SKIP:
             shutil.copyfile(f, dest / f.name)
-    if log_dir is not None:
-        (dest / "training").mkdir(exist_ok=True)
-        for name in ("metrics.jsonl", "loss.png"):
-            if (Path(log_dir) / name).exists():
-                shutil.copyfile(Path(log_dir) / name, dest / "training" / name)
+    if log_dir is not None and Path(log_dir).is_dir():
+        shutil.copytree(log_dir, dest / METRICS_DIR, dirs_exist_ok=True)
     return dest
 
 
@@ -67,10 +68,11 @@ def pretrain(b: Builder, inputs: list[Dataset], cfg: TrainConfig) -> StageOutput
         raise TrainingInterrupted(f"pretraining stopped at step {result['steps']} ({result['status']}); "
                                   f"checkpoint kept in {ckpt_dir}: run again to resume")
     chosen = result["best_checkpoint"] if cfg.export == "best" and result["best_checkpoint"] else result["final_checkpoint"]
-    folder = export_folder(chosen, Path(b.tmpdir()) / "model", ckpt_dir)
+    folder = export_folder(chosen, Path(b.tmpdir()) / "model", ckpt_dir / "metrics")
     b.put_dir(folder)
     training = {k: result[k] for k in ("status", "objective", "preset", "device", "world_size", "tokens_per_sec",
-                                       "mfu", "loss_start", "loss_end", "unigram_tokens", "checkpoint_dir")}
+                                       "mfu", "loss_start", "loss_end", "unigram_tokens", "checkpoint_dir",
+                                       "peak_memory_mb", "peak_memory_kind")}
     training["exported_step"] = int(Path(chosen).name.split("-")[-1])
     return StageOutput(
         counts={"steps": result["steps"], "tokens": result["tokens"], "params": result["params"]},

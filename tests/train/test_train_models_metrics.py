@@ -98,6 +98,60 @@ def test_metrics_rows_png_tensorboard(tmp_path):
                           "val_loss": 5.1, "val_ppl": 164.0}
 
 
+def test_common_row_schema_tensorboard_tags_plots_and_trackers(tmp_path, monkeypatch):
+    """The one metrics path: train/val rows with step, split, seconds, tokens; TensorBoard tags
+    ``<split>/<name>``; loss.png and curves.png; a report_to tracker gets the same scalars."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from pydantic import ValidationError
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from refinery.tasks.train.config import TrainConfig
+    from refinery.tasks.train.metrics import read_metrics, without_timing
+
+    # report_to: an unknown tracker and a missing package fail when the config is read
+    assert TrainConfig().report_to == []
+    with pytest.raises(ValidationError):
+        TrainConfig(report_to=["neptune"])
+    logged = []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: types.SimpleNamespace(log=lambda v, step: logged.append((step, v)), finish=lambda: None)
+    if "wandb" not in sys.modules:
+        with pytest.raises(ValidationError, match="wandb is not installed"):
+            TrainConfig(report_to=["wandb"])
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert TrainConfig(report_to=["wandb"]).report_to == ["wandb"]
+
+    seen = []
+    m = MetricsLog(tmp_path / "m", total_steps=3, desc="t", report_to=["wandb"], on_row=seen.append)
+    m.val(0, tokens=0, loss=6.0)
+    for s in range(1, 4):
+        m.train(s, tokens=100 * s, loss=6.0 - s, accuracy=0.5 + s / 10, sample="text")
+    m.val(3, tokens=300, val_loss=3.5, accuracy=0.8)
+    pngs = m.plot("t", panels=("loss", "accuracy", "missing"))
+    m.close()
+    rows = read_metrics(tmp_path / "m")
+    assert rows == seen and [r["split"] for r in rows] == ["val", "train", "train", "train", "val"]
+    assert rows[0]["val_loss"] == 6.0 and rows[-1]["val_accuracy"] == 0.8 and rows[2]["tokens"] == 200
+    assert all(set(r) >= {"step", "split", "seconds", "tokens"} for r in rows)
+    assert without_timing(rows)[1] == {"step": 1, "split": "train", "tokens": 100, "loss": 5.0, "accuracy": 0.6,
+                                       "sample": "text"}
+    assert [p.name for p in pngs] == ["loss.png", "curves.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    acc = EventAccumulator(str(tmp_path / "m" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/accuracy", "val/loss", "val/accuracy"} <= tags and "train/sample" not in tags
+    assert [e.value for e in acc.Scalars("train/loss")] == [5.0, 4.0, 3.0]
+    assert logged[1] == (1, {"train/loss": 5.0, "train/accuracy": 0.6})
+    # fresh=True: a rerun that does not resume starts from empty files
+    MetricsLog(tmp_path / "m", fresh=True, tensorboard=False).close()
+    assert not (tmp_path / "m" / "metrics.jsonl").exists() and not (tmp_path / "m" / "tensorboard").exists()
+
+
 def test_config_accepts_model_overrides_as_json_and_checks_them():
     from pydantic import ValidationError
 
