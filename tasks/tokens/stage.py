@@ -186,11 +186,11 @@ class Tokenize:
 
 
 def _put_tokenizer(b, tok_dir: str) -> None:
-    """Copy the tokenizer's Hugging Face files (not its dataset manifest) into ``tokenizer/``."""
+    """Copy the tokenizer's Hugging Face files (not its dataset manifest or card) into ``tokenizer/``."""
     from pathlib import Path
 
     for p in sorted(Path(tok_dir).iterdir()):
-        if p.is_file() and p.name != "manifest.json":
+        if p.is_file() and p.name not in ("manifest.json", "README.md"):
             b.put_file(p, f"{TOKENIZER_DIR}/{p.name}")
 
 
