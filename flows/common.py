@@ -29,6 +29,7 @@ FLOWS = {
     "align": "refinery.flows.align:align_flow",
     "pipeline": "refinery.flows.pipeline:pipeline_flow",
     "demo": "refinery.flows.demo:demo_flow",
+    "evaluate": "refinery.flows.evaluate:evaluate_flow",
 }
 
 

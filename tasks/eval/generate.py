@@ -1,0 +1,81 @@
+"""Loading a model the flows accept and generating text with it (the ``evaluate`` stage's samples
+and ``refinery generate``).
+
+Greedy decoding at temperature 0 (deterministic); sampling with ``temperature`` > 0 and ``top_p``,
+seeded. With ``chat`` the prompt is one user turn through the tokenizer's chat template (an error
+when the tokenizer has none), so chat-tuned models see the format they were trained on.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+def pick_device(device: str = "auto") -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    path: str            # the HF folder (or hub id) actually loaded
+    model: Any
+    tokenizer: Any
+    device: str
+
+
+def load_model(ref: str, device: str = "auto") -> LoadedModel:
+    """A causal LM and its tokenizer from a refinery dataset, an HF folder or a hub id."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from refinery.tasks.modelref import resolve_model
+
+    path = resolve_model(ref)
+    device = pick_device(device)
+    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.eval()
+    return LoadedModel(path, model, tokenizer, device)
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if chat:
+        if not has_chat_template(tokenizer):
+            raise ValueError("--chat: this model's tokenizer has no chat template")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return ([start] if start is not None else []) + list(ids)
+
+
+def generate(lm: LoadedModel, prompt: str, *, chat: bool = False, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, streamer: Any = None) -> str:
+    """The completion of ``prompt`` (without the prompt); ``streamer`` receives tokens as they come."""
+    import torch
+
+    ids = torch.tensor([prompt_ids(lm.tokenizer, prompt, chat)], device=lm.device)
+    torch.manual_seed(seed)
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    else:   # no sampling settings: silences "temperature is set but do_sample is False"
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
+    with torch.inference_mode():
+        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=pad,
+                                streamer=streamer, use_cache=True, **kwargs)
+    return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+__all__ = ["LoadedModel", "load_model", "generate", "prompt_ids", "has_chat_template", "pick_device"]

@@ -1,0 +1,221 @@
+"""The ``evaluate`` stage: models (+ an optional documents dataset) -> a dataset of results.
+
+    results.parquet              model, task, metric, value, stderr, n   (one row per number)
+    samples/heldout.parquet      per model and document: id, source, lang, tokens, bytes, nll, bits_per_byte
+    samples/tasks.parquet        per model and benchmark sample: prompt, target, response, metrics
+    samples/generations.parquet  per model and prompt: the completion
+    chart.png                    one panel per (task, metric), one bar per model
+
+Models are no datasets, so their identities (``refinery.tasks.modelref.model_identity``) are part
+of the config, as are the benchmark tasks' YAML and data hashes (see harness.py): a new model or
+an edited task file re-runs the stage; the same ones return the cached results.
+
+Held-out rows: task ``heldout`` for all documents, ``heldout[source=S]`` and ``heldout[lang=L]``
+per value of those columns when the documents have them. Benchmark rows: lm-eval's task names and
+metric keys (``exact_match,strict-match``).
+"""
+from __future__ import annotations
+
+import gc
+import time
+
+from pydantic import Field
+
+from refinery.tasks.config import StrictModel
+from refinery.tasks.eval.harness import TaskSpec
+from refinery.tasks.runtime import StageOutput, stage
+
+DEFAULT_PROMPTS = ["The history of the city", "Once upon a time", "Question: What is 12 plus 7?\nAnswer:"]
+RESULT_COLUMNS = ("model", "task", "metric", "value", "stderr", "n")
+
+
+class ModelSpec(StrictModel):
+    label: str = Field(description="Short unique name of the model in tables and charts.")
+    path: str = Field(description="As given: a refinery dataset, an HF model folder or a hub id.")
+    identity: str | None = Field(None, description="model_identity(path): what the fingerprint sees.")
+
+
+class EvalConfig(StrictModel):
+    models: list[ModelSpec] = Field(min_length=1, description="Models compared side by side.")
+    tasks: list[TaskSpec] = Field(default_factory=list, description="Benchmarks (resolved by harness.resolve_tasks).")
+    limit: int | None = Field(None, ge=1, description="At most this many samples per benchmark (lm-eval's limit).")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt (None: the task's default).")
+    seed: int = Field(1234, description="lm-eval's random, numpy, torch and few-shot seeds.")
+    gen_kwargs: str | None = Field(None, description="lm-eval generation overrides, e.g. max_gen_toks=64.")
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(1024, ge=2, description="Context of held-out scoring (capped by the model's).")
+    max_docs: int | None = Field(2000, ge=1, description="Score at most this many held-out documents (the first ones).")
+    text_field: str = Field("text")
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="Generation sample prompts.")
+    max_new_tokens: int = Field(48, ge=1)
+    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
+
+
+# --------------------------------------------------------------------------- held-out documents
+def read_documents(ds, cfg: EvalConfig) -> dict[str, list]:
+    """text (+ id, source, lang when present) of the first ``max_docs`` non-empty documents."""
+    out: dict[str, list] = {"id": [], "text": [], "source": [], "lang": []}
+    for table in ds.iter_tables():
+        names = table.column_names
+        if cfg.text_field not in names:
+            raise ValueError(f"{ds.path}: no '{cfg.text_field}' column (columns: {names})")
+        cols = {k: table.column(k).to_pylist() if k in names else [None] * table.num_rows
+                for k in ("id", "source", "lang")}
+        for i, t in enumerate(table.column(cfg.text_field).to_pylist()):
+            if not t:
+                continue
+            out["text"].append(t)
+            for k in ("id", "source", "lang"):
+                v = cols[k][i]
+                out[k].append(None if v is None else str(v))
+            if cfg.max_docs and len(out["text"]) >= cfg.max_docs:
+                return out
+    return out
+
+
+def heldout_rows(label: str, docs: dict[str, list], scores) -> list[dict]:
+    """Result rows: all documents, then per source and per language (when the columns exist)."""
+    from refinery.tasks.eval.perplexity import aggregate
+
+    groups: list[tuple[str, list[int]]] = [("heldout", list(range(len(scores))))]
+    for col in ("source", "lang"):
+        values = sorted({v for v in docs[col] if v is not None})
+        for v in values:
+            groups.append((f"heldout[{col}={v}]", [i for i, x in enumerate(docs[col]) if x == v]))
+    rows = []
+    for task, idx in groups:
+        agg = aggregate([scores[i] for i in idx])
+        for metric in ("bits_per_byte", "perplexity"):
+            rows.append({"model": label, "task": task, "metric": metric, "value": agg[metric], "stderr": None,
+                         "n": agg["docs"]})
+    return rows
+
+
+def _heldout(lm, label: str, docs: dict[str, list], cfg: EvalConfig) -> tuple[list[dict], list[dict]]:
+    from refinery.tasks.eval.perplexity import score_documents
+
+    scores = score_documents(lm.model, lm.tokenizer, docs["text"], max_length=cfg.max_length,
+                             batch_size=cfg.batch_size, device=lm.device)
+    per_doc = [{"model": label, "id": docs["id"][i], "source": docs["source"][i], "lang": docs["lang"][i],
+                "tokens": s.tokens, "bytes": s.bytes, "nll": s.nll, "bits_per_byte": s.bits_per_byte}
+               for i, s in enumerate(scores)]
+    return heldout_rows(label, docs, scores), per_doc
+
+
+def _generations(lm, label: str, cfg: EvalConfig) -> list[dict]:
+    from refinery.tasks.eval.generate import generate, has_chat_template
+
+    chat = has_chat_template(lm.tokenizer)
+    return [{"model": label, "prompt": p, "chat": chat,
+             "completion": generate(lm, p, chat=chat, max_new_tokens=cfg.max_new_tokens)}
+            for p in cfg.prompts]
+
+
+# --------------------------------------------------------------------------- outputs
+def comparison_rows(results: list[dict], labels: list[str]) -> list[dict]:
+    """One row per (task, metric), one column per model: the table artifact."""
+    table: dict[tuple, dict] = {}
+    for r in results:
+        row = table.setdefault((r["task"], r["metric"]), {"task": r["task"], "metric": r["metric"]})
+        row[r["model"]] = None if r["value"] is None else round(r["value"], 4)
+    for row in table.values():
+        for lab in labels:
+            row.setdefault(lab, None)
+    return list(table.values())
+
+
+def bar_chart(results: list[dict], labels: list[str], path: str, max_panels: int = 12) -> None:
+    """One panel per (task, metric) (held-out: overall only), one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in results if not r["task"].startswith("heldout[")))
+    keys = keys[:max_panels] or [("none", "none")]
+    cols = min(3, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (task, metric) in zip(axes.flat, keys):
+        vals = {r["model"]: r["value"] for r in results if (r["task"], r["metric"]) == (task, metric)}
+        ys = [vals.get(lab) or 0.0 for lab in labels]
+        ax.bar(range(len(labels)), ys, color=[f"C{i}" for i in range(len(labels))])
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=7)
+        ax.set_title(f"{task}\n{metric}", fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _write(b, rel: str, rows: list[dict], columns: tuple[str, ...] | None = None) -> None:
+    import pyarrow as pa
+
+    if not rows and columns is None:
+        return
+    cols = list(columns or rows[0].keys())
+    b.write_table(rel, pa.table({c: [r.get(c) for r in rows] for c in cols}))
+
+
+# --------------------------------------------------------------------------- the stage
+@stage("evaluate", version="1")
+def evaluate(b, inputs, cfg: EvalConfig) -> StageOutput:
+    """inputs = [] or [documents dataset] (held-out scoring); models and tasks in ``cfg``."""
+    from refinery.tasks.eval.generate import load_model
+    from refinery.tasks.eval.harness import result_rows, run_harness, sample_rows
+
+    if len(inputs) > 1:
+        raise ValueError("evaluate takes at most one input: a documents dataset")
+    if not inputs and not cfg.tasks and not cfg.prompts:
+        raise ValueError("evaluate has nothing to do: give a documents dataset, tasks or prompts")
+    docs = read_documents(inputs[0], cfg) if inputs else None
+    if docs is not None and not docs["text"]:
+        raise ValueError(f"{inputs[0].path}: no non-empty documents to score")
+    labels = [m.label for m in cfg.models]
+    results, per_doc, per_sample, gens = [], [], [], []
+    seconds: dict[str, float] = {}
+    for m in cfg.models:
+        t0 = time.perf_counter()
+        lm = load_model(m.path, cfg.device)
+        if docs is not None:
+            rows, recs = _heldout(lm, m.label, docs, cfg)
+            results += rows
+            per_doc += recs
+        if cfg.prompts:
+            gens += _generations(lm, m.label, cfg)
+        loaded_path, device = lm.path, lm.device
+        del lm
+        gc.collect()
+        if cfg.tasks:   # lm-eval loads the model itself (HFLM); ours is freed first
+            out = run_harness(loaded_path, cfg.tasks, limit=cfg.limit, num_fewshot=cfg.num_fewshot, seed=cfg.seed,
+                              batch_size=cfg.batch_size, device=device, gen_kwargs=cfg.gen_kwargs)
+            results += result_rows(m.label, out)
+            per_sample += sample_rows(m.label, out)
+        seconds[m.label] = round(time.perf_counter() - t0, 3)
+    _write(b, "results.parquet", results, RESULT_COLUMNS)
+    _write(b, "samples/heldout.parquet", per_doc)
+    _write(b, "samples/tasks.parquet", per_sample)
+    _write(b, "samples/generations.parquet", gens)
+    chart = f"{b.tmpdir()}/chart.png"
+    bar_chart(results, labels, chart)
+    b.put_file(chart, "chart.png")
+    table = comparison_rows(results, labels)
+    counts = {"models": len(cfg.models), "tasks": len(cfg.tasks), "results": len(results),
+              "heldout_docs": len(docs["text"]) if docs else 0, "samples": len(per_sample),
+              "generations": len(gens)}
+    return StageOutput(counts=counts, stats={"model_seconds": seconds, "table": table},
+                       extra={"models": [m.model_dump() for m in cfg.models], "results": "results.parquet",
+                              "chart": "chart.png", "tasks": [t.name for t in cfg.tasks]})
+
+
+def read_results(ds) -> list[dict]:
+    """The rows of an evaluate dataset's results.parquet."""
+    import pyarrow.parquet as pq
+
+    with ds.fs.open(ds.file("results.parquet"), "rb") as f:
+        return pq.read_table(f).to_pylist()
+
+
+__all__ = ["evaluate", "EvalConfig", "ModelSpec", "read_results", "comparison_rows", "bar_chart",
+           "DEFAULT_PROMPTS"]
