@@ -53,7 +53,8 @@ def resolve_model(path: str | os.PathLike, allow_hub: bool = True) -> str:
     p = Path(path)
     manifest = dataset_manifest(path)
     if manifest is not None:
-        extra = manifest.get("extra") if isinstance(manifest.get("extra"), dict) else {}
+        extra = manifest.get("extra")
+        extra = extra if isinstance(extra, dict) else {}
         for value in [manifest.get(k) for k in MODEL_KEYS] + [extra.get(k) for k in MODEL_KEYS]:
             sub = _sub(p, value)
             if sub and (Path(sub) / "config.json").is_file():

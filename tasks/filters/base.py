@@ -7,7 +7,7 @@ crossed the threshold. Rules never re-split text themselves when the view alread
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, ClassVar, Literal, NamedTuple
+from typing import Callable, ClassVar, Generic, Literal, NamedTuple, TypeVar
 
 from pydantic import Field
 from refinery.tasks.config import StrictModel
@@ -31,16 +31,20 @@ class RuleConfig(StrictModel):
                                     "'drop' = dropped with reason 'unsupported_language'")
 
 
-class Rule:
-    """Base class: subclasses set ``name``/``config_cls`` and implement :meth:`check`."""
+C = TypeVar("C", bound=RuleConfig)
+
+
+class Rule(Generic[C]):
+    """Base class: subclasses set ``name``/``config_cls`` and implement :meth:`check`; ``Rule[XConfig]``
+    types ``self.cfg`` as the rule's own config."""
     name: ClassVar[str]
     config_cls: ClassVar[type[RuleConfig]]
 
-    def __init__(self, cfg: RuleConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: C):
+        self.cfg: C = cfg
         self.stats: Counter = Counter()   # per-rule side counts (lines removed, spans redacted, ...)
 
-    def applies(self, lang: str) -> bool:
+    def applies(self, lang: str | None) -> bool:
         langs = self.cfg.languages
         return langs is None or lang in langs
 

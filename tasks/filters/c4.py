@@ -44,7 +44,7 @@ class C4Config(RuleConfig):
 
 
 @register
-class C4Quality(Rule):
+class C4Quality(Rule[C4Config]):
     name = "c4"
     config_cls = C4Config
 
@@ -103,7 +103,9 @@ def _sentences(text: str, tok) -> list[str]:
     from refinery.tasks.filters.text import _is_punct_cached, terminal_punctuation
 
     term = terminal_punctuation()
-    out, cur, seen = [], [], False
+    out: list[str] = []
+    cur: list[str] = []
+    seen = False
     for chunk in text.split():
         for t in tok.chunk(chunk).tokens:
             if t in term:
@@ -162,7 +164,7 @@ def load_word_list(path: Path) -> list[str]:
 
 
 @register
-class C4BadWords(Rule):
+class C4BadWords(Rule[C4BadWordsConfig]):
     name = "c4_badwords"
     config_cls = C4BadWordsConfig
 
@@ -172,10 +174,10 @@ class C4BadWords(Rule):
         self._regex: dict[str, re.Pattern | None] = {}
         self._rng = random.Random(cfg.seed)
 
-    def applies(self, lang: str) -> bool:
+    def applies(self, lang: str | None) -> bool:
         if self.cfg.languages is not None:
             return lang in self.cfg.languages
-        return self.pattern(lang) is not None
+        return self.pattern(lang or "") is not None
 
     def pattern(self, lang: str) -> re.Pattern | None:
         if lang not in self._regex:
@@ -191,7 +193,7 @@ class C4BadWords(Rule):
         return self._regex[lang]
 
     def check(self, doc: DocView) -> Drop | None:
-        pat = self.pattern(doc.lang)
+        pat = self.pattern(doc.lang or "")
         if pat is None:
             self.stats["missing_badwords_lang"] += 1
             return None

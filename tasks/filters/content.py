@@ -15,7 +15,7 @@ import gzip
 import ipaddress
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field
@@ -83,7 +83,7 @@ class UrlConfig(RuleConfig):
 
 
 @register
-class UrlFilter(Rule):
+class UrlFilter(Rule[UrlConfig]):
     name = "url"
     config_cls = UrlConfig
 
@@ -100,7 +100,7 @@ class UrlFilter(Rule):
         self.soft = {normalize_word(w) for w in entries("soft")} - {""}
         subwords = sorted({normalize_word(w) for w in entries("subwords")} - {""})
         self.subwords = re.compile(_trie_regex(subwords)) if subwords else None
-        self._extract = None
+        self._extract: Any = None  # tldextract.TLDExtract, built on first use
 
     def registered_domain(self, host: str) -> str:
         if self._extract is None:
@@ -213,13 +213,13 @@ def _public_ip(s: str, only_public: bool) -> bool:
 
 
 @register
-class PiiRedactor(Rule):
+class PiiRedactor(Rule[PiiConfig]):
     name = "pii"
     config_cls = PiiConfig
 
     def __init__(self, cfg: PiiConfig):
         super().__init__(cfg)
-        self.steps = []
+        self.steps: list[tuple[str | None, _Replacer]] = []
         if cfg.emails:
             self.steps.append(("@", _Replacer("emails", _EMAIL, cfg.email_placeholders, self.stats)))
         if cfg.ips:

@@ -33,7 +33,7 @@ class FineWebConfig(RuleConfig):
 
 
 @register
-class FineWebQuality(Rule):
+class FineWebQuality(Rule[FineWebConfig]):
     name = "fineweb"
     config_cls = FineWebConfig
 

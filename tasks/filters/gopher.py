@@ -42,7 +42,7 @@ class GopherQualityConfig(RuleConfig):
 
 
 @register
-class GopherQuality(Rule):
+class GopherQuality(Rule[GopherQualityConfig]):
     name = "gopher_quality"
     config_cls = GopherQualityConfig
 
@@ -92,7 +92,7 @@ class GopherQuality(Rule):
             r = n_alpha / n_words
             if r < c.min_alpha_words_ratio:
                 return Drop("below_alpha_words_ratio", r)
-        stop = self.stop_sets.get(doc.lang)
+        stop = self.stop_sets.get(doc.lang or "")
         if c.min_stop_words and stop is not None:
             found = len(stop.intersection(doc.words))
             if found < c.min_stop_words:
@@ -232,7 +232,7 @@ def dup_ngram_chars_scan(keys: list, lens: list[int], n: int) -> int:
 
 
 @register
-class GopherRepetition(Rule):
+class GopherRepetition(Rule[GopherRepetitionConfig]):
     name = "gopher_repetition"
     config_cls = GopherRepetitionConfig
 

@@ -160,13 +160,14 @@ class TokenReader:
         self._epoch = [0] * len(self._sources)
         self._pos = [0] * len(self._sources)
         self._perm: list[np.ndarray | None] = [None] * len(self._sources)
-        self._mix_block, self._mix = -1, None
+        self._mix_block, self._mix = -1, np.zeros(0, dtype=np.int64)
 
     def _order(self, d: int) -> np.ndarray:
-        if self._perm[d] is None:
+        perm = self._perm[d]
+        if perm is None:
             rng = np.random.default_rng([self.seed, d, self._epoch[d]])
-            self._perm[d] = self._ids[d][rng.permutation(len(self._ids[d]))]
-        return self._perm[d]
+            perm = self._perm[d] = self._ids[d][rng.permutation(len(self._ids[d]))]
+        return perm
 
     def _choice(self, g: int) -> int:
         if len(self._sources) == 1:
@@ -258,7 +259,7 @@ class TokenReader:
         return {"args": self._args, "state": self.state_dict()}
 
     def __setstate__(self, st: dict) -> None:
-        self.__init__(**st["args"])
+        TokenReader.__init__(self, **st["args"])
         self.load_state_dict(st["state"])
 
     def __repr__(self) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from pydantic import Field, computed_field, model_validator
 from refinery.tasks.config import StrictModel
@@ -47,7 +47,8 @@ class TokenizerConfig(StrictModel):
                              f"{len(self.special_tokens())} special tokens")
         return self
 
-    @computed_field(description="Content hash of a local `path` (so editing that tokenizer changes the "
+    @computed_field(  # type: ignore[prop-decorator]  # pydantic's documented computed_field pattern
+        description="Content hash of a local `path` (so editing that tokenizer changes the "
                     "fingerprint); null for a trained tokenizer or a hub id.")
     @property
     def source_sha256(self) -> str | None:
@@ -143,6 +144,7 @@ def load_existing(path_or_id: str, out_dir: str | os.PathLike):
 
     out = Path(out_dir)
     p = Path(path_or_id)
+    tok: Any
     if p.is_file() and p.suffix == ".json":
         tok = PreTrainedTokenizerFast(tokenizer_file=str(p), clean_up_tokenization_spaces=False)
     else:

@@ -6,7 +6,7 @@ samples of the same global stream, and nothing memory-mapped crosses a process b
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ class TokenIterableDataset(IterableDataset):
                  rank: int = 0, world_size: int = 1, chunk: int = 32, finite: bool | None = None,
                  state: dict | None = None):
         super().__init__()
-        self.kwargs = dict(datasets=datasets, seq_len=seq_len, split=split, val_fraction=val_fraction, seed=seed,
+        self.kwargs: dict[str, Any] = dict(datasets=datasets, seq_len=seq_len, split=split, val_fraction=val_fraction, seed=seed,
                            weights=weights)
         self.rank, self.world_size, self.chunk = int(rank), int(world_size), int(chunk)
         self.finite = (split == "val") if finite is None else bool(finite)

@@ -131,7 +131,7 @@ def launch(spec: dict, nproc: int, workdir: str | Path, timeout: float | None = 
     proc = subprocess.Popen(cmd, env=env_, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     try:
-        for line in proc.stdout:   # stream the workers' output through (rank 0 prints progress)
+        for line in proc.stdout or ():   # stream the workers' output through (rank 0 prints progress)
             lines.append(line)
             print(line, end="", file=sys.stderr)
         proc.wait(timeout=timeout)

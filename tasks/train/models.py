@@ -47,6 +47,7 @@ def model_config(objective: str, preset: str, vocab_size: int, seq_len: int, spe
     eos, pad = special.get("eos"), special.get("pad")
     pad = pad if pad is not None else eos
     overrides = dict(overrides or {})
+    fields: dict[str, Any]
     if objective == "clm":
         fields = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max(seq_len, 128),

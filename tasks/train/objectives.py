@@ -106,7 +106,7 @@ def corrupt_spans(ids: torch.Tensor, *, sentinel_ids: Sequence[int], eos_id: int
 def sentinel_token_ids(tokenizer, needed: int | None = None) -> list[int]:
     """Ids of ``<extra_id_0>``, ``<extra_id_1>``, ... from the tokenizer (T5 convention)."""
     vocab = tokenizer.get_vocab()
-    ids = []
+    ids: list[int] = []
     while f"<extra_id_{len(ids)}>" in vocab:
         ids.append(vocab[f"<extra_id_{len(ids)}>"])
     if not ids or (needed is not None and len(ids) < needed):
@@ -187,9 +187,13 @@ def make_objective(name: str, tokenizer, vocab_size: int, seq_len: int, *, mlm_p
     if name == "clm":
         return CausalLM()
     if name == "mlm":
+        if sp["mask"] is None:
+            raise ValueError("the mlm objective needs a tokenizer with a mask token")
         return MaskedLM(sp["mask"], vocab_size, tokenizer.all_special_ids, mlm_probability)
     if name == "span":
         _, spans = span_lengths(seq_len, noise_density, mean_span_length)
+        if sp["eos"] is None or sp["pad"] is None:
+            raise ValueError("the span objective needs a tokenizer with eos and pad tokens")
         return SpanCorruption(sentinel_token_ids(tokenizer, spans), sp["eos"], sp["pad"], noise_density, mean_span_length)
     raise ValueError(f"unknown objective {name!r}: use clm, mlm or span")
 
