@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,13 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# ruff and the type checker (configured in pyproject.toml); .ci/run runs this before the tests.
+lint: install
+	$(BIN)/ruff check .
+	rm -rf .typecheck && mkdir -p .typecheck/refinery
+	ln -s ../../flows .typecheck/refinery/flows && ln -s ../../tasks .typecheck/refinery/tasks
+	$(BIN)/mypy -p refinery
 
 bench: install
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
