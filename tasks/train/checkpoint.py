@@ -7,19 +7,28 @@
             trainer_state.pt    optimizer, scheduler, step, RNG (torch, CUDA, numpy, python), reader
                                 position, metric history, best so far   (torch.load(weights_only=True))
             trainer_state.json  the same small facts, readable
+            files.json          every file's size, written last: what resume checks
         checkpoints.json        {"latest": ..., "best": ..., "steps": [...]} for humans and tools
 
-A checkpoint is written into a temporary folder and renamed into place, so a crash while saving
-leaves the previous checkpoints intact. The last ``keep_last`` checkpoints and the best one are kept.
+A checkpoint is written into a temporary folder, fsynced and renamed into place, so a crash while
+saving leaves the previous checkpoints intact. The last ``keep_last`` checkpoints and the best one
+are kept. Resume (:func:`latest_checkpoint`) takes the newest *intact* checkpoint: one whose files
+are all there with their recorded sizes and whose state and weights files are structurally whole;
+a damaged newer one (a truncated copy, a full disk) is moved aside to ``.damaged-step-*`` with a
+warning, and training resumes from the one before.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import struct
+import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +37,10 @@ import torch
 
 STATE = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
+FILES = "files.json"
+WEIGHTS = "model.safetensors"
 INDEX = "checkpoints.json"
+log = logging.getLogger("refinery.train.checkpoint")
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|"
                               r".*\.model|chat_template.*)$")
@@ -51,9 +63,66 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def checkpoint_problems(ckpt: str | Path) -> list[str]:
+    """Why a checkpoint cannot be resumed from (empty when it looks intact). Cheap: sizes from
+    ``files.json`` (absent in checkpoints of older versions), the training state's zip directory,
+    and the safetensors header against the file's length; no tensor is read."""
+    ckpt = Path(ckpt)
+    problems = []
+    try:
+        sizes = json.loads((ckpt / FILES).read_text())["files"]
+    except FileNotFoundError:
+        sizes = {}
+    except (ValueError, KeyError, TypeError) as e:
+        return [f"{FILES}: unreadable ({e})"]
+    for name, want in sizes.items():
+        try:
+            have = (ckpt / name).stat().st_size
+        except OSError:
+            problems.append(f"{name}: missing")
+            continue
+        if have != want:
+            problems.append(f"{name}: {have} bytes, {FILES} says {want}")
+    if not zipfile.is_zipfile(ckpt / STATE):   # torch.save writes a zip; truncation loses its directory
+        problems.append(f"{STATE}: not a complete torch file")
+    if (ckpt / WEIGHTS).exists() or WEIGHTS in sizes:
+        problem = _safetensors_problem(ckpt / WEIGHTS)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors' bytes; the
+    header's largest end offset must match the data's length."""
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+        return f"{path.name}: unreadable header ({type(e).__name__})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        return f"{path.name}: {size} bytes, its header needs {8 + n + end}"
+    return None
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
-    cks = list_checkpoints(root)
-    return cks[-1][1] if cks else None
+    """The newest intact checkpoint. Damaged newer ones are moved aside (``.damaged-step-*``, kept
+    for inspection, out of the way of :func:`prune` and of the next save of that step) with a
+    warning that names the checkpoint resumed from instead."""
+    root = Path(root)
+    for step, path in reversed(list_checkpoints(root)):
+        problems = checkpoint_problems(path)
+        if not problems:
+            return path
+        dest = root / f".damaged-{path.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:4]}"
+        os.rename(path, dest)
+        earlier = [p for s, p in list_checkpoints(root) if s < step]
+        log.warning("checkpoint %s is damaged (%s); moved aside to %s; %s", path, "; ".join(problems[:3]),
+                    dest.name, f"falling back to {earlier[-1].name}" if earlier else "no earlier checkpoint")
+    return None
 
 
 # ----------------------------------------------------------------------------- RNG and reader state
@@ -139,6 +208,7 @@ def save_checkpoint(root: str | Path, step: int, model, tokenizer_path: str | No
     copy_tokenizer(tokenizer_path, tmp)
     torch.save(state, tmp / STATE)
     (tmp / STATE_JSON).write_text(json.dumps(summary or {"step": step}, indent=2, sort_keys=True, default=str))
+    _seal(tmp)
     if final.exists():  # the same step saved again (e.g. the final save right after an eval save)
         trash = root / f".trash-{final.name}-{uuid.uuid4().hex[:6]}"
         os.rename(final, trash)
@@ -146,7 +216,29 @@ def save_checkpoint(root: str | Path, step: int, model, tokenizer_path: str | No
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, final)
+    _fsync(root)
     return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _seal(folder: Path) -> None:
+    """fsync every file of a checkpoint being written, then record their sizes in ``files.json``
+    (written last, fsynced too), so what the rename publishes is on disk and checkable."""
+    sizes = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            _fsync(p)
+            sizes[p.relative_to(folder).as_posix()] = p.stat().st_size
+    (folder / FILES).write_text(json.dumps({"files": sizes}, indent=2, sort_keys=True))
+    _fsync(folder / FILES)
+    _fsync(folder)
 
 
 def load_state(ckpt: str | Path) -> dict:
@@ -196,5 +288,6 @@ def prune(root: str | Path, keep_last: int, keep: set[int] = frozenset()) -> lis
 
 
 __all__ = ["save_checkpoint", "load_state", "load_weights", "latest_checkpoint", "list_checkpoints", "prune",
+           "checkpoint_problems",
            "step_dir", "rng_state", "set_rng_state", "to_safe", "from_safe", "copy_tokenizer", "write_index",
            "STATE"]
