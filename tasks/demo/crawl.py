@@ -448,59 +448,62 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Main entry point
+# Main entry point: plan, plant each kind of page, shuffle into files, write WARC records, then
+# the ground truth. Every phase draws from the one seeded ``rng`` in a fixed order, so the phase
+# order below is part of the output: reordering phases changes the bytes.
 
-def make_demo_crawl(out_dir: str | Path, *, seed: int = 0, n_pages: int = 400, n_files: int = 4) -> list[Path]:
-    """Write a deterministic demo crawl of ``n_pages`` pages into ``n_files`` WARC files.
+@dataclass
+class _Crawl:
+    """The pages planted so far and what ``ground_truth.json`` lists about them."""
+    pages: list[Page] = field(default_factory=list)
+    dup_groups: list[list[str]] = field(default_factory=list)   # [original url, copy urls...]
+    near: list[dict] = field(default_factory=list)
+    pii: dict[str, dict] = field(default_factory=dict)
+    blocked: list[str] = field(default_factory=list)
+    foreign: dict[str, dict] = field(default_factory=dict)
+    spam: dict[str, str] = field(default_factory=dict)
+    non_200: dict[str, int] = field(default_factory=dict)
+    non_html: dict[str, str] = field(default_factory=dict)
+    corrupt_page: Page | None = None
 
-    Returns the sorted list of ``*.warc.gz`` paths; ``ground_truth.json`` is written beside them.
-    """
-    if n_files < 1:
-        raise ValueError("n_files must be at least 1")
-    plan = _plan(n_pages)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(f"refinery-demo-crawl/{seed}")
-    b = _Builder(rng)
 
-    n_articles = plan["normal"] + plan["pii"] + plan["blocklisted"] + plan["corrupt"]
-    articles = _articles(rng, n_articles)
-    it = iter(articles)
-    pages: list[Page] = []
-
-    normal = [b.article_page(m, ps, "normal") for m, ps in (next(it) for _ in range(plan["normal"]))]
-    pages += normal
-    # near-duplicates are made from long articles, so that a small edit keeps them near (Jaccard > 0.8)
+def _pick_originals(rng: random.Random, normal: list[Page], plan: dict) -> tuple[list[Page], list[Page]]:
+    """(near-duplicate originals, exact-duplicate originals), disjoint. Near-duplicates are made
+    from long articles, so that a small edit keeps them near (Jaccard > 0.8)."""
     long_pages = [p for p in normal if len(p.text.split()) >= 180]
     if len(long_pages) < plan["near"]:
         long_pages = sorted(normal, key=lambda p: -len(p.text.split()))[: plan["near"]]
     near_origs = rng.sample(long_pages, plan["near"])
     taken = {p.url for p in near_origs}
     dup_origs = rng.sample([p for p in normal if p.url not in taken], plan["dup_originals"])
+    return near_origs, dup_origs
 
-    # exact duplicates: the same HTTP body at other URLs
-    dup_groups: list[list[str]] = []
-    for j in range(plan["dup_copies"]):
+
+def _plant_exact_duplicates(b: _Builder, crawl: _Crawl, dup_origs: list[Page], n_copies: int) -> None:
+    """The same HTTP body at other URLs: a mirror site, or tracking/referral parameters."""
+    for j in range(n_copies):
         orig = dup_origs[j % len(dup_origs)]
         dom = orig.url.split("/")[2]
         path = "/" + orig.url.split("/", 3)[3]
         variant = j // len(dup_origs)
         if variant == 0 and j % 3 == 2:
-            url = b.url("mirror." + dom, path)                      # a mirror site
-        else:                                                       # tracking / referral parameters
+            url = b.url("mirror." + dom, path)
+        else:
             url = b.url(dom, path + ("?utm_source=newsletter&utm_medium=email" if variant == 0 else "?ref=sidebar"))
-        copy = Page(url=url, body=orig.body, kind="duplicate", headers=list(orig.headers), text=orig.text,
-                    title=orig.title, info={"of": orig.url})
-        pages.append(copy)
-        for g in dup_groups:
+        crawl.pages.append(Page(url=url, body=orig.body, kind="duplicate", headers=list(orig.headers), text=orig.text,
+                                title=orig.title, info={"of": orig.url}))
+        for g in crawl.dup_groups:
             if g[0] == orig.url:
                 g.append(url)
                 break
         else:
-            dup_groups.append([orig.url, url])
+            crawl.dup_groups.append([orig.url, url])
 
-    # near-duplicates: same article with small edits, at another URL
-    near: list[dict] = []
+
+def _plant_near_duplicates(b: _Builder, crawl: _Crawl, near_origs: list[Page]) -> None:
+    """The same article on another site of the same layout, re-dated, with one small edit in
+    turn: only the date, two words changed, or a sentence added."""
+    rng = b.rng
     edits = ["date_changed", "words_changed", "sentence_added"]
     for j, orig in enumerate(near_origs):
         edit = edits[j % 3]
@@ -523,13 +526,15 @@ def make_demo_crawl(out_dir: str | Path, *, seed: int = 0, n_pages: int = 400, n
                               byline_date=new_date, byline_word="Updated", heads=orig.heads,
                               author=orig.info["author"], comments=orig.comments)
         page.info.update({"of": orig.url, "edit": edit, **detail})
-        pages.append(page)
-        near.append({"url": page.url, "of": orig.url, "edit": edit, **detail})
+        crawl.pages.append(page)
+        crawl.near.append({"url": page.url, "of": orig.url, "edit": edit, **detail})
 
-    # personal data
-    pii: dict[str, dict] = {}
-    for j in range(plan["pii"]):
-        m, ps = next(it)
+
+def _plant_pii(b: _Builder, crawl: _Crawl, articles, n: int, seed: int) -> None:
+    """Articles with one sentence of personal data (email, phone, public IP) in the middle."""
+    rng = b.rng
+    for j in range(n):
+        m, ps = next(articles)
         first, last = T.PII_PEOPLE[(j + seed) % len(T.PII_PEOPLE)]
         email = f"{first.lower()}.{last.lower()}@{T.PII_MAIL_DOMAINS[j % len(T.PII_MAIL_DOMAINS)]}"
         phone = ["+1 (415) 555-01{:02d}", "(212) 555-01{:02d}", "+44 20 7946 0{:03d}"][j % 3].format(rng.randrange(100))
@@ -539,38 +544,40 @@ def make_demo_crawl(out_dir: str | Path, *, seed: int = 0, n_pages: int = 400, n
         paras = [p.text for p in ps]
         paras.insert(len(paras) // 2 + 1, sentence)
         page = b.article_page(m, ps, "pii", paras=paras)
-        pii[page.url] = {"emails": [email], "phones": [phone], "ips": [ip]}
-        page.info.update(pii[page.url])
-        pages.append(page)
+        crawl.pii[page.url] = {"emails": [email], "phones": [phone], "ips": [ip]}
+        page.info.update(crawl.pii[page.url])
+        crawl.pages.append(page)
 
-    # a blocklistable domain (otherwise ordinary-looking pages)
-    blocked: list[str] = []
-    for j in range(plan["blocklisted"]):
-        m, ps = next(it)
+
+def _plant_blocklisted(b: _Builder, crawl: _Crawl, articles, n: int) -> None:
+    """Ordinary-looking articles on the one blocklistable domain."""
+    for j in range(n):
+        m, ps = next(articles)
         page = b.article_page(m, ps, "blocklisted", domain=T.BLOCKLIST_DOMAIN, site_name="Royal Casino Bets Blog",
                               path=f"/blog/{j + 1:03d}-{_slug(m)}")
-        pages.append(page)
-        blocked.append(page.url)
+        crawl.pages.append(page)
+        crawl.blocked.append(page.url)
 
-    # foreign languages
-    foreign: dict[str, dict] = {}
+
+def _plant_foreign(b: _Builder, crawl: _Crawl, per_lang: int) -> None:
     for lang in sorted(T.FOREIGN):
-        for j in range(plan["foreign_per_lang"]):
+        for j in range(per_lang):
             page = b.foreign_page(lang, j)
-            pages.append(page)
-            foreign[page.url] = {"lang": lang, "charset": page.info["charset"]}
+            crawl.pages.append(page)
+            crawl.foreign[page.url] = {"lang": lang, "charset": page.info["charset"]}
 
-    # spam and low quality
-    spam: dict[str, str] = {}
+
+def _plant_spam(b: _Builder, crawl: _Crawl, n: int) -> None:
     kinds = ["keyword_list", "link_farm", "lorem_ipsum", "short", "repeated_lines", "gambling", "adult"]
-    for j in range(plan["spam"]):
+    for j in range(n):
         page = b.spam_page(kinds[j % len(kinds)], j // len(kinds))
-        pages.append(page)
-        spam[page.url] = page.info["spam"]
+        crawl.pages.append(page)
+        crawl.spam[page.url] = page.info["spam"]
 
-    # HTTP errors, redirects and a non-HTML resource
-    non_200: dict[str, int] = {}
-    for j in range(plan["http_error"]):
+
+def _plant_http_errors(b: _Builder, crawl: _Crawl, n: int) -> None:
+    """404 pages and 301 redirects, alternating."""
+    for j in range(n):
         site = T.EN_SITES[j % len(T.EN_SITES)]
         if j % 2 == 0:
             url = b.url(site["domain"], f"/old/page-{j + 1}.html")
@@ -584,131 +591,194 @@ def make_demo_crawl(out_dir: str | Path, *, seed: int = 0, n_pages: int = 400, n
                     f'<p>The document has moved <a href="{target}">here</a>.</p></body></html>\n').encode()
             page = Page(url=url, body=body, kind="redirect", status=301, headers=[("Location", target)],
                         title="301 Moved Permanently")
-        pages.append(page)
-        non_200[url] = page.status
-    non_html: dict[str, str] = {}
-    for j in range(plan["non_html"]):
+        crawl.pages.append(page)
+        crawl.non_200[url] = page.status
+
+
+def _plant_non_html(b: _Builder, crawl: _Crawl, n: int) -> None:
+    """``robots.txt`` files (text/plain)."""
+    for j in range(n):
         site = T.EN_SITES[j % len(T.EN_SITES)]
         page = Page(url=b.url(site["domain"], "/robots.txt"), body=b"User-agent: *\nDisallow: /admin/\n"
                     b"Disallow: /search\n\nSitemap: https://" + site["domain"].encode() + b"/sitemap.xml\n",
                     kind="non_html", content_type="text/plain; charset=utf-8")
-        pages.append(page)
-        non_html[page.url] = page.content_type
+        crawl.pages.append(page)
+        crawl.non_html[page.url] = page.content_type
 
-    # the corrupt record (normal content, truncated gzip member)
-    m, ps = next(it)
-    corrupt_page = b.article_page(m, ps, "corrupt")
-    corrupt_page.corrupt = True
 
+def _plant_pages(rng: random.Random, plan: dict, seed: int) -> _Crawl:
+    """Every planted page, in the order the rng is drawn from (see the note above)."""
+    b = _Builder(rng)
+    crawl = _Crawl()
+    n_articles = plan["normal"] + plan["pii"] + plan["blocklisted"] + plan["corrupt"]
+    articles = iter(_articles(rng, n_articles))
+    normal = [b.article_page(m, ps, "normal") for m, ps in (next(articles) for _ in range(plan["normal"]))]
+    crawl.pages += normal
+    near_origs, dup_origs = _pick_originals(rng, normal, plan)
+    _plant_exact_duplicates(b, crawl, dup_origs, plan["dup_copies"])
+    _plant_near_duplicates(b, crawl, near_origs)
+    _plant_pii(b, crawl, articles, plan["pii"], seed)
+    _plant_blocklisted(b, crawl, articles, plan["blocklisted"])
+    _plant_foreign(b, crawl, plan["foreign_per_lang"])
+    _plant_spam(b, crawl, plan["spam"])
+    _plant_http_errors(b, crawl, plan["http_error"])
+    _plant_non_html(b, crawl, plan["non_html"])
+    # the corrupt record: normal content, written as a truncated gzip member (see _WarcWriter)
+    m, ps = next(articles)
+    crawl.corrupt_page = b.article_page(m, ps, "corrupt")
+    crawl.corrupt_page.corrupt = True
+    return crawl
+
+
+def _distribute(rng: random.Random, crawl: _Crawl, n_files: int) -> list[list[Page]]:
+    """Shuffled pages round-robin over the files; the corrupt record goes last into the last file
+    (a reader gets every record before it)."""
+    pages = list(crawl.pages)
     rng.shuffle(pages)
-    # distribute round-robin; the corrupt record goes last into the last file
-    per_file: list[list[Page]] = [pages[i::n_files] for i in range(n_files)]
-    per_file[-1].append(corrupt_page)
+    per_file = [pages[i::n_files] for i in range(n_files)]
+    per_file[-1].append(crawl.corrupt_page)
+    return per_file
 
-    ids = random.Random(f"refinery-demo-ids/{seed}")
 
-    def new_id() -> str:
-        return f"<urn:uuid:{uuid.UUID(int=ids.getrandbits(128), version=4)}>"
+@dataclass
+class _WarcWriter:
+    """Writes WARC files: seeded record ids and a clock that advances 7 s per page, across files."""
+    out: Path
+    seed: int
+    ids: random.Random
+    t: int = 0
+    files: list[Path] = field(default_factory=list)
+    records: dict[str, dict[str, int]] = field(default_factory=dict)   # file -> record counts
+    gt_pages: dict[str, dict] = field(default_factory=dict)            # url -> ground truth
+    corrupt_info: list[dict] = field(default_factory=list)
 
-    files: list[Path] = []
-    gt_pages: dict[str, dict] = {}
-    records: dict[str, dict[str, int]] = {}
-    t = 0
-    corrupt_info: list[dict] = []
-    for fi, fpages in enumerate(per_file):
+    def new_id(self) -> str:
+        return f"<urn:uuid:{uuid.UUID(int=self.ids.getrandbits(128), version=4)}>"
+
+    def write_file(self, fi: int, pages: list[Page]) -> None:
         name = FILE_PATTERN.format(fi)
-        info_id = new_id()
-        info_block = (f"software: refinery-demo/{GENERATOR_VERSION}\r\nformat: WARC File Format 1.1\r\n"
-                      f"conformsTo: https://iipc.github.io/warc-specifications/specifications/warc-format/warc-1.1/\r\n"
-                      f"isPartOf: refinery-demo-seed{seed}\r\nhostname: demo-crawler\r\n"
-                      f"description: Synthetic demo crawl with planted duplicates, spam, personal data and "
-                      f"foreign pages (see ground_truth.json)\r\nrobots: classic\r\n"
-                      f"http-header-user-agent: {USER_AGENT}\r\n").encode()
-        date = BASE_DATE + _dt.timedelta(seconds=t)
-        chunks = [_gz(_record([("WARC-Type", "warcinfo"), ("WARC-Date", _warc_date(date)), ("WARC-Filename", name),
-                               ("WARC-Record-ID", info_id), ("Content-Type", "application/warc-fields")], info_block))]
+        info_id = self.new_id()
+        chunks = [self._warcinfo(name, info_id)]
         counts = {"warcinfo": 1, "request": 0, "response": 0}
-        for page in fpages:
-            t += 7
-            date = BASE_DATE + _dt.timedelta(seconds=t)
-            host = page.url.split("/")[2]
-            ip = _ip_for(host)
-            path = "/" + page.url.split("/", 3)[3] if page.url.count("/") >= 3 else "/"
-            req_block = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\n"
-                         f"Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\n"
-                         f"Accept-Language: en-US,en;q=0.5\r\nAccept-Encoding: identity\r\nConnection: close\r\n\r\n"
-                         ).encode()
-            resp_head = [f"HTTP/1.1 {page.status} {_reason(page.status)}", f"Date: {_http_date(date)}",
-                         "Server: nginx/1.24.0", f"Content-Type: {page.content_type}",
-                         f"Content-Length: {len(page.body)}"]
-            resp_head += [f"{k}: {v}" for k, v in page.headers]
-            resp_head += ["Cache-Control: max-age=600", "Connection: close"]
-            resp_block = ("\r\n".join(resp_head) + "\r\n\r\n").encode("ascii") + page.body
-            req_id, resp_id = new_id(), new_id()
-            chunks.append(_gz(_record([
-                ("WARC-Type", "request"), ("WARC-Date", _warc_date(date)), ("WARC-Record-ID", req_id),
-                ("WARC-Warcinfo-ID", info_id), ("WARC-Target-URI", page.url), ("WARC-IP-Address", ip),
-                ("WARC-Concurrent-To", resp_id), ("WARC-Block-Digest", _digest(req_block)),
-                ("Content-Type", "application/http; msgtype=request")], req_block)))
+        for page in pages:
+            self.t += 7
+            chunks += self._page_records(name, info_id, page)
             counts["request"] += 1
-            mime = page.content_type.split(";")[0]
-            raw = _record([
-                ("WARC-Type", "response"), ("WARC-Date", _warc_date(date)), ("WARC-Record-ID", resp_id),
-                ("WARC-Warcinfo-ID", info_id), ("WARC-Target-URI", page.url), ("WARC-IP-Address", ip),
-                ("WARC-Block-Digest", _digest(resp_block)), ("WARC-Payload-Digest", _digest(page.body)),
-                ("WARC-Identified-Payload-Type", mime),
-                ("Content-Type", "application/http; msgtype=response")], resp_block)
-            resp = _gz(raw)
-            if page.corrupt:
-                # the crawler died mid-write: the gzip member is cut, the record's block comes up short
-                resp = resp[: len(resp) // 2]
-                partial = zlib.decompressobj(wbits=31).decompress(resp)
-                corrupt_info.append({
-                    "file": name, "url": page.url, "record_id": resp_id, "kind": "truncated_gzip_member",
-                    "position": "last record of the file", "content_length": len(resp_block),
-                    "block_bytes_present": len(partial) - (raw.index(b"\r\n\r\n") + 4),
-                    "detect": "block shorter than its Content-Length; WARC-Payload-Digest mismatch"})
-            chunks.append(resp)
             counts["response"] += 1
-            gt_pages[page.url] = {"kind": page.kind, "file": name, "status": page.status,
-                                  "content_type": page.content_type, "record_id": resp_id,
-                                  "date": _warc_date(date), "title": page.title, **page.info}
-        data = b"".join(chunks)
-        path = out / name
-        _write_if_changed(path, data)
-        files.append(path)
-        records[name] = counts
+        path = self.out / name
+        _write_if_changed(path, b"".join(chunks))
+        self.files.append(path)
+        self.records[name] = counts
 
-    # files of an earlier generation with more files would be picked up by a glob: remove them
+    def _warcinfo(self, name: str, info_id: str) -> bytes:
+        block = (f"software: refinery-demo/{GENERATOR_VERSION}\r\nformat: WARC File Format 1.1\r\n"
+                 f"conformsTo: https://iipc.github.io/warc-specifications/specifications/warc-format/warc-1.1/\r\n"
+                 f"isPartOf: refinery-demo-seed{self.seed}\r\nhostname: demo-crawler\r\n"
+                 f"description: Synthetic demo crawl with planted duplicates, spam, personal data and "
+                 f"foreign pages (see ground_truth.json)\r\nrobots: classic\r\n"
+                 f"http-header-user-agent: {USER_AGENT}\r\n").encode()
+        date = BASE_DATE + _dt.timedelta(seconds=self.t)
+        return _gz(_record([("WARC-Type", "warcinfo"), ("WARC-Date", _warc_date(date)), ("WARC-Filename", name),
+                            ("WARC-Record-ID", info_id), ("Content-Type", "application/warc-fields")], block))
+
+    def _page_records(self, name: str, info_id: str, page: Page) -> list[bytes]:
+        """The request and response records of one page (gzip members)."""
+        date = BASE_DATE + _dt.timedelta(seconds=self.t)
+        host = page.url.split("/")[2]
+        ip = _ip_for(host)
+        path = "/" + page.url.split("/", 3)[3] if page.url.count("/") >= 3 else "/"
+        req_block = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\n"
+                     f"Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\n"
+                     f"Accept-Language: en-US,en;q=0.5\r\nAccept-Encoding: identity\r\nConnection: close\r\n\r\n"
+                     ).encode()
+        resp_head = [f"HTTP/1.1 {page.status} {_reason(page.status)}", f"Date: {_http_date(date)}",
+                     "Server: nginx/1.24.0", f"Content-Type: {page.content_type}",
+                     f"Content-Length: {len(page.body)}"]
+        resp_head += [f"{k}: {v}" for k, v in page.headers]
+        resp_head += ["Cache-Control: max-age=600", "Connection: close"]
+        resp_block = ("\r\n".join(resp_head) + "\r\n\r\n").encode("ascii") + page.body
+        req_id, resp_id = self.new_id(), self.new_id()
+        request = _gz(_record([
+            ("WARC-Type", "request"), ("WARC-Date", _warc_date(date)), ("WARC-Record-ID", req_id),
+            ("WARC-Warcinfo-ID", info_id), ("WARC-Target-URI", page.url), ("WARC-IP-Address", ip),
+            ("WARC-Concurrent-To", resp_id), ("WARC-Block-Digest", _digest(req_block)),
+            ("Content-Type", "application/http; msgtype=request")], req_block))
+        mime = page.content_type.split(";")[0]
+        raw = _record([
+            ("WARC-Type", "response"), ("WARC-Date", _warc_date(date)), ("WARC-Record-ID", resp_id),
+            ("WARC-Warcinfo-ID", info_id), ("WARC-Target-URI", page.url), ("WARC-IP-Address", ip),
+            ("WARC-Block-Digest", _digest(resp_block)), ("WARC-Payload-Digest", _digest(page.body)),
+            ("WARC-Identified-Payload-Type", mime),
+            ("Content-Type", "application/http; msgtype=response")], resp_block)
+        response = _gz(raw)
+        if page.corrupt:
+            # the crawler died mid-write: the gzip member is cut, the record's block comes up short
+            response = response[: len(response) // 2]
+            partial = zlib.decompressobj(wbits=31).decompress(response)
+            self.corrupt_info.append({
+                "file": name, "url": page.url, "record_id": resp_id, "kind": "truncated_gzip_member",
+                "position": "last record of the file", "content_length": len(resp_block),
+                "block_bytes_present": len(partial) - (raw.index(b"\r\n\r\n") + 4),
+                "detect": "block shorter than its Content-Length; WARC-Payload-Digest mismatch"})
+        self.gt_pages[page.url] = {"kind": page.kind, "file": name, "status": page.status,
+                                   "content_type": page.content_type, "record_id": resp_id,
+                                   "date": _warc_date(date), "title": page.title, **page.info}
+        return [request, response]
+
+
+def _remove_stale(out: Path, files: list[Path]) -> None:
+    """Files of an earlier generation with more files would be picked up by a glob."""
     keep = {p.name for p in files}
     for stale in sorted(out.glob("demo-[0-9][0-9][0-9][0-9][0-9].warc.gz")):
         if stale.name not in keep:
             stale.unlink()
 
+
+def _ground_truth(crawl: _Crawl, w: _WarcWriter, *, seed: int, n_pages: int, n_files: int) -> dict:
+    records, gt_pages = w.records, w.gt_pages
     n_resp = sum(c["response"] for c in records.values())
-    truth = {
+    return {
         "generator": "refinery.tasks.demo.crawl", "version": GENERATOR_VERSION, "seed": seed, "n_pages": n_pages,
-        "n_files": n_files, "files": [p.name for p in files], "records": records,
-        "totals": {"warcinfo": len(files), "request": sum(c["request"] for c in records.values()),
-                   "response": n_resp, "complete_responses": n_resp - len(corrupt_info),
+        "n_files": n_files, "files": [p.name for p in w.files], "records": records,
+        "totals": {"warcinfo": len(w.files), "request": sum(c["request"] for c in records.values()),
+                   "response": n_resp, "complete_responses": n_resp - len(w.corrupt_info),
                    "html_200": sum(1 for v in gt_pages.values() if v["status"] == 200
                                    and v["content_type"].startswith("text/html") and v["kind"] != "corrupt")},
         "kinds": _count(v["kind"] for v in gt_pages.values()),
-        "exact_duplicates": dup_groups,
-        "near_duplicates": near,
-        "spam": dict(sorted(spam.items())),
-        "pii": dict(sorted(pii.items())),
-        "foreign": dict(sorted(foreign.items())),
+        "exact_duplicates": crawl.dup_groups,
+        "near_duplicates": crawl.near,
+        "spam": dict(sorted(crawl.spam.items())),
+        "pii": dict(sorted(crawl.pii.items())),
+        "foreign": dict(sorted(crawl.foreign.items())),
         "blocklist_domains": [T.BLOCKLIST_DOMAIN],
-        "blocklisted": sorted(blocked),
-        "non_200": dict(sorted(non_200.items())),
-        "non_html": dict(sorted(non_html.items())),
-        "corrupt": corrupt_info,
+        "blocklisted": sorted(crawl.blocked),
+        "non_200": dict(sorted(crawl.non_200.items())),
+        "non_html": dict(sorted(crawl.non_html.items())),
+        "corrupt": w.corrupt_info,
         "pages": dict(sorted(gt_pages.items())),
     }
+
+
+def make_demo_crawl(out_dir: str | Path, *, seed: int = 0, n_pages: int = 400, n_files: int = 4) -> list[Path]:
+    """Write a deterministic demo crawl of ``n_pages`` pages into ``n_files`` WARC files.
+
+    Returns the sorted list of ``*.warc.gz`` paths; ``ground_truth.json`` is written beside them.
+    """
+    if n_files < 1:
+        raise ValueError("n_files must be at least 1")
+    plan = _plan(n_pages)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"refinery-demo-crawl/{seed}")
+    crawl = _plant_pages(rng, plan, seed)
+    writer = _WarcWriter(out, seed, ids=random.Random(f"refinery-demo-ids/{seed}"))
+    for fi, pages in enumerate(_distribute(rng, crawl, n_files)):
+        writer.write_file(fi, pages)
+    _remove_stale(out, writer.files)
+    truth = _ground_truth(crawl, writer, seed=seed, n_pages=n_pages, n_files=n_files)
     _write_if_changed(out / "ground_truth.json",
                       (json.dumps(truth, indent=1, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8"))
-    return files
+    return writer.files
 
 
 def _count(items) -> dict[str, int]:
