@@ -10,9 +10,10 @@ from pydantic import BaseModel, ConfigDict
 
 
 class StrictModel(BaseModel):
-    """A pydantic model that refuses unknown keys."""
+    """A pydantic model that refuses unknown keys. Its error messages do not quote the input
+    (a refused value may be a credential); the CLI's messages come from ``errors()``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 __all__ = ["StrictModel"]

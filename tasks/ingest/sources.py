@@ -1,13 +1,29 @@
-"""Input files: resolve paths/globs/URLs deterministically, identify them, sniff their format."""
+"""Input files: resolve paths/globs/URLs deterministically, identify them, sniff their format;
+retry transient I/O errors; keep credentials out of configs.
+
+Credentials: storage options whose name looks like a secret (key, secret, token, password,
+credential, auth...) are refused (:func:`check_storage_options`), as are URLs with a password in
+them (:func:`check_url`): configs travel into fingerprints, manifests, Prefect flow-run parameters
+and logs. fsspec backends read credentials from the environment (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, ``GOOGLE_APPLICATION_CREDENTIALS``,
+``AZURE_STORAGE_*``) or from a Prefect credentials block loaded in code; neither reaches a config.
+"""
 from __future__ import annotations
 
 import bz2
+import logging
 import lzma
 import os
+import random
+import re
+import time
 import zlib
-from typing import IO, Any
+from typing import IO, Any, Callable, TypeVar
 
 import fsspec
+
+log = logging.getLogger("refinery.ingest")
+T = TypeVar("T")
 
 FORMATS = ("auto", "warc", "wet", "arc", "jsonl", "parquet")
 _GLOB_CHARS = "*?["
@@ -17,6 +33,90 @@ class UnknownFormat(ValueError):
     """The file is none of the formats ingest reads."""
 
 
+# --------------------------------------------------------------------------- secrets
+_SECRET_NAME = re.compile(r"key|secret|token|passw|pwd|credential|auth|cookie|session|signature|"
+                          r"connection_?string|private|sas\b", re.I)
+_SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|-----BEGIN [A-Z ]*PRIVATE KEY-----")
+_URL_PASSWORD = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@?#\s]*:[^/@?#\s]*@")
+SECRET_HINT = ("put credentials in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
+               "AWS_SESSION_TOKEN or AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*) "
+               "or in a Prefect credentials block, never in a config")
+
+
+def secret_option_paths(options: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the options in ``options`` (nested dicts included) that hold a secret:
+    a non-empty value under a secret-looking name, or a value that looks like a key itself."""
+    found = []
+    items = options.items() if isinstance(options, dict) else enumerate(options) if isinstance(options, list) else []
+    for k, v in items:
+        name = f"{prefix}{k}"
+        if isinstance(v, (dict, list)):
+            found += secret_option_paths(v, name + ".")
+        elif isinstance(v, str) and v and (_SECRET_NAME.search(str(k)) or _SECRET_VALUE.search(v)):
+            found.append(name)
+    return found
+
+
+def check_storage_options(options: dict, what: str = "storage_options") -> dict:
+    """``options`` unchanged, or ValueError naming (never quoting) the options that hold secrets."""
+    bad = secret_option_paths(options)
+    if bad:
+        raise ValueError(f"{what}: {', '.join(bad)} look(s) like credentials; {SECRET_HINT}")
+    return options
+
+
+def check_url(url: str, what: str = "path") -> str:
+    """``url`` unchanged, or ValueError when it carries a password (``scheme://user:pass@host``)."""
+    if _URL_PASSWORD.match(url):
+        raise ValueError(f"{what}: the URL carries a password (user:password@); {SECRET_HINT}")
+    return url
+
+
+# --------------------------------------------------------------------------- transient errors
+READ_ATTEMPTS = 4            # one try and three retries
+RETRY_BASE_SECONDS = 1.0     # backoff 1, 2, 4 s (times a 0.5-1 jitter)
+
+# OSErrors that say the file is absent, forbidden or not gzip: another try gives the same answer.
+_PERMANENT_OS_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, IsADirectoryError,
+                                                         NotADirectoryError, PermissionError)
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether an error is worth another try: I/O errors (``OSError``: connection resets, timeouts,
+    S3 throttling as s3fs raises them) and aiohttp's connection/5xx errors; not a missing or
+    forbidden file, not bad content."""
+    import gzip
+
+    if isinstance(e, _PERMANENT_OS_ERRORS + (gzip.BadGzipFile,)):
+        return False
+    if isinstance(e, OSError):
+        return True
+    if type(e).__module__.split(".")[0] == "aiohttp":  # fsspec's HTTP filesystem
+        status = getattr(e, "status", None)
+        return status is None or status >= 500 or status == 429
+    return False
+
+
+def with_retries(fn: Callable[[], T], what: str, cleanup: Callable[[], None] | None = None) -> T:
+    """``fn()``, tried up to :data:`READ_ATTEMPTS` times with exponential backoff while it raises a
+    transient error (:func:`is_transient`); ``cleanup()`` runs before each retry (forget partial
+    output). Each retry is logged with ``what`` (the file's name); the last error is raised."""
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if attempt == READ_ATTEMPTS or not is_transient(e):
+                raise
+            delay = RETRY_BASE_SECONDS * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
+            log.warning("%s: %s: %s (attempt %d of %d); retrying in %.1f s", what, type(e).__name__,
+                        str(e)[:300], attempt, READ_ATTEMPTS, delay)
+            if cleanup is not None:
+                cleanup()
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- paths
 def _has_glob(path: str) -> bool:
     return any(c in path for c in _GLOB_CHARS)
 
@@ -91,6 +191,10 @@ def _peek_decompressed(head: bytes) -> tuple[str | None, bytes]:
     return None, head
 
 
+def _magic(head: bytes) -> str | None:
+    return {b"\x1f\x8b": "gzip", b"BZ": "bz2", b"\xfd7": "xz", b"\x28\xb5": "zstd"}.get(head[:2])
+
+
 def sniff(f: IO[bytes], name: str = "") -> tuple[str, str | None]:
     """(format, compression) of a file from its content (magic bytes), not its name.
 
@@ -104,7 +208,7 @@ def sniff(f: IO[bytes], name: str = "") -> tuple[str, str | None]:
         return "parquet", None
     comp, data = _peek_decompressed(head)
     if comp == "broken":
-        raise UnknownFormat(f"{name}: looks {head[:3]!r}-compressed but does not decompress")
+        raise UnknownFormat(f"{name}: looks {_magic(head)}-compressed but does not decompress")
     text = data.lstrip(b"\xef\xbb\xbf \t\r\n")
     if text.startswith(b"WARC/"):
         return "warc", comp
@@ -112,4 +216,7 @@ def sniff(f: IO[bytes], name: str = "") -> tuple[str, str | None]:
         return "arc", comp
     if text.startswith(b"{"):
         return "jsonl", comp
-    raise UnknownFormat(f"{name}: not a WARC/WET/ARC/JSONL/Parquet file (it starts with {text[:24]!r})")
+    # The file's bytes are not quoted: they reach logs and artifacts, and may be anything.
+    kind = "text" if text[:512].isascii() and b"\x00" not in text[:512] else "binary data"
+    raise UnknownFormat(f"{name}: not a WARC/WET/ARC/JSONL/Parquet file (it starts with {kind} that matches "
+                        "none of their signatures)")

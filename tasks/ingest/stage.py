@@ -5,10 +5,13 @@ Sharded: ``plan`` makes one shard per resolved input file (sorted, so names and 
 (``part-<file#>-<k>.parquet``, ``rows_per_part`` rows each), ``reduce`` adds the counts up.
 
 Bad input: a corrupt or truncated record is counted (``counts.record_errors[reason]``) and skipped,
-the rest of the file is read. A file that cannot be read at all (missing, not an archive, broken
-compression) does not stop the other files: its shard records ``{"file", "error"}``; the manifest lists
-them under ``file_errors`` and ``counts.files_failed``. If *every* file fails the stage raises
-:class:`IngestError` naming each file and its error.
+the rest of the file is read; a record over ``max_record_bytes`` is skipped unread
+(``dropped.too_large``). A file that cannot be read (missing, not an archive, broken compression,
+or rows but no usable text column) does not stop the other files, but its shard is never recorded as
+finished: transient I/O errors are retried with backoff first (``sources.with_retries``), the
+failure is logged with the file's name, and once every other file is done the stage fails naming
+each failed file, unless ``max_failed_files`` tolerates them; tolerated failures are listed in the
+manifest (``file_errors``, ``counts.files_failed``). A rerun redoes only the failed files.
 
 Raw files are not datasets, so :meth:`Ingest.identity` feeds ``path|size|mtime-or-etag`` of every
 resolved file into the fingerprint: touching an input re-runs ingest.
@@ -22,18 +25,19 @@ import time
 from collections import Counter
 from typing import Any, Iterator, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from refinery.tasks.config import StrictModel
 
 from refinery.tasks.ingest.langid import LangIdConfig
 from refinery.tasks.runtime import StageOutput, stage
 
-STAGE_VERSION = "1"
+STAGE_VERSION = "2"  # 2: failed files never recorded as finished, rows numbered from 1, record size cap
 
 
 class InputSpec(StrictModel):
 
-    path: str = Field(description="file, glob (local or fsspec) or URL (http(s)://, s3://, file://, memory://)")
+    path: str = Field(description="file, glob (local or fsspec) or URL (http(s)://, s3://, file://, memory://); "
+                                  "no user:password@ in it")
     source: str = Field(description="source name stored in every document, e.g. cc-main-2024-22, books, code")
     format: Literal["auto", "warc", "wet", "arc", "jsonl", "parquet"] = Field(
         "auto", description="auto = detect from the content (magic bytes)")
@@ -41,6 +45,16 @@ class InputSpec(StrictModel):
     id_field: str | None = Field("id", description="JSONL/Parquet: field with a stable record id (else url, else row)")
     url_field: str | None = Field("url", description="JSONL/Parquet: field with the URL, if any")
     date_field: str | None = Field(None, description="JSONL/Parquet: field with a date/timestamp, if any")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_password(cls, data: Any) -> Any:
+        # Model-level, so the error's input is the whole spec (error reports quote scalars only).
+        from refinery.tasks.ingest.sources import check_url
+
+        if isinstance(data, dict) and isinstance(data.get("path"), str):
+            check_url(data["path"], "ingest input path")
+        return data
 
 
 class IngestConfig(StrictModel):
@@ -50,17 +64,38 @@ class IngestConfig(StrictModel):
         "resiliparse", description="main-text extractor for HTML (see tasks/ingest/extract.py for the choice)")
     min_text_chars: int = Field(0, ge=0, description="drop documents with fewer characters (empty ones always)")
     max_html_bytes: int = Field(5_000_000, ge=1024, description="drop HTML payloads larger than this")
+    max_record_bytes: int = Field(5_000_000, ge=1024, description=(
+        "skip any record (HTML, plain text, WET, ARC; decoded HTTP body; dump text) larger than this "
+        "without holding it in memory; counted as dropped.too_large"))
+    max_failed_files: int = Field(0, ge=0, description=(
+        "input files that may fail (after retries) with the stage still published, listing them; "
+        "0: any failed file fails the stage once the other files are done"))
     rows_per_part: int = Field(10_000, ge=1, description="rows per Parquet part")
     keep_plain_text: bool = Field(True, description="keep text/plain WARC responses (HTML and WET always)")
     langid: LangIdConfig = Field(default_factory=LangIdConfig)
     storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options for remote inputs (e.g. endpoint_url); "
-                                          "put credentials in the environment, not here")
+        default_factory=dict, description="fsspec options for remote inputs (e.g. endpoint_url); credentials "
+                                          "are refused here: use AWS_* environment variables or a Prefect block")
     max_error_samples: int = Field(5, ge=0, description="record error messages kept per file in the manifest")
+
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, v: dict) -> dict:
+        from refinery.tasks.ingest.sources import check_storage_options
+
+        return check_storage_options(v, "ingest.storage_options")
 
 
 class IngestError(RuntimeError):
     """No input file could be read."""
+
+
+class IngestFileError(RuntimeError):
+    """One input file could not be read (after retries for transient errors); names the file."""
+
+
+SCHEMA_REASONS = frozenset({"missing_text_field", "bad_text_field"})
 
 
 def _schema():
@@ -134,7 +169,10 @@ def iter_documents(item: dict, cfg: IngestConfig, stats: dict) -> Iterator[dict]
             samples.append(f"@{e.offset}: {e.message}")
 
     def document(text: str, key: str, rec, meta: dict) -> dict | None:
-        """The document of a record's text, or None when the text is empty or too short (counted)."""
+        """The document of a record's text, or None when the text is empty, too short or too large (counted)."""
+        if len(text) > cfg.max_record_bytes:  # dump rows: archive records are capped before decoding
+            dropped["too_large"] += 1
+            return None
         text = normalize_text(text)
         if not text:
             dropped["empty_text"] += 1
@@ -182,15 +220,15 @@ def iter_documents(item: dict, cfg: IngestConfig, stats: dict) -> Iterator[dict]
                     yield doc
             return
         if fmt == "arc":
-            records = warc.iter_arc(raw)
+            records = warc.iter_arc(raw, max_record_bytes=cfg.max_record_bytes)
         else:
             types = {"warc": ("response",), "wet": ("conversion",)}.get(want, ("response", "conversion"))
-            records = warc.iter_warc(raw, record_types=types)
+            records = warc.iter_warc(raw, record_types=types, max_record_bytes=cfg.max_record_bytes)
         for rec in records:
             if isinstance(rec, warc.RecordError):
-                if rec.reason == "http_status":
+                if rec.reason in ("http_status", "too_large"):
                     stats["docs_in"] += 1
-                    dropped["http_status"] += 1
+                    dropped[rec.reason] += 1
                 else:
                     error(rec)
                 continue
@@ -227,13 +265,11 @@ def iter_documents(item: dict, cfg: IngestConfig, stats: dict) -> Iterator[dict]
 def ingest_file(item: dict, cfg: IngestConfig, write_part) -> dict:
     """Read one file and hand its documents to ``write_part(k, table)`` in ``rows_per_part`` chunks.
 
-    Returns the shard's JSON-able result (counts, per-reason drops, errors). Never raises for a bad
-    file: the error is recorded as ``result["error"]``.
+    Returns the shard's JSON-able result (counts, per-reason drops, record errors). A file that
+    cannot be read raises (``Ingest.shard`` retries transient errors and names the file); so does
+    one whose rows all lack a usable text field (a schema problem, not a few bad records).
     """
     from tqdm.auto import tqdm
-
-    from refinery.tasks.ingest.sources import UnknownFormat
-    from refinery.tasks.ingest.warc import NotAnArchive
 
     t0 = time.perf_counter()
     stats: dict = {}
@@ -241,7 +277,6 @@ def ingest_file(item: dict, cfg: IngestConfig, write_part) -> dict:
     parts: list[str] = []
     docs_out = 0
     langs: Counter = Counter()
-    error = None
 
     def flush():
         nonlocal buf
@@ -249,25 +284,24 @@ def ingest_file(item: dict, cfg: IngestConfig, write_part) -> dict:
             parts.append(write_part(len(parts), docs_table(buf)))
             buf = []
 
-    try:
-        bar = tqdm(iter_documents(item, cfg, stats), desc=os.path.basename(item["path"])[:30], unit="doc",
-                   leave=False, disable=None, mininterval=2.0)
-        for doc in bar:
-            buf.append(doc)
-            docs_out += 1
-            langs[doc["lang"]] += 1
-            if len(buf) >= cfg.rows_per_part:
-                flush()
-        flush()
-    except (NotAnArchive, UnknownFormat) as e:
-        error = str(e) if item["path"] in str(e) else f"{item['path']}: {e}"
-    except (OSError, ValueError, EOFError) as e:  # missing, permission, broken stream, bad parquet
-        error = f"{item['path']}: {type(e).__name__}: {e}"
-    if error is not None:
-        flush()  # keep what was read before the failure
+    bar = tqdm(iter_documents(item, cfg, stats), desc=os.path.basename(item["path"])[:30], unit="doc",
+               leave=False, disable=None, mininterval=2.0)
+    for doc in bar:
+        buf.append(doc)
+        docs_out += 1
+        langs[doc["lang"]] += 1
+        if len(buf) >= cfg.rows_per_part:
+            flush()
+    flush()
+    rec_err = stats.get("record_errors", {})
+    if docs_out == 0 and stats.get("docs_in", 0) == 0 and rec_err and set(rec_err) <= SCHEMA_REASONS:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(rec_err.items()))
+        raise IngestFileError(f"{item['path']}: {sum(rec_err.values())} rows read, none has a text field "
+                              f"{item.get('text_field', 'text')!r} holding a string ({reasons}); "
+                              "check the input's text_field")
     return {
         "file": item["path"], "source": item["source"], "format": stats.get("format"),
-        "files": 1, "files_failed": int(error is not None), "error": error,
+        "files": 1, "files_failed": 0, "error": None,
         "docs_in": stats.get("docs_in", 0), "docs_out": docs_out,
         "dropped": dict(sorted(stats.get("dropped", {}).items())),
         "record_errors": dict(sorted(stats.get("record_errors", {}).items())),
@@ -275,6 +309,27 @@ def ingest_file(item: dict, cfg: IngestConfig, write_part) -> dict:
         "langs": dict(sorted(langs.items())), "parts": parts,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def _read_with_retries(b, item: dict, cfg: IngestConfig, write_part, written: list[str]) -> dict:
+    """:func:`ingest_file` with transient I/O errors retried (backoff); a failed attempt's parts are
+    discarded so a partial file never reaches the manifest. The final error names the file."""
+    from refinery.tasks.ingest.sources import with_retries
+
+    def forget() -> None:
+        for name in written:
+            b.discard(name)
+        written.clear()
+
+    try:
+        return with_retries(lambda: ingest_file(item, cfg, write_part), item["path"], cleanup=forget)
+    except Exception as e:
+        forget()
+        if isinstance(e, IngestFileError):
+            raise
+        msg = str(e)
+        where = "" if item["path"] in msg else f"{item['path']}: "
+        raise IngestFileError(f"{where}{type(e).__name__}: {msg}"[:2000]) from e
 
 
 # --------------------------------------------------------------------------- the stage
@@ -297,12 +352,26 @@ class Ingest:
 
     @staticmethod
     def shard(b, item: dict, cfg: IngestConfig) -> dict:
+        written: list[str] = []
+
         def write_part(k: int, table) -> str:
             name = f"part-{item['index']:05d}-{k:05d}.parquet"
             b.write_table(name, table)
+            written.append(name)
             return name
 
-        return ingest_file(item, cfg, write_part)
+        return _read_with_retries(b, item, cfg, write_part, written)
+
+    @staticmethod
+    def max_failed(cfg: IngestConfig) -> int:
+        return cfg.max_failed_files
+
+    @staticmethod
+    def failed(item: dict, error: str) -> dict:
+        """The result reduce sees for a file that failed (when ``max_failed_files`` tolerates it)."""
+        return {"file": item["path"], "source": item["source"], "format": None, "files": 1, "files_failed": 1,
+                "error": error, "docs_in": 0, "docs_out": 0, "dropped": {}, "record_errors": {},
+                "error_samples": [], "langs": {}, "parts": [], "seconds": 0.0}
 
     @staticmethod
     def reduce(b, results: list[dict], cfg: IngestConfig, inputs) -> StageOutput:

@@ -12,6 +12,10 @@ the last good record for the next gzip member (``1f 8b 08``, compressed files) o
 A record whose block is shorter than its ``Content-Length`` (a file cut mid-record) is reported as
 ``truncated`` and skipped. ARC (the Internet Archive's pre-WARC format, v1 and v2) has its own small
 parser below: fastwarc does not read ARC.
+
+Memory per record is bounded: with ``max_record_bytes`` a record whose block (WARC
+``Content-Length``, ARC length) or decoded HTTP body is larger is skipped without being read into
+memory and reported as ``too_large`` (every record type: HTML, plain text, WET conversions).
 """
 from __future__ import annotations
 
@@ -122,7 +126,7 @@ def _byte_before(f: IO[bytes], at: int) -> bytes:
 
 # --------------------------------------------------------------------------- WARC / WET
 def iter_warc(f: IO[bytes], record_types: tuple[str, ...] = ("response", "conversion"),
-              max_errors: int = 1000) -> Iterator[RawRecord | RecordError]:
+              max_errors: int = 1000, max_record_bytes: int | None = None) -> Iterator[RawRecord | RecordError]:
     """Records of a WARC or WET file (gzip per record, whole-file gzip, or plain).
 
     ``f`` must be a seekable binary file object positioned at 0 (local file or fsspec file).
@@ -156,7 +160,7 @@ def iter_warc(f: IO[bytes], record_types: tuple[str, ...] = ("response", "conver
                 if pending is not None:
                     yield pending
                     pending = None
-                yield _convert_warc(rec, offset)
+                yield _convert_warc(rec, offset, max_record_bytes)
         except OSError as e:  # unparsable header / broken compression: skip ahead
             failed_at = e
         if failed_at is None:
@@ -176,8 +180,14 @@ def iter_warc(f: IO[bytes], record_types: tuple[str, ...] = ("response", "conver
         yield pending
 
 
-def _convert_warc(rec, offset: int) -> RawRecord | RecordError:
+def _too_large(rtype: str, offset: int, size: int, limit: int) -> RecordError:
+    return RecordError("too_large", offset, f"{rtype} record of {size} bytes is over the {limit}-byte limit")
+
+
+def _convert_warc(rec, offset: int, max_bytes: int | None = None) -> RawRecord | RecordError:
     rtype = str(rec.record_type).rsplit(".", 1)[-1]
+    if max_bytes is not None and rec.content_length is not None and rec.content_length > max_bytes:
+        return _too_large(rtype, offset, rec.content_length, max_bytes)  # never read: the iterator skips it
     try:
         block = rec.reader.read()
     except OSError as e:
@@ -203,7 +213,9 @@ def _convert_warc(rec, offset: int) -> RawRecord | RecordError:
         # Our own small HTTP parser on the record block: fastwarc's parse_http on a record that the
         # iterator still owns can leave the iterator out of step when it fails (ClueWeb quirks).
         try:
-            status, headers, payload = parse_http_message(block, lenient=True)
+            status, headers, payload = parse_http_message(block, lenient=True, max_bytes=max_bytes)
+        except BodyTooLarge as e:
+            return _too_large(rtype, offset, e.size, max_bytes or 0)
         except ValueError as e:
             return RecordError("bad_http", offset, f"{rtype} record: bad HTTP message: {e}")
         ctype = headers.get("content-type")
@@ -221,7 +233,7 @@ def _convert_warc(rec, offset: int) -> RawRecord | RecordError:
 _ARC_DATE = "%Y%m%d%H%M%S"
 
 
-def iter_arc(f: IO[bytes]) -> Iterator[RawRecord | RecordError]:
+def iter_arc(f: IO[bytes], max_record_bytes: int | None = None) -> Iterator[RawRecord | RecordError]:
     """Records of an ARC file (v1 or v2; plain or gzip, one member per record or whole file)."""
     head = f.read(3)
     f.seek(0)
@@ -250,12 +262,24 @@ def iter_arc(f: IO[bytes]) -> Iterator[RawRecord | RecordError]:
         except (ValueError, IndexError):
             yield RecordError("bad_header", offset, f"ARC: bad record header {line[:100]!r}")
             return  # no length: cannot find the next record reliably
+        rec_offset = offset - len(line)
+        if max_record_bytes is not None and length > max_record_bytes and not first:
+            try:
+                skipped = _skip(reader, length)
+            except (OSError, EOFError, zlib.error) as e:
+                yield RecordError("truncated", offset, f"ARC: {e}")
+                return
+            offset += skipped
+            if skipped < length:
+                yield RecordError("truncated", rec_offset, f"ARC record has {skipped} of its {length} bytes")
+                return
+            yield _too_large("arc", rec_offset, length, max_record_bytes)
+            continue
         try:
             body = reader.read(length)
         except (OSError, EOFError, zlib.error) as e:
             yield RecordError("truncated", offset, f"ARC: {e}")
             return
-        rec_offset = offset - len(line)
         offset += len(body)
         if len(body) < length:
             yield RecordError("truncated", rec_offset, f"ARC record has {len(body)} of its {length} bytes")
@@ -267,15 +291,29 @@ def iter_arc(f: IO[bytes]) -> Iterator[RawRecord | RecordError]:
             date = _dt.datetime.strptime(date_s[:14], _ARC_DATE).replace(tzinfo=_dt.timezone.utc)
         except ValueError:
             date = None
-        yield _convert_arc(url, date, ctype, body, rec_offset)
+        yield _convert_arc(url, date, ctype, body, rec_offset, max_record_bytes)
 
 
-def _convert_arc(url: str, date, ctype: str, body: bytes, offset: int) -> RawRecord | RecordError:
+def _skip(reader, n: int, chunk: int = 1 << 20) -> int:
+    """Read and drop ``n`` bytes in chunks (a record too large to hold); the count actually read."""
+    done = 0
+    while done < n:
+        block = reader.read(min(chunk, n - done))
+        if not block:
+            break
+        done += len(block)
+    return done
+
+
+def _convert_arc(url: str, date, ctype: str, body: bytes, offset: int,
+                 max_bytes: int | None = None) -> RawRecord | RecordError:
     status = charset = None
     payload = body
     if body[:5] == b"HTTP/":
         try:
-            status, headers, payload = parse_http_message(body)
+            status, headers, payload = parse_http_message(body, max_bytes=max_bytes)
+        except BodyTooLarge as e:
+            return _too_large("arc", offset, e.size, max_bytes or 0)
         except ValueError as e:
             return RecordError("bad_http", offset, f"ARC record: {e}")
         ctype = headers.get("content-type", ctype)
@@ -294,11 +332,21 @@ def charset_from_content_type(ctype: str | None) -> str | None:
     return m.group(1).lower() if m else None
 
 
-def parse_http_message(data: bytes, lenient: bool = False) -> tuple[int | None, dict, bytes]:
+class BodyTooLarge(ValueError):
+    """An HTTP body that decodes to more than the record size limit (a compression bomb)."""
+
+    def __init__(self, size: int):
+        super().__init__(f"decoded body over {size} bytes")
+        self.size = size
+
+
+def parse_http_message(data: bytes, lenient: bool = False,
+                       max_bytes: int | None = None) -> tuple[int | None, dict, bytes]:
     """(status, lower-cased headers, decoded body) of a raw HTTP response (ARC records).
 
     ``lenient``: a body that does not decode with its declared Content-Encoding is kept as is
-    (archives that stored the decoded body but kept the header)."""
+    (archives that stored the decoded body but kept the header). ``max_bytes``: a body that
+    decodes to more raises :class:`BodyTooLarge` (decoding stops there)."""
     sep = data.find(b"\r\n\r\n")
     n = 4
     if sep < 0:
@@ -320,24 +368,39 @@ def parse_http_message(data: bytes, lenient: bool = False) -> tuple[int | None, 
     enc = headers.get("content-encoding", "").lower().strip()
     if enc in ("gzip", "x-gzip", "deflate", "br"):
         try:
-            body = _decode_body(body, enc)
+            body = _decode_body(body, enc, max_bytes)
+        except BodyTooLarge:
+            raise
         except Exception as e:  # noqa: BLE001 - zlib.error, brotli.error, ImportError
             if not lenient:
                 raise ValueError(f"bad {enc} body: {e}") from None
+    if max_bytes is not None and len(body) > max_bytes:
+        raise BodyTooLarge(len(body))
     return status, headers, body
 
 
-def _decode_body(body: bytes, enc: str) -> bytes:
+def _inflate(body: bytes, wbits: int, max_bytes: int | None) -> bytes:
+    d = zlib.decompressobj(wbits)
+    out = d.decompress(body, (max_bytes + 1) if max_bytes is not None else 0)
+    if max_bytes is not None and len(out) > max_bytes:
+        raise BodyTooLarge(max_bytes)
+    return out
+
+
+def _decode_body(body: bytes, enc: str, max_bytes: int | None = None) -> bytes:
     if enc == "br":
         import brotli  # optional; without it the body stays as is (lenient) or is an error
 
-        return brotli.decompress(body)
+        out = brotli.decompress(body)
+        if max_bytes is not None and len(out) > max_bytes:
+            raise BodyTooLarge(len(out))
+        return out
     if enc == "deflate":
         try:
-            return zlib.decompress(body)
+            return _inflate(body, zlib.MAX_WBITS, max_bytes)
         except zlib.error:
-            return zlib.decompress(body, -zlib.MAX_WBITS)  # raw deflate, as some servers send
-    return zlib.decompressobj(47).decompress(body)
+            return _inflate(body, -zlib.MAX_WBITS, max_bytes)  # raw deflate, as some servers send
+    return _inflate(body, 47, max_bytes)
 
 
 def _dechunk(body: bytes) -> bytes:

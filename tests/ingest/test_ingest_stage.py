@@ -10,6 +10,7 @@ import pytest
 
 from refinery_testlib import read_exec_log
 from refinery.tasks.ingest import Ingest, IngestConfig, IngestError, InputSpec, ingest_report_rows
+from refinery.tasks.runtime import ShardsFailed
 from refinery.tasks.store import Store
 
 SMALL = ["example.warc.gz", "jwarc-cc.warc.gz", "whirlwind.warc.wet.gz", "example-trunc.warc"]
@@ -58,11 +59,18 @@ def test_stage_glob_manifest_schema(warcs, tmp_path, exec_log):
     assert len(read_exec_log(exec_log)) == n == 5  # 4 shards + reduce
 
 
-def test_bad_files_do_not_stop_the_others(warcs, shared_data, tmp_path):
-    cfg = _cfg({"path": str(warcs / "example.warc.gz"), "source": "cc"},
-               {"path": str(tmp_path / "missing.warc.gz"), "source": "cc"},
-               {"path": str(shared_data / "warc" / "LICENSE.warcio"), "source": "cc"},
-               {"path": str(shared_data / "warc" / "clipped.warc.gz"), "source": "cc"})
+def test_bad_files_do_not_stop_the_others(warcs, shared_data, tmp_path, exec_log, caplog):
+    specs = [{"path": str(warcs / "example.warc.gz"), "source": "cc"},
+             {"path": str(tmp_path / "missing.warc.gz"), "source": "cc"},
+             {"path": str(shared_data / "warc" / "LICENSE.warcio"), "source": "cc"},
+             {"path": str(shared_data / "warc" / "clipped.warc.gz"), "source": "cc"}]
+    # default max_failed_files=0: the good files are read, then the stage fails naming the bad ones
+    with pytest.raises(ShardsFailed, match=r"(?s)2 shard\(s\) failed.*missing\.warc\.gz.*LICENSE\.warcio"):
+        Ingest.run(Store(tmp_path / "strict"), [], _cfg(*specs))
+    assert len(read_exec_log(exec_log)) == 4          # every file tried, no reduce
+    logged = caplog.text
+    assert "missing.warc.gz" in logged and "LICENSE.warcio" in logged
+    cfg = _cfg(*specs, max_failed_files=2)
     ds = Ingest.run(Store(tmp_path / "store"), [], cfg)
     assert ds.counts["docs_out"] == 1 and ds.counts["files_failed"] == 2
     assert ds.counts["record_errors"] == {"truncated": 1}
@@ -78,8 +86,10 @@ def test_bad_files_do_not_stop_the_others(warcs, shared_data, tmp_path):
 def test_all_files_failing_raises_naming_them(shared_data, tmp_path):
     cfg = _cfg({"path": str(tmp_path / "nope.warc"), "source": "x"},
                {"path": str(shared_data / "warc" / "LICENSE.dolma"), "source": "x"})
-    with pytest.raises(IngestError, match=r"(?s)nope\.warc.*LICENSE\.dolma"):
+    with pytest.raises(ShardsFailed, match=r"(?s)nope\.warc.*LICENSE\.dolma"):
         Ingest.run(Store(tmp_path / "store"), [], cfg)
+    with pytest.raises(IngestError, match=r"(?s)nope\.warc.*LICENSE\.dolma"):   # tolerated, but nothing left
+        Ingest.run(Store(tmp_path / "store"), [], cfg.model_copy(update={"max_failed_files": 2}))
     with pytest.raises(FileNotFoundError, match="matches no file"):
         Ingest.run(Store(tmp_path / "store"), [], _cfg({"path": str(tmp_path / "*.warc"), "source": "x"}))
 

@@ -48,7 +48,8 @@ def test_http_url(shared_data, tmp_path):
     try:
         base = f"http://127.0.0.1:{httpd.server_address[1]}"
         cfg = IngestConfig(inputs=[InputSpec(path=f"{base}/whirlwind.warc.gz", source="web"),
-                                   InputSpec(path=f"{base}/no-such-file.warc.gz", source="web")])
+                                   InputSpec(path=f"{base}/no-such-file.warc.gz", source="web")],
+                            max_failed_files=1)
         ds = Ingest.run(Store(tmp_path / "store"), [], cfg)
         assert ds.counts["docs_out"] == 1 and ds.counts["files_failed"] == 1
         assert "no-such-file.warc.gz" in ds.manifest["file_errors"][0]["error"]
