@@ -1,7 +1,11 @@
 """The ``refinery`` command: ``demo``, ``run FLOW``, ``inspect PATH``, ``flows``.
 
 Heavy imports (Prefect, torch, the stages) happen only inside the subcommands, so ``refinery
---help`` answers at once.
+--help`` answers at once; ``refinery run FLOW --help`` imports that one flow module (its params
+model) and starts nothing. Parameters are validated before any Prefect server starts.
+
+Adding a subcommand: ``p = sub.add_parser(NAME, help=...)``, its arguments, ``p.set_defaults(fn=cmd_NAME)``
+in :func:`build_parser`, and ``def cmd_NAME(args) -> int``.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+
+DEFAULT_WORKDIR = "refinery-work"
 
 
 def _defaults_env() -> None:
@@ -58,14 +64,32 @@ def load_flow(name: str):
     from refinery.flows.common import FLOWS
 
     if name not in FLOWS:
-        raise SystemExit(f"refinery: unknown flow {name!r}; flows: {', '.join(sorted(FLOWS))}")
+        from refinery.flows.helptext import suggest
+
+        close = suggest(name, list(FLOWS))
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        raise SystemExit(f"refinery: unknown flow {name!r}; {hint}flows: {', '.join(FLOWS)} (see `refinery flows`)")
     module, attr = FLOWS[name].split(":")
     return getattr(importlib.import_module(module), attr)
 
 
+def resolve_workdir(flag: str | None, data: dict) -> str | None:
+    """The storage root: ``--workdir`` > ``workdir`` from ``--set`` or ``-c`` > ``$REFINERY_WORKDIR``
+    (as the deployments read it) > the params model's default (``./refinery-work``)."""
+    if flag:
+        return flag
+    if data.get("workdir"):
+        return data["workdir"]
+    return os.environ.get("REFINERY_WORKDIR") or None
+
+
 def build_params(flow, config_file: str | None, sets: list[str], workdir: str | None):
+    """Validate ``-c`` YAML + ``--set`` + ``--workdir`` into the flow's params model; a mistake is a
+    SystemExit naming the dotted key (with "did you mean") before anything runs."""
     import yaml
     from pydantic import ValidationError
+
+    from refinery.flows.helptext import explain
 
     data: dict[str, Any] = {}
     if config_file:
@@ -76,51 +100,82 @@ def build_params(flow, config_file: str | None, sets: list[str], workdir: str | 
         if not isinstance(data, dict):
             raise SystemExit(f"refinery: {config_file}: expected a mapping of parameters")
     data = deep_merge(data, parse_set(sets))
-    if workdir:
-        data["workdir"] = workdir
+    wd = resolve_workdir(workdir, data)
+    if wd:
+        data["workdir"] = wd
     try:
         return flow.params_cls.model_validate(data)
     except ValidationError as e:
-        raise SystemExit(f"refinery: invalid parameters for flow {flow.name!r}:\n{e}")
+        raise SystemExit(f"refinery: invalid parameters for flow {flow.name!r}:\n{explain(flow.name, flow.params_cls, e)}\n"
+                         f"(all parameters: refinery run {flow.name} --help)")
 
 
-def cmd_run(args) -> int:
-    _defaults_env()
-    flow = load_flow(args.flow)
-    params = build_params(flow, args.config, args.set or [], args.workdir)
-    out = flow.run_params(params)
-    emit(out, args.json)
-    return 0
-
-
-def cmd_demo(args) -> int:
-    _defaults_env()
-    flow = load_flow("demo")
-    params = build_params(flow, args.config, args.set or [], args.workdir)
-    out = flow.run_params(params)
-    emit(out, args.json)
-    return 0
+def with_primary(out: dict) -> dict:
+    """``out`` with its ``primary`` key (the dataset the next flow takes as input) first; flows
+    built without :func:`refinery.flows.common.result` get the last output."""
+    if "primary" in out or not out.get("outputs"):
+        return out
+    return {"primary": list(out["outputs"].values())[-1], **out}
 
 
 def emit(out: dict, as_json: bool) -> None:
+    """Print a flow's result: ``stage: path`` lines, or one JSON object (keys in stage order, no
+    sorting, so the primary output stays last in ``outputs``) as the last stdout line."""
+    out = with_primary(out)
     sys.stderr.flush()
     if as_json:
-        print(json.dumps(out, sort_keys=True, default=str))
+        print(json.dumps(out, default=str))
     else:
         for stage, path in out.get("outputs", {}).items():
             print(f"{stage:>12}: {path}")
+        if out.get("primary"):
+            print(f"{'primary':>12}: {out['primary']}")
     sys.stdout.flush()
 
 
+def _run_flow(name: str, args) -> int:
+    _defaults_env()
+    flow = load_flow(name)  # imports Prefect; starts nothing
+    # Validation first: a bad parameter must fail before Prefect starts a server (flow.run_params).
+    params = build_params(flow, args.config, args.set or [], args.workdir)
+    out = flow.run_params(params)
+    emit(out, args.json)
+    return 0
+
+
+def flow_help(parser: argparse.ArgumentParser, name: str) -> str:
+    from refinery.flows.helptext import params_help
+
+    flow = load_flow(name)
+    return (f"{parser.format_help()}\nflow {name}: {flow_summary(name)}\n\n"
+            f"parameters (--set NAME=VALUE, or the same names nested in a -c YAML file):\n"
+            f"{params_help(flow.params_cls)}\n")
+
+
+def cmd_run(args) -> int:
+    if args.help:
+        print(flow_help(args.parser, args.flow) if args.flow else args.parser.format_help() + _flow_list())
+        return 0
+    if not args.flow:
+        raise SystemExit(f"refinery run: which flow?{_flow_list()}")
+    return _run_flow(args.flow, args)
+
+
+def cmd_demo(args) -> int:
+    if args.help:
+        print(flow_help(args.parser, "demo"))
+        return 0
+    return _run_flow("demo", args)
+
+
 def cmd_inspect(args) -> int:
-    from refinery.tasks.store import Dataset, DatasetNotFound
+    from refinery.flows.inspection import InspectError, inspect_path
 
     try:
-        ds = Dataset.open(args.path)
-    except DatasetNotFound as e:
+        print(inspect_path(args.path, head=args.head, as_json=args.json))
+    except InspectError as e:
         print(f"refinery: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(ds.manifest, indent=2, sort_keys=True, ensure_ascii=False))
     return 0
 
 
@@ -149,40 +204,93 @@ def cmd_verify(args) -> int:
     return 0
 
 
-def cmd_flows(args) -> int:
+def flow_summary(name: str) -> str:
+    """The first line of the flow's docstring; known ones without importing the flow."""
+    from refinery.flows.common import FLOW_SUMMARIES
+
+    if name in FLOW_SUMMARIES:
+        return FLOW_SUMMARIES[name]
+    import inspect
+
+    flow = load_flow(name)
+    return " ".join((inspect.getdoc(getattr(flow, "fn", flow)) or "").split("\n\n")[0].split())
+
+
+def _flow_list() -> str:
     from refinery.flows.common import FLOWS
 
-    for name in FLOWS:
-        print(name)
+    return "\nflows:\n" + "\n".join(f"  {n:<10} {flow_summary(n)}" for n in FLOWS)
+
+
+def cmd_flows(args) -> int:
+    print(_flow_list().removeprefix("\nflows:\n"))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def cmd_generate(args) -> int:
+    """Stream a model's completion of ``--prompt`` to stdout (refinery.tasks.eval.generate)."""
+    _defaults_env()
+    from refinery.tasks.eval.generate import stream_completion
+
+    try:
+        stream_completion(args.model, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device)
+    except (ValueError, OSError) as e:   # no such model, no chat template, unreadable files
+        print(f"refinery generate: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _flow_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-h", "--help", action="store_true", help="show this help with the flow's parameters")
+    p.add_argument("-c", "--config", help="YAML file of flow parameters")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter (dotted keys for nested ones); repeatable")
+    p.add_argument("--workdir", help=f"root folder or URL for all datasets (default: $REFINERY_WORKDIR, else ./{DEFAULT_WORKDIR})")
+    p.add_argument("--json", action="store_true", help="print one JSON object (primary, outputs, counts) as the last stdout line")
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="refinery", description="Raw web crawls to a trained language model, as Prefect flows.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    def common(p):
-        p.add_argument("-c", "--config", help="YAML file of flow parameters")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter (dotted keys for nested ones); repeatable")
-        p.add_argument("--workdir", help="root folder or URL for all datasets (default ./refinery-work)")
-        p.add_argument("--json", action="store_true", help="print one JSON object (outputs, counts) as the last stdout line")
+    p = sub.add_parser("demo", add_help=False, help="run the whole pipeline on a generated demo crawl (no server, no network, no GPU)")
+    _flow_options(p)
+    p.set_defaults(fn=cmd_demo, parser=p)
 
-    p = sub.add_parser("demo", help="run the whole pipeline on a generated demo crawl (no server, no network, no GPU)")
-    common(p)
-    p.set_defaults(fn=cmd_demo)
-    p = sub.add_parser("run", help="run one flow: curate, tokenize, pretrain, finetune, align, pipeline")
-    p.add_argument("flow")
-    common(p)
-    p.set_defaults(fn=cmd_run)
-    p = sub.add_parser("inspect", help="print a dataset's manifest as JSON")
-    p.add_argument("path")
+    p = sub.add_parser("run", add_help=False, help="run one flow: curate, tokenize, pretrain, finetune, align, pipeline",
+                       usage="refinery run FLOW [-h] [-c CONFIG] [--set KEY=VALUE] [--workdir WORKDIR] [--json]")
+    p.add_argument("flow", nargs="?", help="the flow (refinery flows lists them); FLOW --help lists its parameters")
+    _flow_options(p)
+    p.set_defaults(fn=cmd_run, parser=p)
+
+    p = sub.add_parser("inspect", help="a dataset's schema, counts, lineage and rows; a stage folder's fingerprints; a workdir's stages")
+    p.add_argument("path", help="a dataset (WORKDIR/STAGE/FINGERPRINT), a stage folder (WORKDIR/STAGE) or a workdir")
+    p.add_argument("--head", type=int, default=0, metavar="N", help="also print the first N rows of a dataset")
+    p.add_argument("--json", action="store_true", help="print the dataset's manifest as JSON")
     p.set_defaults(fn=cmd_inspect)
+
     p = sub.add_parser("verify", help="check a dataset's files against its manifest (sizes and sha256); exit 1 names damaged files")
     p.add_argument("path", help="a dataset folder or URL (WORKDIR/STAGE/FINGERPRINT)")
     p.set_defaults(fn=cmd_verify)
+
+    p = sub.add_parser("generate", help="print a model's completion of a prompt, streaming (any model the flows accept)")
+    p.add_argument("model", help="a refinery dataset (pretrain/finetune/align output), a Hugging Face model folder or a hub id")
+    p.add_argument("--prompt", required=True, help="the text to complete")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user turn through the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    p.set_defaults(fn=cmd_generate)
+
     p = sub.add_parser("flows", help="list the flows")
     p.set_defaults(fn=cmd_flows)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.fn(args)
 
 

@@ -32,6 +32,19 @@ FLOWS = {
     "evaluate": "refinery.flows.evaluate:evaluate_flow",
 }
 
+# name -> one line, for `refinery flows` without importing every flow (tests/flows/test_cli.py
+# checks each against the first line of the flow's docstring).
+FLOW_SUMMARIES = {
+    "curate": "Ingest crawl files and dumps, extract main text, identify language, filter, deduplicate.",
+    "tokenize": "Train (or load) a tokenizer and tokenize a documents dataset into memory-mappable token shards.",
+    "pretrain": "Pretrain a causal LM (or MLM / T5 span corruption) from config on token datasets.",
+    "finetune": "Fine-tune a causal LM on instructions (full, LoRA, QLoRA, IA3, LLaMA-Adapter, prompt or prefix tuning).",
+    "align": "Align a model on preference pairs with DPO, or with PPO against a (trained) reward model.",
+    "pipeline": "End to end: curate a crawl, tokenize it, pretrain, fine-tune, and align.",
+    "demo": "Generate a small deterministic crawl and run curate, tokenize, pretrain, finetune and align on it.",
+    "evaluate": "Compare models: held-out bits per byte and perplexity, lm-eval benchmarks, generation samples.",
+}
+
 
 class FlowParams(StrictModel):
     """Parameters every flow has."""
@@ -93,17 +106,21 @@ def refinery_flow(name: str, params_cls: type[P], **flow_kwargs) -> Callable[[Ca
 
 
 def stage_rows(stages: dict[str, Any]) -> list[dict]:
-    """One summary row per stage dataset: documents in/out, drops per reason, time."""
+    """One summary row per stage dataset: documents in/out, drops per reason, time.
+
+    A stage this run found already built (``ds.cached``, set by the runtime) shows ``cached``
+    instead of the seconds its original build took, which this run did not spend."""
     rows = []
     for name, ds in stages.items():
         c = ds.counts
         dropped = c.get("dropped_by_rule", c.get("dropped", {}))
+        seconds = "cached" if getattr(ds, "cached", None) else ds.manifest.get("stats", {}).get("seconds", "")
         rows.append({
             "stage": name,
             "in": c.get("docs_in", ""),
             "out": c.get("docs_out", c.get("tokens", "")),
             "dropped": ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()) if v) if isinstance(dropped, dict) else dropped,
-            "seconds": ds.manifest.get("stats", {}).get("seconds", ""),
+            "seconds": seconds,
             "fingerprint": ds.fingerprint,
         })
     return rows
@@ -117,9 +134,13 @@ def report_stages(flow_name: str, stages: dict[str, Any]) -> list[dict]:
     return rows
 
 
-def result(stages: dict[str, Any], **extra) -> dict:
-    """The value every flow returns: output dataset paths and counts by stage."""
-    return {"outputs": {k: ds.path for k, ds in stages.items()},
+def result(stages: dict[str, Any], primary: str | None = None, **extra) -> dict:
+    """The value every flow returns: ``primary`` (the dataset path the next flow takes as
+    ``input``; default: the last stage's output), then output paths and counts in stage order."""
+    outputs = {k: ds.path for k, ds in stages.items()}
+    if primary is None and outputs:
+        primary = list(outputs.values())[-1]
+    return {"primary": primary, "outputs": outputs,
             "counts": {k: ds.counts for k, ds in stages.items()}, **extra}
 
 

@@ -1,7 +1,7 @@
 """curate: crawl files and dumps -> documents -> filtered -> deduplicated (composition only)."""
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from refinery.flows.common import FlowParams, emit_completed, refinery_flow, report_stages, result
 from refinery.tasks.dedup.stage import DedupConfig, dedup_stages
@@ -11,12 +11,23 @@ from refinery.tasks.report import table_artifact
 
 
 class CurateParams(FlowParams):
-    input: str = Field("", description="Crawl files to ingest: a path, a glob (DIR/*.warc.gz) or an fsspec URL (s3://, https://); several separated by commas. WARC, WET, ARC, JSONL and Parquet are recognised by content.")
+    input: str = Field("", description="Crawl files to ingest: a path, a glob (DIR/*.warc.gz) or an fsspec URL (s3://, https://); several separated by commas. WARC, WET, ARC, JSONL and Parquet are recognised by content. Required unless ingest.inputs is set.",
+                       examples=["crawl/*.warc.gz"])
     source: str = Field("web", description="Source name stored on every document from `input` (e.g. cc-main-2024-22, books, code).")
     text_field: str = Field("text", description="Field holding the text in JSONL/Parquet dumps.")
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="Ingest and extraction settings; ingest.inputs adds more tagged inputs (books, code, ...).")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="Quality and content filters, in order.")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and MinHash near-duplicate removal.")
+
+    @model_validator(mode="after")
+    def _needs_input(self):
+        # Checked with the parameters, so `refinery run curate` without input fails before any
+        # Prefect server starts.
+        if not self.input.strip(",  ") and not self.ingest.inputs:
+            raise ValueError("curate needs an input: missing required parameter 'input'\n"
+                             "    for example: refinery run curate --set input=crawl/*.warc.gz "
+                             "(or tagged inputs: --set 'ingest.inputs=[{path: books.jsonl, source: books}]')")
+        return self
 
 
 def ingest_config(p: CurateParams) -> IngestConfig:
@@ -44,6 +55,6 @@ def curate_flow(p: CurateParams) -> dict:
                    description="Per input file: documents read, skipped records and errors")
     table_artifact("curate-filter-rules", table_rows(stages["filter"].counts, p.filters.rules),
                    description="Documents dropped per filter rule and reason")
-    out = result(stages)
-    emit_completed("curate", out, primary=stages[list(stages)[-1]].path)
+    out = result(stages, primary=stages[list(stages)[-1]].path)  # the last dedup step's documents
+    emit_completed("curate", out, primary=out["primary"])
     return out

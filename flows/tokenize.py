@@ -16,7 +16,8 @@ from refinery.tasks.tokens.tokenizer import TokenizerConfig, tokenizer_stage
 
 
 class TokenizeParams(FlowParams):
-    input: str = Field(description="Documents dataset to tokenize (the curate flow's output: a path or fsspec URL).")
+    input: str = Field(description="Documents dataset to tokenize (the curate flow's output: a path or fsspec URL).",
+                       examples=["refinery-work/dedup/FINGERPRINT"])
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer: tokenizer.path loads "
                                        "an existing one (local folder or hub id); otherwise a byte-level BPE is "
                                        "trained on the input (vocab_size, sentinels, special tokens).")
@@ -39,6 +40,6 @@ def tokenize_flow(p: TokenizeParams) -> dict:
         stages["tokenizer"] = tokenizer_stage.call(p.workdir, tok_inputs, p.tokenizer, runner=runner)
         stages["tokenize"] = Tokenize.call(p.workdir, [docs, stages["tokenizer"]], p.tokenize, runner=runner)
     report_stages("tokenize", stages)
-    out = result(stages)
-    emit_completed("tokenize", out, primary=stages["tokenize"].path)
+    out = result(stages, primary=stages["tokenize"].path)
+    emit_completed("tokenize", out, primary=out["primary"])
     return out

@@ -29,10 +29,26 @@ def docs_jsonl(tmp_path, shared_data) -> Path:
     return path
 
 
-def run_cli(args, env) -> dict:
+def run_cli(args, env, log: list | None = None) -> dict:
     r = subprocess.run([REFINERY, *args, "--json"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
+    if log is not None:
+        log.append(r.stderr)
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def summary_seconds(stderr: str) -> dict[str, str]:
+    """stage -> the seconds column of the printed "== curate: stages" table."""
+    lines = stderr[stderr.rindex("== curate: stages"):].splitlines()[1:]
+    cols = lines[0].split()
+    out = {}
+    for line in lines[2:]:
+        cells = line.split()
+        if not cells or cells[0] not in ("ingest", "filter", "minhash", "lsh_bands", "dedup"):
+            break
+        out[cells[0]] = cells[-2]  # the column before the fingerprint
+    assert cols[-2:] == ["seconds", "fingerprint"]
+    return out
 
 
 def stages_run(log: Path, since: int) -> list[str]:
@@ -46,16 +62,21 @@ def test_rerun_new_process_and_wiped_prefect_db_do_no_work(tmp_path, docs_jsonl,
     work = tmp_path / "work"
     args = ["run", "curate", "--set", f"input={docs_jsonl}", "--set", "source=dclm", "--workdir", str(work)]
 
-    first = run_cli(args, env)
+    logs: list[str] = []
+    first = run_cli(args, env, logs)
     assert set(first["outputs"]) >= {"ingest", "filter"}
+    assert first["primary"] == first["outputs"]["dedup"] == list(first["outputs"].values())[-1]
+    assert "cached" not in summary_seconds(logs[-1]).values()
     for stage, path in first["outputs"].items():
         assert (Path(path) / "manifest.json").exists(), stage
     n = len(read_exec_log(exec_log))
     assert stages_run(exec_log, 0) == sorted(first["outputs"])
 
-    second = run_cli(args, env)  # a new process
+    second = run_cli(args, env, logs)  # a new process
     assert second["outputs"] == first["outputs"]
     assert len(read_exec_log(exec_log)) == n
+    # the summary says the stages were found, not the seconds their first build took
+    assert set(summary_seconds(logs[-1]).values()) == {"cached"}
 
     shutil.rmtree(home)  # the Prefect database and result storage are gone
     third = run_cli(args, env)
@@ -63,14 +84,16 @@ def test_rerun_new_process_and_wiped_prefect_db_do_no_work(tmp_path, docs_jsonl,
     assert len(read_exec_log(exec_log)) == n
 
     # Change the last stage's config (which document of a cluster is kept): only it reruns.
-    changed = run_cli(args + ["--set", "dedup.keep_rule=[id]"], env)
+    changed = run_cli(args + ["--set", "dedup.keep_rule=[id]"], env, logs)
     assert stages_run(exec_log, n) == ["dedup"]
+    secs = summary_seconds(logs[-1])
+    assert secs["ingest"] == secs["filter"] == "cached" and secs["dedup"] != "cached"
     assert changed["outputs"]["dedup"] != first["outputs"]["dedup"]
     for stage in ("ingest", "filter", "minhash"):
         assert changed["outputs"][stage] == first["outputs"][stage]
 
-    # inspect prints the manifest
-    r = subprocess.run([REFINERY, "inspect", first["outputs"]["ingest"]], capture_output=True, text=True, env=env)
+    # inspect --json prints the manifest
+    r = subprocess.run([REFINERY, "inspect", "--json", first["outputs"]["ingest"]], capture_output=True, text=True, env=env)
     assert json.loads(r.stdout)["stage"] == "ingest"
 
 
