@@ -243,6 +243,9 @@ def render_reply(text: str, tokenizer=None) -> str:
 
 
 def file_identity(path: str | os.PathLike) -> str:
-    """``path:size:mtime_ns`` of a data file, for fingerprints (raises if the file is missing)."""
-    st = os.stat(path)
-    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    """Identity of a data file for fingerprints: the runtime's one rule for raw inputs (location,
+    size, mtime; :func:`refinery.tasks.runtime.file_identity`). Raises if the file is missing."""
+    from refinery.tasks.runtime import file_identity as identity
+
+    os.stat(path)  # a missing preference file is an error when the config is made, not later
+    return identity(path)

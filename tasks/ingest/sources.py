@@ -145,20 +145,11 @@ def resolve_paths(path: str, storage_options: dict | None = None) -> list[str]:
 
 
 def identity(path: str, storage_options: dict | None = None) -> str:
-    """``url|size|version`` where version is the ETag or modification time: changes when the file does."""
-    fs, fs_path = url_to_fs(path, storage_options)
-    try:
-        info = fs.info(fs_path)
-    except (FileNotFoundError, OSError, ValueError) as e:  # unreadable: its error shows up in the shard
-        return f"{path}|missing|{type(e).__name__}"
-    version: Any = None
-    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "created"):
-        if info.get(key) is not None:
-            version = info[key]
-            break
-    if hasattr(version, "isoformat"):
-        version = version.isoformat()
-    return f"{path}|{info.get('size')}|{version}"
+    """``url|size|version`` (ETag or modification time): the runtime's one rule for raw input
+    files, :func:`refinery.tasks.runtime.file_identity`. Unreadable: its error shows up in the shard."""
+    from refinery.tasks.runtime import file_identity
+
+    return file_identity(path, storage_options)
 
 
 def open_binary(path: str, storage_options: dict | None = None) -> IO[bytes]:
