@@ -2,7 +2,8 @@
 
 Sharded: ``plan`` makes one shard per resolved input file (sorted, so names and order are stable),
 ``shard`` reads one file, extracts main text, identifies the language and writes its Parquet parts
-(``part-<file#>-<k>.parquet``, ``rows_per_part`` rows each), ``reduce`` adds the counts up.
+(``part-<file#>-<k>.train.parquet``, ``rows_per_part`` rows each; a file with no documents writes
+none), ``reduce`` adds the counts up.
 
 Bad input: a corrupt or truncated record is counted (``counts.record_errors[reason]``) and skipped,
 the rest of the file is read; a record over ``max_record_bytes`` is skipped unread
@@ -18,6 +19,7 @@ resolved file into the fingerprint: touching an input re-runs ingest.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,7 +33,8 @@ from refinery.tasks.config import StrictModel
 from refinery.tasks.ingest.langid import LangIdConfig
 from refinery.tasks.runtime import StageOutput, stage
 
-STAGE_VERSION = "2"  # 2: failed files never recorded as finished, rows numbered from 1, record size cap
+STAGE_VERSION = "3"  # 2: failed files never recorded as finished, rows numbered from 1, record size cap;
+# 3: parts named part-<file#>-<k>.train.parquet (they load with Hugging Face datasets), no empty part
 
 
 class InputSpec(StrictModel):
@@ -143,123 +146,192 @@ def resolve_inputs(cfg: IngestConfig) -> list[dict]:
     return items
 
 
-def iter_documents(item: dict, cfg: IngestConfig, stats: dict) -> Iterator[dict]:
-    """Documents of one input file (dicts with the schema's columns); counts go into ``stats``.
+@dataclasses.dataclass
+class _FileReader:
+    """One input file being read: what turns its records into documents (config, extractor,
+    language ID) and the shard's counters, which live in ``stats`` so that the caller keeps what
+    was counted even when the file fails half-way."""
+    item: dict
+    cfg: IngestConfig
+    stats: dict
+    extract: Any
+    lid: Any
 
-    ``stats`` gets ``docs_in``, ``dropped[reason]``, ``record_errors[reason]``, ``error_samples``,
-    ``format``. File-level problems raise (the shard turns them into a file error).
-    """
-    from refinery.tasks.ingest import dumps, warc
-    from refinery.tasks.ingest.extract import decode_html, decode_text, get_extractor, normalize_text
-    from refinery.tasks.ingest.langid import LanguageIdentifier
-    from refinery.tasks.ingest.sources import UnknownFormat, open_binary, sniff
+    @classmethod
+    def open(cls, item: dict, cfg: IngestConfig, stats: dict) -> "_FileReader":
+        from refinery.tasks.ingest.extract import get_extractor
+        from refinery.tasks.ingest.langid import LanguageIdentifier
 
-    item = {**InputSpec(path=item["path"], source=item["source"]).model_dump(), **item}
-    path, source = item["path"], item["source"]
-    extract = get_extractor(cfg.extractor)
-    lid = LanguageIdentifier(cfg.langid)
-    dropped: Counter = stats.setdefault("dropped", Counter())
-    errors: Counter = stats.setdefault("record_errors", Counter())
-    samples: list = stats.setdefault("error_samples", [])
-    stats.setdefault("docs_in", 0)
+        # an item from a plan has every InputSpec field; a hand-made one gets the defaults
+        item = {**InputSpec(path=item["path"], source=item["source"]).model_dump(), **item}
+        for key, empty in (("dropped", Counter), ("record_errors", Counter), ("error_samples", list)):
+            stats.setdefault(key, empty())
+        stats.setdefault("docs_in", 0)
+        return cls(item, cfg, stats, get_extractor(cfg.extractor), LanguageIdentifier(cfg.langid))
 
-    def error(e) -> None:
-        errors[e.reason] += 1
-        if len(samples) < cfg.max_error_samples:
-            samples.append(f"@{e.offset}: {e.message}")
+    @property
+    def path(self) -> str:
+        return self.item["path"]
 
-    def document(text: str, key: str, rec, meta: dict) -> dict | None:
-        """The document of a record's text, or None when the text is empty, too short or too large (counted)."""
+    def drop(self, reason: str) -> None:
+        self.stats["dropped"][reason] += 1
+
+    def sample(self, message: str) -> None:
+        if len(self.stats["error_samples"]) < self.cfg.max_error_samples:
+            self.stats["error_samples"].append(message)
+
+    def record_error(self, e) -> None:
+        """A corrupt or truncated record: counted and sampled, and the file goes on."""
+        self.stats["record_errors"][e.reason] += 1
+        self.sample(f"@{e.offset}: {e.message}")
+
+    def document(self, text: str, key: str, rec, meta: dict) -> dict | None:
+        """The document of a record's text, or None when the text is empty, too short or too
+        large (counted). One step for dump rows and crawl records, so both get the same checks."""
+        cfg = self.cfg
         if len(text) > cfg.max_record_bytes:  # dump rows: archive records are capped before decoding
-            dropped["too_large"] += 1
+            self.drop("too_large")
             return None
+        from refinery.tasks.ingest.extract import normalize_text
+
         text = normalize_text(text)
         if not text:
-            dropped["empty_text"] += 1
+            self.drop("empty_text")
             return None
         if len(text) < cfg.min_text_chars:
-            dropped["too_short"] += 1
+            self.drop("too_short")
             return None
-        lang, score = lid.identify(text)
+        lang, score = self.lid.identify(text)
+        source = self.item["source"]
         return {"id": doc_id(source, key), "text": text, "url": rec.url, "source": source,
                 "crawl_date": rec.date, "lang": lang, "lang_score": score,
                 "metadata": json.dumps(meta, sort_keys=True, ensure_ascii=False)}
 
-    with open_binary(path, cfg.storage_options) as raw:
-        fmt, comp = sniff(raw, path)
-        want = item.get("format", "auto")
-        family = {"wet": "warc", "warc": "warc"}.get(want, want)
-        if want != "auto" and family != fmt:
-            raise UnknownFormat(f"{path}: configured as {want} but the content is {fmt}")
-        stats["format"] = want if want != "auto" else fmt
-        if fmt in ("jsonl", "parquet"):
-            kw = dict(text_field=item["text_field"], id_field=item["id_field"],
-                      url_field=item["url_field"], date_field=item["date_field"])
-            if fmt == "parquet":
-                records = dumps.iter_parquet(raw, **kw)
-            else:
-                stream = raw
-                if comp:
-                    from fsspec.compression import compr
 
-                    if comp not in compr or compr[comp] is None:
-                        raise UnknownFormat(f"{path}: {comp}-compressed JSONL needs the {comp} codec installed")
-                    stream = compr[comp](raw, mode="rb")
-                records = dumps.iter_jsonl(stream, **kw)
-            base = os.path.basename(path)
-            for rec in records:
-                if isinstance(rec, dumps.DumpError):
-                    error(rec)
-                    continue
-                stats["docs_in"] += 1
-                meta = {"file": path, "row": rec.offset, "format": fmt}
-                if rec.fields:
-                    meta["fields"] = rec.fields
-                doc = document(rec.text, rec.record_id or rec.url or f"{base}:{rec.offset}", rec, meta)
-                if doc is not None:
-                    yield doc
-            return
-        if fmt == "arc":
-            records = warc.iter_arc(raw, max_record_bytes=cfg.max_record_bytes)
-        else:
-            types = {"warc": ("response",), "wet": ("conversion",)}.get(want, ("response", "conversion"))
-            records = warc.iter_warc(raw, record_types=types, max_record_bytes=cfg.max_record_bytes)
-        for rec in records:
-            if isinstance(rec, warc.RecordError):
-                if rec.reason in ("http_status", "too_large"):
-                    stats["docs_in"] += 1
-                    dropped[rec.reason] += 1
-                else:
-                    error(rec)
-                continue
-            stats["docs_in"] += 1
-            charset, how = rec.http_charset, None
-            if rec.kind == "html":
-                if len(rec.payload) > cfg.max_html_bytes:
-                    dropped["too_large"] += 1
-                    continue
-                html, charset, how = decode_html(rec.payload, rec.http_charset)
-                try:
-                    text = extract(html)
-                except Exception as e:  # noqa: BLE001 - one bad page must not stop the file
-                    dropped["extract_error"] += 1
-                    if len(samples) < cfg.max_error_samples:
-                        samples.append(f"@{rec.offset}: extractor failed: {e}")
-                    continue
-            elif rec.kind == "text" and (rec.record_type == "conversion" or cfg.keep_plain_text):
-                text = decode_text(rec.payload, rec.http_charset or "utf-8")
+def _detect_format(r: _FileReader, raw) -> tuple[str, str | None]:
+    """``(format, compression)`` from the content; a configured format must agree with it (a
+    .warc.gz that is really JSONL is an error, not a silent re-interpretation)."""
+    from refinery.tasks.ingest.sources import UnknownFormat, sniff
+
+    fmt, comp = sniff(raw, r.path)
+    want = r.item.get("format", "auto")
+    family = {"wet": "warc", "warc": "warc"}.get(want, want)
+    if want != "auto" and family != fmt:
+        raise UnknownFormat(f"{r.path}: configured as {want} but the content is {fmt}")
+    r.stats["format"] = want if want != "auto" else fmt
+    return fmt, comp
+
+
+def _dump_documents(r: _FileReader, raw, fmt: str, comp: str | None) -> Iterator[dict]:
+    """JSONL or Parquet rows: the text is already there (no extraction); the id is the row's id
+    field, else its URL, else file and row, so it is stable across runs."""
+    from refinery.tasks.ingest import dumps
+    from refinery.tasks.ingest.sources import UnknownFormat
+
+    item = r.item
+    kw = dict(text_field=item["text_field"], id_field=item["id_field"],
+              url_field=item["url_field"], date_field=item["date_field"])
+    if fmt == "parquet":
+        records = dumps.iter_parquet(raw, **kw)
+    else:
+        stream = raw
+        if comp:
+            from fsspec.compression import compr
+
+            if comp not in compr or compr[comp] is None:
+                raise UnknownFormat(f"{r.path}: {comp}-compressed JSONL needs the {comp} codec installed")
+            stream = compr[comp](raw, mode="rb")
+        records = dumps.iter_jsonl(stream, **kw)
+    base = os.path.basename(r.path)
+    for rec in records:
+        if isinstance(rec, dumps.DumpError):
+            r.record_error(rec)
+            continue
+        r.stats["docs_in"] += 1
+        meta = {"file": r.path, "row": rec.offset, "format": fmt}
+        if rec.fields:
+            meta["fields"] = rec.fields
+        doc = r.document(rec.text, rec.record_id or rec.url or f"{base}:{rec.offset}", rec, meta)
+        if doc is not None:
+            yield doc
+
+
+def _record_text(r: _FileReader, rec) -> tuple[str, str | None, str | None] | None:
+    """``(text, charset, how the charset was found)`` of one archive record, or None when it is
+    dropped (counted): oversized HTML, an extractor failure (one bad page must not stop the
+    file) or a payload that is neither HTML nor wanted plain text."""
+    from refinery.tasks.ingest.extract import decode_html, decode_text
+
+    if rec.kind == "html":
+        if len(rec.payload) > r.cfg.max_html_bytes:
+            r.drop("too_large")
+            return None
+        html, charset, how = decode_html(rec.payload, rec.http_charset)
+        try:
+            return r.extract(html), charset, how
+        except Exception as e:  # noqa: BLE001 - one bad page must not stop the file
+            r.drop("extract_error")
+            r.sample(f"@{rec.offset}: extractor failed: {e}")
+            return None
+    if rec.kind == "text" and (rec.record_type == "conversion" or r.cfg.keep_plain_text):
+        return decode_text(rec.payload, rec.http_charset or "utf-8"), rec.http_charset, None
+    r.drop("not_html")
+    return None
+
+
+def _archive_documents(r: _FileReader, raw, fmt: str) -> Iterator[dict]:
+    """WARC/WET/ARC records: main text extracted from HTML (WET and plain text as they are).
+    HTTP errors and oversized records count as read and dropped; damaged records as errors."""
+    from refinery.tasks.ingest import warc
+
+    cfg = r.cfg
+    if fmt == "arc":
+        records = warc.iter_arc(raw, max_record_bytes=cfg.max_record_bytes)
+    else:
+        want = r.item.get("format", "auto")
+        types = {"warc": ("response",), "wet": ("conversion",)}.get(want, ("response", "conversion"))
+        records = warc.iter_warc(raw, record_types=types, max_record_bytes=cfg.max_record_bytes)
+    for rec in records:
+        if isinstance(rec, warc.RecordError):
+            if rec.reason in ("http_status", "too_large"):
+                r.stats["docs_in"] += 1
+                r.drop(rec.reason)
             else:
-                dropped["not_html"] += 1
-                continue
-            meta = {"file": path, "offset": rec.offset, "record_type": rec.record_type,
-                    "content_type": rec.content_type, "charset": charset, "charset_from": how,
-                    "http_status": rec.http_status, "extractor": cfg.extractor if rec.kind == "html" else None}
-            if rec.record_id:
-                meta["record_id"] = rec.record_id
-            doc = document(text, rec.record_id or rec.url or f"{os.path.basename(path)}@{rec.offset}", rec,
-                           {k: v for k, v in meta.items() if v is not None})
-            if doc is not None:
-                yield doc
+                r.record_error(rec)
+            continue
+        r.stats["docs_in"] += 1
+        got = _record_text(r, rec)
+        if got is None:
+            continue
+        text, charset, how = got
+        meta = {"file": r.path, "offset": rec.offset, "record_type": rec.record_type,
+                "content_type": rec.content_type, "charset": charset, "charset_from": how,
+                "http_status": rec.http_status, "extractor": cfg.extractor if rec.kind == "html" else None}
+        if rec.record_id:
+            meta["record_id"] = rec.record_id
+        doc = r.document(text, rec.record_id or rec.url or f"{os.path.basename(r.path)}@{rec.offset}", rec,
+                         {k: v for k, v in meta.items() if v is not None})
+        if doc is not None:
+            yield doc
+
+
+def iter_documents(item: dict, cfg: IngestConfig, stats: dict) -> Iterator[dict]:
+    """Documents of one input file (dicts with the schema's columns); counts go into ``stats``.
+
+    ``stats`` gets ``docs_in``, ``dropped[reason]``, ``record_errors[reason]``, ``error_samples``,
+    ``format``. File-level problems raise (the shard turns them into a file error). Phases: open
+    the file, detect its format, then read it as a dump (:func:`_dump_documents`) or an archive
+    (:func:`_archive_documents`); both hand each text to :meth:`_FileReader.document`.
+    """
+    from refinery.tasks.ingest.sources import open_binary
+
+    r = _FileReader.open(item, cfg, stats)
+    with open_binary(r.path, cfg.storage_options) as raw:
+        fmt, comp = _detect_format(r, raw)
+        if fmt in ("jsonl", "parquet"):
+            yield from _dump_documents(r, raw, fmt, comp)
+        else:
+            yield from _archive_documents(r, raw, fmt)
 
 
 def ingest_file(item: dict, cfg: IngestConfig, write_part) -> dict:
@@ -278,11 +350,10 @@ def ingest_file(item: dict, cfg: IngestConfig, write_part) -> dict:
     docs_out = 0
     langs: Counter = Counter()
 
-    def flush():
-        nonlocal buf
+    def flush():  # a part per rows_per_part documents; no part when there are none
         if buf:
             parts.append(write_part(len(parts), docs_table(buf)))
-            buf = []
+            buf.clear()
 
     bar = tqdm(iter_documents(item, cfg, stats), desc=os.path.basename(item["path"])[:30], unit="doc",
                leave=False, disable=None, mininterval=2.0)
@@ -355,7 +426,9 @@ class Ingest:
         written: list[str] = []
 
         def write_part(k: int, table) -> str:
-            name = f"part-{item['index']:05d}-{k:05d}.parquet"
+            from refinery.tasks.card import part_name
+
+            name = part_name(item["index"], k)
             b.write_table(name, table)
             written.append(name)
             return name
@@ -388,9 +461,8 @@ class Ingest:
             rec_err.update(r["record_errors"])
             langs.update(r["langs"])
             sources[r["source"]] += r["docs_out"]
+        # no documents at all: no parts either (a zero-row part would trip readers that infer schemas)
         docs_out = sum(r["docs_out"] for r in results)
-        if docs_out == 0:  # keep the schema visible to readers of an empty dataset
-            b.write_table("part-empty.parquet", docs_table([]))
         counts = {
             "files": len(results), "files_failed": len(failed),
             "docs_in": sum(r["docs_in"] for r in results), "docs_out": docs_out,
