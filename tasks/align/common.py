@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pydantic import Field
 from refinery.tasks.config import StrictModel
 
+from refinery.tasks.export import finalize_model_dir
 from refinery.tasks.modelref import MANIFEST, MODEL_KEYS, model_identity, resolve_model  # noqa: F401 (re-exported)
 
 
@@ -141,9 +142,11 @@ def save_model(model, tokenizer, out_dir: str, lora: bool) -> dict:
         merged = model.merge_and_unload()
         merged.save_pretrained(out / "merged")
         tokenizer.save_pretrained(out / "merged")
+        finalize_model_dir(out / "merged")   # use_cache: true + generation_config.json
         return {"adapter": "adapter", "merged": "merged", "model": "merged"}
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
+    finalize_model_dir(out / "model")
     return {"model": "model"}
 
 

@@ -78,4 +78,26 @@ def generate(lm: LoadedModel, prompt: str, *, chat: bool = False, max_new_tokens
     return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-__all__ = ["LoadedModel", "load_model", "generate", "prompt_ids", "has_chat_template", "pick_device"]
+def stream_completion(model: str, prompt: str, *, chat: bool = False, max_new_tokens: int = 128,
+                      temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, device: str = "auto",
+                      out=None) -> str:
+    """``refinery generate``: print the completion of ``prompt`` to ``out`` as it is generated."""
+    import sys
+
+    from transformers import TextStreamer
+
+    out = out or sys.stdout
+    lm = load_model(model, device)
+
+    class _To(TextStreamer):   # TextStreamer prints to stdout; ``out`` may be another stream
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            out.write(text + ("\n" if stream_end else ""))
+            out.flush()
+
+    streamer = _To(lm.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return generate(lm, prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    seed=seed, streamer=streamer)
+
+
+__all__ = ["LoadedModel", "load_model", "generate", "stream_completion", "prompt_ids", "has_chat_template",
+           "pick_device"]

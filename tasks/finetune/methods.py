@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from refinery.tasks.export import finalize_model_dir
 from refinery.tasks.finetune.config import MERGEABLE, FinetuneConfig
 from refinery.tasks.modelref import resolve_model
 
@@ -268,6 +269,7 @@ def save_full(model, tokenizer, out_dir: str) -> None:
     model.config.use_cache = True
     model.save_pretrained(out_dir, safe_serialization=True)
     save_tokenizer(tokenizer, out_dir)
+    finalize_model_dir(out_dir)   # use_cache: true + generation_config.json
 
 
 def merged_torch_dtype(cfg: FinetuneConfig, source: str):
@@ -299,6 +301,7 @@ def merge_adapter(cfg: FinetuneConfig, source: str, adapter_dir: str, tokenizer,
     merged.config.use_cache = True
     merged.save_pretrained(out_dir, safe_serialization=True)
     save_tokenizer(tokenizer, out_dir)
+    finalize_model_dir(out_dir)
     del model, merged, base
 
 

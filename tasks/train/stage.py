@@ -20,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+from refinery.tasks.export import finalize_model_dir
 from refinery.tasks.runtime import StageOutput, stage
 from refinery.tasks.store import Builder, Dataset
 from refinery.tasks.train.config import TrainConfig
@@ -69,6 +70,7 @@ def pretrain(b: Builder, inputs: list[Dataset], cfg: TrainConfig) -> StageOutput
                                   f"checkpoint kept in {ckpt_dir}: run again to resume")
     chosen = result["best_checkpoint"] if cfg.export == "best" and result["best_checkpoint"] else result["final_checkpoint"]
     folder = export_folder(chosen, Path(b.tmpdir()) / "model", ckpt_dir / "metrics")
+    finalize_model_dir(folder)   # use_cache: true + generation_config.json (training saved use_cache: false)
     b.put_dir(folder)
     training = {k: result[k] for k in ("status", "objective", "preset", "device", "world_size", "tokens_per_sec",
                                        "mfu", "loss_start", "loss_end", "unigram_tokens", "checkpoint_dir",
