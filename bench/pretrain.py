@@ -88,7 +88,7 @@ def run_ours(args, make_reader, work: Path) -> dict:
     rows = [r for r in res["history"] if r.get("loss") is not None]
     mfus = [r["mfu"] for r in rows[args.warmup:] if r.get("mfu") is not None]
     step_tokens = rows[-1]["tokens"] - rows[-2]["tokens"]
-    return {**rates([r["time"] for r in rows[args.warmup - 1:]], step_tokens),
+    return {**rates([r["seconds"] for r in rows[args.warmup - 1:]], step_tokens),
             "loss_end": rows[-1]["loss"], "params": res["params"], "mfu": statistics.median(mfus) if mfus else None}
 
 
