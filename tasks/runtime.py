@@ -274,9 +274,10 @@ class Stage:
         store = Store(root)
         inputs = _open_inputs(inputs)
         fp = self.fingerprint(inputs, cfg)
-        if store.get(self.name, fp) is not None:
-            return self._call(store, inputs, fp, cfg, runner, exists=True)
-        with store.lock(self.name, fp):   # one writer per fingerprint: the others wait, then reuse its dataset
+        # One writer per fingerprint: the others wait, then reuse its dataset. Taken even when the
+        # dataset exists: the writer publishes before Prefect writes its result record, which a
+        # reader must not see half-written.
+        with store.lock(self.name, fp):
             return self._call(store, inputs, fp, cfg, runner, exists=store.recover(self.name, fp) is not None)
 
     def _call(self, store: Store, inputs: list[Dataset], fp: str, cfg: Any, runner: Any, exists: bool) -> Dataset:

@@ -90,6 +90,42 @@ def test_threads_racing_in_one_process(tmp_path, exec_log):
     assert _leftovers(tmp_path / "w" / "toy") == []
 
 
+def _cli_env(home: Path, exec_log: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")}
+    env.update(PREFECT_HOME=str(home), REFINERY_EXEC_LOG=str(exec_log))   # a Prefect database per racer
+    return env
+
+
+@pytest.mark.slow
+def test_cli_runs_racing_on_one_workdir(tmp_path, exec_log):
+    """Three ``refinery run curate`` processes (each with its own Prefect database, sharing the
+    workdir and its result store) started together: all succeed with the same outputs, every
+    dataset is intact, every stage and shard ran exactly once in all (so each dataset is what one
+    uncontended run builds), and nothing is left in the stage folders. One trial by default (about
+    a minute on two cores); REFINERY_CLI_RACE_TRIALS=N for more."""
+    from refinery.tasks.demo.crawl import make_demo_crawl
+
+    make_demo_crawl(tmp_path / "crawl", seed=0, n_pages=40, n_files=2)
+    for trial in range(int(os.environ.get("REFINERY_CLI_RACE_TRIALS", "1"))):
+        work, before = tmp_path / f"work-{trial}", len(read_exec_log(exec_log))
+        args = [REFINERY, "run", "curate", "--set", f"input={tmp_path / 'crawl'}/*.warc.gz", "--workdir", str(work),
+                "--json"]
+        procs = [subprocess.Popen(args, env=_cli_env(tmp_path / f"prefect-{trial}-{i}", exec_log), cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(RACERS)]
+        outs = []
+        for p in procs:
+            out, err = p.communicate(timeout=900)
+            assert p.returncode == 0, err[-4000:]
+            outs.append(json.loads(out.strip().splitlines()[-1])["outputs"])
+        assert all(o == outs[0] for o in outs) and {"ingest", "filter", "dedup"} <= set(outs[0])
+        for stage, path in outs[0].items():
+            assert Dataset.open(path).verify() == [], stage
+            assert _leftovers(Path(path).parent) == [], stage
+        lines = read_exec_log(exec_log)[before:]
+        assert lines and max(Counter(lines).values()) == 1, Counter(lines).most_common(3)
+        assert sorted({line.split()[0] for line in lines}) == sorted(outs[0])
+
+
 def test_a_dead_holder_does_not_block(tmp_path):
     """The kernel drops a killed holder's flock: the next writer gets the lock at once."""
     store = Store(tmp_path)
