@@ -233,8 +233,8 @@ class Stage:
         stats = dict(out.stats)
         if failed:  # tolerated failures (max_failed_shards): listed, never silent
             stats["failed_shards"] = failed
-        if self.sharded:  # work seconds: every shard's time plus the reduce step's
-            stats.setdefault("shard_seconds", round(b.shard_seconds(), 3))
+        if self.sharded:  # work seconds: every shard's time (timed once, here in _shard) plus the reduce step's
+            stats["shard_seconds"] = round(b.shard_seconds(), 3)
             seconds += stats["shard_seconds"]
         stats.setdefault("seconds", round(seconds, 3))
         return b.publish(version=self.version, config=config_dict(cfg), inputs=[d.ref() for d in inputs],
