@@ -34,6 +34,10 @@ def deployed(stack, tmp_path_factory):
     work = tmp_path_factory.mktemp("shared-work")
     env = {"REFINERY_WORKDIR": str(work), "REFINERY_CRAWL_INPUT": "", "REFINERY_SFT_DATA": ""}
     stack.env.update(env)
+    # As a user who never heard of REFINERY_PROJECT_DIR: the worker must load the flows from the
+    # installed package, whatever folder it runs them in.
+    for name in ("REFINERY_PROJECT_DIR", "PYTHONPATH"):
+        stack.env.pop(name, None)
     stack.cli("work-pool", "create", "cpu", "--type", "process")
     stack.cli("work-pool", "create", "gpu", "--type", "process")
     stack.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
@@ -55,6 +59,8 @@ def test_parameter_schema_has_descriptions_and_defaults(stack, deployed):
     assert by_flow[("curate", "snapshot")]["schedules"][0]["schedule"]["cron"] == "0 6 * * *"
     assert by_flow[("tokenize", "default")]["work_pool_name"] == "cpu"
     assert by_flow[("pretrain", "default")]["work_pool_name"] == "gpu"
+    assert by_flow[("curate", "snapshot")]["entrypoint"] == "refinery.flows.curate:curate_flow"
+    assert by_flow[("curate", "snapshot")]["pull_steps"] == []
 
 
 def test_deployment_run_curate_then_event_starts_tokenize(stack, deployed, tmp_path):
