@@ -195,3 +195,82 @@ def test_leases_serialize_writers(tmp_path):
     for t in threads:
         t.join(60)
     assert worst[0] == 1 and len(done) == 9
+
+
+# --------------------------------------------------------------------------- object store (moto's S3 server)
+S3_TRIALS = 3
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    from ops.prefect_server import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch) -> str:
+    import boto3
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(k, v)
+    name = f"races-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+def _s3_racer(bucket: str, trials: int, barrier, out) -> None:
+    for t in range(trials):
+        barrier.wait(timeout=120)
+        ds = Toy.run(f"s3://{bucket}/trial-{t}", [], CFG)
+        out.put((t, ds.path))
+
+
+def test_processes_racing_on_s3_publish_once_and_completely(tmp_path, exec_log, s3_bucket):
+    """The lease on an object store (conditional writes, S3's If-None-Match): three processes
+    racing through several trials; one builds, the others wait and reuse its dataset."""
+    import s3fs
+
+    want = _signature(Toy.run(tmp_path / "clean", [], CFG))
+    per_build = len(read_exec_log(exec_log))
+    ctx = mp.get_context("spawn")      # no fork of a process with live S3 client threads
+    barrier, out = ctx.Barrier(RACERS), ctx.Queue()
+    procs = [ctx.Process(target=_s3_racer, args=(s3_bucket, S3_TRIALS, barrier, out)) for _ in range(RACERS)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    seen = [out.get(timeout=5) for _ in range(RACERS * S3_TRIALS)]
+    fs = s3fs.S3FileSystem()
+    for t in range(S3_TRIALS):
+        paths = {path for trial, path in seen if trial == t}
+        assert len(paths) == 1
+        ds = Dataset.open(paths.pop())
+        assert _signature(ds) == want and ds.verify() == []
+        assert [p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/trial-{t}/toy", refresh=True)] == [ds.fingerprint]
+    lines = read_exec_log(exec_log)
+    assert len(lines) == per_build * (S3_TRIALS + 1), "a racer built instead of waiting for the lease holder"
+
+
+def test_s3_lease_of_a_dead_holder_expires(s3_bucket):
+    import s3fs
+
+    store = Store(f"s3://{s3_bucket}/w")
+    fs = s3fs.S3FileSystem()
+    lease = f"{s3_bucket}/w/toy/.lease-fp/{1:012d}.json"
+    fs.pipe(lease, json.dumps({"pid": 1, "host": "gone", "id": "x", "expires": time.time() + 60}).encode())
+    with pytest.raises(TimeoutError, match="still built by pid 1 on gone"):
+        store.lock("toy", "fp", timeout=1).acquire()
+    fs.pipe(lease, json.dumps({"pid": 1, "host": "gone", "id": "x", "expires": time.time() - 1}).encode())
+    with store.lock("toy", "fp", timeout=10) as lock:
+        assert lock._impl.gen == 2 and not fs.exists(lease)    # taken over; the stale lease dropped
+    assert not fs.exists(f"{s3_bucket}/w/toy/.lease-fp/{2:012d}.json")   # released
