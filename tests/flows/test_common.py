@@ -48,3 +48,44 @@ def test_flow_signature_and_docs_come_from_the_params_model():
     schema = t_flow.parameters.model_dump()
     assert schema["properties"]["input"]["description"] == "The upstream dataset."
     assert schema["required"] == ["input"]
+
+
+def test_summary_table_says_cached_for_a_stage_found_built(tmp_path):
+    from toy_stages import DoubleConfig, Toy, ToyConfig, double
+
+    from refinery.flows.common import stage_rows
+
+    built = Toy.run(tmp_path, [], ToyConfig())
+    found = Toy.run(tmp_path, [], ToyConfig())
+    assert (built.cached, found.cached) == (False, True)
+    rows = {r["stage"]: r for r in stage_rows({"toy": found, "double": double.run(tmp_path, [found], DoubleConfig())})}
+    assert rows["toy"]["seconds"] == "cached"
+    assert isinstance(rows["double"]["seconds"], float)  # built by this run: its own time
+
+
+def test_one_identity_rule_for_raw_input_files(tmp_path):
+    import os
+
+    import fsspec
+
+    from refinery.tasks.align.data import file_identity as align_identity
+    from refinery.tasks.finetune.config import file_identity as finetune_identity
+    from refinery.tasks.ingest.sources import identity as ingest_identity
+    from refinery.tasks.runtime import file_identity
+
+    f = tmp_path / "data.jsonl"
+    f.write_text('{"text": "a"}\n')
+    st = os.stat(f)
+    ident = file_identity(f)
+    assert ident == f"{f}|{st.st_size}|{st.st_mtime_ns}"
+    assert align_identity(f) == finetune_identity(str(f)) == ingest_identity(str(f)) == ident
+    assert file_identity(f"file://{f}") == ident
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, touched: a new identity
+    assert file_identity(f) != ident
+    assert file_identity(tmp_path / "nope") == f"{tmp_path / 'nope'}|missing|FileNotFoundError"
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/ident-test/x.jsonl", b"abc")
+    try:
+        assert file_identity("memory://ident-test/x.jsonl").startswith("memory://ident-test/x.jsonl|3|")
+    finally:
+        mem.rm("/ident-test", recursive=True)
