@@ -1,5 +1,5 @@
-"""Every documents dataset of curate loads with Hugging Face ``datasets``, both ways, and gives
-exactly its documents: ``load_dataset(PATH)`` (through the README.md card's ``configs``) and
+"""Every documents dataset of curate (ingest, filter, dedup and, where the stage exists,
+decontaminate) loads with Hugging Face ``datasets``, both ways, and gives exactly its documents: ``load_dataset(PATH)`` (through the README.md card's ``configs``) and
 ``load_dataset("parquet", data_dir=PATH)`` (through the file names alone).
 
 The demo crawl is small but has what used to break this: an input file whose documents the
@@ -52,17 +52,35 @@ def curated(tmp_path_factory) -> dict[str, Dataset]:
                                InputSpec(path=str(junk), source="junk")])
     ingest = run_ingest(store, cfg)
     filt = run_filter(store, [ingest], FilterConfig())
-    out = run_dedup(store, filt, DedupConfig())
-    return {"ingest": ingest, "filter": filt, "dedup": out["dedup"]}
+    out = {"ingest": ingest, "filter": filt, "dedup": run_dedup(store, filt, DedupConfig())["dedup"]}
+    try:
+        from refinery.tasks.decontam.stage import DecontamConfig, run_decontaminate
+    except ImportError:  # the stage is optional here: tested when present
+        return out
+    # a "benchmark" holding three kept documents: decontaminate drops them
+    bench = tmp / "bench.jsonl"
+    texts = out["dedup"].read_table(columns=["text"]).column("text").to_pylist()[:3]
+    bench.write_text("".join(json.dumps({"question": t}) + "\n" for t in texts))
+    out["decontaminate"] = run_decontaminate(store, out["dedup"], DecontamConfig(sources=[str(bench)]))["decontaminate"]
+    return out
+
+
+STAGES = ["ingest", "filter", "dedup", "decontaminate"]
+
+
+def _stage(curated: dict, stage: str) -> Dataset:
+    if stage not in curated:
+        pytest.skip(f"no {stage} stage in this checkout")
+    return curated[stage]
 
 
 def _ids(table) -> list[str]:
     return table.column("id").to_pylist()
 
 
-@pytest.mark.parametrize("stage", ["ingest", "filter", "dedup"])
+@pytest.mark.parametrize("stage", STAGES)
 def test_load_dataset_gives_exactly_the_documents(curated, stage, hf_datasets, tmp_path):
-    ds = curated[stage]
+    ds = _stage(curated, stage)
     want = ds.read_table()
     assert want.num_rows == ds.counts["docs_out"] > 0
     by_card = hf_datasets.load_dataset(ds.path, cache_dir=str(tmp_path / "c1"))
@@ -76,9 +94,9 @@ def test_load_dataset_gives_exactly_the_documents(curated, stage, hf_datasets, t
         assert train["text"] == want.column("text").to_pylist()
 
 
-@pytest.mark.parametrize("stage", ["ingest", "filter", "dedup"])
+@pytest.mark.parametrize("stage", STAGES)
 def test_layout_parts_side_tables_and_card(curated, stage):
-    ds = curated[stage]
+    ds = _stage(curated, stage)
     files = ds.manifest["files"]
     parts = [f for f in files if is_data_file(f["path"])]
     assert parts and all(f["rows"] > 0 for f in parts)        # no zero-row part
