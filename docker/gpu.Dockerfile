@@ -13,5 +13,10 @@ COPY tasks ./tasks
 COPY deployments ./deployments
 # PyPI's Linux wheel of torch==2.13.0 is the CUDA build.
 RUN pip install torch==2.13.0 && pip install -c constraints.txt -e '.[scale]'
+# Run as an unprivileged user: the code stays root-owned and read-only to it; it writes only /data
+# (the shared volume, created here so a fresh named volume inherits the ownership) and its home.
+RUN useradd --create-home --uid 10001 --user-group refinery \
+ && mkdir -p /data/refinery /data/prefect-results && chown -R refinery:refinery /data
+USER refinery
 VOLUME /data
 CMD ["prefect", "worker", "start", "--pool", "gpu", "--type", "process"]
