@@ -93,8 +93,9 @@ def worker(args) -> dict:
 
     torch.set_num_threads(max(1, args.threads))
     cfg = FinetuneConfig(model=args.model_dir, data="bench-random-tokens", method=args.worker, device=args.device,
-                         gradient_checkpointing=True, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
-                         lora_dropout=0.0, target_modules=args.target_modules, max_steps=args.steps)
+                         grad_checkpointing=True, max_steps=args.steps,
+                         lora={"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0,
+                               "target_modules": args.target_modules})
     device = resolve_device(cfg)
     compute, weights_dtype = resolve_dtypes(cfg, device)
     cuda = device.type == "cuda"

@@ -1,11 +1,12 @@
 """Align a (fine-tuned) model on preference pairs: DPO, or PPO against a reward model.
 
-    refinery run align --set input=MODEL --set data=PAIRS.jsonl.gz --set method=ppo --set max_steps=20 --json
+    refinery run align --set input=MODEL --set data=PAIRS.jsonl.gz --set method=ppo --set ppo.max_steps=20 --json
 
 ``input`` is a Hugging Face model folder or the finetune flow's output dataset (its manifest names
 the ``merged``/``model`` folder). With ``method=ppo`` and no ``reward_model``, a reward model is
-trained on the same pairs first. Flat fields (``max_steps``, ``beta``, ``kl_coef`` ...) are
-shortcuts that override the matching field of the nested ``reward``/``ppo``/``dpo`` configs.
+trained on the same pairs first (``reward.*`` settings). Each trainer's settings live in its nested
+config, spelled as everywhere (``dpo.max_steps``, ``dpo.beta``, ``ppo.kl_coef``, ``ppo.lora.enabled``
+...); there are no flat shortcuts.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Literal
 from pydantic import Field
 
 from refinery.flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow, result
+from refinery.tasks.config import StrictModel
 from refinery.tasks.align.common import is_dataset_dir
 from refinery.tasks.align.dpo import DPOConfig
 from refinery.tasks.align.ppo import PPOConfig
@@ -25,64 +27,46 @@ from refinery.tasks.align.stage import (DPOStageConfig, PPOStageConfig, RewardSt
 from refinery.tasks.report import format_table, image_artifact, markdown_artifact, markdown_table, table_artifact
 
 
-class AlignParams(FlowParams):
+class AlignSettings(StrictModel):
+    """Every alignment setting except the two inputs (the model and the pairs file): the align
+    flow's parameters and the pipeline's ``align`` section. Each trainer's knobs live in its own
+    nested config, spelled as in pretrain and finetune (``dpo.max_steps``, ``ppo.lr``,
+    ``reward.batch_size``, ``ppo.lora.enabled`` ...)."""
+
+    method: Literal["ppo", "dpo"] = Field("dpo", description="ppo: RL against a reward model; dpo: direct preference optimisation.")
+    reward_model: str | None = Field(None, description="Reward model for PPO (HF folder or `reward` dataset); trained on `data` (with the `reward` settings) when empty.")
+    max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs.")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs held out for evaluation.")
+    seed: int = Field(0, description="Seed of the split, initialisation, shuffling and sampling.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward-model training (method=ppo without reward_model).")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO settings (method=ppo).")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO settings (method=dpo).")
+
+
+class AlignParams(FlowParams, AlignSettings):
+    """Flow parameters: the storage root, the two inputs, and the alignment settings."""
+
     input: str = Field(description="Model to align: a HF model folder or a refinery dataset naming one (e.g. the finetune flow's output).")
     data: str = Field(description="Preference pairs file: .json, .jsonl or .jsonl.gz (HH-RLHF transcripts, ShareGPT conversations+chosen+rejected, or prompt/chosen/rejected).")
-    method: Literal["ppo", "dpo"] = Field("dpo", description="ppo: RL against a reward model; dpo: direct preference optimisation.")
-    max_steps: int | None = Field(None, ge=1, description="PPO steps, or the cap on DPO steps (overrides ppo.steps / dpo.max_steps).")
-    reward_model: str | None = Field(None, description="Reward model for PPO (HF folder or `reward` dataset); trained on `data` when empty.")
-    reward_max_steps: int | None = Field(None, ge=1, description="Cap on reward-model training steps (overrides reward.max_steps).")
-    max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs.")
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs held out for evaluation.")
-    seed: int = Field(0, description="Seed of the split, initialisation, shuffling and sampling.")
-    beta: float | None = Field(None, gt=0, description="DPO beta (overrides dpo.beta).")
-    kl_coef: float | None = Field(None, ge=0, description="PPO KL-penalty coefficient (overrides ppo.kl_coef).")
-    clip_range: float | None = Field(None, gt=0, description="PPO ratio clip (overrides ppo.clip_range).")
-    lr: float | None = Field(None, gt=0, description="Learning rate of the policy (overrides ppo.lr / dpo.lr).")
-    batch_size: int | None = Field(None, ge=1, description="Pairs per step for DPO and the reward model (overrides dpo/reward.batch_size).")
-    rollout_batch_size: int | None = Field(None, ge=1, description="PPO prompts per step (overrides ppo.rollout_batch_size).")
-    mini_batch_size: int | None = Field(None, ge=1, description="PPO replies per gradient step (overrides ppo.mini_batch_size).")
-    ppo_epochs: int | None = Field(None, ge=1, description="PPO passes over each rollout (overrides ppo.ppo_epochs).")
-    max_new_tokens: int | None = Field(None, ge=1, description="PPO reply length (overrides ppo.max_new_tokens).")
-    temperature: float | None = Field(None, gt=0, description="PPO sampling temperature (overrides ppo.temperature).")
-    top_k: int | None = Field(None, ge=0, description="PPO top-k sampling, 0 = off (overrides ppo.top_k).")
-    lora: bool | None = Field(None, description="Train LoRA adapters (saved with a merged model) instead of all weights, for the policy and the reward model.")
-    reward: RewardConfig = Field(RewardConfig(), description="Reward-model training settings.")
-    ppo: PPOConfig = Field(PPOConfig(), description="PPO settings.")
-    dpo: DPOConfig = Field(DPOConfig(), description="DPO settings.")
-
-
-def _override(cfg, **values):
-    """A copy of ``cfg`` with the given fields replaced where the value is not None."""
-    upd = {k: v for k, v in values.items() if v is not None}
-    if "lora" in upd:
-        upd["lora"] = cfg.lora.model_copy(update={"enabled": upd["lora"]})
-    return cfg.model_copy(update=upd)
 
 
 def _common(p: AlignParams) -> dict:
-    return dict(model=p.input, data=p.data, max_pairs=p.max_pairs, eval_fraction=p.eval_fraction, seed=p.seed)
+    return dict(model=p.input, data=p.data, max_pairs=p.max_pairs, val_fraction=p.val_fraction, seed=p.seed)
 
 
 def dpo_config(p: AlignParams) -> DPOStageConfig:
-    """The dpo stage config of a run (flat shortcuts applied)."""
-    train = _override(p.dpo, max_steps=p.max_steps, beta=p.beta, lr=p.lr, batch_size=p.batch_size, lora=p.lora)
-    return DPOStageConfig(**_common(p), train=train)
+    """The dpo stage config of a run."""
+    return DPOStageConfig(**_common(p), train=p.dpo)
 
 
 def reward_config(p: AlignParams) -> RewardStageConfig:
-    """The reward stage config of a run (flat shortcuts applied)."""
-    train = _override(p.reward, max_steps=p.reward_max_steps, batch_size=p.batch_size, lora=p.lora)
-    return RewardStageConfig(**_common(p), train=train)
+    """The reward stage config of a run."""
+    return RewardStageConfig(**_common(p), train=p.reward)
 
 
 def ppo_config(p: AlignParams, reward_model: str) -> PPOStageConfig:
-    """The ppo stage config of a run (flat shortcuts applied) against ``reward_model``."""
-    train = _override(p.ppo, steps=p.max_steps, kl_coef=p.kl_coef, clip_range=p.clip_range, lr=p.lr,
-                      rollout_batch_size=p.rollout_batch_size, mini_batch_size=p.mini_batch_size,
-                      ppo_epochs=p.ppo_epochs, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                      top_k=p.top_k, lora=p.lora)
-    return PPOStageConfig(**_common(p), reward_model=reward_model, train=train)
+    """The ppo stage config of a run against ``reward_model``."""
+    return PPOStageConfig(**_common(p), reward_model=reward_model, train=p.ppo)
 
 
 def _lineage(*paths: str | None) -> list[str]:

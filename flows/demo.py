@@ -3,31 +3,73 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from refinery.flows.align import AlignSettings
 from refinery.flows.common import FlowParams, refinery_flow
+from refinery.flows.pipeline import (ORDER, CurateSection, TokenizeSection, check_sections, flow_params,
+                                     primary_output)
+from refinery.tasks.finetune.config import FinetuneSettings
 from refinery.tasks.report import format_table, markdown_artifact, markdown_table, table_artifact
+from refinery.tasks.train.config import TrainConfig
 
 # Small enough for a few minutes on 2 CPU cores, big enough that every stage visibly does something.
+# Each section is that flow's parameters (as in the pipeline); what a run sets is merged over these.
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     # The demo crawl plants pages on a gambling domain; a real deployment lists its own.
-    "curate": {"filters": {"url": {"extra_domains": ["royal-casino-bets.com"]}}},
+    "curate": {"source": "demo-crawl", "filters": {"url": {"extra_domains": ["royal-casino-bets.com"]}}},
     "tokenize": {"tokenizer": {"vocab_size": 2048}},
     # Trained on 128-token windows, with room for the longer instruction examples of the fine-tune.
     "pretrain": {"preset": "tiny", "max_steps": 300, "seq_len": 128, "batch_size": 16, "eval_every": 50,
                  "model": {"max_position_embeddings": 512}},
     "finetune": {"method": "lora", "max_steps": 60, "seq_len": 384},
-    "align": {"method": "dpo", "max_steps": 30},
+    "align": {"method": "dpo", "dpo": {"max_steps": 30}},
 }
+SEEDED = ("pretrain", "finetune", "align")  # sections whose seed defaults to the demo's
 
 
 class DemoParams(FlowParams):
-    pages: int = Field(400, description="Pages in the generated demo crawl.")
-    seed: int = Field(0, description="Seed of the demo crawl and of every training stage.")
-    stop_after: str = Field("align", description="Last flow to run: curate, tokenize, pretrain, finetune or align.")
-    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-flow parameter overrides, e.g. {\"pretrain\": {\"max_steps\": 100}}.")
+    """Flow parameters: the demo crawl, then one typed section per flow (as in the pipeline),
+    defaulting to :data:`DEMO_DEFAULTS`."""
+
+    pages: int = Field(400, ge=1, description="Pages in the generated demo crawl.")
+    seed: int = Field(0, description="Seed of the demo crawl, its instructions and preference pairs, and the "
+                      "default seed of the pretrain, finetune and align sections.")
+    stop_after: Literal["curate", "tokenize", "pretrain", "finetune", "align"] = Field(
+        "align", description="Last flow to run: curate, tokenize, pretrain, finetune or align.")
+    curate: CurateSection = Field(default_factory=lambda: CurateSection(**DEMO_DEFAULTS["curate"]),  # type: ignore[valid-type]
+                                  description="The curate flow's parameters (less input).")
+    tokenize: TokenizeSection = Field(default_factory=lambda: TokenizeSection(**DEMO_DEFAULTS["tokenize"]),  # type: ignore[valid-type]
+                                      description="The tokenize flow's parameters (less input).")
+    pretrain: TrainConfig = Field(default_factory=lambda: TrainConfig(**DEMO_DEFAULTS["pretrain"]),
+                                  description="The pretrain flow's parameters (less input).")
+    finetune: FinetuneSettings = Field(default_factory=lambda: FinetuneSettings(**DEMO_DEFAULTS["finetune"]),
+                                       description="The finetune flow's parameters (less input and data).")
+    align: AlignSettings = Field(default_factory=lambda: AlignSettings(**DEMO_DEFAULTS["align"]),
+                                 description="The align flow's parameters (less input and data).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _demo_defaults(cls, data: Any) -> Any:
+        """What a run sets in a section is merged over the demo's defaults for it (``--set
+        pretrain.max_steps=100`` keeps the demo's preset and seq_len), and the training
+        sections' seed defaults to the demo's ``seed``."""
+        if not isinstance(data, dict):
+            return data
+        from refinery.flows.cli import deep_merge
+
+        data = dict(data)
+        for name in ORDER:
+            given = data.get(name) or {}
+            if hasattr(given, "model_dump"):  # an instance: only what it set explicitly
+                given = given.model_dump(exclude_unset=True, exclude_computed_fields=True)
+            base = dict(DEMO_DEFAULTS.get(name, {}))
+            if name in SEEDED:
+                base["seed"] = data.get("seed", 0)
+            data[name] = deep_merge(base, given)
+        return data
 
 
 def _docs(ds_path: str, limit: int = 2000) -> list[dict]:
@@ -50,8 +92,7 @@ def _summary_row(flow: str, stage: str, c: dict) -> dict:
 @refinery_flow("demo", DemoParams)
 def demo_flow(p: DemoParams) -> dict:
     """Generate a small deterministic crawl and run curate, tokenize, pretrain, finetune and align on it."""
-    from refinery.flows.cli import deep_merge, load_flow
-    from refinery.flows.pipeline import primary_output
+    from refinery.flows.cli import load_flow
     from refinery.tasks.demo.crawl import make_demo_crawl
     from refinery.tasks.demo.instructions import make_instructions, make_preferences
 
@@ -60,27 +101,22 @@ def demo_flow(p: DemoParams) -> dict:
     files = make_demo_crawl(crawl_dir, seed=p.seed, n_pages=p.pages)
     print(f"demo crawl: {len(files)} WARC files in {crawl_dir}", file=sys.stderr)
 
-    order = ["curate", "tokenize", "pretrain", "finetune", "align"]
-    last = order.index(p.stop_after) if p.stop_after in order else len(order) - 1
+    names = list(ORDER[: ORDER.index(p.stop_after) + 1])
     common = {"workdir": p.workdir, "task_runner": p.task_runner}
+    sections = {name: getattr(p, name) for name in ORDER}
+    check_sections(names, sections, common)  # a bad late section fails before curate runs
     outputs: dict[str, str] = {}
     counts: dict[str, Any] = {}
     summary: list[dict] = []
     upstream = ",".join(str(f) for f in files)
-    curated = None
-    for name in order[: last + 1]:
-        extra: dict[str, Any] = {"input": upstream}
-        if name == "curate":
-            extra["source"] = "demo-crawl"
-        if name in ("pretrain", "finetune", "align"):
-            extra["seed"] = p.seed
+    curated = ""
+    for name in names:
+        supplied: dict[str, Any] = {**common, "input": upstream}
         if name == "finetune":
-            extra["data"] = str(make_instructions(_docs(curated), crawl_dir / "instructions.json", seed=p.seed))
+            supplied["data"] = str(make_instructions(_docs(curated), crawl_dir / "instructions.json", seed=p.seed))
         if name == "align":
-            extra["data"] = str(make_preferences(_docs(curated), crawl_dir / "preferences.jsonl", seed=p.seed))
-        flow = load_flow(name)
-        cfg = deep_merge(deep_merge(DEMO_DEFAULTS.get(name, {}), p.overrides.get(name, {})), {**common, **extra})
-        out = flow.run_params(flow.params_cls.model_validate(cfg))
+            supplied["data"] = str(make_preferences(_docs(curated), crawl_dir / "preferences.jsonl", seed=p.seed))
+        out = load_flow(name).run_params(flow_params(name, sections[name], supplied))
         outputs.update(out["outputs"])
         counts.update(out["counts"])
         for stage, c in out["counts"].items():
@@ -92,4 +128,4 @@ def demo_flow(p: DemoParams) -> dict:
     table_artifact("demo-summary", summary, description="Counts per stage of the demo run")
     markdown_artifact("demo-outputs", "# Demo outputs\n\n" + markdown_table(
         [{"stage": k, "path": v} for k, v in outputs.items()]))
-    return {"outputs": outputs, "counts": counts}
+    return {"primary": upstream, "outputs": outputs, "counts": counts}

@@ -1,6 +1,6 @@
 """finetune: supervised fine-tuning of a causal LM on an instruction file.
 
-``refinery run finetune --set input=MODEL --set data=FILE.json --set method=lora --set max_steps=100``
+``refinery run finetune --set input=MODEL --set data=FILE.json --set method=lora --set lora.r=16 --set max_steps=100``
 
 ``input`` is a Hugging Face model folder, a hub id, or a refinery dataset naming a model (the
 pretrain flow's output). ``method`` is one of full, lora, qlora, ia3, llama_adapter,
@@ -11,54 +11,26 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from refinery.flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow
-from refinery.tasks.finetune.config import FinetuneConfig, Method
+from refinery.tasks.finetune.config import FinetuneConfig, FinetuneSettings
 
 
-class FinetuneParams(FlowParams):
+class FinetuneParams(FlowParams, FinetuneSettings):
+    """Flow parameters: the storage root, the two inputs, and every fine-tuning setting (one field
+    each, declared in :class:`FinetuneSettings`; LoRA's under ``lora.``)."""
+
     input: str = Field(description="Base model: a Hugging Face model folder, a hub id, or a refinery dataset naming a model (e.g. the pretrain flow's output).")
     data: str = Field(description="Instruction file: Alpaca JSON (instruction/input/output), ShareGPT (conversations), OpenAI messages JSONL or self-instruct.")
-    method: Method = Field("lora", description="full | lora | qlora | ia3 | llama_adapter | prompt_tuning | prefix_tuning.")
-    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
-    lr: float | None = Field(None, description="Peak learning rate; empty = the method's default (full 2e-5, lora/qlora 2e-4, ia3 3e-3, llama_adapter 9e-3, prompt_tuning 3e-2, prefix_tuning 1e-2).")
-    lora_r: int = Field(8, ge=1, description="LoRA rank (lora, qlora).")
-    lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: str | list[str] | None = Field(None, description="Modules to adapt: empty = attention projections, 'all-linear', or names (a list or comma-separated).")
-    seq_len: int = Field(512, ge=8, description="Max tokens per example (longer ones are truncated and counted); packed row length.")
-    batch_size: int = Field(4, ge=1, description="Sequences per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    packing: bool = Field(False, description="Pack examples into rows (no attention across examples).")
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of records held out for validation loss, early stopping and sample generations.")
-    early_stopping_patience: int = Field(3, ge=0, description="Stop after this many validations without improvement (0 = never).")
-    eval_every: int | None = Field(None, ge=1, description="Validate every N steps (empty = max_steps / 5).")
-    warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps (empty = 3% of max_steps).")
-    scheduler: str = Field("cosine", description="cosine | linear | constant.")
-    device: str = Field("auto", description="auto | cpu | cuda.")
-    seed: int = Field(0, description="Seed of the split, shuffling, adapter init and dropout.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Any other FinetuneConfig field, e.g. {\"use_dora\": true, \"num_virtual_tokens\": 16, \"compute_dtype\": \"bfloat16\"}.")
-
-    @field_validator("target_modules", mode="before")
-    @classmethod
-    def _split(cls, v):
-        if isinstance(v, str) and "," in v:
-            return [x.strip() for x in v.split(",") if x.strip()]
-        return v
 
     def stage_config(self) -> FinetuneConfig:
         def local(p: str) -> str:  # absolute local paths, so the fingerprint does not depend on the cwd
             return os.path.abspath(p) if "://" not in p and os.path.exists(p) else p
 
-        fields = {k: getattr(self, k) for k in (
-            "method", "max_steps", "lr", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "seq_len",
-            "batch_size", "grad_accum", "packing", "val_fraction", "early_stopping_patience", "eval_every",
-            "warmup_steps", "scheduler", "device", "seed")}
-        return FinetuneConfig.model_validate({**fields, **self.options, "model": local(self.input),
-                                              "data": local(self.data)})
+        settings = self.model_dump(include=set(FinetuneSettings.model_fields))
+        return FinetuneConfig.model_validate({**settings, "model": local(self.input), "data": local(self.data)})
 
 
 @refinery_flow("finetune", FinetuneParams)

@@ -2,10 +2,12 @@
 
     refinery run pretrain --set input=WORK/tokenize/<fp> --set max_steps=300 --json
 
-Every TrainConfig field is a flow parameter (``objective``, ``preset``, ``max_steps``, ``seq_len``,
-``batch_size``, ``grad_accum``, ``lr``, ``warmup_steps``, ``eval_every``, ``patience``, ``seed``,
-``compile``, ``grad_checkpointing``, ``devices``, ...). Re-running after a crash or SIGTERM resumes
-from ``<workdir>/checkpoints/<fingerprint>/``.
+Every TrainConfig field is a flow parameter, spelled as in the finetune flow and align's nested
+configs (``max_steps``, ``lr``, ``batch_size``, ``grad_accum``, ``warmup_steps`` / ``warmup_ratio``,
+``scheduler``, ``eval_every``, ``early_stopping_patience``, ``seed``, ``device``, ``dtype``, ...; see
+:mod:`refinery.tasks.train.config`), plus the pretraining ones (``objective``, ``preset``, ``model``,
+``seq_len``, ``compile``, ``devices``, ...). Re-running after a crash or SIGTERM resumes from
+``<workdir>/checkpoints/<fingerprint>/``.
 """
 from __future__ import annotations
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 from dataclasses import dataclass, field
 
 from pydantic import Field
-from refinery.tasks.config import StrictModel
+
+from refinery.tasks.train.config import LoraParams
 
 from refinery.tasks.export import finalize_model_dir
 from refinery.tasks.modelref import MANIFEST, MODEL_KEYS, model_identity, resolve_model  # noqa: F401 (re-exported)
@@ -65,21 +66,12 @@ class StepLog:
 
 
 # --------------------------------------------------------------------------- settings
-class LoraSettings(StrictModel):
+class LoraSettings(LoraParams):
     """LoRA adapters instead of full fine-tuning (``enabled=false``: train all weights)."""
 
-    enabled: bool = Field(False, description="Train LoRA adapters instead of all weights.")
-    r: int = Field(8, description="Adapter rank.")
-    alpha: int = Field(16, description="LoRA alpha (scale = alpha / r).")
-    dropout: float = Field(0.0, description="Dropout on the adapter input.")
-    target_modules: str | list[str] = Field("all-linear", description="Modules to adapt: 'all-linear' or a list of names.")
+    field_defaults = dict(dropout=0.0, target_modules="all-linear")
 
-
-class TrainerBase(StrictModel):
-    """What every trainer config has: where it runs and the weights' dtype."""
-
-    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N.")
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="Weights' dtype when loading the model.")
+    enabled: bool = Field(False, description="Train LoRA adapters (saved with a merged model) instead of all weights.")
 
 
 def pick_device(spec: str = "auto"):

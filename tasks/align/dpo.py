@@ -18,29 +18,27 @@ from typing import Callable, Sequence
 
 from pydantic import Field
 
-from refinery.tasks.align.common import (LoraSettings, StepLog, TrainerBase, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
+from refinery.tasks.align.common import (LoraSettings, StepLog, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
                                 model_device, pad, pick_device, position_ids, seed_everything, token_logprobs,
                                 torch_dtype)
 from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
+from refinery.tasks.train.config import TrainingParams
 
 TRAIN_EVAL_PAIRS = 128
 
 
-class DPOConfig(TrainerBase):
-    """DPO settings."""
+class DPOConfig(TrainingParams):
+    """DPO settings (the shared training knobs, spelled as in every trainer, plus DPO's own)."""
+
+    field_defaults = dict(max_steps=0, lr=5e-6, batch_size=8, dtype="float32")
 
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint (higher: stay closer to the reference).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed label noise (conservative DPO); 0: plain DPO.")
-    lr: float = Field(5e-6, gt=0, description="AdamW learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    batch_size: int = Field(8, ge=1, description="Pairs per optimizer step.")
     epochs: int = Field(1, ge=1, description="Passes over the training pairs (max_steps, when > 0, caps the steps).")
-    max_steps: int = Field(0, ge=0, description="Stop after this many steps (0: run all epochs).")
     max_prompt_len: int = Field(64, ge=1, description="Prompt tokens kept (the end of the prompt).")
     max_len: int = Field(160, ge=2, description="Prompt + reply tokens kept.")
-    grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clip (0: none).")
     eval_batch_size: int = Field(16, ge=1, description="Pairs per forward pass when scoring.")
-    lora: LoraSettings = LoraSettings()
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters for the policy (lora.enabled).")
 
 
 @dataclass

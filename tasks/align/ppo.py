@@ -29,20 +29,23 @@ from typing import Callable, Sequence
 
 from pydantic import Field
 
-from refinery.tasks.align.common import (LoraSettings, StepLog, TrainerBase, apply_lora, count_params, load_tokenizer, pad,
+from refinery.tasks.align.common import (LoraSettings, StepLog, apply_lora, count_params, load_tokenizer, pad,
                                 pick_device, position_ids, seed_everything, torch_dtype)
+from refinery.tasks.train.config import TrainingParams
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[Sequence[int]]], "object"]
 
 
-class PPOConfig(TrainerBase):
-    """PPO settings: generation, the KL penalty, clipping and batch sizes."""
+class PPOConfig(TrainingParams):
+    """PPO settings: generation, the KL penalty, clipping and batch sizes. ``max_steps`` counts PPO
+    steps (one rollout of ``batch_size`` prompts, then ``ppo_epochs`` passes over it); ``lr`` is
+    the policy's and the value head's."""
 
-    steps: int = Field(20, ge=1, description="PPO steps (rollout + optimisation rounds).")
-    rollout_batch_size: int = Field(16, ge=1, description="Prompts sampled per step.")
+    # weight_decay 0.01: torch AdamW's default, which PPO used before it was a setting
+    field_defaults = dict(max_steps=20, lr=1e-5, batch_size=16, weight_decay=0.01, dtype="float32")
+
     mini_batch_size: int = Field(8, ge=1, description="Replies per gradient step.")
     ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
-    lr: float = Field(1e-5, gt=0, description="AdamW learning rate (policy and value head).")
     max_prompt_len: int = Field(64, ge=1, description="Prompt tokens kept (the end of the prompt).")
     max_new_tokens: int = Field(32, ge=1, description="Longest sampled reply.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use the same scaling).")
@@ -56,8 +59,7 @@ class PPOConfig(TrainerBase):
     gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     whiten_advantages: bool = Field(True, description="Normalise advantages to mean 0, std 1 per batch.")
-    grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clip (0: none).")
-    lora: LoraSettings = LoraSettings()
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters for the policy (lora.enabled).")
 
 
 # --------------------------------------------------------------------------- the model
@@ -181,7 +183,7 @@ class PPOTrainer:
             self.ref.to(self.device)
         self.policy.eval()  # no dropout: log-probs of the same tokens must not change between passes
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr)
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         tok = self.tokenizer
         self.eos_id = tok.eos_token_id
         self.gen_config = GenerationConfig(
@@ -301,7 +303,7 @@ class PPOTrainer:
 
 def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg: PPOConfig, seed: int = 0,
               on_step: Callable[[dict], None] | None = None, progress: bool = False) -> PPOResult:
-    """Run ``cfg.steps`` PPO steps; each step takes the next ``rollout_batch_size`` prompts of a
+    """Run ``cfg.max_steps`` PPO steps; each step takes the next ``batch_size`` prompts of a
     seeded shuffle of ``prompts`` (reshuffled each pass)."""
     import torch
 
@@ -310,12 +312,12 @@ def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg:
     trainer = PPOTrainer(policy_dir, reward_fn, cfg, seed)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    steps = StepLog(cfg.steps, "ppo", progress, on_step, show=("reward", "kl"))
+    steps = StepLog(cfg.max_steps, "ppo", progress, on_step, show=("reward", "kl"))
     history = steps.history
     t0 = time.perf_counter()
-    for _ in range(cfg.steps):
+    for _ in range(cfg.max_steps):
         batch = []
-        while len(batch) < cfg.rollout_batch_size:
+        while len(batch) < cfg.batch_size:
             if not order:
                 order = torch.randperm(len(prompts), generator=gen).tolist()
             batch.append(prompts[order.pop(0)])

@@ -15,25 +15,23 @@ from typing import Callable, Sequence
 
 from pydantic import Field
 
-from refinery.tasks.align.common import (LoraSettings, StepLog, TrainerBase, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
+from refinery.tasks.align.common import (LoraSettings, StepLog, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
                                 model_device, pad, pick_device, seed_everything, torch_dtype)
 from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
+from refinery.tasks.train.config import TrainingParams
 
 
-class RewardConfig(TrainerBase):
-    """Reward-model training settings."""
+class RewardConfig(TrainingParams):
+    """Reward-model training settings (the shared training knobs plus the reward model's own)."""
 
-    lr: float = Field(1e-3, description="AdamW learning rate.")
-    weight_decay: float = Field(0.0, description="AdamW weight decay.")
-    batch_size: int = Field(16, ge=1, description="Pairs per optimizer step.")
+    field_defaults = dict(max_steps=0, lr=1e-3, batch_size=16, dtype="float32")
+
     epochs: int = Field(1, ge=1, description="Passes over the training pairs (max_steps, when > 0, caps the steps).")
-    max_steps: int = Field(0, ge=0, description="Stop after this many steps (0: run all epochs).")
     max_prompt_len: int = Field(64, ge=1, description="Prompt tokens kept (the end of the prompt).")
     max_len: int = Field(160, ge=2, description="Prompt + reply tokens kept.")
     center_coef: float = Field(0.01, ge=0, description="Weight of the (r_c + r_r)^2 centring penalty.")
-    grad_clip: float = Field(1.0, description="Gradient-norm clip (0: none).")
     eval_batch_size: int = Field(32, ge=1, description="Pairs per forward pass when scoring.")
-    lora: LoraSettings = LoraSettings()
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters for the reward model (lora.enabled).")
 
 
 def load_reward_model(model_dir: str, lora: LoraSettings | None = None, dtype: str = "float32"):

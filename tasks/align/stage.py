@@ -26,8 +26,8 @@ class _AlignInputs(StrictModel):
     model: str = Field(description="Starting model: a HF model folder (or hub id) or a refinery dataset naming one.")
     data: str = Field(description="Preference pairs: .json, .jsonl or .jsonl.gz (HH-RLHF, ShareGPT or prompt/chosen/rejected).")
     max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs.")
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs held out for evaluation.")
-    eval_max: int | None = Field(256, ge=1, description="At most this many held-out pairs.")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs held out for evaluation.")
+    max_val_examples: int | None = Field(256, ge=1, description="At most this many held-out pairs.")
     seed: int = Field(0, description="Seed of the split, initialisation, shuffling and sampling.")
 
     @computed_field
@@ -72,7 +72,7 @@ def _load_split(cfg: _AlignInputs):
     pairs, counts = load_pairs(cfg.data, cfg.max_pairs)
     if not pairs:
         raise ValueError(f"{cfg.data}: no valid preference pairs (skipped: {counts['skipped']})")
-    train, held_out = split_pairs(pairs, cfg.eval_fraction, cfg.seed, cfg.eval_max)
+    train, held_out = split_pairs(pairs, cfg.val_fraction, cfg.seed, cfg.max_val_examples)
     counts = {"records": counts["records"], "pairs": counts["pairs"], "pairs_train": len(train),
               "pairs_held_out": len(held_out), "skipped": counts["skipped"]}
     return train, held_out, counts
@@ -170,7 +170,7 @@ def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
                "reward_start_avg": s["reward_start_avg"], "reward_end_avg": s["reward_end_avg"],
                "kl_last": s["kl_last"], "kl_max": s["kl_max"], "entropy_last": s["entropy_last"]}
     return StageOutput(counts={**counts, "prompts": len(prompts), "steps": s["steps"],
-                               "rollouts": s["steps"] * cfg.train.rollout_batch_size},
+                               "rollouts": s["steps"] * cfg.train.batch_size},
                        stats={**s, "base_model": model_dir, "reward_model": reward_dir, "threads": _threads()},
                        extra={**keys, "kind": "policy", "method": "ppo", "value_head": "value_head.safetensors",
                               "metrics": metrics})

@@ -26,10 +26,10 @@ def resolve_model_source(path: str) -> str:
 def resolve_device(cfg: FinetuneConfig):
     import torch
 
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+    if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda but no CUDA device is available")
-        return torch.device("cuda")
+            raise RuntimeError(f"device={cfg.device} but no CUDA device is available")
+        return torch.device("cuda" if cfg.device == "auto" else cfg.device)
     return torch.device("cpu")
 
 
@@ -37,10 +37,10 @@ def resolve_dtypes(cfg: FinetuneConfig, device) -> tuple[Any, Any]:
     """(compute dtype, frozen-weights dtype)."""
     import torch
 
-    if cfg.compute_dtype == "auto":
+    if cfg.dtype == "auto":
         compute = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     else:
-        compute = getattr(torch, cfg.compute_dtype)
+        compute = getattr(torch, cfg.dtype)
     weights = compute if cfg.weights_dtype == "auto" else getattr(torch, cfg.weights_dtype)
     if cfg.method == "full":
         weights = torch.float32  # master weights for AdamW
@@ -138,14 +138,15 @@ def peft_config(cfg: FinetuneConfig, model):
     if m == "full":
         return None
     if m in ("lora", "qlora"):
-        targets = cfg.target_modules if cfg.target_modules is not None else attention_targets(model)
-        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                          lora_dropout=cfg.lora_dropout, target_modules=targets, use_dora=cfg.use_dora,
+        lora = cfg.lora
+        targets = lora.target_modules if lora.target_modules is not None else attention_targets(model)
+        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora.r, lora_alpha=lora.alpha,
+                          lora_dropout=lora.dropout, target_modules=targets, use_dora=lora.use_dora,
                           bias="none")
     if m == "ia3":
         kw: dict[str, Any] = {}
-        if cfg.target_modules is not None:
-            targets = cfg.target_modules
+        if cfg.ia3.target_modules is not None:
+            targets = cfg.ia3.target_modules
             kw["target_modules"] = targets
             # feed-forward layers get their scaling on the input: the MLP output projections
             if targets != "all-linear":
@@ -169,7 +170,7 @@ def peft_config(cfg: FinetuneConfig, model):
 def wrap_model(cfg: FinetuneConfig, model, base_name: str):
     """Make the trainable model: all weights for ``full``, else a PeftModel (QLoRA after
     ``prepare_model_for_kbit_training``). Gradient checkpointing as configured."""
-    gc = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cfg.method == "qlora"
+    gc = cfg.grad_checkpointing if cfg.grad_checkpointing is not None else cfg.method == "qlora"
     if cfg.method == "qlora":
         from peft import prepare_model_for_kbit_training
 

@@ -1,21 +1,127 @@
-"""The pretraining configuration: one pydantic model, fingerprinted by the stage.
+"""The training vocabulary (one name per knob, shared by every trainer) and the pretraining config.
 
-Light module (pydantic only), so flows can import it at start-up.
+Every trainer's config (pretrain's :class:`TrainConfig`, finetune's ``FinetuneConfig``, align's
+reward/DPO/PPO configs) subclasses :class:`TrainingParams`, so ``max_steps``, ``lr``,
+``batch_size``, ``weight_decay``, ``grad_clip``, ``device`` and ``dtype`` are declared once, with one
+description and one set of bounds. The two language-model training loops (pretrain and finetune)
+share the longer list of :class:`LMTrainingParams` (gradient accumulation, warm-up and schedule,
+validation and early stopping, sequence length, seed). LoRA settings are one nested model,
+:class:`LoraParams` (``lora.r``, ``lora.alpha``, ...). A subclass changes a default, never a name:
+it lists its own defaults in ``field_defaults``.
+
+Light module (pydantic only), so flows and the CLI can import it at start-up.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
-
 import json
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
 from refinery.tasks.config import StrictModel
+from refinery.tasks.train.metrics import REPORT_TO_HELP, ReportTo
 
 Objective = Literal["clm", "mlm", "span"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Scheduler = Literal["cosine", "linear", "constant"]
 
 
-class TrainConfig(StrictModel):
+class _Defaults(StrictModel):
+    """A model whose subclasses may change inherited fields' defaults (``field_defaults``) while
+    the field itself (type, bounds, description) stays declared once, in the base."""
+
+    field_defaults: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        own = cls.__dict__.get("field_defaults") or {}
+        if not own:
+            return
+        fields = cls.__pydantic_fields__
+        unknown = sorted(set(own) - set(fields))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.field_defaults names no field: {', '.join(unknown)}")
+        for name, value in own.items():
+            fields[name] = FieldInfo.merge_field_infos(fields[name], default=value)
+        cls.model_rebuild(force=True)
+
+
+class TrainingParams(_Defaults):
+    """The knobs every trainer has (pretrain, finetune, and align's reward, DPO and PPO trainers)."""
+
+    max_steps: int = Field(100, ge=0, description="Optimizer steps. Trainers that also count `epochs` "
+                           "stop at whichever comes first; 0 there means no cap (elsewhere at least 1).")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW); finetune: empty = the method's default.")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch (pretrain: windows per device; "
+                            "finetune: sequences; reward and DPO: pairs; PPO: prompts sampled per step).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm (0: no clipping).")
+    device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda, cuda:N.")
+    dtype: DType = Field("auto", description="Precision the model computes in: float32, bfloat16, float16, "
+                         "or auto (pretrain and finetune: bfloat16 on a GPU that has it, else float32; "
+                         "align: the dtype the weights were saved in).")
+    report_to: ReportTo = Field(default_factory=list, description=REPORT_TO_HELP)
+
+    @model_validator(mode="after")
+    def _steps(self):
+        if self.max_steps == 0 and "epochs" not in type(self).model_fields:
+            raise ValueError("max_steps must be at least 1")
+        return self
+
+
+class LMTrainingParams(TrainingParams):
+    """The language-model training loops' knobs (pretrain and finetune): accumulation, warm-up and
+    schedule, validation and early stopping, sequence length, seed."""
+
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    seq_len: int = Field(512, ge=8, description="Tokens per training sequence (pretrain: the window length; "
+                         "finetune: longer examples are truncated, and the packed row length).")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps; empty = warmup_ratio * max_steps.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Warm-up as a fraction of max_steps (when warmup_steps is empty).")
+    scheduler: Scheduler = Field("cosine", description="Learning-rate decay after warm-up: cosine | linear | constant.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a fraction of lr (cosine, linear).")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of the data held out for validation loss and early stopping.")
+    eval_every: int | None = Field(None, ge=1, description="Validate every N steps (and at the end); empty = max_steps / 5.")
+    early_stopping_patience: int = Field(0, ge=0, description="Stop after this many validations without improvement (0: never).")
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest validation-loss decrease that counts as an improvement.")
+    grad_checkpointing: bool | None = Field(None, description="Activation checkpointing (recompute in backward); "
+                                            "empty = the trainer's default (on for qlora, else off).")
+    seed: int = Field(0, description="Seed of the data split, shuffling, initialisation and dropout.")
+
+    def resolved_warmup(self) -> int:
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, self.max_steps)
+        return int(round(self.warmup_ratio * self.max_steps))
+
+    def resolved_eval_every(self) -> int:
+        return self.eval_every or max(1, self.max_steps // 5)
+
+
+class LoraParams(_Defaults):
+    """LoRA adapter settings (``lora.r``, ``lora.alpha``, ``lora.dropout``, ``lora.target_modules``)."""
+
+    r: int = Field(8, ge=1, description="Adapter rank.")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: str | list[str] | None = Field(None, description="Modules to adapt: 'all-linear', a list of "
+                                                   "names (or comma-separated), or empty for the trainer's default.")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        """``q_proj, v_proj`` from the CLI or YAML is a list of two names."""
+        if isinstance(v, str) and "," in v:
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+
+class TrainConfig(LMTrainingParams):
     """Everything that decides a pretraining run's numbers (model, data, optimisation, schedule)."""
+
+    field_defaults = dict(max_steps=300, lr=3e-3, batch_size=16, seq_len=128, weight_decay=0.1, min_lr_ratio=0.1,
+                          warmup_ratio=0.05, eval_every=50)
 
     # -- model
     objective: Objective = Field("clm", description="clm: causal LM (Llama-style decoder); mlm: masked LM "
@@ -24,41 +130,24 @@ class TrainConfig(StrictModel):
     model: dict[str, Any] = Field(default_factory=dict, description="Overrides of the Hugging Face config "
                                   "fields of the preset, e.g. {hidden_size: 64, num_hidden_layers: 2}.")
     # -- data
-    seq_len: int = Field(128, ge=8, description="Tokens per training window.")
-    batch_size: int = Field(16, ge=1, description="Windows per micro-batch on each device.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
-    val_fraction: float = Field(0.05, gt=0, lt=1, description="Share of windows held out for validation.")
     weights: list[float] | None = Field(None, description="Mixing weights when several token datasets are given.")
     # -- optimisation
-    max_steps: int = Field(300, ge=1, description="Optimizer steps.")
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr (cosine decay).")
-    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm (0 disables clipping).")
-    # -- evaluation, early stopping, checkpoints
-    eval_every: int = Field(50, ge=1, description="Evaluate validation loss every N steps (and at step 0 and the end).")
+    beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2.")
+    # -- evaluation, checkpoints
     eval_batches: int = Field(20, ge=1, description="Validation batches per evaluation.")
-    patience: int = Field(0, ge=0, description="Stop after this many evaluations without improvement (0: never).")
-    min_delta: float = Field(0.0, ge=0, description="Smallest validation loss decrease that counts as improvement.")
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: eval_every).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best one.")
     log_every: int = Field(10, ge=1, description="Print/log training metrics every N steps.")
     export: Literal["last", "best"] = Field("last", description="Which checkpoint becomes the stage output.")
     # -- objectives
-    mlm_probability: float = Field(0.15, gt=0, lt=1)
-    noise_density: float = Field(0.15, gt=0, lt=1)
-    mean_span_length: float = Field(3.0, ge=1)
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="mlm: share of tokens masked.")
+    noise_density: float = Field(0.15, gt=0, lt=1, description="span: share of tokens corrupted.")
+    mean_span_length: float = Field(3.0, ge=1, description="span: mean corrupted span length in tokens.")
     # -- runtime
-    seed: int = 0
-    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N, mps.")
     devices: int = Field(0, ge=0, description="Processes for data parallelism: 0 (default) uses every visible "
                          "GPU (one process on CPU); more than one launches torchrun (DDP; gloo on CPU).")
-    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
     compile: bool = Field(False, description="torch.compile the model.")
-    grad_checkpointing: bool = Field(False, description="Activation checkpointing (recompute in backward).")
     unigram_max_tokens: int = Field(2_000_000, ge=1000, description="Training tokens counted for the unigram baseline.")
 
     @field_validator("model", mode="before")
@@ -72,9 +161,18 @@ class TrainConfig(StrictModel):
                 raise ValueError(f"model overrides: not a JSON object: {e}") from None
         return v
 
+    @model_validator(mode="after")
+    def _pretrain_limits(self):
+        # fp16 would need loss scaling, which the loop does not do; validation needs held-out windows
+        if self.dtype == "float16":
+            raise ValueError("pretrain dtype: auto, float32 or bfloat16 (float16 needs loss scaling)")
+        if self.val_fraction <= 0:
+            raise ValueError("pretrain val_fraction must be above 0 (validation needs held-out windows)")
+        return self
+
     @property
     def checkpoint_every(self) -> int:
-        return self.save_every or self.eval_every
+        return self.save_every or self.resolved_eval_every()
 
 
-__all__ = ["TrainConfig", "Objective"]
+__all__ = ["TrainingParams", "LMTrainingParams", "LoraParams", "TrainConfig", "Objective", "DType", "Scheduler"]

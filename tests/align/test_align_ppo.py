@@ -63,7 +63,7 @@ def toy_prompts(dpo_en_path):
 
 
 def _toy_cfg(**kw):
-    base = dict(steps=20, rollout_batch_size=32, mini_batch_size=16, ppo_epochs=2, lr=3e-3, max_new_tokens=8,
+    base = dict(max_steps=20, batch_size=32, mini_batch_size=16, ppo_epochs=2, lr=3e-3, max_new_tokens=8,
                 max_prompt_len=16, kl_coef=0.05)
     return PPOConfig(**{**base, **kw})
 
@@ -88,13 +88,13 @@ def test_ppo_raises_toy_reward_with_bounded_kl(toy_run, tiny_causal_lm_dir, toy_
     assert 0 < kl_max < 0.5 * (1.0 - start) / 0.05, kl_max
     assert h[-1]["entropy"] < h[0]["entropy"]  # the policy sharpens towards the target tokens
     # same seed => identical run
-    again = train_ppo(str(tiny_causal_lm_dir), toy_prompts, toy_reward, _toy_cfg(steps=2), seed=0)
+    again = train_ppo(str(tiny_causal_lm_dir), toy_prompts, toy_reward, _toy_cfg(max_steps=2), seed=0)
     assert [r["reward"] for r in again.history] == [r["reward"] for r in h[:2]]
     assert [r["pg_loss"] for r in again.history] == [r["pg_loss"] for r in h[:2]]
 
 
 def test_stronger_kl_penalty_keeps_policy_closer(toy_run, tiny_causal_lm_dir, toy_prompts):
-    strong = train_ppo(str(tiny_causal_lm_dir), toy_prompts, toy_reward, _toy_cfg(steps=12, kl_coef=3.0), seed=0)
+    strong = train_ppo(str(tiny_causal_lm_dir), toy_prompts, toy_reward, _toy_cfg(max_steps=12, kl_coef=3.0), seed=0)
     kl_weak = sum(r["kl"] for r in toy_run.history[4:12]) / 8  # kl_coef 0.05, same steps
     kl_strong = sum(r["kl"] for r in strong.history[4:12]) / 8
     assert kl_strong < 0.6 * kl_weak, (kl_strong, kl_weak)
@@ -105,7 +105,7 @@ def test_stronger_kl_penalty_keeps_policy_closer(toy_run, tiny_causal_lm_dir, to
 def test_ppo_with_lora_uses_disabled_adapters_as_reference(tiny_causal_lm_dir, toy_prompts, tmp_path):
     from refinery.tasks.align.common import LoraSettings, save_model
 
-    cfg = _toy_cfg(steps=3, rollout_batch_size=8, mini_batch_size=4, lr=1e-2, lora=LoraSettings(enabled=True, r=4))
+    cfg = _toy_cfg(max_steps=3, batch_size=8, mini_batch_size=4, lr=1e-2, lora=LoraSettings(enabled=True, r=4))
     res = train_ppo(str(tiny_causal_lm_dir), toy_prompts, toy_reward, cfg, seed=0)
     assert res.history[0]["kl"] == pytest.approx(0.0, abs=1e-4)
     assert res.history[-1]["kl"] != 0.0  # adapters moved the policy away from the reference

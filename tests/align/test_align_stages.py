@@ -24,7 +24,7 @@ def test_dpo_on_real_pairs_reports_before_and_after(align_store, tiny_causal_lm_
     from refinery.tasks.align.dpo import DPOConfig
     from refinery.tasks.align.stage import DPOStageConfig, dpo_stage
 
-    cfg = DPOStageConfig(model=str(tiny_causal_lm_dir), data=str(hh_subset), max_pairs=600, eval_fraction=0.25,
+    cfg = DPOStageConfig(model=str(tiny_causal_lm_dir), data=str(hh_subset), max_pairs=600, val_fraction=0.25,
                          train=DPOConfig(lr=1e-3, beta=0.1, batch_size=16, max_prompt_len=32, max_len=128))
     ds = dpo_stage.run(align_store, [], cfg)
     m, s = ds.manifest["metrics"], ds.manifest["stats"]
@@ -87,7 +87,7 @@ def test_ppo_stage_against_trained_reward_model(tmp_path, finetune_like, trained
 
     cfg = PPOStageConfig(model=finetune_like.path, reward_model=trained_reward.path, data=str(hh_subset),
                          max_pairs=64, reward_max_prompt_len=32, reward_max_len=128,
-                         train=PPOConfig(steps=3, rollout_batch_size=8, mini_batch_size=4, max_new_tokens=12,
+                         train=PPOConfig(max_steps=3, batch_size=8, mini_batch_size=4, max_new_tokens=12,
                                          lr=1e-3, temperature=0.9, top_k=50, kl_coef=0.1))
     ds = ppo_stage.run(tmp_path, [finetune_like, trained_reward], cfg)
     m = ds.manifest

@@ -96,8 +96,8 @@ def test_lora_targets_attention_by_default_and_all_linear(tiny_causal_lm_dir):
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
     model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir, dtype=torch.float32)
-    cfg = FinetuneConfig(model=str(tiny_causal_lm_dir), data="x.json", method="lora", target_modules="all-linear",
-                         lora_r=4)
+    cfg = FinetuneConfig(model=str(tiny_causal_lm_dir), data="x.json", method="lora",
+                         lora={"target_modules": "all-linear", "r": 4})
     pm = get_peft_model(model, peft_config(cfg, model))
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in pm.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -107,7 +107,7 @@ def test_lora_targets_attention_by_default_and_all_linear(tiny_causal_lm_dir):
 def test_dora_merges_exactly(tiny_causal_lm_dir, sft_file, tmp_path):
     from peft import PeftModel
 
-    cfg = FinetuneConfig(model=str(tiny_causal_lm_dir), data=str(sft_file), method="lora", use_dora=True,
+    cfg = FinetuneConfig(model=str(tiny_causal_lm_dir), data=str(sft_file), method="lora", lora={"use_dora": True},
                          **{**FAST, "max_steps": 2, "num_samples": 0})
     ds = finetune.run(tmp_path / "store", cfg=cfg)
     m = ds.manifest

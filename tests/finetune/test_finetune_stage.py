@@ -23,7 +23,7 @@ def _losses(ds):
 
 
 def test_cached_deterministic_and_input_identity(tiny_causal_lm_dir, sft_file, tmp_path, exec_log):
-    cfg = FinetuneConfig(model=str(tiny_causal_lm_dir), data=str(sft_file), method="lora", lora_dropout=0.1, **FAST)
+    cfg = FinetuneConfig(model=str(tiny_causal_lm_dir), data=str(sft_file), method="lora", lora={"dropout": 0.1}, **FAST)
     a = finetune.run(tmp_path / "s1", cfg=cfg)
     again = finetune.run(tmp_path / "s1", cfg=FinetuneConfig.model_validate(cfg.model_dump()))
     assert again.path == a.path and len(_exec_lines(exec_log)) == 1  # cached: no second execution
@@ -102,6 +102,7 @@ def test_learning_rate_defaults():
     assert 1e-5 <= DEFAULT_LR["full"] <= 5e-5
     assert 1e-4 <= DEFAULT_LR["lora"] <= 2e-4 and DEFAULT_LR["qlora"] == DEFAULT_LR["lora"]
     assert FinetuneConfig(model="m", data="d", lr=0.1).resolved_lr() == 0.1
+    assert FinetuneConfig(model="m", data="d", method="full", lr=None).lr == DEFAULT_LR["full"]  # empty: method's
     c = FinetuneConfig(model="m", data="d", max_steps=100)
     assert c.resolved_warmup() == 3 and c.resolved_eval_every() == 20
 

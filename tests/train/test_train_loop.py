@@ -46,7 +46,7 @@ def test_early_stopping_and_checkpoints(readers, tmp_path):
     from refinery.tasks.train.checkpoint import list_checkpoints, load_state
 
     # a high constant-ish lr: validation loss stalls after a dozen steps and patience 2 stops the run
-    cfg = cfg_for(max_steps=200, lr=0.05, warmup_steps=0, eval_every=3, patience=2, keep_last=2, grad_clip=0)
+    cfg = cfg_for(max_steps=200, lr=0.05, warmup_steps=0, eval_every=3, early_stopping_patience=2, keep_last=2, grad_clip=0)
     res = run(cfg, readers, tmp_path / "ck")
     assert res["status"] == "early_stopped" and res["steps"] < 200
     vals = val_losses(res)
