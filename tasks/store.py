@@ -151,7 +151,7 @@ def path_problem(rel: Any) -> str | None:
     """Why a manifest path is not a plain relative path inside the dataset folder, else None."""
     if not isinstance(rel, str) or not rel:
         return f"bad path {rel!r}"
-    if rel.startswith(("/", "~")) or "\\" in rel or (len(rel) > 1 and rel[1] == ":") or "://" in rel:
+    if rel.startswith(("/", "~")) or "\\" in rel or rel[1:3] in (":/", ":\\") or "://" in rel:
         return f"{rel}: absolute path (manifest paths must stay inside the dataset folder)"
     if any(p in ("", ".", "..") for p in rel.split("/")):
         return f"{rel}: path leaves the dataset folder or is not normalized"
