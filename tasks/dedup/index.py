@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from typing import Any
 
 import fsspec
 
@@ -122,7 +123,7 @@ class DedupIndex:
             files.append(by_part[part])
         seg = {"name": name, "input": input_fp, "dedup": ds.fingerprint, "files": files,
                "docs": sum(f["rows"] or 0 for f in files)}
-        new = {"format": FORMAT, "params": {k: params[k] for k in PARAM_KEYS} | {
+        new: dict[str, Any] = {"format": FORMAT, "params": {k: params[k] for k in PARAM_KEYS} | {
             "exact": params.get("exact"), "by_url": params.get("by_url"), "verify": params.get("verify")},
             "segments": (m["segments"] if m else []) + [seg]}
         new["docs"] = sum(s["docs"] for s in new["segments"])

@@ -461,10 +461,11 @@ def _sources(sig_ds: Dataset, index_path: str | None, index_base: list[dict]) ->
                 for p in sig_ds.files_with_prefix("shingles-")}
     sources: list[_Source] = []
     start = 0
-    index = None
     if index_base:
         from refinery.tasks.dedup.index import DedupIndex
 
+        if index_path is None:
+            raise ValueError("dedup: index segments given without the index's path")
         index = DedupIndex(index_path)
     for seg in index_base:
         for f in seg["files"]:
@@ -892,7 +893,7 @@ def run_config(cfg: DedupConfig, docs: Dataset) -> DedupRunConfig:
     return DedupRunConfig(**cfg.model_dump(), index_base=base)
 
 
-def dedup_stages(workdir: str, docs: Dataset | str, cfg: DedupConfig, runner: Any = None,
+def dedup_stages(workdir: str | Store, docs: Dataset | str, cfg: DedupConfig, runner: Any = None,
                  prefect: bool = True, map_fn=None) -> dict[str, Dataset]:
     """Run ``minhash``, ``lsh_bands`` then ``dedup`` (then add the run to ``cfg.index``); returns
     the three datasets in that order (the last one holds the deduplicated documents).
@@ -907,9 +908,10 @@ def dedup_stages(workdir: str, docs: Dataset | str, cfg: DedupConfig, runner: An
     rcfg = run_config(cfg, docs)
     bcfg = bands_config(rcfg)
     if prefect:
-        sig = Minhash.call(workdir, [docs], scfg, runner=runner)
-        bands = LshBands.call(workdir, [sig], bcfg, runner=runner)
-        out = dedup.call(workdir, [docs, sig, bands], rcfg)
+        root = workdir.root if isinstance(workdir, Store) else workdir
+        sig = Minhash.call(root, [docs], scfg, runner=runner)
+        bands = LshBands.call(root, [sig], bcfg, runner=runner)
+        out = dedup.call(root, [docs, sig, bands], rcfg)
     else:
         store = workdir if isinstance(workdir, Store) else Store(workdir)
         sig = Minhash.run(store, [docs], scfg, map_fn=map_fn)

@@ -38,6 +38,7 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from refinery.tasks.demo import texts as T
 from refinery.tasks.demo.prose import Passage, stdlib_prose
@@ -190,8 +191,8 @@ def _render(layout: str, *, site: str, title: str, section: str, byline: str, bo
             charset: str = "utf-8", path: str = "/", nav: list[str] | None = None, footer: list[str] | None = None,
             cookie: str = "We use cookies to improve your experience. By continuing to browse this site you "
                           "agree to our use of cookies.",
-            accept: str = "Accept all", related: str = "Related articles", related_items: list[str] = (),
-            rights: str = "All rights reserved.", comments: list[str] = (), year: int = 2024) -> str:
+            accept: str = "Accept all", related: str = "Related articles", related_items: Sequence[str] = (),
+            rights: str = "All rights reserved.", comments: Sequence[str] = (), year: int = 2024) -> str:
     nav = nav or T.EN_NAV
     footer = footer or T.EN_FOOTER
     e = html.escape
@@ -636,6 +637,7 @@ def _distribute(rng: random.Random, crawl: _Crawl, n_files: int) -> list[list[Pa
     pages = list(crawl.pages)
     rng.shuffle(pages)
     per_file = [pages[i::n_files] for i in range(n_files)]
+    assert crawl.corrupt_page is not None, "_plant_pages plants the corrupt page"
     per_file[-1].append(crawl.corrupt_page)
     return per_file
 

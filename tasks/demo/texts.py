@@ -2,6 +2,8 @@
 localized boilerplate, spam material and near-duplicate edits."""
 from __future__ import annotations
 
+from typing import Any
+
 # Two short articles per language, two paragraphs each. Chinese is served as gb2312 and
 # Russian as windows-1251, so every character here must exist in those code pages.
 FOREIGN: dict[str, dict] = {
@@ -230,7 +232,7 @@ ADDED_SENTENCES = [
 ]
 
 # English boilerplate pieces.
-EN_SITES = [
+EN_SITES: list[dict[str, Any]] = [
     {"domain": "pythonnotes.org", "site": "Python Notes", "layout": "semantic",
      "sections": ["guides", "reference", "howto"]},
     {"domain": "devdocshub.net", "site": "DevDocs Hub", "layout": "divs", "sections": ["docs", "articles"]},

@@ -222,7 +222,7 @@ class Filter:
 
     @staticmethod
     def plan(inputs: list, cfg: FilterConfig) -> list[dict]:
-        items = []
+        items: list[dict] = []
         for ds in inputs:
             for path in ds.files:
                 if path.endswith(".parquet"):
