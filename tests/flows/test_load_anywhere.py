@@ -152,3 +152,40 @@ def test_dedup_without_duplicates_writes_no_clusters_table(tmp_path):
     assert not any(f["path"].startswith("clusters") for f in out.manifest["files"])
     assert read_clusters(out).num_rows == 0 and "cluster_id" in read_clusters(out).column_names
     assert pq.read_table(out.files[0]).num_rows == 2
+
+
+def test_card_is_deterministic_and_keeps_a_stages_own_readme(tmp_path):
+    """Two builds of one fingerprint in different places write the same card bytes (it names no
+    path or date); a stage's own top-level README.md (a model card) is kept; a dataset without
+    parts gets a card without ``configs``; token shards get ``part-*.arrow``."""
+    from refinery.tasks.card import card_text, part_name
+
+    def build(root, **files):
+        b = Store(root).builder("toy", "toy0123456789abc")
+        for rel, table in files.items():
+            b.write_table(rel, table)
+        return b
+
+    t = pa.table({"id": ["a", "b"], "text": ["x", "y"]})
+    cards = []
+    for where in ("one", "two"):
+        ds = build(tmp_path / where, **{part_name(0): t}).publish(version="1", config={}, inputs=[],
+                                                                  counts={"docs_out": 2, "seconds": 0.5})
+        cards.append(Path(ds.file(CARD)).read_bytes())
+        rec = next(f for f in ds.manifest["files"] if f["path"] == CARD)
+        assert rec["card"] is True and rec["rows"] is None
+    assert cards[0] == cards[1] and b"0.5" not in cards[0]            # floats and timings stay out
+
+    b = build(tmp_path / "model")
+    b.write_bytes(CARD, b"# my model\n")
+    b.write_bytes("model/config.json", b"{}")
+    ds = b.publish(version="1", config={}, inputs=[], counts={})
+    assert Path(ds.file(CARD)).read_bytes() == b"# my model\n"
+
+    text = card_text(stage="pretrain", fingerprint="f", code_version="v", inputs=[], counts={},
+                     records=[{"path": "model/config.json", "rows": None}])
+    assert "configs:" not in text.split("---")[1] and "`model/`" in text
+    arrow = card_text(stage="tokenize", fingerprint="f", code_version="v", inputs=[], counts={},
+                      records=[{"path": "part-00000-000.arrow", "rows": 10}, {"path": "index/docs-00000-000.arrow",
+                                                                             "rows": 3}])
+    assert 'path: "part-*.arrow"' in arrow
