@@ -63,6 +63,8 @@ def test_run_flow_help_lists_dotted_nested_parameters(capsys):
     assert main(["run", "align", "--help"]) == 0
     out = capsys.readouterr().out
     assert "  ppo.kl_coef: float, default " in out and "  input: str, required" in out
+    assert main(["run", "finetune", "--help"]) == 0
+    assert "  lora.r: int, default " in capsys.readouterr().out
 
 
 def test_help_names_every_field_of_the_model():
