@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from pydantic import ValidationError
 
 from refinery.flows.finetune import FinetuneParams
 
@@ -21,7 +22,7 @@ def test_params_to_stage_config(tiny_causal_lm_dir, sft_file, tmp_path, monkeypa
     assert cfg.data == str(sft_file) and cfg.method == "qlora" and cfg.resolved_lr() == 1e-4
     st = os.stat(sft_file)  # the runtime's one rule for raw input files: location|size|mtime
     assert cfg.identity["data"] == f"{sft_file}|{st.st_size}|{st.st_mtime_ns}"
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         FinetuneParams(input="m", data="d", method="adapterz")
 
 
@@ -29,8 +30,6 @@ def test_params_to_stage_config(tiny_causal_lm_dir, sft_file, tmp_path, monkeypa
                                  {"compute_dtype": "bfloat16"}, {"dtype": "bf16"}])
 def test_unknown_and_old_keys_fail(bad):
     """``lora.rr`` (a typo) and the old spellings (``lora_r``, ``options``, ``compute_dtype``, ``bf16``) are errors."""
-    from pydantic import ValidationError
-
     with pytest.raises(ValidationError):
         FinetuneParams(input="m", data="d", **bad)
 
