@@ -35,6 +35,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -188,7 +189,7 @@ class Stage:
             return self._shard(b, item, cfg)
         except Exception as e:  # noqa: BLE001 - reported with every other failure in _settle
             failure = ShardFailure(item["name"], error_text(e))
-            log.warning("%s: shard %s failed: %s", self.name, failure.name, failure.error)
+            _warn("%s: shard %s failed: %s", self.name, failure.name, failure.error)
             return failure
 
     def max_failed(self, cfg: Any) -> int:
@@ -319,6 +320,18 @@ class Stage:
 
     def __repr__(self) -> str:
         return f"<stage {self.name} v{self.version}{' sharded' if self.sharded else ''}>"
+
+
+def _warn(msg: str, *args: Any) -> None:
+    """A warning in our log and, inside a Prefect run, in that run's log (the UI shows it)."""
+    log.warning(msg, *args)
+    if "prefect" not in sys.modules:   # plain Python: no run to report to (and no Prefect import)
+        return
+    from prefect.context import TaskRunContext, FlowRunContext
+    from prefect.logging import get_run_logger
+
+    if TaskRunContext.get() is not None or FlowRunContext.get() is not None:
+        get_run_logger().warning(msg, *args)
 
 
 def _mark(ds: Dataset, cached: bool) -> Dataset:
