@@ -4,6 +4,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from refinery.flows.common import FlowParams, emit_completed, refinery_flow, report_stages, result
+from refinery.tasks.decontam.stage import DecontamConfig, decontam_stages
 from refinery.tasks.dedup.stage import DedupConfig, dedup_stages
 from refinery.tasks.filters.stage import Filter, FilterConfig, table_rows
 from refinery.tasks.ingest.stage import Ingest, IngestConfig, InputSpec, ingest_report_rows
@@ -18,6 +19,7 @@ class CurateParams(FlowParams):
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="Ingest and extraction settings; ingest.inputs adds more tagged inputs (books, code, ...).")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="Quality and content filters, in order.")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and MinHash near-duplicate removal.")
+    decontaminate: DecontamConfig = Field(default_factory=DecontamConfig, description="Benchmark decontamination after dedup: runs when decontaminate.sources lists benchmarks (JSONL files, lm-eval task YAMLs or names).")
 
     @model_validator(mode="after")
     def _needs_input(self):
@@ -50,11 +52,15 @@ def curate_flow(p: CurateParams) -> dict:
         stages["ingest"] = Ingest.call(p.workdir, [], ingest_config(p), runner=runner)
         stages["filter"] = Filter.call(p.workdir, [stages["ingest"]], p.filters, runner=runner)
         stages.update(dedup_stages(p.workdir, stages["filter"], p.dedup, runner=runner))
+        stages.update(decontam_stages(p.workdir, stages[list(stages)[-1]], p.decontaminate, runner=runner))
     report_stages("curate", stages)
     table_artifact("curate-ingest-files", ingest_report_rows(stages["ingest"]),
                    description="Per input file: documents read, skipped records and errors")
     table_artifact("curate-filter-rules", table_rows(stages["filter"].counts, p.filters.rules),
                    description="Documents dropped per filter rule and reason")
-    out = result(stages, primary=stages[list(stages)[-1]].path)  # the last dedup step's documents
+    if "decontaminate" in stages:
+        table_artifact("curate-decontaminate", stages["decontaminate"].manifest.get("stats", {}).get("table", []),
+                       description="Documents sharing an n-gram with each benchmark")
+    out = result(stages, primary=stages[list(stages)[-1]].path)  # the last dedup (or decontaminate) step's documents
     emit_completed("curate", out, primary=out["primary"])
     return out

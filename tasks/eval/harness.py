@@ -120,14 +120,17 @@ def run_harness(model_path: str, specs: list[TaskSpec], *, limit: int | float | 
     """``lm_eval.simple_evaluate`` on an ``HFLM`` of ``model_path``; its full result dict."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     kwargs: dict[str, Any] = {"pretrained": model_path, "batch_size": batch_size, "device": device}
     if max_length:
         kwargs["max_length"] = max_length
     lm = HFLM(**kwargs)
+    # only registry names need lm-eval's task index (a scan of thousands of YAML files)
+    manager = TaskManager(include_defaults=any(s.config is None for s in specs))
     try:
         return lm_eval.simple_evaluate(
-            model=lm, tasks=lm_eval_tasks(specs), limit=limit, num_fewshot=num_fewshot, log_samples=True,
+            model=lm, tasks=lm_eval_tasks(specs), task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=True,
             gen_kwargs=gen_kwargs or None, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=seed)
     finally:
