@@ -145,3 +145,27 @@ def test_result_store_apart_from_the_data_root(tmp_path, monkeypatch):
         run_toy(root)
     assert not (tmp_path / "m1").exists() and not (tmp_path / "m2").exists()
     assert os.environ["REFINERY_RESULT_STORAGE"] == str(results)
+
+
+def test_remote_result_store_refuses_too(tmp_path, monkeypatch):
+    """The same check through the remote (fsspec) storage block: results in ``memory://``."""
+    import uuid
+
+    import fsspec
+
+    where = f"memory://refinery-results-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("REFINERY_RESULT_STORAGE", where)
+    root = tmp_path / "data"
+    out = run_toy(root)
+    mem = fsspec.filesystem("memory")
+    key = record_path(root).name
+    path = f"{where}/{key}"
+    assert json.loads(json.loads(mem.cat(path))["result"])["path"] == out
+    marker = tmp_path / "pwned"
+    mem.pipe(path, pickle_record(marker))
+    try:
+        with pytest.raises(UnsafeResultRecord, match=key):
+            run_toy(root)
+        assert not marker.exists()
+    finally:
+        mem.rm(where.removeprefix("memory://"), recursive=True)
