@@ -11,6 +11,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from refinery.flows.common import FlowParams, emit_completed, refinery_flow, report_stages, result
+from refinery.tasks.tokens.holdout import HoldoutConfig, holdout
 from refinery.tasks.tokens.stage import Tokenize, TokenizeConfig
 from refinery.tasks.tokens.tokenizer import TokenizerConfig, tokenizer_stage
 
@@ -23,6 +24,9 @@ class TokenizeParams(FlowParams):
                                        "trained on the input (vocab_size, sentinels, special tokens).")
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="Token shards: max_tokens_per_file, "
                                      "batch_docs, dtype (auto/uint16/uint32), text_field.")
+    holdout: HoldoutConfig = Field(default_factory=HoldoutConfig, description="Held-out documents, never tokenized "
+                                   "for training and published as their own dataset (evaluate scores them): "
+                                   "fraction (0 disables), min_docs, max_docs, salt; chosen by a hash of the id.")
 
 
 @refinery_flow("tokenize", TokenizeParams)
@@ -38,7 +42,11 @@ def tokenize_flow(p: TokenizeParams) -> dict:
     with make_runner(p.task_runner) as runner:
         tok_inputs = [] if p.tokenizer.path else [docs]
         stages["tokenizer"] = tokenizer_stage.call(p.workdir, tok_inputs, p.tokenizer, runner=runner)
-        stages["tokenize"] = Tokenize.call(p.workdir, [docs, stages["tokenizer"]], p.tokenize, runner=runner)
+        held = []
+        if p.holdout.fraction > 0:
+            stages["holdout"] = holdout.call(p.workdir, [docs], p.holdout, runner=runner)
+            held = [stages["holdout"]]
+        stages["tokenize"] = Tokenize.call(p.workdir, [docs, stages["tokenizer"], *held], p.tokenize, runner=runner)
     report_stages("tokenize", stages)
     out = result(stages, primary=stages["tokenize"].path)
     emit_completed("tokenize", out, primary=out["primary"])

@@ -77,19 +77,22 @@ def _tokenizer_of(ds) -> tuple[str, dict]:
 
 @stage("tokenize", version="1", sharded=True)
 class Tokenize:
-    """inputs = [documents dataset, tokenizer dataset] -> token shards + manifest."""
+    """inputs = [documents dataset, tokenizer dataset(, holdout dataset)] -> token shards + manifest.
+    The documents of the optional holdout dataset (refinery.tasks.tokens.holdout) are skipped."""
 
     @staticmethod
     def plan(inputs, cfg: TokenizeConfig) -> list[dict]:
-        if len(inputs) != 2:
-            raise ValueError("tokenize takes two inputs: a documents dataset and a tokenizer dataset")
-        docs, tok_ds = inputs
+        if len(inputs) not in (2, 3):
+            raise ValueError("tokenize takes two or three inputs: a documents dataset, a tokenizer dataset "
+                             "and optionally a holdout dataset")
+        docs, tok_ds = inputs[:2]
+        held = {"path": inputs[2].path, "fingerprint": inputs[2].fingerprint} if len(inputs) == 3 else None
         tok_dir, info = _tokenizer_of(tok_ds)
         dtype = token_dtype(info["vocab_size"]) if cfg.dtype == "auto" else cfg.dtype
         if dtype == "uint16" and info["vocab_size"] > 1 << 16:
             raise ValueError(f"dtype uint16 cannot hold a vocabulary of {info['vocab_size']}")
         return [{"name": f"part-{i:05d}", "part": i, "file": path, "tokenizer": tok_ds.path, "sha256": info["sha256"],
-                 "eos_id": int(info["eos_id"]), "dtype": dtype}
+                 "eos_id": int(info["eos_id"]), "dtype": dtype, "holdout": held}
                 for i, path in enumerate(docs.files)]
 
     @staticmethod
@@ -100,8 +103,9 @@ class Tokenize:
         t0 = time.perf_counter()
         tok = load_fast_tokenizer(item["tokenizer"], item["sha256"])
         writer = ShardWriter(b, item["part"], item["dtype"], cfg.max_tokens_per_file, cfg.batch_tokens)
-        docs_in = docs_out = null_text = empty = bad_utf8 = chars = 0
+        docs_in = docs_out = null_text = empty = bad_utf8 = chars = held_out = 0
         encode_s = 0.0
+        held = _heldout_ids(item.get("holdout"))
         path = item["file"]
         try:
             fs, fs_path = fsspec.core.url_to_fs(path)
@@ -127,6 +131,9 @@ class Tokenize:
                     docs_in += len(texts)
                     keep_t, keep_i = [], []
                     for t, d in zip(texts, ids):
+                        if held and d is not None and str(d) in held:   # held out: never trained on
+                            held_out += 1
+                            continue
                         if isinstance(t, bytes):  # a binary text column: keep what is valid UTF-8
                             try:
                                 t = t.decode("utf-8")
@@ -155,13 +162,13 @@ class Tokenize:
         return {"docs_in": docs_in, "docs_out": docs_out, "tokens": tokens, "chars": chars,
                 "dropped": {"null_text": null_text, "empty": empty, "invalid_utf8": bad_utf8},
                 "files": writer.files, "seconds": round(time.perf_counter() - t0, 4),
-                "encode_seconds": round(encode_s, 4)}
+                "encode_seconds": round(encode_s, 4), "held_out": held_out}
 
     @staticmethod
     def reduce(b, results: list[dict], cfg: TokenizeConfig, inputs) -> StageOutput:
         from refinery.tasks.runtime import sum_counts
 
-        docs, tok_ds = inputs
+        docs, tok_ds = inputs[:2]
         tok_dir, info = _tokenizer_of(tok_ds)
         files = [f for r in results for f in r["files"]]
         _put_tokenizer(b, tok_dir)
@@ -174,6 +181,10 @@ class Tokenize:
         for k in ("docs_in", "docs_out", "tokens", "chars"):
             c.setdefault(k, 0)
         c["files"] = len(files)
+        if len(inputs) == 3:   # the held-out documents: a documents dataset of their own, for evaluation
+            c["held_out"] = sum(r.get("held_out", 0) for r in results)
+            extra["holdout"] = {"path": inputs[2].path, "fingerprint": inputs[2].fingerprint,
+                                "docs": inputs[2].counts.get("docs_out")}
         shard_s = sum(r["seconds"] for r in results)
         enc_s = sum(r["encode_seconds"] for r in results)
         stats = {
@@ -183,6 +194,14 @@ class Tokenize:
             "tokens_per_doc": round(c["tokens"] / max(1, c["docs_out"]), 2),
         }
         return StageOutput(counts=c, stats=stats, extra=extra)
+
+
+def _heldout_ids(ref: dict | None) -> frozenset[str]:
+    if not ref:
+        return frozenset()
+    from refinery.tasks.tokens.holdout import heldout_ids
+
+    return heldout_ids(ref["path"], ref["fingerprint"])
 
 
 def _put_tokenizer(b, tok_dir: str) -> None:

@@ -35,7 +35,7 @@ def test_cli_run_tokenize(tmp_path, prose_texts, exec_log, capsys, monkeypatch):
     assert main(["run", "tokenize", "--set", f"input={docs.path}", "--set", "tokenizer.vocab_size=400",
                  "--set", "tokenize.max_tokens_per_file=5000", "--workdir", str(work), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(out["outputs"]) == {"tokenizer", "tokenize"}
+    assert set(out["outputs"]) == {"tokenizer", "holdout", "tokenize"}   # holdout: the held-out documents
     tok_path = Path(out["outputs"]["tokenize"])
     manifest = json.loads((tok_path / "manifest.json").read_text())
     # 1. plain pyarrow opens every Arrow file; 2. their tokens add up to the manifest's total
@@ -51,10 +51,10 @@ def test_cli_run_tokenize(tmp_path, prose_texts, exec_log, capsys, monkeypatch):
     assert tok.eos_token_id == manifest["eos_id"] and len(tok) == manifest["vocab_size"] == 400
     assert manifest["tokenizer"]["path"] == out["outputs"]["tokenizer"]
     log = read_exec_log(exec_log)
-    assert sorted({line.split()[0] for line in log}) == ["tokenize", "tokenizer"]
+    assert sorted({line.split()[0] for line in log}) == ["holdout", "tokenize", "tokenizer"]
 
     again = tokenize_flow.run_params(TokenizeParams(input=docs.path, workdir=str(work),
                                                     tokenizer={"vocab_size": 400},
                                                     tokenize={"max_tokens_per_file": 5000}))
-    assert list(again["outputs"]) == ["tokenizer", "tokenize"]  # the token dataset is the primary (last) output
+    assert list(again["outputs"]) == ["tokenizer", "holdout", "tokenize"]  # the token dataset is the primary (last) output
     assert again["outputs"] == out["outputs"] and read_exec_log(exec_log) == log  # cached: nothing ran
