@@ -611,6 +611,7 @@ class _Run:
 
 @dataclasses.dataclass
 class _Clustering:
+    """The connected components over all documents (index and new) and how they were found."""
     roots: np.ndarray                 # root (smallest member) of each document's cluster
     pair_stats: dict[str, int]
     edges_by_key: dict[str, int]
@@ -619,6 +620,7 @@ class _Clustering:
 
     @functools.cached_property
     def sizes(self) -> np.ndarray:
+        """Members per root (0 for documents that are not a root)."""
         return np.bincount(self.roots, minlength=len(self.roots))
 
 
@@ -807,7 +809,7 @@ def _write_clusters(b, clustering: _Clustering, m: _Members, d: _Decisions) -> b
         "duplicate_of": pa.array([None if k else x for k, x in zip(d.winner_is_self[sel], ids[w[sel]].tolist())],
                                  pa.string()),
         "reason": pa.array([r or None for r in d.reasons[sel].tolist()], pa.string()),
-        "cluster_size": pa.array(clustering.sizes[clustering.roots][m.involved[sel]].astype(np.int64)),
+        "cluster_size": pa.array(clustering.sizes[clustering.roots[m.involved[sel]]].astype(np.int64)),
         "winner_from_index": pa.array(d.is_index[w[sel]]),
     })
     b.write_table(CLUSTERS_FILE, clusters)
