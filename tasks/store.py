@@ -233,24 +233,24 @@ class Dataset:
         folder (always checked); with ``check`` (the default, cheap: a stat per file or one
         listing) every file must exist with the manifest's size. Raises DatasetNotFound when there
         is no manifest, DatasetCorrupt (a subclass) when the files do not match it."""
-        path = str(path)
-        fs, fs_path = fsspec.core.url_to_fs(path)
+        where = str(path)
+        fs, fs_path = fsspec.core.url_to_fs(where)
         if _is_local(fs):
-            path = fs_path = os.path.abspath(fs_path)
+            where = fs_path = os.path.abspath(fs_path)
         mpath = _join(fs_path, MANIFEST)
         try:
             with fs.open(mpath, "rb") as f:
                 manifest = json.loads(f.read())
         except FileNotFoundError:
-            raise DatasetNotFound(f"{path}: no {MANIFEST}, so not a complete refinery dataset") from None
+            raise DatasetNotFound(f"{where}: no {MANIFEST}, so not a complete refinery dataset") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DatasetCorrupt(f"{path}: unreadable {MANIFEST}: {e}") from None
+            raise DatasetCorrupt(f"{where}: unreadable {MANIFEST}: {e}") from None
         problems = manifest_problems(manifest)
         if not problems and check:
             problems = size_problems(fs, fs_path, manifest["files"])
         if problems:
-            raise DatasetCorrupt(f"{path}: damaged dataset: {_summary(problems)}")
-        return cls(path, manifest, fs)
+            raise DatasetCorrupt(f"{where}: damaged dataset: {_summary(problems)}")
+        return cls(where, manifest, fs)
 
     def verify(self) -> list[str]:
         """Every problem of the dataset: files missing, of the wrong size, or whose sha256
@@ -299,8 +299,10 @@ class Dataset:
 
     @property
     def files(self) -> list[str]:
-        """The main data parts (tables named ``part-*``), in manifest order."""
-        return self.files_with_prefix("part-")
+        """The main data parts (top-level tables named ``part-*``; side tables live in subfolders),
+        in manifest order."""
+        return [self.file(f["path"]) for f in self.manifest.get("files", [])
+                if "/" not in f["path"] and f["path"].startswith("part-") and f.get("rows") is not None]
 
     def iter_tables(self, columns: list[str] | None = None, files: list[str] | None = None) -> Iterator:
         import pyarrow.parquet as pq
@@ -325,7 +327,8 @@ class Dataset:
         dest = cache / self.stage / self.fingerprint
         if (dest / MANIFEST).exists():
             return str(dest)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.fingerprint}-", dir=str(cache.mkdir(parents=True, exist_ok=True) or cache)))
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.fingerprint}-", dir=str(cache)))
         self.fs.get(self._fs_path + "/", str(tmp), recursive=True)
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -435,6 +438,18 @@ LEASE_SECONDS = 60.0     # an object-store lease's lifetime; its holder renews i
 _POLL_MIN, _POLL_MAX = 0.05, 1.0
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
 _THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child must not inherit in-process locks that its parent's other threads held."""
+    global _THREAD_LOCKS_GUARD
+    _THREAD_LOCKS_GUARD = threading.Lock()
+    _THREAD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
@@ -677,14 +692,16 @@ class _Lease:
         return True
 
     def _heartbeat(self) -> None:
+        gen = self.gen
+        assert gen is not None
         while not self._stop.wait(self.seconds / 3):
             try:
-                if self._gens()[-1:] != [self.gen] or time.time() > self.info["expires"]:
+                if self._gens()[-1:] != [gen] or time.time() > self.info["expires"]:
                     self.lost = True
-                    log.error("%s: lease %s was lost (expired or taken over)", self.dir, self.gen)
+                    log.error("%s: lease %s was lost (expired or taken over)", self.dir, gen)
                     return
                 self.info["expires"] = time.time() + self.seconds
-                with self.fs.open(self._file(self.gen), "wb") as f:
+                with self.fs.open(self._file(gen), "wb") as f:
                     f.write(json.dumps(self.info).encode())
             except Exception as e:  # noqa: BLE001 - a failed renewal is retried at the next beat
                 log.warning("%s: could not renew lease %s: %s", self.dir, self.gen, e)
