@@ -288,8 +288,8 @@ class Stage:
             items = self.obj.plan(inputs, cfg)
             _check_items(self.name, items)
             b = store.builder(self.name, fp)
-            results: list = [b.shard_result(it["name"]) for it in items]   # finished shards need no task
-            todo = [i for i, r in enumerate(results) if r is None]
+            results: list | None = [b.shard_result(it["name"]) for it in items]   # finished shards need no task
+            todo = [i for i, r in enumerate(results or []) if r is None]
             shard_task = _prefect_shard_task().with_options(name=f"{self.name}-shards")
             futures = []
             for group in shard_groups(todo, runner_slots(runner)):
@@ -302,8 +302,8 @@ class Stage:
                 futures.append((group, fut))
             for group, fut in futures:   # every group is waited for before any failure is raised
                 for i, r in zip(group, _group_outcomes(b, [items[i] for i in group], fut)):
-                    results[i] = r
-            results, failed = self._settle(items, results, cfg)
+                    results[i] = r   # type: ignore[index]
+            results, failed = self._settle(items, results or [], cfg)
         else:
             results = None
         storage = result_storage(store)
@@ -377,7 +377,7 @@ def _run_shard_task(stage_ref: str, root: str, fp: str, items: list[dict], cfg: 
     failed = [(o.name, o.error) for o in outcomes if isinstance(o, ShardFailure)]
     if failed:
         raise ShardsFailed(st.name, failed)
-    return outcomes
+    return [o for o in outcomes if not isinstance(o, ShardFailure)]
 
 
 def _group_outcomes(b: Builder, items: list[dict], fut: Any) -> list:
@@ -509,7 +509,7 @@ def _has_typed_objects(value: Any) -> bool:
     return False
 
 
-def _json_only(base: type) -> type:
+def _json_only(base: Any) -> type:
     """A Prefect storage block like ``base`` whose reads pass :func:`check_result_record`, so no
     read path of Prefect's (cache lookup, ``exists``, result retrieval) can decode a record that
     names another serializer."""

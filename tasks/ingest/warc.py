@@ -25,7 +25,7 @@ import gzip
 import io
 import re
 import zlib
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 GZIP_MAGIC = b"\x1f\x8b\x08"
 WARC_MAGIC = b"WARC/"
@@ -237,7 +237,7 @@ def iter_arc(f: IO[bytes], max_record_bytes: int | None = None) -> Iterator[RawR
     """Records of an ARC file (v1 or v2; plain or gzip, one member per record or whole file)."""
     head = f.read(3)
     f.seek(0)
-    stream: IO[bytes] = gzip.GzipFile(fileobj=f) if head == GZIP_MAGIC else f
+    stream: Any = gzip.GzipFile(fileobj=f) if head == GZIP_MAGIC else f
     reader = io.BufferedReader(stream) if not isinstance(stream, io.BufferedReader) else stream
     offset = 0
     first = True

@@ -22,7 +22,7 @@ def inputs(tmp_path, monkeypatch):
     d = tmp_path / "in"
     d.mkdir()
     words = ["alpha", "bravo", "charlie"]
-    for i, w in enumerate(words):
+    for w in words:
         (d / f"{w}.jsonl").write_text("".join(
             json.dumps({"id": f"{w}-{k}", "text": f"Document {k} of file {w}: " + "some words here. " * 8}) + "\n"
             for k in range(5)))
