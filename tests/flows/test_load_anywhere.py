@@ -1,5 +1,5 @@
-"""Every documents dataset of curate (ingest, filter, dedup and, where the stage exists,
-decontaminate) loads with Hugging Face ``datasets``, both ways, and gives exactly its documents: ``load_dataset(PATH)`` (through the README.md card's ``configs``) and
+"""Every documents dataset (ingest, filter, dedup and, where the stages exist, decontaminate and
+tokenize's held-out split) loads with Hugging Face ``datasets``, both ways, and gives exactly its documents: ``load_dataset(PATH)`` (through the README.md card's ``configs``) and
 ``load_dataset("parquet", data_dir=PATH)`` (through the file names alone).
 
 The demo crawl is small but has what used to break this: an input file whose documents the
@@ -53,6 +53,12 @@ def curated(tmp_path_factory) -> dict[str, Dataset]:
     ingest = run_ingest(store, cfg)
     filt = run_filter(store, [ingest], FilterConfig())
     out = {"ingest": ingest, "filter": filt, "dedup": run_dedup(store, filt, DedupConfig())["dedup"]}
+    try:  # tokenize's held-out documents: a documents dataset of its own
+        from refinery.tasks.tokens.holdout import HoldoutConfig, holdout
+
+        out["holdout"] = holdout.run(store, [out["dedup"]], HoldoutConfig(fraction=0.05))
+    except ImportError:
+        pass
     try:
         from refinery.tasks.decontam.stage import DecontamConfig, run_decontaminate
     except ImportError:  # the stage is optional here: tested when present
@@ -65,7 +71,7 @@ def curated(tmp_path_factory) -> dict[str, Dataset]:
     return out
 
 
-STAGES = ["ingest", "filter", "dedup", "decontaminate"]
+STAGES = ["ingest", "filter", "dedup", "decontaminate", "holdout"]
 
 
 def _stage(curated: dict, stage: str) -> Dataset:
