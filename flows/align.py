@@ -43,11 +43,15 @@ class AlignSettings(StrictModel):
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO settings (method=dpo).")
 
 
-class AlignParams(FlowParams, AlignSettings):
-    """Flow parameters: the storage root, the two inputs, and the alignment settings."""
+class _Inputs(FlowParams):
+    """The storage root and the two inputs: first in the help and the Prefect form."""
 
     input: str = Field(description="Model to align: a HF model folder or a refinery dataset naming one (e.g. the finetune flow's output).")
     data: str = Field(description="Preference pairs file: .json, .jsonl or .jsonl.gz (HH-RLHF transcripts, ShareGPT conversations+chosen+rejected, or prompt/chosen/rejected).")
+
+
+class AlignParams(AlignSettings, _Inputs):
+    """Flow parameters: the storage root, the two inputs, then the alignment settings."""
 
 
 def _common(p: AlignParams) -> dict:

@@ -18,12 +18,16 @@ from refinery.flows.common import FlowParams, emit_completed, gpu_slot, refinery
 from refinery.tasks.finetune.config import FinetuneConfig, FinetuneSettings
 
 
-class FinetuneParams(FlowParams, FinetuneSettings):
-    """Flow parameters: the storage root, the two inputs, and every fine-tuning setting (one field
-    each, declared in :class:`FinetuneSettings`; LoRA's under ``lora.``)."""
+class _Inputs(FlowParams):
+    """The storage root and the two inputs: first in the help and the Prefect form."""
 
     input: str = Field(description="Base model: a Hugging Face model folder, a hub id, or a refinery dataset naming a model (e.g. the pretrain flow's output).")
     data: str = Field(description="Instruction file: Alpaca JSON (instruction/input/output), ShareGPT (conversations), OpenAI messages JSONL or self-instruct.")
+
+
+class FinetuneParams(FinetuneSettings, _Inputs):
+    """Flow parameters: the storage root, the two inputs, then every fine-tuning setting (one field
+    each, declared in :class:`FinetuneSettings`; LoRA's under ``lora.``)."""
 
     def stage_config(self) -> FinetuneConfig:
         def local(p: str) -> str:  # absolute local paths, so the fingerprint does not depend on the cwd

@@ -22,11 +22,15 @@ from refinery.tasks.train.config import TrainConfig
 from refinery.tasks.train.stage import pretrain
 
 
-class PretrainParams(FlowParams, TrainConfig):
-    """Flow parameters: the storage root, the input token dataset(s), and the training config."""
+class _Inputs(FlowParams):
+    """The storage root and the input: first in the help and the Prefect form."""
 
     input: str = Field(description="Token dataset path (output of the tokenize flow); several datasets "
                        "separated by commas are mixed (see weights).")
+
+
+class PretrainParams(TrainConfig, _Inputs):
+    """Flow parameters: the storage root, the input token dataset(s), then the training config."""
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**self.model_dump(include=set(TrainConfig.model_fields)))
