@@ -79,13 +79,13 @@ class ShardsFailed(RuntimeError):
     ``failures`` is ``[(shard name, error text), ...]``. Picklable (its args rebuild it), so it
     crosses process and Dask boundaries intact."""
 
-    def __init__(self, stage: str, failures: Sequence[Sequence[str]]):
-        self.stage, self.failures = stage, [(str(n), str(e)) for n, e in failures]
-        super().__init__(stage, self.failures)
+    def __init__(self, stage: str, failures: Sequence[Sequence[str]], unit: str = "shard"):
+        self.stage, self.failures, self.unit = stage, [(str(n), str(e)) for n, e in failures], unit
+        super().__init__(stage, self.failures, unit)
 
     def __str__(self) -> str:
         lines = "\n".join(f"  {name}: {err}" for name, err in self.failures)
-        return f"stage {self.stage}: {len(self.failures)} shard(s) failed:\n{lines}"
+        return f"stage {self.stage}: {len(self.failures)} {self.unit}(s) failed:\n{lines}"
 
 
 @dataclasses.dataclass
@@ -192,6 +192,11 @@ class Stage:
             _warn("%s: shard %s failed: %s", self.name, failure.name, failure.error)
             return failure
 
+    @property
+    def shard_unit(self) -> str:
+        """What one shard is, in messages (the stage's ``shard_unit``, e.g. "input file")."""
+        return getattr(self.obj, "shard_unit", "shard")
+
     def max_failed(self, cfg: Any) -> int:
         """How many shards may fail before the stage does: the stage's ``max_failed(cfg)`` hook,
         else ``cfg.max_failed_shards``, else 0."""
@@ -206,7 +211,7 @@ class Stage:
         reaches reduce as the stage's ``failed(item, error)`` result when it has that hook."""
         failed = [{"name": o.name, "error": o.error} for o in outcomes if isinstance(o, ShardFailure)]
         if failed and len(failed) > self.max_failed(cfg):
-            raise ShardsFailed(self.name, [(f["name"], f["error"]) for f in failed])
+            raise ShardsFailed(self.name, [(f["name"], f["error"]) for f in failed], self.shard_unit)
         hook = getattr(self.obj, "failed", None)
         results = []
         for item, o in zip(items, outcomes):
@@ -376,7 +381,7 @@ def _run_shard_task(stage_ref: str, root: str, fp: str, items: list[dict], cfg: 
     outcomes = [st._try_shard(b, item, cfg) for item in items]
     failed = [(o.name, o.error) for o in outcomes if isinstance(o, ShardFailure)]
     if failed:
-        raise ShardsFailed(st.name, failed)
+        raise ShardsFailed(st.name, failed, st.shard_unit)
     return [o for o in outcomes if not isinstance(o, ShardFailure)]
 
 

@@ -408,6 +408,8 @@ def _read_with_retries(b, item: dict, cfg: IngestConfig, write_part, written: li
 class Ingest:
     """Crawl archives (WARC/WET/ARC) and dumps (JSONL/Parquet) -> documents with text and language."""
 
+    shard_unit = "input file"   # one shard per file: failures are reported as files
+
     @staticmethod
     def identity(cfg: IngestConfig) -> list[str]:
         from refinery.tasks.ingest.sources import identity

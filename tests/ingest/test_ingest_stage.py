@@ -65,7 +65,7 @@ def test_bad_files_do_not_stop_the_others(warcs, shared_data, tmp_path, exec_log
              {"path": str(shared_data / "warc" / "LICENSE.warcio"), "source": "cc"},
              {"path": str(shared_data / "warc" / "clipped.warc.gz"), "source": "cc"}]
     # default max_failed_files=0: the good files are read, then the stage fails naming the bad ones
-    with pytest.raises(ShardsFailed, match=r"(?s)2 shard\(s\) failed.*missing\.warc\.gz.*LICENSE\.warcio"):
+    with pytest.raises(ShardsFailed, match=r"(?s)2 input file\(s\) failed.*missing\.warc\.gz.*LICENSE\.warcio"):
         Ingest.run(Store(tmp_path / "strict"), [], _cfg(*specs))
     assert len(read_exec_log(exec_log)) == 4          # every file tried, no reduce
     logged = caplog.text

@@ -138,7 +138,7 @@ def test_rows_without_a_text_column_fail_the_stage(tmp_path):
     with pytest.raises(ShardsFailed) as e:
         Ingest.run(Store(tmp_path / "w"), [], cfg)
     msg = str(e.value)
-    assert "2 shard(s) failed" in msg and "ints.parquet" in msg and "int64" in msg
+    assert "2 input file(s) failed" in msg and "ints.parquet" in msg and "int64" in msg
     assert "ints.jsonl" in msg and "none has a text field 'text'" in msg and "bad_text_field=4" in msg
 
 

@@ -122,7 +122,7 @@ def test_a_file_that_keeps_failing_fails_the_stage_at_the_end_and_the_rerun_heal
     monkeypatch.setattr(sources, "open_binary", flaky)
     with pytest.raises(ShardsFailed) as e:
         Ingest.run(store, [], cfg)
-    assert "1 shard(s) failed" in str(e.value) and "alpha.jsonl" in str(e.value) and "TimeoutError" in str(e.value)
+    assert "stage ingest: 1 input file(s) failed" in str(e.value) and "alpha.jsonl" in str(e.value) and "TimeoutError" in str(e.value)
     assert flaky.opens == sources.READ_ATTEMPTS                    # retried, then given up
     first = read_exec_log(exec_log)
     assert len(first) == 3                                         # all three files tried, no reduce
