@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import enum
 import json
+import re
 import textwrap
 import types
 import typing
@@ -266,6 +267,10 @@ def _one_error(flow: str, model: type[BaseModel], err: dict) -> str:
     got = err.get("input")
     shown = "" if isinstance(got, (dict, BaseModel)) or got is None else f" (got {_short(got)})"
     msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    if kind in ("literal_error", "enum") and isinstance(got, str):   # a mistyped choice
+        close = suggest(got, re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", ""))), n=1)
+        if close:
+            shown += f"; did you mean {close[0]!r}?"
     return f"{where}{msg}{shown}"
 
 

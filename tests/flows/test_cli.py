@@ -102,6 +102,8 @@ def test_did_you_mean_for_keys_and_flows():
         build_params(align_flow, None, ["ppo.kl_coeff=0.5", "input=m", "data=d"], None)
     with pytest.raises(SystemExit, match=r"unknown flow 'curat'; did you mean 'curate'\?"):
         main(["run", "curat"])
+    with pytest.raises(SystemExit, match=r"method: Input should be 'ppo' or 'dpo' \(got 'dop'\); did you mean 'dpo'\?"):
+        build_params(align_flow, None, ["method=dop", "input=m", "data=d"], None)
 
 
 def test_yaml_keys_and_sections_get_the_same_messages(tmp_path):
