@@ -437,6 +437,7 @@ def _staging_problems(fs, staging: str) -> list[str]:
 LEASE_SECONDS = 60.0     # an object-store lease's lifetime; its holder renews it every third of that
 _POLL_MIN, _POLL_MAX = 0.05, 1.0
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
+_HELD: dict[str, "WriterLock"] = {}     # locks held in this process, by key: publish checks its lease
 _THREAD_LOCKS_GUARD = threading.Lock()
 
 
@@ -484,9 +485,13 @@ class WriterLock:
         self.store, self.stage, self.fingerprint = store, stage, fp
         self.timeout = timeout
         self.lease_seconds = lease_seconds or float(os.environ.get("REFINERY_LEASE_SECONDS", LEASE_SECONDS))
-        self.key = f"{store.root}|{stage}|{fp}"
+        self.key = self.key_of(store, stage, fp)
         self._impl: Any = None
         self._thread_lock: threading.Lock | None = None
+
+    @staticmethod
+    def key_of(store: Store, stage: str, fp: str) -> str:
+        return f"{store.root}|{stage}|{fp}"
 
     def __enter__(self) -> "WriterLock":
         self.acquire()
@@ -521,6 +526,7 @@ class WriterLock:
             tl.release()
             raise
         self._thread_lock = tl
+        _HELD[self.key] = self
 
     def _wait(self, deadline: float | None) -> None:
         delay, told = _POLL_MIN, False
@@ -548,6 +554,7 @@ class WriterLock:
 
     def release(self) -> None:
         if self._impl is not None:
+            _HELD.pop(self.key, None)
             try:
                 self._impl.release()
             finally:
@@ -916,6 +923,10 @@ class Builder:
         recorded size (else the staging folder is moved aside and the stage fails: a rerun
         rebuilds it), and leftover ``*.tmp-*`` files (a write interrupted by a full disk, a kill)
         are deleted."""
+        held = _HELD.get(WriterLock.key_of(self.store, self.stage, self.fingerprint))
+        if held is not None and held.lost:
+            raise RuntimeError(f"{self.stage} {self.fingerprint}: the writer lease expired while building "
+                               "(another run may have taken over); not publishing")
         problems = manifest_problems(manifest) or size_problems(self.fs, self.dir, manifest["files"])
         if problems:
             where = self.store.quarantine(self.stage, self.fingerprint, self.dir,

@@ -274,3 +274,24 @@ def test_s3_lease_of_a_dead_holder_expires(s3_bucket):
     with store.lock("toy", "fp", timeout=10) as lock:
         assert lock._impl.gen == 2 and not fs.exists(lease)    # taken over; the stale lease dropped
     assert not fs.exists(f"{s3_bucket}/w/toy/.lease-fp/{2:012d}.json")   # released
+
+
+def test_a_holder_that_lost_its_lease_does_not_publish():
+    """A holder whose lease was taken over (it stalled past the expiry) notices at its next
+    heartbeat and refuses to publish."""
+    import pyarrow as pa
+
+    store = Store("memory://lost-lease")
+    with store.lock("toy", "fp", lease_seconds=0.6) as lock:
+        b = store.builder("toy", "fp")
+        b.write_table("part-00000.parquet", pa.table({"x": [1]}))
+        taker = lock._impl._file(lock._impl.gen + 1)        # another run's takeover
+        store.fs.pipe(taker, json.dumps({"pid": 2, "expires": time.time() + 60}).encode())
+        deadline = time.time() + 5
+        while not lock.lost and time.time() < deadline:
+            time.sleep(0.05)
+        assert lock.lost
+        with pytest.raises(RuntimeError, match="lease expired while building"):
+            b.publish(version="1", config={}, inputs=[])
+    assert store.get("toy", "fp") is None
+    assert store.fs.exists(taker)                            # the new holder's lease is left alone
