@@ -10,7 +10,6 @@ config, spelled as everywhere (``dpo.max_steps``, ``dpo.beta``, ``ppo.kl_coef``,
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Literal
 
@@ -24,7 +23,7 @@ from refinery.tasks.align.ppo import PPOConfig
 from refinery.tasks.align.reward import RewardConfig
 from refinery.tasks.align.stage import (DPOStageConfig, PPOStageConfig, RewardStageConfig, dpo_stage, ppo_stage,
                                reward_stage)
-from refinery.tasks.report import format_table, image_artifact, markdown_artifact, markdown_table, table_artifact
+from refinery.tasks.report import format_table, table_artifact
 
 
 class AlignSettings(StrictModel):
@@ -96,51 +95,12 @@ def align_flow(p: AlignParams) -> dict:
     print(format_table(rows, title="== align"), file=sys.stderr)
     table_artifact("align-metrics", rows, description="align: held-out preference accuracy / PPO reward and KL")
     final = stages[p.method]
-    hist_rows = _history_rows(final)
-    if hist_rows:
-        markdown_artifact(f"align-{p.method}-history", f"# {p.method} per step\n\n" + markdown_table(hist_rows),
-                          description=f"{p.method}: per-step figures")
-        png = _plot(hist_rows, p.method)
-        if png:
-            image_artifact(f"align-{p.method}-curves", png, description=f"{p.method}: per-step curves")
-            os.remove(png)
+    # per stage: the per-step table and the PNGs kept in the dataset's metrics/ folder
+    from refinery.tasks.train.metrics import report_metrics
+
+    for name, ds in stages.items():
+        report_metrics(ds, f"align-{name}", description=f"{name}: per-step figures")
     model_dir = final.file(final.manifest.get("merged") or final.manifest.get("model"))
     out = result(stages, metrics=metrics, model=model_dir)
     emit_completed("align", out, primary=final.path)
     return out
-
-
-def _history_rows(ds, limit: int = 50) -> list[dict]:
-    if not any(f["path"] == "history.parquet" for f in ds.manifest.get("files", [])):
-        return []
-    t = ds.read_table(files=[ds.file("history.parquet")])
-    keep = [c for c in ("step", "loss", "accuracy", "margin", "reward", "kl", "entropy", "clipfrac", "reply_len")
-            if c in t.column_names]
-    rows = t.select(keep).to_pylist()
-    stride = max(1, len(rows) // limit)
-    return rows[::stride]
-
-
-def _plot(rows: list[dict], method: str) -> str | None:
-    """A PNG of the per-step curves (reward, KL, entropy for PPO; loss, accuracy, margin for DPO)."""
-    import tempfile
-
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plots are a nicety
-        return None
-    keys = [k for k in (("reward", "kl", "entropy") if method == "ppo" else ("loss", "accuracy", "margin")) if k in rows[0]]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-    for ax, k in zip(axes if len(keys) > 1 else [axes], keys):
-        ax.plot([r["step"] for r in rows], [r[k] for r in rows])
-        ax.set_title(k)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fd, path = tempfile.mkstemp(prefix=f"align-{method}-", suffix=".png")
-    os.close(fd)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path

@@ -42,6 +42,7 @@ def finetune_flow(p: FinetuneParams) -> dict:
     """Fine-tune a causal LM on instructions (full, LoRA, QLoRA, IA3, LLaMA-Adapter, prompt or prefix tuning)."""
     from refinery.tasks.finetune.stage import finetune
     from refinery.tasks.report import format_table, table_artifact
+    from refinery.tasks.train.metrics import report_metrics
 
     cfg = p.stage_config()
     with gpu_slot():
@@ -53,6 +54,7 @@ def finetune_flow(p: FinetuneParams) -> dict:
            "bad_records": ds.counts.get("bad_records"), "truncated": ds.counts.get("truncated")}
     print(format_table([row], title="== finetune"), file=sys.stderr)
     table_artifact("finetune-summary", [row], description="fine-tuning summary")
+    report_metrics(ds, "finetune", description="loss, learning rate and validation loss by step")
     outputs = {}
     for key in ("adapter", "merged"):
         if m.get(key):

@@ -11,13 +11,12 @@ configs (``max_steps``, ``lr``, ``batch_size``, ``grad_accum``, ``warmup_steps``
 """
 from __future__ import annotations
 
-import json
 import sys
 
 from pydantic import Field
 
 from refinery.flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow, result
-from refinery.tasks.report import format_table, image_artifact, markdown_artifact, markdown_table, table_artifact
+from refinery.tasks.report import format_table, markdown_artifact, markdown_table, table_artifact
 from refinery.tasks.train.config import TrainConfig
 from refinery.tasks.train.stage import pretrain
 
@@ -48,19 +47,11 @@ def _report(ds) -> None:
                 "mfu": m.get("training", {}).get("mfu")}]
     print(format_table(summary, title="== pretrain"), file=sys.stderr)
     table_artifact("pretrain-summary", summary, description="pretraining: validation loss vs the unigram baseline")
-    try:
-        with ds.fs.open(ds.file("training/metrics.jsonl"), "r") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        rows = []
-    if rows:
-        from refinery.tasks.train.metrics import summary_rows
+    markdown_artifact("pretrain-report", markdown_table(summary))
+    # the per-step table and loss.png from the dataset's metrics/ folder (the same for every trainer)
+    from refinery.tasks.train.metrics import report_metrics
 
-        merged = summary_rows(rows, every=max(1, len(rows) // 50))
-        table_artifact("pretrain-metrics", merged, description="loss, lr, tokens/sec, MFU, validation loss by step")
-        markdown_artifact("pretrain-report", markdown_table(summary))
-    if ds.fs.exists(ds.file("training/loss.png")):
-        image_artifact("pretrain-loss-curve", ds.local_path() + "/training/loss.png", description="loss curve")
+    report_metrics(ds, "pretrain", description="loss, lr, tokens/sec, MFU, validation loss by step")
 
 
 @refinery_flow("pretrain", PretrainParams)

@@ -1,12 +1,12 @@
 """What the alignment trainers share: finding a model folder, loading tokenizers, tokenizing
-(prompt, reply) pairs, padding, per-token log-probabilities, LoRA, and saving in HF format.
+(prompt, reply) pairs, padding, per-token log-probabilities, LoRA, saving in HF format, and the
+per-step metrics log (device, dtype, seeding: :mod:`refinery.tasks.train.common`).
 
 Heavy imports (torch, transformers, peft) happen inside functions.
 """
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +18,8 @@ from refinery.tasks.train.config import LoraParams
 
 from refinery.tasks.export import finalize_model_dir
 from refinery.tasks.modelref import MANIFEST, MODEL_KEYS, model_identity, resolve_model  # noqa: F401 (re-exported)
+# device, dtype and seeding: one copy for every trainer (re-exported for the reward, DPO and PPO modules)
+from refinery.tasks.train.common import pick_device, seed_everything, torch_dtype  # noqa: F401
 
 
 # --------------------------------------------------------------------------- model folders
@@ -40,29 +42,15 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
-class StepLog:
-    """The trainers' per-step records: kept in ``history``, passed to ``on_step``, and shown on a
-    progress bar (when ``progress``) with the ``show`` keys as its postfix."""
+def step_metrics(log_dir, cfg, total: int, desc: str, progress: bool, on_step=None, show: tuple[str, ...] = ("loss",)):
+    """The trainers' per-step log: the common :class:`refinery.tasks.train.metrics.MetricsLog` in
+    ``log_dir`` (in memory only when None; started afresh, these trainers do not resume), the
+    trackers of ``cfg.report_to``, a progress bar (when ``progress``) with the ``show`` keys as its
+    postfix, and ``on_step`` called with every row."""
+    from refinery.tasks.train.metrics import MetricsLog
 
-    def __init__(self, total: int, desc: str, progress: bool, on_step=None, show: tuple[str, ...] = ("loss",)):
-        self.history: list[dict] = []
-        self.on_step, self.show, self.bar = on_step, show, None
-        if progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, leave=False)
-
-    def add(self, rec: dict) -> None:
-        self.history.append(rec)
-        if self.on_step:
-            self.on_step(rec)
-        if self.bar:
-            self.bar.update(1)
-            self.bar.set_postfix({k: rec[k] for k in self.show})
-
-    def close(self) -> None:
-        if self.bar:
-            self.bar.close()
+    return MetricsLog(log_dir, total_steps=total, desc=desc, bar=progress, show=show, on_row=on_step,
+                      report_to=cfg.report_to, run_config=cfg.model_dump(mode="json"), fresh=True)
 
 
 # --------------------------------------------------------------------------- settings
@@ -74,33 +62,8 @@ class LoraSettings(LoraParams):
     enabled: bool = Field(False, description="Train LoRA adapters (saved with a merged model) instead of all weights.")
 
 
-def pick_device(spec: str = "auto"):
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1`` ..."""
-    import torch
-
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
-def torch_dtype(name: str):
-    """``float32`` / ``bfloat16`` / ``float16`` -> torch dtype; ``auto``: as saved."""
-    import torch
-
-    return "auto" if name == "auto" else getattr(torch, name)
-
-
 def model_device(model):
     return next(model.parameters()).device
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def load_tokenizer(model_dir: str):

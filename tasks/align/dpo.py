@@ -12,15 +12,16 @@ before training, so no second model is held in memory (with LoRA or without).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from pydantic import Field
 
-from refinery.tasks.align.common import (LoraSettings, StepLog, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
-                                model_device, pad, pick_device, position_ids, seed_everything, token_logprobs,
-                                torch_dtype)
+from refinery.tasks.align.common import (LoraSettings, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
+                                model_device, pad, pick_device, position_ids, seed_everything, step_metrics,
+                                token_logprobs, torch_dtype)
 from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
 from refinery.tasks.train.config import TrainingParams
 
@@ -117,10 +118,21 @@ def preference_metrics(pc, pr, rc, rr, nc, nr, beta: float) -> dict:
             "logp_accuracy": round((per_tok > 0).float().mean().item(), 6)}
 
 
+def _val_figures(m: dict) -> dict:
+    """The held-out figures that become validation metrics (``val_loss``, ``val_accuracy``, ...)."""
+    return {k: m[k] for k in ("loss", "accuracy", "margin") if k in m}
+
+
 def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequence[PreferencePair], cfg: DPOConfig,
-              seed: int = 0, on_step: Callable[[dict], None] | None = None, progress: bool = False) -> TrainResult:
+              seed: int = 0, on_step: Callable[[dict], None] | None = None, progress: bool = False,
+              log_dir: str | os.PathLike | None = None) -> TrainResult:
+    """DPO of the model in ``model_dir`` on ``train`` pairs; held-out figures before and after.
+    Per-step metrics go to ``log_dir`` (refinery.tasks.train.metrics; in memory only when None),
+    with the held-out figures as validation rows at step 0 and at the last step."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from refinery.tasks.train.common import PeakMemory
 
     if not train:
         raise ValueError("DPO: no training pairs")
@@ -129,7 +141,9 @@ def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequenc
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(cfg.dtype))
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, "CAUSAL_LM")
-    model.to(pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    mem = PeakMemory(device).start()
+    model.to(device)
     model.eval()  # no dropout: reference and policy log-probs comparable
     pad_id = tok.pad_token_id
     enc_tr = encode_pairs(tok, train, cfg.max_prompt_len, cfg.max_len)
@@ -144,8 +158,10 @@ def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequenc
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     gen = torch.Generator().manual_seed(seed)
-    steps, step = StepLog(total, "dpo", progress, on_step), 0
+    steps, step, tokens = step_metrics(log_dir, cfg, total, "dpo", progress, on_step), 0, 0
     history = steps.history
+    if held_out:
+        steps.val(0, tokens=0, **_val_figures(before))
     t0 = time.perf_counter()
     while step < total:
         order = torch.randperm(len(train), generator=gen).tolist()
@@ -157,6 +173,7 @@ def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequenc
             seqs = [enc_tr.chosen[j] for j in idx] + [enc_tr.rejected[j] for j in idx]
             plens = [enc_tr.p_len_c[j] for j in idx] + [enc_tr.p_len_r[j] for j in idx]
             lp, _ = reply_logps(model, seqs, plens, pad_id)
+            tokens += sum(len(x) for x in seqs)
             t = torch.tensor(idx)
             ref_c, ref_r = ref_tr[0][t].to(lp.device), ref_tr[1][t].to(lp.device)
             loss, rew_c, rew_r = dpo_loss(lp[:n], lp[n:], ref_c, ref_r, cfg.beta, cfg.label_smoothing)
@@ -168,24 +185,26 @@ def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequenc
             opt.step()
             step += 1
             with torch.no_grad():
-                rec = {"step": step, "loss": round(loss.item(), 6),
-                       "accuracy": round((rew_c > rew_r).float().mean().item(), 4),
-                       "margin": round((rew_c - rew_r).mean().item(), 6),
-                       "reward_chosen": round(rew_c.mean().item(), 6), "reward_rejected": round(rew_r.mean().item(), 6)}
-            steps.add(rec)
-    steps.close()
+                steps.train(step, tokens=tokens, loss=round(loss.item(), 6),
+                            accuracy=round((rew_c > rew_r).float().mean().item(), 4),
+                            margin=round((rew_c - rew_r).mean().item(), 6),
+                            reward_chosen=round(rew_c.mean().item(), 6), reward_rejected=round(rew_r.mean().item(), 6))
     train_seconds = time.perf_counter() - t0
     after = {"pairs": 0}
     if held_out:
         cur = _all_logps(model, enc_ev, pad_id, cfg.eval_batch_size)
         after = preference_metrics(cur[0], cur[1], ref_ev[0], ref_ev[1], cur[2], cur[3], cfg.beta)
+        steps.val(step, tokens=tokens, **_val_figures(after))
+    steps.close()
+    steps.plot("DPO", panels=("loss", "accuracy", "margin"))
     k = min(len(train), TRAIN_EVAL_PAIRS)  # the same figures on (the first) training pairs
     sub = _Encoded(enc_tr.chosen[:k], enc_tr.rejected[:k], enc_tr.p_len_c[:k], enc_tr.p_len_r[:k])
     cur_tr = _all_logps(model, sub, pad_id, cfg.eval_batch_size)
     train_after = preference_metrics(cur_tr[0], cur_tr[1], ref_tr[0][:k], ref_tr[1][:k], cur_tr[2], cur_tr[3], cfg.beta)
+    losses = [r["loss"] for r in history if r["split"] == "train"]
     stats = {"steps": step, "train_pairs": len(train), "held_out_pairs": len(held_out),
              "held_out_before": before, "held_out_after": after, "train_after": train_after,
-             "first_loss": history[0]["loss"] if history else None,
-             "final_loss": history[-1]["loss"] if history else None,
-             "train_seconds": round(train_seconds, 3), **count_params(model)}
+             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+             "train_seconds": round(train_seconds, 3), "train_tokens": tokens, **mem.stats(),
+             **count_params(model)}
     return TrainResult(model=model, tokenizer=tok, stats=stats, history=history)

@@ -23,14 +23,15 @@ Every step reports mean reward, KL to the reference (per reply, summed over toke
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from pydantic import Field
 
-from refinery.tasks.align.common import (LoraSettings, StepLog, apply_lora, count_params, load_tokenizer, pad,
-                                pick_device, position_ids, seed_everything, torch_dtype)
+from refinery.tasks.align.common import (LoraSettings, apply_lora, count_params, load_tokenizer, pad,
+                                pick_device, position_ids, seed_everything, step_metrics, torch_dtype)
 from refinery.tasks.train.config import TrainingParams
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[Sequence[int]]], "object"]
@@ -191,6 +192,7 @@ class PPOTrainer:
             top_k=cfg.top_k, top_p=cfg.top_p, pad_token_id=tok.pad_token_id, eos_token_id=self.eos_id,
             bos_token_id=tok.bos_token_id)
         self.step_no = 0
+        self.tokens = 0   # prompt + reply tokens of every rollout so far
 
     # -- reference log-probs
     def _ref_logits(self, ids, mask):
@@ -251,7 +253,9 @@ class PPOTrainer:
             adv = whiten(adv, m)
         B, P = len(prompt_texts), ro["P"]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step_no)
-        agg = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "vf_clipfrac": 0.0, "approx_kl": 0.0, "updates": 0}
+        self.tokens += int(ro["mask"].sum())
+        agg = {"loss": 0.0, "pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "vf_clipfrac": 0.0, "approx_kl": 0.0,
+               "updates": 0}
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=gen).to(self.device)
             for i in range(0, B, cfg.mini_batch_size):
@@ -275,6 +279,7 @@ class PPOTrainer:
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
                 self.opt.step()
                 with torch.no_grad():
+                    agg["loss"] += loss.item()
                     agg["pg_loss"] += pg_loss.item()
                     agg["vf_loss"] += vf_loss.item()
                     agg["clipfrac"] += masked_mean(((ratio - 1).abs() > cfg.clip_range).float(), mb_mask).item()
@@ -302,17 +307,22 @@ class PPOTrainer:
 
 
 def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg: PPOConfig, seed: int = 0,
-              on_step: Callable[[dict], None] | None = None, progress: bool = False) -> PPOResult:
+              on_step: Callable[[dict], None] | None = None, progress: bool = False,
+              log_dir: str | os.PathLike | None = None) -> PPOResult:
     """Run ``cfg.max_steps`` PPO steps; each step takes the next ``batch_size`` prompts of a
-    seeded shuffle of ``prompts`` (reshuffled each pass)."""
+    seeded shuffle of ``prompts`` (reshuffled each pass). Per-step metrics go to ``log_dir``
+    (refinery.tasks.train.metrics; in memory only when None)."""
     import torch
+
+    from refinery.tasks.train.common import PeakMemory
 
     if not prompts:
         raise ValueError("PPO: no prompts")
     trainer = PPOTrainer(policy_dir, reward_fn, cfg, seed)
+    mem = PeakMemory(trainer.device).start()
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    steps = StepLog(cfg.max_steps, "ppo", progress, on_step, show=("reward", "kl"))
+    steps = step_metrics(log_dir, cfg, cfg.max_steps, "ppo", progress, on_step, show=("reward", "kl"))
     history = steps.history
     t0 = time.perf_counter()
     for _ in range(cfg.max_steps):
@@ -322,8 +332,9 @@ def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg:
                 order = torch.randperm(len(prompts), generator=gen).tolist()
             batch.append(prompts[order.pop(0)])
         rec = trainer.step(batch)
-        steps.add(rec)
+        steps.train(rec.pop("step"), tokens=trainer.tokens, **rec)
     steps.close()
+    steps.plot("PPO", panels=("reward", "kl", "entropy"))
     first, last = history[0], history[-1]
     k = max(1, min(3, len(history) // 2))  # averages over the first / last few steps
     avg = lambda rows, key: round(sum(r[key] for r in rows) / len(rows), 6)  # noqa: E731
@@ -333,7 +344,7 @@ def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg:
         "reward_start_avg": avg(history[:k], "reward"), "reward_end_avg": avg(history[-k:], "reward"),
         "kl_last": last["kl"], "kl_max": max(r["kl"] for r in history), "kl_end_avg": avg(history[-k:], "kl"),
         "entropy_first": first["entropy"], "entropy_last": last["entropy"],
-        "train_seconds": round(time.perf_counter() - t0, 3),
+        "train_seconds": round(time.perf_counter() - t0, 3), "train_tokens": trainer.tokens, **mem.stats(),
         **count_params(trainer.policy),
     }
     return PPOResult(policy=trainer.policy, tokenizer=trainer.tokenizer, history=history, stats=stats)
@@ -341,8 +352,6 @@ def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg:
 
 def save_value_head(policy, out_dir: str) -> str:
     """The value head as ``value_head.safetensors`` (so PPO can be resumed or inspected)."""
-    import os
-
     from safetensors.torch import save_file
 
     path = os.path.join(out_dir, "value_head.safetensors")

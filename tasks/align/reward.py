@@ -10,13 +10,14 @@ after training.
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Callable, Sequence
 
 from pydantic import Field
 
-from refinery.tasks.align.common import (LoraSettings, StepLog, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
-                                model_device, pad, pick_device, seed_everything, torch_dtype)
+from refinery.tasks.align.common import (LoraSettings, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
+                                model_device, pad, pick_device, seed_everything, step_metrics, torch_dtype)
 from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
 from refinery.tasks.train.config import TrainingParams
 
@@ -100,16 +101,20 @@ def evaluate_pairs(model, tokenizer, pairs: Sequence[PreferencePair], cfg: Rewar
 
 def train_reward_model(model_dir: str, train: Sequence[PreferencePair], held_out: Sequence[PreferencePair],
                        cfg: RewardConfig, seed: int = 0, on_step: Callable[[dict], None] | None = None,
-                       progress: bool = False) -> TrainResult:
-    """Train a reward model from ``model_dir`` on ``train`` pairs; evaluate on ``held_out``."""
+                       progress: bool = False, log_dir: str | os.PathLike | None = None) -> TrainResult:
+    """Train a reward model from ``model_dir`` on ``train`` pairs; evaluate on ``held_out``.
+    Per-step metrics go to ``log_dir`` (refinery.tasks.train.metrics; in memory only when None)."""
     import torch
     import torch.nn.functional as F
+
+    from refinery.tasks.train.common import PeakMemory
 
     if not train:
         raise ValueError("reward model: no training pairs")
     seed_everything(seed)
     model, tok = load_reward_model(model_dir, cfg.lora, cfg.dtype)
     dev = pick_device(cfg.device)
+    mem = PeakMemory(dev).start()
     model.to(dev)
     before = evaluate_pairs(model, tok, held_out, cfg)
 
@@ -125,10 +130,12 @@ def train_reward_model(model_dir: str, train: Sequence[PreferencePair], held_out
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     gen = torch.Generator().manual_seed(seed)
-    steps = StepLog(total, "reward", progress, on_step)
+    steps = step_metrics(log_dir, cfg, total, "reward", progress, on_step)
     history = steps.history
+    if held_out:   # held-out pairwise accuracy and margin as validation rows, before and after
+        steps.val(0, tokens=0, accuracy=before["accuracy"], margin=before["margin"])
     t0 = time.perf_counter()
-    step = 0
+    step = tokens = 0
     model.train()
     while step < total:
         order = torch.randperm(len(train), generator=gen).tolist()
@@ -137,6 +144,7 @@ def train_reward_model(model_dir: str, train: Sequence[PreferencePair], held_out
                 break
             idx = order[i:i + cfg.batch_size]
             ids, mask = pad([enc_c[j] for j in idx] + [enc_r[j] for j in idx], tok.pad_token_id, "right")
+            tokens += int(mask.sum())
             r = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, 0].float()
             rc, rr = r[: len(idx)], r[len(idx):]
             loss = -F.logsigmoid(rc - rr).mean()
@@ -148,15 +156,18 @@ def train_reward_model(model_dir: str, train: Sequence[PreferencePair], held_out
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             step += 1
-            rec = {"step": step, "loss": round(loss.item(), 6), "accuracy": round((rc > rr).float().mean().item(), 4)}
-            steps.add(rec)
-    steps.close()
+            steps.train(step, tokens=tokens, loss=round(loss.item(), 6),
+                        accuracy=round((rc > rr).float().mean().item(), 4))
     train_seconds = time.perf_counter() - t0
     after = evaluate_pairs(model, tok, held_out, cfg)
+    if held_out:
+        steps.val(step, tokens=tokens, accuracy=after["accuracy"], margin=after["margin"])
+    steps.close()
+    steps.plot("reward model", panels=("loss", "accuracy"))
     stats = {"steps": step, "train_pairs": len(train), "held_out_pairs": len(held_out),
              "held_out_before": before, "held_out_after": after,
-             "final_loss": history[-1]["loss"] if history else None,
-             "train_seconds": round(train_seconds, 3), **count_params(model)}
+             "final_loss": next((r["loss"] for r in reversed(history) if r["split"] == "train"), None),
+             "train_seconds": round(train_seconds, 3), "train_tokens": tokens, **mem.stats(), **count_params(model)}
     return TrainResult(model=model, tokenizer=tok, stats=stats, history=history)
 
 

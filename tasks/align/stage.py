@@ -4,8 +4,9 @@ Each takes model folders and a preference file named in its config (their identi
 dataset's fingerprint or a folder's file sizes and mtimes, and the data file's path, size and
 mtime, are computed fields of the config, so the fingerprint covers them) and publishes a dataset
 holding the trained model in Hugging Face format with its tokenizer (``model/``; with LoRA
-``adapter/`` and ``merged/``), the per-step history (``history.parquet``) and the figures in the
-manifest (``stats``, and a short ``metrics`` summary). The manifest keys ``model``/``merged``
+``adapter/`` and ``merged/``), the per-step metrics (``metrics/``: metrics.jsonl, loss.png,
+curves.png, tensorboard/, the common schema of :mod:`refinery.tasks.train.metrics`; a copy in each
+model folder) and the figures in the manifest (``stats``, and a short ``metrics`` summary). The manifest keys ``model``/``merged``
 name the folders, so :func:`refinery.tasks.align.common.resolve_model_dir` (and the next stage) finds
 them. Light at import: torch and transformers load inside the bodies.
 """
@@ -78,11 +79,19 @@ def _load_split(cfg: _AlignInputs):
     return train, held_out, counts
 
 
-def _write_history(b, history: list[dict]) -> None:
-    import pyarrow as pa
+def _metrics_dir(b):
+    """Where a trainer writes its metrics while it runs: ``<workdir>/checkpoints/<fingerprint>/metrics``."""
+    from refinery.tasks.train.metrics import METRICS_DIR
+    from refinery.tasks.train.stage import checkpoint_dir
 
-    if history:
-        b.write_table("history.parquet", pa.Table.from_pylist(history))
+    return checkpoint_dir(b) / METRICS_DIR
+
+
+def _write_metrics(b, keys: dict) -> None:
+    """The run's metrics folder into ``metrics/`` and into each saved model folder."""
+    from refinery.tasks.train.metrics import publish_metrics
+
+    publish_metrics(b, _metrics_dir(b), list(dict.fromkeys(keys.values())))
 
 
 def _save(b, model, tokenizer, lora: bool) -> dict:
@@ -109,9 +118,10 @@ def reward_stage(b, inputs, cfg: RewardStageConfig) -> StageOutput:
 
     model_dir = resolve_model_dir(cfg.model)
     train, held_out, counts = _load_split(cfg)
-    res = train_reward_model(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=True)
+    res = train_reward_model(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=True,
+                             log_dir=_metrics_dir(b))
     keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
-    _write_history(b, res.history)
+    _write_metrics(b, keys)
     after = res.stats["held_out_after"]
     metrics = {"held_out_accuracy": after.get("accuracy"), "held_out_margin": after.get("margin"),
                "held_out_accuracy_before": res.stats["held_out_before"].get("accuracy"),
@@ -129,9 +139,9 @@ def dpo_stage(b, inputs, cfg: DPOStageConfig) -> StageOutput:
 
     model_dir = resolve_model_dir(cfg.model)
     train, held_out, counts = _load_split(cfg)
-    res = train_dpo(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=True)
+    res = train_dpo(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=True, log_dir=_metrics_dir(b))
     keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
-    _write_history(b, res.history)
+    _write_metrics(b, keys)
     before, after = res.stats["held_out_before"], res.stats["held_out_after"]
     metrics = {"held_out_accuracy_before": before.get("accuracy"), "held_out_accuracy": after.get("accuracy"),
                "held_out_margin_before": before.get("margin"), "held_out_margin": after.get("margin"),
@@ -160,11 +170,12 @@ def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
         prompts = prompts[: cfg.max_prompts]
     scorer = RewardScorer(reward_dir, cfg.reward_max_prompt_len, cfg.reward_max_len, device=cfg.train.device,
                           dtype=cfg.train.dtype)
-    res = train_ppo(model_dir, prompts, lambda ps, rs, ids: scorer(ps, rs), cfg.train, seed=cfg.seed, progress=True)
+    res = train_ppo(model_dir, prompts, lambda ps, rs, ids: scorer(ps, rs), cfg.train, seed=cfg.seed, progress=True,
+                    log_dir=_metrics_dir(b))
     keys = _save(b, res.policy.lm, res.tokenizer, cfg.train.lora.enabled)
     tmp = b.tmpdir()
     b.put_file(save_value_head(res.policy, tmp), "value_head.safetensors")
-    _write_history(b, res.history)
+    _write_metrics(b, keys)
     s = res.stats
     metrics = {"reward_first": s["reward_first"], "reward_last": s["reward_last"],
                "reward_start_avg": s["reward_start_avg"], "reward_end_avg": s["reward_end_avg"],

@@ -24,24 +24,20 @@ def resolve_model_source(path: str) -> str:
 
 
 def resolve_device(cfg: FinetuneConfig):
-    import torch
+    """The device every trainer would pick for ``cfg.device`` (refinery.tasks.train.common)."""
+    from refinery.tasks.train.common import pick_device
 
-    if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device={cfg.device} but no CUDA device is available")
-        return torch.device("cuda" if cfg.device == "auto" else cfg.device)
-    return torch.device("cpu")
+    return pick_device(cfg.device)
 
 
 def resolve_dtypes(cfg: FinetuneConfig, device) -> tuple[Any, Any]:
     """(compute dtype, frozen-weights dtype)."""
     import torch
 
-    if cfg.dtype == "auto":
-        compute = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    else:
-        compute = getattr(torch, cfg.dtype)
-    weights = compute if cfg.weights_dtype == "auto" else getattr(torch, cfg.weights_dtype)
+    from refinery.tasks.train.common import compute_dtype, torch_dtype
+
+    compute = compute_dtype(cfg.dtype, device)
+    weights = compute if cfg.weights_dtype == "auto" else torch_dtype(cfg.weights_dtype)
     if cfg.method == "full":
         weights = torch.float32  # master weights for AdamW
     return compute, weights

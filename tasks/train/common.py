@@ -107,7 +107,8 @@ class PeakMemory:
         self.device = device
         self.rss_start = float("nan")
 
-    def __enter__(self):
+    def start(self) -> "PeakMemory":
+        """Start measuring (what ``with`` does), for a stretch of work that is not one block."""
         import torch
 
         if self.device.type == "cuda":
@@ -115,6 +116,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.rss_start = rss_mb()
         return self
+
+    def __enter__(self):
+        return self.start()
 
     def stats(self) -> dict:
         import torch

@@ -195,7 +195,7 @@ def _build(cfg: TrainConfig, reader, val_reader, ckpt_dir: Path, log: Callable[[
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    memory = PeakMemory(device).__enter__()
+    memory = PeakMemory(device).start()
 
     seed_everything(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(reader.tokenizer_path))

@@ -393,17 +393,22 @@ def summary_rows(history: list[dict], every: int = 1) -> list[dict]:
     by_step: dict[int, dict] = {}
     for r in history:
         by_step.setdefault(r["step"], {"step": r["step"]}).update(
-            {k: v for k, v in r.items() if v is not None and k != "split"})
+            {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     rows = [by_step[s] for s in sorted(by_step)]
     return [r for i, r in enumerate(rows) if i % every == 0 or "val_loss" in r or i == len(rows) - 1]
 
 
 # ----------------------------------------------------------------------------- datasets and flows
 def publish_metrics(b, log_dir: str | Path, model_folders: Sequence[str] = ()) -> None:
-    """Copy a run's metrics folder into the dataset being built: ``metrics/`` at its top, and
-    ``<folder>/metrics/`` inside each exported model folder (so a copied model keeps its history)."""
-    for prefix in ("", *model_folders):
-        b.put_dir(log_dir, f"{prefix}/{METRICS_DIR}" if prefix else METRICS_DIR)
+    """Copy a run's metrics folder into the dataset being built: all of it to ``metrics/`` at its
+    top, and its files (metrics.jsonl and the PNGs; TensorBoard's events stay single, so
+    ``tensorboard --logdir`` lists each run once) to ``<folder>/metrics/`` of each exported model
+    folder, so a copied model keeps its history and curves."""
+    b.put_dir(log_dir, METRICS_DIR)
+    for folder in dict.fromkeys(f for f in model_folders if f not in ("", ".")):
+        for f in sorted(Path(log_dir).iterdir()):
+            if f.is_file():
+                b.put_file(f, f"{folder}/{METRICS_DIR}/{f.name}")
 
 
 def report_metrics(ds, key: str, description: str = "", limit: int = 50) -> list[dict]:

@@ -36,8 +36,17 @@ def test_dpo_on_real_pairs_reports_before_and_after(align_store, tiny_causal_lm_
     assert s["held_out_after"]["loss"] < s["held_out_before"]["loss"]
     assert s["train_after"]["accuracy"] > 0.6 and s["train_after"]["margin"] > m["held_out_margin"]
     assert s["held_out_after"]["reward_chosen"] > s["held_out_after"]["reward_rejected"]
-    t = ds.read_table(files=[ds.file("history.parquet")])
-    assert t.num_rows == s["steps"] and {"loss", "accuracy", "margin"} <= set(t.column_names)
+    from refinery.tasks.train.metrics import read_metrics
+
+    rows = read_metrics(ds.file("metrics"))
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert len(train_rows) == s["steps"] and all({"loss", "accuracy", "margin"} <= set(r) for r in train_rows)
+    # the held-out figures as validation rows: before (step 0) and after (the last step)
+    assert [(r["step"], r["val_accuracy"]) for r in rows if r["split"] == "val"] == \
+        [(0, m["held_out_accuracy_before"]), (s["steps"], m["held_out_accuracy"])]
+    files = {f["path"] for f in ds.manifest["files"]}
+    assert {"metrics/metrics.jsonl", "metrics/loss.png", "metrics/curves.png", "model/metrics/loss.png"} <= files
+    assert any(f.startswith("metrics/tensorboard/events.out.tfevents.") for f in files)
 
 
 def test_dpo_lora_from_finetune_dataset_is_deterministic(tmp_path, finetune_like, dpo_en_path, exec_log):
@@ -53,11 +62,14 @@ def test_dpo_lora_from_finetune_dataset_is_deterministic(tmp_path, finetune_like
     a = dpo_stage.run(tmp_path / "a", [finetune_like], cfg)
     b = dpo_stage.run(tmp_path / "b", [finetune_like], cfg)
     assert a.fingerprint == b.fingerprint and a.manifest["inputs"][0]["stage"] == "finetune"
-    sha = lambda ds: {f["path"]: f["sha256"] for f in ds.manifest["files"]}  # noqa: E731
-    assert sha(a) == sha(b)  # byte-identical models, adapters, tokenizers and history
+    from refinery.tasks.train.metrics import read_metrics, without_timing
+
+    # byte-identical models, adapters and tokenizers; the metrics differ only in wall-clock figures
+    sha = lambda ds: {f["path"]: f["sha256"] for f in ds.manifest["files"] if "metrics/" not in f["path"]}  # noqa: E731
+    assert sha(a) == sha(b)
     assert {"adapter/adapter_model.safetensors", "merged/model.safetensors", "merged/tokenizer.json"} <= set(sha(a))
-    assert [x["loss"] for x in a.read_table(files=[a.file("history.parquet")]).to_pylist()] == \
-        [x["loss"] for x in b.read_table(files=[b.file("history.parquet")]).to_pylist()]
+    assert without_timing(read_metrics(a.file("metrics"))) == without_timing(read_metrics(b.file("metrics")))
+    assert [r["step"] for r in read_metrics(a.file("merged/metrics"))] == [0, 1, 2, 3, 3]
     AutoModelForCausalLM.from_pretrained(resolve_model_dir(a.path))
     assert dpo_stage.run(tmp_path / "a", [finetune_like], cfg).path == a.path
     assert len(read_exec_log(exec_log)) == 2  # the third call was a cache hit
@@ -96,7 +108,9 @@ def test_ppo_stage_against_trained_reward_model(tmp_path, finetune_like, trained
     assert m["counts"]["steps"] == 3 and m["counts"]["rollouts"] == 24 and m["counts"]["prompts"] > 8
     for k in ("reward_first", "reward_last", "kl_last", "kl_max", "entropy_last"):
         assert isinstance(m["metrics"][k], float)
-    hist = ds.read_table(files=[ds.file("history.parquet")]).to_pylist()
+    from refinery.tasks.train.metrics import read_metrics, without_timing
+
+    hist = read_metrics(ds.file("metrics"))
     assert [h["step"] for h in hist] == [1, 2, 3]
     assert all(0 < h["reply_len"] <= 12 and h["entropy"] > 0 for h in hist)
     assert m["stats"]["reward_model"] == trained_reward.file("model")
@@ -106,5 +120,7 @@ def test_ppo_stage_against_trained_reward_model(tmp_path, finetune_like, trained
     assert set(head) == {"weight", "bias"} and torch.isfinite(head["weight"]).all()
     # same inputs, config and seed => byte-identical policy, value head and per-step history
     again = ppo_stage.run(tmp_path / "again", [finetune_like, trained_reward], cfg)
-    sha = lambda d: {f["path"]: f["sha256"] for f in d.manifest["files"]}  # noqa: E731
-    assert sha(again) == sha(ds) and "history.parquet" in sha(ds)
+    sha = lambda d: {f["path"]: f["sha256"] for f in d.manifest["files"] if "metrics/" not in f["path"]}  # noqa: E731
+    assert sha(again) == sha(ds) and "metrics/metrics.jsonl" in {f["path"] for f in ds.manifest["files"]}
+    assert without_timing(read_metrics(again.file("metrics"))) == without_timing(hist)
+    assert {"split", "seconds", "tokens", "loss", "reward", "kl"} <= set(hist[0]) and hist[1]["tokens"] > hist[0]["tokens"]

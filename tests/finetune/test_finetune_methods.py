@@ -46,7 +46,7 @@ def test_method_trains_and_outputs_load(method, tiny_causal_lm_dir, sft_file, tm
     assert len(s["samples_before"]) == len(s["samples_after"]) == 1
     assert {"instruction", "reference", "generation", "record"} <= set(s["samples_after"][0])
     files = {f["path"] for f in m["files"]}
-    assert {"metrics.parquet", "samples.parquet"} <= files
+    assert {"metrics/metrics.jsonl", "metrics/loss.png", "samples.parquet"} <= files
 
     base = _base(tiny_causal_lm_dir)
     ref = _logits(base, IDS)

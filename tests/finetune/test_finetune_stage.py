@@ -17,9 +17,9 @@ def _exec_lines(path):
 
 
 def _losses(ds):
-    import pyarrow.parquet as pq
+    from refinery.tasks.train.metrics import read_metrics
 
-    return pq.read_table(ds.file("metrics.parquet")).column("train_loss").to_pylist()
+    return [r["loss"] for r in read_metrics(ds.file("metrics")) if r["split"] == "train"]
 
 
 def test_cached_deterministic_and_input_identity(tiny_causal_lm_dir, sft_file, tmp_path, exec_log):
@@ -29,10 +29,23 @@ def test_cached_deterministic_and_input_identity(tiny_causal_lm_dir, sft_file, t
     assert again.path == a.path and len(_exec_lines(exec_log)) == 1  # cached: no second execution
     b = finetune.run(tmp_path / "s2", cfg=cfg)
     assert len(_exec_lines(exec_log)) == 2 and b.fingerprint == a.fingerprint
-    # byte-identical outputs and identical loss curves (dropout on: seeded)
-    sha = lambda ds: {f["path"]: f["sha256"] for f in ds.manifest["files"]}  # noqa: E731
+    # byte-identical outputs and identical loss curves (dropout on: seeded); the metrics folders
+    # differ only in wall-clock figures and TensorBoard's timestamped file names
+    from refinery.tasks.train.metrics import read_metrics, without_timing
+
+    sha = lambda ds: {f["path"]: f["sha256"] for f in ds.manifest["files"] if "metrics/" not in f["path"]}  # noqa: E731
     assert sha(a) == sha(b)
     assert _losses(a) == _losses(b)
+    assert without_timing(read_metrics(a.file("metrics"))) == without_timing(read_metrics(b.file("metrics")))
+    files = {f["path"] for f in a.manifest["files"]}
+    for folder in ("", "adapter/", "merged/"):   # the common metrics folder, also in each exported model
+        assert {f"{folder}metrics/metrics.jsonl", f"{folder}metrics/loss.png"} <= files
+    tensorboard = {f.split("metrics/tensorboard/")[0] for f in files if "metrics/tensorboard/events.out.tfevents." in f}
+    assert tensorboard == {""}, "TensorBoard events once, at the top (each run listed once)"
+    rows = read_metrics(a.file("metrics"))
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in rows if r["split"] == "val"] == [3] and rows[-1]["val_loss"] > 0
+    assert all({"step", "split", "seconds", "tokens"} <= set(r) for r in rows)
     assert a.manifest["stats"]["val_loss_after"] == b.manifest["stats"]["val_loss_after"]
 
     # the data file's content is part of the fingerprint

@@ -67,13 +67,20 @@ def test_early_stopping_and_checkpoints(readers, tmp_path):
     st = load_state(ck)
     assert st["step"] == res["steps"] and st["status"] == "early_stopped"
     assert set(st["rng"]) >= {"torch", "numpy", "python"} and "epoch" in st["reader"]
+    mdir = tmp_path / "ck" / "metrics"   # the common metrics folder (refinery.tasks.train.metrics)
     for name in ("metrics.jsonl", "loss.png"):
-        assert (tmp_path / "ck" / name).exists()
-    assert (tmp_path / "ck" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list((tmp_path / "ck" / "tensorboard").glob("events.out.tfevents.*"))
-    rows = [json.loads(x) for x in (tmp_path / "ck" / "metrics.jsonl").read_text().splitlines()]
+        assert (mdir / name).exists()
+    assert (mdir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((mdir / "tensorboard").glob("events.out.tfevents.*"))
+    rows = [json.loads(x) for x in (mdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, res["steps"] + 1))
     assert all(r["lr"] > 0 and r["tokens_per_sec"] > 0 for r in rows if "loss" in r)
+    # the common row schema: step, split, seconds, tokens, then the metrics
+    assert all({"step", "split", "seconds", "tokens"} <= set(r) for r in rows)
+    assert {r["split"] for r in rows if "loss" in r} == {"train"} and {r["split"] for r in rows if "val_loss" in r} == {"val"}
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert all(b["seconds"] >= a["seconds"] and b["tokens"] == a["tokens"] + 8 * 64 for a, b in zip(train_rows, train_rows[1:]))
+    assert res["peak_memory_mb"] > 0
 
 
 def test_activation_checkpointing_gives_the_same_losses(readers, tmp_path):

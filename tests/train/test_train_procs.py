@@ -42,7 +42,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(readers, corpus_tokens, tmp_pat
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", CHILD, cfg.model_dump_json(), json.dumps(corpus_tokens), str(ck)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = ck / "metrics.jsonl"
+    metrics = ck / "metrics" / "metrics.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline:
         rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []

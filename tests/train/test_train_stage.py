@@ -19,7 +19,7 @@ def stage_cfg(**kw):
 
 
 def metric_losses(ds_path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (Path(ds_path) / "training" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (Path(ds_path) / "metrics" / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
@@ -45,7 +45,8 @@ def test_stage_output_cache_and_crash_resume(token_dataset, tmp_path, exec_log):
     tok = AutoTokenizer.from_pretrained(ds.path)
     assert model.config.model_type == "llama" and tok.convert_tokens_to_ids("<extra_id_0>") is not None
     files = {f["path"] for f in m["files"]}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "training/loss.png"} <= files
+    assert {"config.json", "model.safetensors", "tokenizer.json", "metrics/loss.png", "metrics/metrics.jsonl"} <= files
+    assert any(f.startswith("metrics/tensorboard/events.out.tfevents.") for f in files)
     assert "trainer_state.pt" not in files, "the training state stays with the checkpoints"
     ck = checkpoint_dir(Store(tmp_path / "a").builder("pretrain", ds.fingerprint))
     assert ck == tmp_path / "a" / "checkpoints" / ds.fingerprint and (ck / "checkpoints.json").exists()
@@ -89,3 +90,9 @@ def test_cli_run_pretrain_writes_a_loadable_checkpoint(token_dataset, tmp_path, 
     assert manifest["val_loss_start"] > manifest["val_loss_end"] > 0
     assert out["val_loss_start"] == manifest["val_loss_start"]
     assert AutoModelForCausalLM.from_pretrained(path).config.hidden_size == 64
+    # the common metrics folder inside the model folder: rows, loss curve, TensorBoard events
+    rows = [json.loads(x) for x in (Path(path) / "metrics" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 9))
+    assert [r["step"] for r in rows if r["split"] == "val"] == [0, 4, 8]
+    assert (Path(path) / "metrics" / "loss.png").exists()
+    assert list((Path(path) / "metrics" / "tensorboard").glob("events.out.tfevents.*"))
