@@ -452,6 +452,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _holder_info() -> dict:
@@ -535,6 +536,12 @@ class WriterLock:
             try:
                 got = self._impl.try_acquire(info)
             except OSError as e:
+                if e.errno in _READ_ONLY and isinstance(self._impl, _Flock):
+                    # Nobody can build here, so no writer to exclude: reading a published dataset
+                    # from a read-only copy still works (building fails at its first write).
+                    log.warning("%s: cannot create the writer lock (%s); going on without it", self._impl.path, e)
+                    self._impl = _NoLock()
+                    return
                 if not isinstance(self._impl, _Flock) or e.errno not in _NO_FLOCK:
                     raise
                 log.warning("%s: no flock on this volume (%s); using a lease file instead", self._impl.path, e)
@@ -562,6 +569,11 @@ class WriterLock:
                 if self._thread_lock is not None:
                     self._thread_lock.release()
                     self._thread_lock = None
+
+
+class _NoLock:
+    def release(self) -> None:
+        pass
 
 
 class _Flock:

@@ -295,3 +295,24 @@ def test_a_holder_that_lost_its_lease_does_not_publish():
             b.publish(version="1", config={}, inputs=[])
     assert store.get("toy", "fp") is None
     assert store.fs.exists(taker)                            # the new holder's lease is left alone
+
+
+def test_a_read_only_store_is_read_without_a_lock(tmp_path, monkeypatch, caplog):
+    """Where the lock file cannot be created (a read-only mount), nobody can write either: a
+    published dataset is still found, with a warning."""
+    import errno
+
+    built = Toy.run(tmp_path, [], CFG)
+    real_open = os.open
+
+    def read_only(path, flags, *a):
+        if ".lock-" in str(path):
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with caplog.at_level("WARNING", logger="refinery.store"):
+        with Store(tmp_path).lock("toy", built.fingerprint, timeout=1):
+            pass
+    assert "going on without it" in caplog.text
+    assert Toy.run(tmp_path, [], CFG).path == built.path
