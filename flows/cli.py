@@ -96,7 +96,9 @@ def build_params(flow, config_file: str | None, sets: list[str], workdir: str | 
         try:
             data = yaml.safe_load(Path(config_file).read_text()) or {}
         except OSError as e:
-            raise SystemExit(f"refinery: cannot read config {config_file}: {e.strerror}")
+            raise SystemExit(f"refinery: cannot read config {config_file}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise SystemExit(f"refinery: {config_file} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise SystemExit(f"refinery: {config_file}: expected a mapping of parameters")
     data = deep_merge(data, parse_set(sets))
@@ -107,7 +109,7 @@ def build_params(flow, config_file: str | None, sets: list[str], workdir: str | 
         return flow.params_cls.model_validate(data)
     except ValidationError as e:
         raise SystemExit(f"refinery: invalid parameters for flow {flow.name!r}:\n{explain(flow.name, flow.params_cls, e)}\n"
-                         f"(all parameters: refinery run {flow.name} --help)")
+                         f"(all parameters: refinery run {flow.name} --help)") from None
 
 
 def with_primary(out: dict) -> dict:

@@ -67,7 +67,7 @@ def _signature(params_cls: type[BaseModel]) -> inspect.Signature:
         if field.is_required():
             default = inspect.Parameter.empty
         elif field.default_factory is not None:
-            default = field.default_factory()
+            default = field.get_default(call_default_factory=True)
         else:
             default = field.default
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
@@ -88,18 +88,18 @@ def refinery_flow(name: str, params_cls: type[P], **flow_kwargs) -> Callable[[Ca
         def wrapper(**kwargs):
             return fn(params_cls.model_validate(kwargs))
 
-        wrapper.__signature__ = _signature(params_cls)
+        wrapper.__signature__ = _signature(params_cls)  # type: ignore[attr-defined]
         wrapper.__annotations__ = {n: f.annotation for n, f in params_cls.model_fields.items()} | {"return": dict}
         wrapper.__doc__ = _docstring(fn, params_cls)
         del wrapper.__wrapped__  # Prefect must see the generated signature, not fn's
         f = flow(name=name, validate_parameters=True, log_prints=True, **flow_kwargs)(wrapper)
-        f.params_cls = params_cls
+        f.params_cls = params_cls  # type: ignore[attr-defined]
 
         def run_params(p: P, **options) -> dict:
             target = f.with_options(**options) if options else f
             return target(**{k: getattr(p, k) for k in params_cls.model_fields})
 
-        f.run_params = run_params
+        f.run_params = run_params  # type: ignore[attr-defined]
         return f
 
     return decorate

@@ -152,7 +152,7 @@ def show_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return v if v and v.strip() == v and not v[0] in "[{'\"" else json.dumps(v)
+        return v if v and v.strip() == v and v[0] not in "[{'\"" else json.dumps(v)
     try:
         return json.dumps(v, default=str)
     except (TypeError, ValueError):
@@ -289,7 +289,7 @@ def _short(v: Any, limit: int = 60) -> str:
 
 def explain(flow: str, model: type[BaseModel], error: ValidationError) -> str:
     """A ValidationError as one line per problem, dotted names, suggestions and examples."""
-    lines = [_one_error(flow, model, e) for e in error.errors()]
+    lines = [_one_error(flow, model, dict(e)) for e in error.errors()]
     return "\n".join(f"  - {line}" for line in dict.fromkeys(lines))
 
 

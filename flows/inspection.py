@@ -89,7 +89,7 @@ def _num(v: Any) -> str:
     return f"{v:,}" if isinstance(v, int) else f"{v:,.4g}"
 
 
-def _bytes(n: int) -> str:
+def _bytes(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -244,10 +244,10 @@ def describe_dataset(ds, head: int = 0) -> str:
 
 # --------------------------------------------------------------------------- stage folder, workdir
 def describe_stage(path: str, entries: list[Entry]) -> str:
-    done = sorted((e for e in entries if e.manifest), key=lambda e: e.manifest.get("created_at", ""))
+    done = sorted(((e.name, e.manifest) for e in entries if e.manifest), key=lambda d: d[1].get("created_at", ""))
     lines = [f"stage folder  {path}  ({_plural(len(done), 'dataset')})"]
-    for e in done:
-        lines.append(f"  {e.name}  {e.manifest.get('created_at', '?')}  {summary_line(e.manifest)}")
+    for name, m in done:
+        lines.append(f"  {name}  {m.get('created_at', '?')}  {summary_line(m)}")
     for e in entries:
         if e.staging:
             lines.append(f"  {e.name}  (unfinished: building now, or a crashed run a rerun resumes)")
@@ -259,14 +259,14 @@ def describe_stage(path: str, entries: list[Entry]) -> str:
 def describe_root(path: str, stages: dict[str, list[Entry]]) -> str:
     lines = [f"workdir  {path}  ({_plural(len(stages), 'stage')})"]
     for name, entries in stages.items():
-        done = [e for e in entries if e.manifest]
-        newest = max(done, key=lambda e: e.manifest.get("created_at", ""), default=None)
+        done = [(e.name, e.manifest) for e in entries if e.manifest]
+        newest = max(done, key=lambda d: d[1].get("created_at", ""), default=None)
         unfinished = sum(e.staging for e in entries)
         line = f"  {name:<12} {_plural(len(done), 'dataset')}"
         if unfinished:
             line += f", {unfinished} unfinished"
         if newest is not None:
-            line += f"; newest {newest.name} {newest.manifest.get('created_at', '?')}: {summary_line(newest.manifest)}"
+            line += f"; newest {newest[0]} {newest[1].get('created_at', '?')}: {summary_line(newest[1])}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -287,8 +287,8 @@ def inspect_path(path: str, head: int = 0, as_json: bool = False) -> str:
     entries = _stage_entries(fs, fs_path)
     if entries:
         return describe_stage(path, entries)
-    stages = {d.rsplit("/", 1)[-1]: e for d in _subdirs(fs, fs_path)
-              if not d.rsplit("/", 1)[-1].startswith(".") and (e := _stage_entries(fs, d))}
+    stages = {d.rsplit("/", 1)[-1]: ents for d in _subdirs(fs, fs_path)
+              if not d.rsplit("/", 1)[-1].startswith(".") and (ents := _stage_entries(fs, d))}
     if stages:
         return describe_root(path, stages)
     what = "does not exist" if not fs.exists(fs_path) else f"has no {MANIFEST} and no datasets below it"
