@@ -25,7 +25,7 @@ class CurateParams(FlowParams):
     def _needs_input(self):
         # Checked with the parameters, so `refinery run curate` without input fails before any
         # Prefect server starts.
-        if not self.input.strip(",  ") and not self.ingest.inputs:
+        if not self.input.replace(",", " ").strip() and not self.ingest.inputs:
             raise ValueError("curate needs an input: missing required parameter 'input'\n"
                              "    for example: refinery run curate --set input=crawl/*.warc.gz "
                              "(or tagged inputs: --set 'ingest.inputs=[{path: books.jsonl, source: books}]')")
