@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from refinery.flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow, result
+from refinery.flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow, result, stage_seconds
 from refinery.tasks.config import StrictModel
 from refinery.tasks.align.common import is_dataset_dir
 from refinery.tasks.align.dpo import DPOConfig
@@ -90,7 +90,7 @@ def align_flow(p: AlignParams) -> dict:
                 reward_model = stages["reward"].path
             stages["ppo"] = ppo_stage.call(p.workdir, _lineage(p.input, reward_model), ppo_config(p, reward_model))
     metrics = {name: ds.manifest.get("metrics", {}) for name, ds in stages.items()}
-    rows = [{"stage": name, **m, "seconds": ds.manifest.get("stats", {}).get("seconds"), "fingerprint": ds.fingerprint}
+    rows = [{"stage": name, **m, "seconds": stage_seconds(ds), "fingerprint": ds.fingerprint}
             for (name, ds), m in zip(stages.items(), metrics.values())]
     print(format_table(rows, title="== align"), file=sys.stderr)
     table_artifact("align-metrics", rows, description="align: held-out preference accuracy / PPO reward and KL")

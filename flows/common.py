@@ -105,6 +105,12 @@ def refinery_flow(name: str, params_cls: type[P], **flow_kwargs) -> Callable[[Ca
     return decorate
 
 
+def stage_seconds(ds: Any) -> Any:
+    """A stage's time for a report: ``cached`` when this run found it built (``ds.cached``, set by
+    the runtime), else the seconds its build took."""
+    return "cached" if getattr(ds, "cached", None) else ds.manifest.get("stats", {}).get("seconds", "")
+
+
 def stage_rows(stages: dict[str, Any]) -> list[dict]:
     """One summary row per stage dataset: documents in/out, drops per reason, time.
 
@@ -114,13 +120,12 @@ def stage_rows(stages: dict[str, Any]) -> list[dict]:
     for name, ds in stages.items():
         c = ds.counts
         dropped = c.get("dropped_by_rule", c.get("dropped", {}))
-        seconds = "cached" if getattr(ds, "cached", None) else ds.manifest.get("stats", {}).get("seconds", "")
         rows.append({
             "stage": name,
             "in": c.get("docs_in", ""),
             "out": c.get("docs_out", c.get("tokens", "")),
             "dropped": ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()) if v) if isinstance(dropped, dict) else dropped,
-            "seconds": seconds,
+            "seconds": stage_seconds(ds),
             "fingerprint": ds.fingerprint,
         })
     return rows
