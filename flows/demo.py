@@ -9,8 +9,8 @@ from pydantic import Field, model_validator
 
 from refinery.flows.align import AlignSettings
 from refinery.flows.common import FlowParams, refinery_flow
-from refinery.flows.pipeline import (ORDER, CurateSection, TokenizeSection, check_sections, flow_params,
-                                     primary_output)
+from refinery.flows.pipeline import (ORDER, TRAINED, CurateSection, EvaluateSection, TokenizeSection, check_sections,
+                                     flow_params, primary_output)
 from refinery.tasks.finetune.config import FinetuneSettings
 from refinery.tasks.report import format_table, markdown_artifact, markdown_table, table_artifact
 from refinery.tasks.train.config import TrainConfig
@@ -28,6 +28,11 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "align": {"method": "dpo", "dpo": {"max_steps": 30}},
 }
 SEEDED = ("pretrain", "finetune", "align")  # sections whose seed defaults to the demo's
+# The demo's evaluation: held-out documents, and without other tasks the shipped local GSM8K task
+# on arithmetic problems the demo writes (tasks.eval.problems); short generations on 2 CPU cores.
+DEMO_EVALUATE: dict[str, Any] = {"limit": 10, "gen_kwargs": "max_gen_toks=32", "prompts": ["Once upon a time"],
+                                 "max_new_tokens": 24, "max_docs": 200}
+GSM8K_TASK = Path(__file__).resolve().parents[1] / "configs" / "eval" / "gsm8k_local.yaml"
 
 
 class DemoParams(FlowParams):
@@ -49,6 +54,8 @@ class DemoParams(FlowParams):
                                        description="The finetune flow's parameters (less input and data).")
     align: AlignSettings = Field(default_factory=lambda: AlignSettings(**DEMO_DEFAULTS["align"]),
                                  description="The align flow's parameters (less input and data).")
+    evaluate: EvaluateSection | None = Field(default_factory=lambda: EvaluateSection(**DEMO_EVALUATE),  # type: ignore[valid-type]
+                                             description="The evaluate flow's parameters (less input) for the final comparison of the trained models; null skips it.")
 
     @model_validator(mode="before")
     @classmethod
@@ -89,6 +96,33 @@ def _summary_row(flow: str, stage: str, c: dict) -> dict:
             "steps": c.get("steps", ""), "examples": c.get("examples", c.get("pairs", ""))}
 
 
+def _evaluate(p: DemoParams, models: dict[str, str], crawl_dir: Path, common: dict) -> dict:
+    """One evaluate run over the trained models, and one table: held-out bits per byte and the
+    local GSM8K task per model."""
+    from refinery.flows.cli import load_flow
+    from refinery.flows.evaluate import EvaluateParams, model_label
+    from refinery.tasks.eval.problems import write_problems
+
+    own = p.evaluate.model_dump()
+    if not own["tasks"]:
+        own["tasks"] = [str(GSM8K_TASK)]
+        own["data_files"] = {"gsm8k_local": str(write_problems(crawl_dir / "arithmetic.jsonl", seed=p.seed)),
+                             **own["data_files"]}
+    params = EvaluateParams.model_validate({**own, **common, "input": ",".join(models.values())})
+    out = load_flow("evaluate").run_params(params)
+    flow_of = {model_label(path): name for name, path in models.items()}
+    rows: dict[str, dict] = {}
+    for r in out.get("results", []):
+        if r["task"] == "heldout" or not r["task"].startswith("heldout["):
+            key = "heldout " + r["metric"] if r["task"] == "heldout" else f"{r['task']} {r['metric']}"
+            rows.setdefault(r["model"], {"model": flow_of.get(r["model"], r["model"])})[key] = r["value"]
+    table = list(rows.values())
+    print(format_table(table, title="== demo: evaluation (held-out documents; GSM8K-format problems: "
+                                    "a model this small scores about zero)"), file=sys.stderr)
+    table_artifact("demo-evaluation", table, description="Held-out bits per byte and local GSM8K per trained model")
+    return out
+
+
 @refinery_flow("demo", DemoParams)
 def demo_flow(p: DemoParams) -> dict:
     """Generate a small deterministic crawl and run curate, tokenize, pretrain, finetune and align on it."""
@@ -110,6 +144,7 @@ def demo_flow(p: DemoParams) -> dict:
     summary: list[dict] = []
     upstream = ",".join(str(f) for f in files)
     curated = ""
+    models: dict[str, str] = {}
     for name in names:
         supplied: dict[str, Any] = {**common, "input": upstream}
         if name == "finetune":
@@ -124,6 +159,11 @@ def demo_flow(p: DemoParams) -> dict:
         if name == "curate":
             curated = primary_output(name, out)
         upstream = primary_output(name, out)
+        if name in TRAINED:
+            models[name] = upstream
+    if p.evaluate is not None and models:
+        ev = _evaluate(p, models, crawl_dir, common)
+        outputs["evaluate"], counts["evaluate"] = ev["outputs"]["evaluate"], ev["counts"]["evaluate"]
     print(format_table(summary, title="== demo: counts per stage"), file=sys.stderr)
     table_artifact("demo-summary", summary, description="Counts per stage of the demo run")
     markdown_artifact("demo-outputs", "# Demo outputs\n\n" + markdown_table(

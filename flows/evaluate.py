@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from refinery.flows.common import FlowParams, emit_completed, refinery_flow, result
+from refinery.flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow, result
 
 _DEFAULT_PROMPTS = ["The history of the city", "Once upon a time", "Question: What is 12 plus 7?\nAnswer:"]
 
@@ -38,11 +38,17 @@ class EvaluateParams(FlowParams):
     max_docs: int | None = Field(2000, ge=1, description="Score at most this many held-out documents.")
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda or cuda:N.")
 
-    @field_validator("tasks", "prompts", mode="before")
+    @field_validator("tasks", mode="before")
     @classmethod
     def _comma_list(cls, v):
         """``--set tasks=a.yaml,b`` as well as ``--set "tasks=[a.yaml, b]"``."""
         return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _one_prompt(cls, v):
+        """``--set prompts=TEXT`` is one prompt (commas and all)."""
+        return [v] if isinstance(v, str) else v
 
 
 def model_label(ref: str) -> str:
@@ -112,8 +118,11 @@ def evaluate_flow(p: EvaluateParams) -> dict:
         print("evaluate: no held-out documents given or found in the models' lineage; "
               "bits per byte skipped (--set data=DOCS)", file=sys.stderr)
     inputs = [Dataset.open(data)] if data else []
-    ds = evaluate.call(p.workdir, inputs, cfg)
-    table = ds.manifest.get("stats", {}).get("table", [])
+    with gpu_slot():   # a deployment on a GPU pool holds one card's slot while models run
+        ds = evaluate.call(p.workdir, inputs, cfg)
+    labels = [m.label for m in cfg.models]   # the manifest sorts keys: put task, metric, then models in order
+    table = [{"task": r["task"], "metric": r["metric"], **{lab: r.get(lab) for lab in labels}}
+             for r in ds.manifest.get("stats", {}).get("table", [])]
     print(format_table(table, title="== evaluate"), file=sys.stderr)
     table_artifact("evaluate-comparison", table, description="Every metric (rows) for every model (columns)")
     image_artifact("evaluate-chart", f"{ds.local_path()}/chart.png", description="Metrics across models")

@@ -18,6 +18,7 @@ from pydantic import Field, create_model
 from refinery.flows.align import AlignParams, AlignSettings
 from refinery.flows.common import FlowParams, refinery_flow
 from refinery.flows.curate import CurateParams
+from refinery.flows.evaluate import EvaluateParams
 from refinery.flows.finetune import FinetuneParams
 from refinery.flows.pretrain import PretrainParams
 from refinery.flows.tokenize import TokenizeParams
@@ -29,7 +30,7 @@ ORDER = ("curate", "tokenize", "pretrain", "finetune", "align")
 # what the pipeline (or the demo) supplies to each flow rather than its section
 PLUMBING = {"workdir", "task_runner", "input"}
 SUPPLIED = {"curate": PLUMBING, "tokenize": PLUMBING, "pretrain": PLUMBING,
-            "finetune": PLUMBING | {"data"}, "align": PLUMBING | {"data"}}
+            "finetune": PLUMBING | {"data"}, "align": PLUMBING | {"data"}, "evaluate": PLUMBING}
 
 
 def section_model(params_cls: type[StrictModel], drop: set[str]) -> type[StrictModel]:
@@ -45,13 +46,15 @@ def section_model(params_cls: type[StrictModel], drop: set[str]) -> type[StrictM
 
 CurateSection = section_model(CurateParams, SUPPLIED["curate"])
 TokenizeSection = section_model(TokenizeParams, SUPPLIED["tokenize"])
+EvaluateSection = section_model(EvaluateParams, SUPPLIED["evaluate"])
+TRAINED = ("pretrain", "finetune", "align")   # the flows whose model the evaluate section scores
 # each flow's section model, and the full params model it completes
 SECTIONS: dict[str, type[StrictModel]] = {"curate": CurateSection, "tokenize": TokenizeSection,
                                            "pretrain": TrainConfig, "finetune": FinetuneSettings,
                                            "align": AlignSettings}
 PARAMS: dict[str, type[FlowParams]] = {"curate": CurateParams, "tokenize": TokenizeParams,
                                        "pretrain": PretrainParams, "finetune": FinetuneParams,
-                                       "align": AlignParams}
+                                       "align": AlignParams, "evaluate": EvaluateParams}
 
 
 class PipelineParams(FlowParams):
@@ -65,6 +68,7 @@ class PipelineParams(FlowParams):
     pretrain: TrainConfig = Field(default_factory=TrainConfig, description="The pretrain flow's parameters (less input), e.g. max_steps, preset.")
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings, description="The finetune flow's parameters (less input and data), e.g. method, lora.r.")
     align: AlignSettings = Field(default_factory=AlignSettings, description="The align flow's parameters (less input and data), e.g. method, dpo.max_steps.")
+    evaluate: EvaluateSection | None = Field(None, description="The evaluate flow's parameters (less input): when given, each trained model (pretrain, finetune, align) is evaluated right after its flow, e.g. evaluate.tasks=[configs/eval/mc_local.yaml].")  # type: ignore[valid-type]
 
 
 def flow_params(name: str, section: StrictModel, supplied: dict[str, Any]) -> FlowParams:
@@ -87,7 +91,7 @@ def run_chain(p: FlowParams, crawl: str, data: str, preferences: str, sections: 
 
     common = {"workdir": p.workdir, "task_runner": p.task_runner}
     names = [n for n in ORDER if n != "align" or preferences]
-    check_sections(names, sections, common)
+    check_sections(names + (["evaluate"] if sections.get("evaluate") is not None else []), sections, common)
     outputs: dict[str, str] = {}
     counts: dict[str, Any] = {}
     upstream = crawl
@@ -98,6 +102,10 @@ def run_chain(p: FlowParams, crawl: str, data: str, preferences: str, sections: 
         outputs.update(out["outputs"])
         counts.update(out["counts"])
         upstream = primary_output(name, out)
+        if sections.get("evaluate") is not None and name in TRAINED:   # judge each model on what it never saw
+            ev = load_flow("evaluate").run_params(flow_params("evaluate", sections["evaluate"], {**common, "input": upstream}))
+            outputs[f"evaluate_{name}"] = ev["outputs"]["evaluate"]
+            counts[f"evaluate_{name}"] = ev["counts"]["evaluate"]
     return {"primary": upstream, "outputs": outputs, "counts": counts}
 
 
@@ -110,4 +118,5 @@ def primary_output(flow_name: str, out: dict) -> str:
 @refinery_flow("pipeline", PipelineParams)
 def pipeline_flow(p: PipelineParams) -> dict:
     """End to end: curate a crawl, tokenize it, pretrain, fine-tune, and align."""
-    return run_chain(p, p.input, p.data, p.preferences, {name: getattr(p, name) for name in ORDER})
+    return run_chain(p, p.input, p.data, p.preferences,
+                     {**{name: getattr(p, name) for name in ORDER}, "evaluate": p.evaluate})

@@ -173,3 +173,47 @@ def test_refinery_run_evaluate_compares_two_models(tmp_path, tiny_causal_lm_dir,
     gens = pq.read_table(path / "samples" / "generations.parquet").to_pylist()
     assert len(gens) == 2 and all(g["prompt"] == "Once upon a time" for g in gens)
     assert out["heldout"] == docs_dataset.path
+
+
+# --------------------------------------------------------------------------- wiring
+def test_pipeline_evaluates_each_trained_model_when_asked(monkeypatch):
+    import refinery.flows.cli as cli
+    from refinery.flows.pipeline import ORDER, PipelineParams, run_chain
+
+    calls: list[tuple[str, object]] = []
+
+    class FakeFlow:   # records what the pipeline passes; every flow's primary output is /w/NAME
+        def __init__(self, name):
+            self.name = name
+
+        def run_params(self, params):
+            calls.append((self.name, params))
+            return {"primary": f"/w/{self.name}", "outputs": {self.name: f"/w/{self.name}"},
+                    "counts": {self.name: {"n": len(calls)}}}
+
+    monkeypatch.setattr(cli, "load_flow", FakeFlow)
+    p = PipelineParams(input="crawl", data="sft.json", preferences="pairs.jsonl",
+                       evaluate={"tasks": ["configs/eval/mc_local.yaml"], "limit": 3})
+    out = run_chain(p, p.input, p.data, p.preferences, {**{n: getattr(p, n) for n in ORDER}, "evaluate": p.evaluate})
+    assert [n for n, _ in calls] == ["curate", "tokenize", "pretrain", "evaluate", "finetune", "evaluate",
+                                     "align", "evaluate"]
+    evals = [params for n, params in calls if n == "evaluate"]
+    assert [e.input for e in evals] == ["/w/pretrain", "/w/finetune", "/w/align"]
+    assert all(e.limit == 3 and e.tasks == ["configs/eval/mc_local.yaml"] for e in evals)
+    assert {k for k in out["outputs"] if k.startswith("evaluate_")} == {"evaluate_pretrain", "evaluate_finetune",
+                                                                          "evaluate_align"}
+    assert out["primary"] == "/w/align"
+    calls.clear()
+    plain = PipelineParams(input="crawl", data="sft.json")
+    run_chain(plain, plain.input, plain.data, "", {**{n: getattr(plain, n) for n in ORDER}, "evaluate": None})
+    assert "evaluate" not in [n for n, _ in calls]
+
+
+def test_the_evaluate_deployment_follows_finetune_and_align_events():
+    import yaml
+
+    deps = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())["deployments"]
+    (ev,) = [d for d in deps if d["entrypoint"] == "refinery.flows.evaluate:evaluate_flow"]
+    assert ev["name"] == "default"
+    assert sorted(t["expect"][0] for t in ev["triggers"]) == ["refinery.align.completed", "refinery.finetune.completed"]
+    assert all(t["parameters"]["input"] == "{{ event.payload.output }}" for t in ev["triggers"])
