@@ -76,6 +76,8 @@ class DemoParams(FlowParams):
             if name in SEEDED:
                 base["seed"] = data.get("seed", 0)
             data[name] = deep_merge(base, given)
+        if isinstance(data.get("evaluate"), dict):   # likewise for the evaluation (null still skips it)
+            data["evaluate"] = deep_merge(DEMO_EVALUATE, data["evaluate"])
         return data
 
 

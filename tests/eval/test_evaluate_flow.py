@@ -217,3 +217,26 @@ def test_the_evaluate_deployment_follows_finetune_and_align_events():
     assert ev["name"] == "default"
     assert sorted(t["expect"][0] for t in ev["triggers"]) == ["refinery.align.completed", "refinery.finetune.completed"]
     assert all(t["parameters"]["input"] == "{{ event.payload.output }}" for t in ev["triggers"])
+
+
+def test_the_demo_evaluation_section_merges_over_its_defaults():
+    from refinery.flows.demo import DEMO_EVALUATE, GSM8K_TASK, DemoParams
+
+    p = DemoParams.model_validate({"evaluate": {"limit": 3}})
+    assert p.evaluate.limit == 3 and p.evaluate.gen_kwargs == DEMO_EVALUATE["gen_kwargs"]
+    assert DemoParams.model_validate({"evaluate": None}).evaluate is None
+    assert DemoParams().evaluate.limit == DEMO_EVALUATE["limit"] and GSM8K_TASK.is_file()
+
+
+def test_generated_problems_have_gsm8k_s_answer_format(tmp_path):
+    import re
+
+    from refinery.tasks.eval.problems import write_problems
+
+    path = write_problems(tmp_path / "p.jsonl", n=30, seed=1)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 30 and path.read_text() == write_problems(tmp_path / "q.jsonl", n=30, seed=1).read_text()
+    for r in rows:
+        m = re.search(r"#### (\-?[0-9]+)$", r["answer"])
+        calc = re.search(r"<<([0-9+\-*]+)=(\-?[0-9]+)>>", r["answer"])
+        assert m and calc and eval(calc.group(1)) == int(calc.group(2)) == int(m.group(1))  # noqa: S307
