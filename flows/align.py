@@ -100,7 +100,7 @@ def align_flow(p: AlignParams) -> dict:
 
     for name, ds in stages.items():
         report_metrics(ds, f"align-{name}", description=f"{name}: per-step figures")
-    model_dir = final.file(final.manifest.get("merged") or final.manifest.get("model"))
+    model_dir = final.file(final.manifest.get("merged") or final.manifest["model"])
     out = result(stages, metrics=metrics, model=model_dir)
     emit_completed("align", out, primary=final.path)
     return out

@@ -29,7 +29,9 @@ def resolve_model_dir(path: str | os.PathLike) -> str:
 
 
 def is_dataset_dir(path: str | None) -> bool:
-    return bool(path) and ("://" in str(path) or (Path(path) / MANIFEST).is_file())
+    if not path:
+        return False
+    return "://" in str(path) or (Path(path) / MANIFEST).is_file()
 
 
 @dataclass

@@ -82,7 +82,7 @@ def _all_logps(model, enc: _Encoded, pad_id: int, batch_size: int):
     """(chosen logps, rejected logps, chosen lengths, rejected lengths) for every pair, no grad."""
     import torch
 
-    outs = [[], [], [], []]
+    outs: list[list] = [[], [], [], []]
     with torch.no_grad():
         for i in range(0, len(enc.chosen), batch_size):
             sl = slice(i, i + batch_size)
@@ -151,7 +151,9 @@ def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequenc
     # The reference: the starting model, scored once.
     ref_tr = _all_logps(model, enc_tr, pad_id, cfg.eval_batch_size)
     ref_ev = _all_logps(model, enc_ev, pad_id, cfg.eval_batch_size) if held_out else None
-    before = preference_metrics(*ref_ev[:2], *ref_ev[:2], *ref_ev[2:], cfg.beta) if held_out else {"pairs": 0}
+    before: dict = {"pairs": 0}
+    if ref_ev is not None:   # before training the policy is the reference
+        before = preference_metrics(ref_ev[0], ref_ev[1], ref_ev[0], ref_ev[1], ref_ev[2], ref_ev[3], cfg.beta)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
@@ -190,8 +192,8 @@ def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequenc
                             margin=round((rew_c - rew_r).mean().item(), 6),
                             reward_chosen=round(rew_c.mean().item(), 6), reward_rejected=round(rew_r.mean().item(), 6))
     train_seconds = time.perf_counter() - t0
-    after = {"pairs": 0}
-    if held_out:
+    after: dict = {"pairs": 0}
+    if ref_ev is not None:
         cur = _all_logps(model, enc_ev, pad_id, cfg.eval_batch_size)
         after = preference_metrics(cur[0], cur[1], ref_ev[0], ref_ev[1], cur[2], cur[3], cfg.beta)
         steps.val(step, tokens=tokens, **_val_figures(after))

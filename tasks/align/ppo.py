@@ -26,7 +26,7 @@ import copy
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from pydantic import Field
 
@@ -90,7 +90,7 @@ def _policy_with_value(model):
 
 @dataclass
 class PPOResult:
-    policy: object          # PolicyWithValue: .lm is the causal LM (a PeftModel with LoRA)
+    policy: Any             # PolicyWithValue: .lm is the causal LM (a PeftModel with LoRA)
     tokenizer: object
     history: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)
@@ -221,15 +221,15 @@ class PPOTrainer:
         r_mask = reply_mask(replies, self.eos_id)
         ids = torch.cat([p_ids, replies], 1)
         mask = torch.cat([p_mask, r_mask], 1)
-        logp, entropy, ref_logp, values = [], [], [], []
+        chunks: list[tuple] = []   # (logp, entropy, ref_logp, values) per chunk
         with torch.no_grad():  # in chunks of mini_batch_size: full-vocabulary logits are large
             for i in range(0, len(ids), cfg.mini_batch_size):
                 sl = slice(i, i + cfg.mini_batch_size)
                 lg, v = self.policy(ids[sl], mask[sl])
                 lp, ent = _reply_stats(lg[:, P - 1:-1], replies[sl], cfg.temperature)
                 rlp, _ = _reply_stats(self._ref_logits(ids[sl], mask[sl])[:, P - 1:-1], replies[sl], cfg.temperature)
-                logp.append(lp), entropy.append(ent), ref_logp.append(rlp), values.append(v[:, P - 1:-1])
-        logp, entropy, ref_logp, values = (torch.cat(x) for x in (logp, entropy, ref_logp, values))
+                chunks.append((lp, ent, rlp, v[:, P - 1:-1]))
+        logp, entropy, ref_logp, values = (torch.cat(x) for x in zip(*chunks))
         reply_lists = [replies[i][r_mask[i].bool()].tolist() for i in range(len(replies))]
         reply_texts = [tok.decode(r, skip_special_tokens=True) for r in reply_lists]
         scores = torch.as_tensor(self.reward_fn(list(prompt_texts), reply_texts, reply_lists), dtype=torch.float32)
@@ -326,7 +326,7 @@ def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg:
     history = steps.history
     t0 = time.perf_counter()
     for _ in range(cfg.max_steps):
-        batch = []
+        batch: list[str] = []
         while len(batch) < cfg.batch_size:
             if not order:
                 order = torch.randperm(len(prompts), generator=gen).tolist()

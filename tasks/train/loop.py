@@ -83,7 +83,9 @@ def make_optimizer(model, cfg: TrainConfig, device):
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    seen, decay, no_decay = set(), [], []
+    seen: set[int] = set()
+    decay: list = []
+    no_decay: list = []
     for p in params:
         if id(p) in seen:
             continue
@@ -484,7 +486,7 @@ def run_local(cfg: TrainConfig, reader_spec: dict, ckpt_dir: str | Path, *, stop
     """Open the readers of ``reader_spec`` and train in this process (one rank of a DDP run, or the only one)."""
     from refinery.tasks.train.data import open_reader
 
-    kw = dict(val_fraction=cfg.val_fraction, seed=cfg.seed, weights=cfg.weights)
+    kw: dict[str, Any] = dict(val_fraction=cfg.val_fraction, seed=cfg.seed, weights=cfg.weights)
     reader = open_reader(reader_spec, cfg.seq_len, split="train", **kw)
     val_reader = open_reader(reader_spec, cfg.seq_len, split="val", **kw)
     unigram_reader = open_reader(reader_spec, cfg.seq_len, split="train", **kw)

@@ -149,7 +149,8 @@ class _PrefectProgress:
         from refinery.tasks.report import _in_run, _key
 
         self.total, self.min_seconds = max(1, total), min_seconds
-        self.id, self.last_pct, self.last_t = None, -1.0, 0.0
+        self.id: Any = None   # the artifact's UUID (None: no artifact, outside a Prefect run)
+        self.last_pct, self.last_t = -1.0, 0.0
         if not _in_run():
             return
         try:
@@ -203,10 +204,10 @@ class MetricsLog:
         resumed = max((r.get("seconds") or 0.0 for r in self.history), default=0.0)
         self._t0 = (started if started is not None else time.perf_counter()) - resumed
         start = max((r["step"] for r in self.history), default=0)
-        self._tb = None
+        self._tb: Any = None
         self._trackers: list[Any] = []
-        self._bar = None
-        self._progress = None
+        self._bar: Any = None
+        self._progress: _PrefectProgress | None = None
         if self.dir is not None:
             self._open_files(fresh, tensorboard, start)
             self._trackers = [_TRACKERS[t](desc, run_config or {}, self.dir) for t in report_to]
