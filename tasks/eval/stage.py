@@ -139,7 +139,10 @@ def bar_chart(results: list[dict], labels: list[str], path: str, max_panels: int
     for ax, (task, metric) in zip(axes.flat, keys):
         vals = {r["model"]: r["value"] for r in results if (r["task"], r["metric"]) == (task, metric)}
         ys = [vals.get(lab) or 0.0 for lab in labels]
-        ax.bar(range(len(labels)), ys, color=[f"C{i}" for i in range(len(labels))])
+        bars = ax.bar(range(len(labels)), ys, color=[f"C{i}" for i in range(len(labels))])
+        ax.bar_label(bars, fmt="%.4g", fontsize=7)   # a zero score still shows as a number
+        if not any(ys):
+            ax.set_ylim(0, 1)
         ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=7)
         ax.set_title(f"{task}\n{metric}", fontsize=8)
     for ax in list(axes.flat)[len(keys):]:
