@@ -26,9 +26,11 @@ class RuleConfig(StrictModel):
     languages: list[str] | None = Field(
         default=None, description="languages (ISO 639-1 codes, as in the `lang` column) this rule applies to; "
                                   "null = every language")
-    other_languages: Literal["skip", "drop"] = Field(
+    other_languages: Literal["skip", "drop", "table"] = Field(
         default="skip", description="what documents in other languages get: 'skip' = pass this rule untouched, "
-                                    "'drop' = dropped with reason 'unsupported_language'")
+                                    "'drop' = dropped with reason 'unsupported_language', 'table' = this rule "
+                                    "with the language's thresholds from the language table (FineWeb-2), or "
+                                    "its script's fallback (filters/languages.py)")
 
 
 C = TypeVar("C", bound=RuleConfig)
@@ -50,6 +52,26 @@ class Rule(Generic[C]):
 
     def check(self, doc: DocView) -> Drop | None:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def table_overrides(self, profile) -> dict | None:
+        """Config fields to replace for a language checked by the language table
+        (:class:`~refinery.tasks.filters.languages.LanguageProfile`); None = the rule cannot use the table
+        for it (the document skips the rule, counted)."""
+        return None
+
+    def for_profile(self, profile) -> "Rule | None":
+        """This rule with the thresholds of ``profile`` (cached; shares this rule's stats counter)."""
+        cache = self.__dict__.setdefault("_by_profile", {})
+        key = (profile.lang, profile.kind)
+        if key not in cache:
+            upd = self.table_overrides(profile)
+            if upd is None:
+                cache[key] = None
+            else:
+                clone = type(self)(self.cfg.model_copy(update={**upd, "languages": None}))
+                clone.stats = self.stats
+                cache[key] = clone
+        return cache[key]
 
 
 RULES: dict[str, type[Rule]] = {}

@@ -4,6 +4,8 @@ against datatrove's ``pipeline/filters/fineweb_quality_filter.py``.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from refinery.tasks.filters.base import Drop, Rule, RuleConfig, register
@@ -12,8 +14,10 @@ from refinery.tasks.filters.text import DocView, terminal_punctuation
 
 
 class FineWebConfig(RuleConfig):
-    # Thresholds were selected on English Common Crawl (FineWeb is English-only).
+    # Thresholds were selected on English Common Crawl (FineWeb is English-only); other languages get
+    # the language table's (FineWeb-2) values.
     languages: list[str] | None = ["en"]
+    other_languages: Literal["skip", "drop", "table"] = "table"
     line_punct_thr: float = Field(
         0.12, description="FineWeb 3.5: drop if fraction of lines ending in punctuation <= 0.12 (datatrove 0.12)")
     line_punct_exclude_zero: bool = Field(False, description="datatrove: True keeps documents whose ratio is exactly 0")
@@ -40,6 +44,12 @@ class FineWebQuality(Rule[FineWebConfig]):
     def __init__(self, cfg: FineWebConfig):
         super().__init__(cfg)
         self.stop = frozenset(cfg.stop_chars) if cfg.stop_chars else terminal_punctuation()
+
+    def table_overrides(self, profile) -> dict | None:
+        # fineweb-2-pipeline.py: short-line check off, duplicate line characters 0.1 (not 0.01), line
+        # punctuation and newline ratios from the table (newlines per word needs words).
+        return {"short_line_thr": 999.0, "char_duplicates_ratio": 0.1, "line_punct_thr": profile.line_punct_thr,
+                "new_line_ratio": profile.new_line_ratio if profile.has_words else float("inf")}
 
     def check(self, doc: DocView) -> Drop | None:
         c: FineWebConfig = self.cfg

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -22,8 +23,9 @@ EN_STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with"]
 
 
 class GopherQualityConfig(RuleConfig):
-    # Thresholds tuned on English MassiveWeb; other languages pass untouched unless listed here.
+    # Thresholds tuned on English MassiveWeb; other languages get the language table's (FineWeb-2) values.
     languages: list[str] | None = ["en"]
+    other_languages: Literal["skip", "drop", "table"] = "table"
     min_doc_words: int | None = Field(50, description="Gopher A.1.1: 50 <= words; datatrove min_doc_words=50")
     max_doc_words: int | None = Field(100_000, description="Gopher A.1.1: words <= 100,000")
     min_avg_word_length: float | None = Field(3, description="Gopher A.1.1: mean word length in [3, 10]")
@@ -49,6 +51,16 @@ class GopherQuality(Rule[GopherQualityConfig]):
     def __init__(self, cfg: GopherQualityConfig):
         super().__init__(cfg)
         self.stop_sets = {lang: frozenset(ws) for lang, ws in cfg.stop_words.items()}
+
+    def table_overrides(self, profile) -> dict | None:
+        # FineWeb-2 (fineweb-2-pipeline.py): the table's word-length and alphabetic-word thresholds and
+        # stop words with min_stop_words=2; the other Gopher thresholds stay at their defaults.
+        if not profile.has_words:
+            return None
+        return {"min_avg_word_length": profile.min_avg_word_length,
+                "max_avg_word_length": profile.max_avg_word_length,
+                "min_alpha_words_ratio": profile.min_alpha_words_ratio,
+                "stop_words": {profile.lang: list(profile.stop_words)} if profile.stop_words else {}}
 
     def check(self, doc: DocView) -> Drop | None:
         c: GopherQualityConfig = self.cfg
@@ -102,8 +114,10 @@ class GopherQuality(Rule[GopherQualityConfig]):
 
 # --------------------------------------------------------------------------- repetition
 class GopherRepetitionConfig(RuleConfig):
-    # Line/paragraph/n-gram repetition is language-independent given a word tokenizer.
-    languages: list[str] | None = None
+    # Gopher's values for English; other languages get the language table's (FineWeb-2) values, with
+    # words from the language's segmenter.
+    languages: list[str] | None = ["en"]
+    other_languages: Literal["skip", "drop", "table"] = "table"
     dup_line_frac: float | None = Field(0.3, description="Gopher table A1: duplicate line fraction 0.30")
     dup_para_frac: float | None = Field(0.3, description="Gopher table A1: duplicate paragraph fraction 0.30")
     dup_line_char_frac: float | None = Field(0.2, description="Gopher table A1: duplicate line character fraction 0.20")
@@ -235,6 +249,15 @@ def dup_ngram_chars_scan(keys: list, lens: list[int], n: int) -> int:
 class GopherRepetition(Rule[GopherRepetitionConfig]):
     name = "gopher_repetition"
     config_cls = GopherRepetitionConfig
+
+    def table_overrides(self, profile) -> dict | None:
+        # FineWeb-2 disables the paragraph and line-character checks (trafilatura leaves few paragraphs;
+        # FineWebQuality checks duplicate line characters) and takes the rest from the table. Without
+        # word segmentation only the line check is meaningful.
+        return {"dup_para_frac": 0, "dup_para_char_frac": 0, "dup_line_char_frac": 0,
+                "dup_line_frac": profile.dup_line_frac,
+                "top_n_grams": list(profile.top_n_grams) if profile.has_words else [],
+                "dup_n_grams": list(profile.dup_n_grams) if profile.has_words else []}
 
     def check(self, doc: DocView) -> Drop | None:
         c: GopherRepetitionConfig = self.cfg

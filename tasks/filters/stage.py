@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 from refinery.tasks.config import StrictModel
 
 from refinery.tasks.card import part_name
+from refinery.tasks.filters import languages
 from refinery.tasks.filters.base import RULES, Drop, Rule
 from refinery.tasks.filters.c4 import C4BadWordsConfig, C4Config
 from refinery.tasks.filters.content import PiiConfig, UrlConfig
@@ -67,18 +68,39 @@ class FilterChain:
         self.rules: list[Rule] = [RULES[name](getattr(cfg, name)) for name in cfg.rules]
         self.tok = tokenizer
         self.counts: Counter = Counter()
+        # Languages every rule has its own config thresholds for (English by default): these skip the
+        # language table and keep the tokenizer the English reference comparison was made with.
+        explicit = [set(r.cfg.languages) for r in self.rules if r.cfg.languages is not None]
+        self.config_langs: frozenset[str] = frozenset(set.intersection(*explicit)) if explicit else frozenset()
+        self.uses_table = any(r.cfg.other_languages == "table" for r in self.rules)
+        self.last_thresholds = "config"   # how the last document was checked: config / table / fallback:<script>
+
+    def profile(self, lang: str, text: str):
+        """The language table row (or script fallback) for a document, None for config languages."""
+        if lang in self.config_langs or not self.uses_table:
+            return None
+        return languages.resolve(lang, text)
 
     def apply(self, text: str, url: str | None = None, lang: str | None = None
               ) -> tuple[str, tuple[str, str, float | None] | None]:
         """Run the chain on one document: (final text, None) when kept, else (text, (rule, reason, value))."""
-        doc = DocView(text, url, lang or self.cfg.default_language, self.tok)
+        lang = lang or self.cfg.default_language
+        profile = self.profile(lang, text)
+        self.last_thresholds = "config" if profile is None else profile.kind
+        doc = DocView(text, url, lang, self.tok, segmenter=None if profile is None else profile.segmenter)
         for rule in self.rules:
             if not rule.applies(doc.lang):
-                if rule.cfg.other_languages == "drop":
+                mode = rule.cfg.other_languages
+                if mode == "drop":
                     return doc.text, (rule.name, "unsupported_language", None)
-                rule.stats["skipped_language"] += 1
-                continue
-            rule.stats["docs_checked"] += 1
+                tabled = rule.for_profile(profile) if mode == "table" and profile is not None else None
+                if tabled is None:
+                    rule.stats["skipped_language" if mode != "table" else "skipped_no_word_segmentation"] += 1
+                    continue
+                rule.stats[f"docs_checked_{profile.kind.split(':')[0]}"] += 1
+                rule = tabled
+            else:
+                rule.stats["docs_checked"] += 1
             drop: Drop | None = rule.check(doc)
             if drop is not None:
                 return doc.text, (rule.name, drop.reason, None if drop.value is None else float(drop.value))
@@ -106,6 +128,7 @@ def filter_table(table, cfg: FilterConfig, chain: FilterChain | None = None, pro
         ex["text"] = []
     by_rule: Counter = Counter()
     by_reason: Counter = Counter()
+    by_lang: dict[str, dict] = {}
     corrupt = modified = 0
     bar = None
     if progress:
@@ -118,6 +141,13 @@ def filter_table(table, cfg: FilterConfig, chain: FilterChain | None = None, pro
             rule, reason, value, final = "input", "corrupt", None, None
         else:
             final, dropped = chain.apply(text, urls[i], langs[i])
+            per_lang = by_lang.setdefault(langs[i] or cfg.default_language, _lang_counts())
+            per_lang["docs_in"] += 1
+            per_lang["thresholds"][chain.last_thresholds] += 1
+            if dropped is None:
+                per_lang["docs_out"] += 1
+            else:
+                per_lang["dropped_by_reason"][f"{dropped[0]}:{dropped[1]}"] += 1
             if dropped is None:
                 keep[i] = True
                 out_text.append(final)
@@ -156,8 +186,16 @@ def filter_table(table, cfg: FilterConfig, chain: FilterChain | None = None, pro
         "docs_in": n, "docs_out": n_out, "dropped": n - n_out, "corrupt": corrupt, "modified": modified,
         "dropped_by_rule": dict(sorted(by_rule.items())),
         "dropped_by_reason": dict(sorted(by_reason.items())),
+        # per language: documents in/out, which thresholds checked them (config = the rules' own, table =
+        # the language table, fallback:<script>), drops by rule:reason
+        "by_language": {lang: {k: (dict(sorted(v.items())) if isinstance(v, Counter) else v) for k, v in c.items()}
+                        for lang, c in sorted(by_lang.items())},
     }
     return kept, excluded, counts
+
+
+def _lang_counts() -> dict:
+    return {"docs_in": 0, "docs_out": 0, "thresholds": Counter(), "dropped_by_reason": Counter()}
 
 
 def table_rows(counts: dict, rules: Iterable[str] | None = None) -> list[dict]:
@@ -218,6 +256,8 @@ class Filter:
         if "c4_badwords" in cfg.rules:
             d = C4BadWords(cfg.c4_badwords).dir
             paths.extend(sorted(d.glob("*.txt")))
+        if any(getattr(cfg, r).other_languages == "table" for r in cfg.rules):
+            paths.append(languages.TABLE_FILE)
         return ["lists:" + ",".join(_file_digest(sorted(paths, key=str)))] if paths else []
 
     @staticmethod

@@ -288,14 +288,16 @@ class DocView:
 
     Rules that rewrite the text (C4 line cleaning, PII) call :meth:`set_text`, which drops the views.
     """
-    __slots__ = ("text", "url", "lang", "_infos", "_words", "_tok")
+    __slots__ = ("text", "url", "lang", "_infos", "_words", "_tok", "segmenter")
 
     def __init__(self, text: str, url: str | None = None, lang: str | None = None,
-                 tok: WordTokenizer | None = None):
+                 tok: WordTokenizer | None = None, segmenter: str | None = None):
         self.text = text
         self.url = url
         self.lang = lang
         self._tok = tok or tokenizer()
+        # languages written without spaces: words come from a segmenter (segment.py), not the tokenizer
+        self.segmenter = segmenter
         self._infos: list[ChunkInfo] | None = None
         self._words: list[str] | None = None
 
@@ -308,7 +310,14 @@ class DocView:
     @property
     def infos(self) -> list[ChunkInfo]:
         if self._infos is None:
-            self._infos = self._tok.infos(self.text)
+            if self.segmenter is None:
+                self._infos = self._tok.infos(self.text)
+            else:
+                from refinery.tasks.filters.segment import segment
+
+                # one "chunk" holding the whole document's words: the rules only add up its figures
+                words = segment(self.text, self.segmenter)
+                self._infos = [ChunkInfo(words, self._tok.punct, self._tok.token_id)] if words else []
         return self._infos
 
     @property

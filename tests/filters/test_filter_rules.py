@@ -56,8 +56,10 @@ def test_gopher_stop_words_only_for_listed_languages():
     text = " ".join(["river", "town", "bridge", "water", "garden", "flowers", "bread"] * 10)
     # German document: gopher_quality applies (languages=None) but has no German stop words -> check skipped
     assert reason("gopher_quality", text, lang="de", languages=None) is None
-    # default: the rule is English-only; other languages pass untouched, or are dropped when asked
-    assert reason("gopher_quality", text, lang="de") is None
+    # default: English thresholds for English; German gets the language table's (FineWeb-2) German stop
+    # words and fails on them; 'skip' passes other languages untouched, 'drop' drops them
+    assert reason("gopher_quality", text, lang="de") == "not_enough_stop_words"
+    assert reason("gopher_quality", text, lang="de", other_languages="skip") is None
     assert reason("gopher_quality", text, lang="de", other_languages="drop") == "unsupported_language"
 
 
