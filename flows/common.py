@@ -13,8 +13,9 @@ import inspect
 import sys
 from typing import Any, Callable, TypeVar
 
-from pydantic import BaseModel, Field
-from refinery.tasks.config import StrictModel
+from pydantic import BaseModel, Field, model_validator
+
+from refinery.tasks.config import StrictModel, check_no_secrets
 
 from refinery.tasks.report import format_table, table_artifact
 
@@ -51,6 +52,13 @@ class FlowParams(StrictModel):
 
     workdir: str = Field("refinery-work", description="Root of all datasets: a local folder or an fsspec URL such as s3://bucket/refinery.")
     task_runner: str = Field("threads", description="Where shard tasks run: threads[:N], processes[:N], dask[:N] (local cluster) or tcp://HOST:PORT (an existing Dask scheduler).")
+
+    @model_validator(mode="after")
+    def _no_secrets(self):
+        # before any run starts or Prefect stores the parameters: no user:password@ URL anywhere
+        # (input, data, workdir, nested sections), no secret-looking storage option
+        check_no_secrets(self.model_dump(mode="json"))
+        return self
 
 
 def _docstring(fn: Callable, params_cls: type[BaseModel]) -> str:
