@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import sys
 import time
@@ -156,7 +157,8 @@ class _PrefectProgress:
         try:
             from prefect.artifacts import create_progress_artifact
 
-            self.id = create_progress_artifact(0.0, key=_key(key), description=description)
+            key = re.sub(r"-+", "-", _key(key))   # "finetune[lora]-progress" -> "finetune-lora-progress"
+            self.id = create_progress_artifact(0.0, key=key, description=description)
             self.last_pct, self.last_t = 0.0, time.monotonic()
         except Exception as e:  # the UI's progress is a nicety
             print(f"metrics: no Prefect progress artifact ({e})", file=sys.stderr)

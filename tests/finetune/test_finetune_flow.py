@@ -3,6 +3,7 @@ keys fail); a run writes an adapter and a merged model that plain transformers l
 served from the cache."""
 from __future__ import annotations
 
+import datetime
 import os
 
 import pytest
@@ -44,8 +45,16 @@ def test_flow_run_writes_loadable_outputs(tiny_causal_lm_dir, sft_file, tmp_path
 
     p = FinetuneParams(input=str(tiny_causal_lm_dir), data=str(sft_file), method="lora", max_steps=2, seq_len=64, device="cpu",
                        val_fraction=0.25, workdir=str(tmp_path / "work"), num_samples=1, sample_max_new_tokens=4)
+    started = datetime.datetime.now(datetime.timezone.utc)
     with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):  # busy CI machines
         out = finetune_flow.run_params(p)
+        # while training, a Prefect progress artifact (the share of steps done) tracked the run
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        with get_client(sync_client=True) as client:
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["finetune-lora-progress"])))
+        assert [(a.type, a.data) for a in arts if a.created >= started] == [("progress", 100.0)]
     assert list(out["outputs"]) == ["finetune_adapter", "finetune_merged", "finetune"]  # primary output last
     assert out["counts"]["finetune"]["steps"] == 2
     merged = AutoModelForCausalLM.from_pretrained(out["outputs"]["finetune_merged"], dtype=torch.float32)
