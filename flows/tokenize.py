@@ -40,12 +40,12 @@ def tokenize_flow(p: TokenizeParams) -> dict:
     docs = Dataset.open(p.input)
     stages = {}
     with make_runner(p.task_runner) as runner:
-        tok_inputs = [] if p.tokenizer.path else [docs]
-        stages["tokenizer"] = tokenizer_stage.call(p.workdir, tok_inputs, p.tokenizer, runner=runner)
         held = []
-        if p.holdout.fraction > 0:
+        if p.holdout.fraction > 0:   # first: the tokenizer is not trained on held-out documents either
             stages["holdout"] = holdout.call(p.workdir, [docs], p.holdout, runner=runner)
             held = [stages["holdout"]]
+        tok_inputs = [] if p.tokenizer.path else [docs, *held]
+        stages["tokenizer"] = tokenizer_stage.call(p.workdir, tok_inputs, p.tokenizer, runner=runner)
         stages["tokenize"] = Tokenize.call(p.workdir, [docs, stages["tokenizer"], *held], p.tokenize, runner=runner)
     report_stages("tokenize", stages)
     out = result(stages, primary=stages["tokenize"].path)

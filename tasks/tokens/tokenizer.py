@@ -82,19 +82,30 @@ def local_tokenizer_hash(path: str) -> str | None:
 
 
 def iter_texts(datasets, text_field: str = "text", max_docs: int | None = None,
-               max_chars: int | None = None, batch_rows: int = 4096) -> Iterator[str]:
-    """Texts of documents datasets in order (nulls and empty texts skipped), within the limits."""
+               max_chars: int | None = None, batch_rows: int = 4096, skip_ids: frozenset[str] = frozenset(),
+               id_field: str = "id") -> Iterator[str]:
+    """Texts of documents datasets in order (nulls and empty texts skipped), within the limits.
+    Documents whose id is in ``skip_ids`` (the held-out split) are skipped; a dataset without an id
+    column names its documents ``PART:ROW``, as the holdout and tokenize stages do."""
     import pyarrow.parquet as pq
 
     docs = chars = 0
     for ds in datasets:
-        for path in ds.files:
+        for part, path in enumerate(ds.files):
             try:
                 with ds.fs.open(path, "rb") as f:
                     pf = pq.ParquetFile(f)
-                    for batch in pf.iter_batches(batch_size=batch_rows, columns=[text_field]):
-                        for t in batch.column(0).to_pylist():
+                    has_id = bool(skip_ids) and id_field in pf.schema_arrow.names
+                    columns = [text_field, id_field] if has_id else [text_field]
+                    row = 0
+                    for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+                        texts = batch.column(0).to_pylist()
+                        ids = batch.column(1).to_pylist() if has_id else [None] * len(texts)
+                        for t, i in zip(texts, ids):
+                            row += 1
                             if not t:
+                                continue
+                            if skip_ids and (f"{part}:{row - 1}" if i is None else str(i)) in skip_ids:
                                 continue
                             yield t
                             docs += 1
@@ -189,7 +200,10 @@ def tokenizer_info(folder: str | os.PathLike, tok=None) -> dict:
 @stage("tokenizer", version="1")
 def tokenizer_stage(b, inputs, cfg: TokenizerConfig) -> StageOutput:
     """Train a byte-level BPE tokenizer on the input documents (or load ``cfg.path``) and store it in
-    Hugging Face format as the dataset's files (the dataset folder is the tokenizer folder)."""
+    Hugging Face format as the dataset's files (the dataset folder is the tokenizer folder).
+
+    ``inputs = [documents(, holdout)]``: the documents of the optional held-out split
+    (refinery.tasks.tokens.holdout) are not trained on, so evaluation texts stay unseen."""
     import time
 
     tmp = Path(b.tmpdir()) / "tokenizer"
@@ -203,8 +217,14 @@ def tokenizer_stage(b, inputs, cfg: TokenizerConfig) -> StageOutput:
             raise ValueError("training a tokenizer needs a documents dataset (or set tokenizer.path)")
         stats = {"docs": 0, "chars": 0}
 
+        skip: frozenset[str] = frozenset()
+        if len(inputs) > 1:
+            from refinery.tasks.tokens.holdout import heldout_ids
+
+            skip = heldout_ids(inputs[1].path, inputs[1].fingerprint)
+
         def texts():
-            for t in iter_texts(inputs, cfg.text_field, cfg.max_train_docs, cfg.max_train_chars):
+            for t in iter_texts(inputs[:1], cfg.text_field, cfg.max_train_docs, cfg.max_train_chars, skip_ids=skip):
                 stats["docs"] += 1
                 stats["chars"] += len(t)
                 yield t
@@ -213,7 +233,7 @@ def tokenizer_stage(b, inputs, cfg: TokenizerConfig) -> StageOutput:
 
         tok = train_bpe(texts(), cfg, show_progress=sys.stderr.isatty())
         if stats["docs"] == 0:
-            raise ValueError(f"no non-empty '{cfg.text_field}' in {[d.path for d in inputs]}: nothing to train on")
+            raise ValueError(f"no non-empty '{cfg.text_field}' in {inputs[0].path}: nothing to train on")
         fast = save_hf(tok, cfg, tmp)
         counts.update({"train_docs": stats["docs"], "train_chars": stats["chars"]})
         source = "trained"

@@ -76,6 +76,9 @@ def test_tokenize_skips_the_held_out_documents_and_names_them(tmp_path, tiny_tok
     assert split.manifest["holdout"] == {"path": held.path, "fingerprint": held.fingerprint, "docs": len(held_ids)}
     assert heldout_of(split.path) == held.path
     assert "holdout" not in full.manifest
+    # the tokenizer is not trained on them either (one empty text is skipped anyway)
+    trained_tok = tokenizer_stage.run(root, [docs, held], TokenizerConfig(vocab_size=300, sentinels=0))
+    assert trained_tok.counts["train_docs"] == 300 - 1 - len(held_ids)
 
 
 def test_tokenize_flow_publishes_the_held_out_split(tmp_path, tiny_tokenizer_dir, capsys):
@@ -87,6 +90,6 @@ def test_tokenize_flow_publishes_the_held_out_split(tmp_path, tiny_tokenizer_dir
     assert main(["run", "tokenize", "--workdir", str(tmp_path / "work"), "--set", f"input={docs.path}",
                  "--set", f"tokenizer.path={tiny_tokenizer_dir}", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert list(out["outputs"]) == ["tokenizer", "holdout", "tokenize"] and out["primary"] == out["outputs"]["tokenize"]
+    assert list(out["outputs"]) == ["holdout", "tokenizer", "tokenize"] and out["primary"] == out["outputs"]["tokenize"]
     assert out["counts"]["holdout"]["docs_out"] == 8 == out["counts"]["tokenize"]["held_out"]   # 0.5% of 120 -> min_docs
     assert np.isclose(out["counts"]["tokenize"]["docs_out"], 120 - 1 - 8)                       # one empty text

@@ -56,5 +56,5 @@ def test_cli_run_tokenize(tmp_path, prose_texts, exec_log, capsys, monkeypatch):
     again = tokenize_flow.run_params(TokenizeParams(input=docs.path, workdir=str(work),
                                                     tokenizer={"vocab_size": 400},
                                                     tokenize={"max_tokens_per_file": 5000}))
-    assert list(again["outputs"]) == ["tokenizer", "holdout", "tokenize"]  # the token dataset is the primary (last) output
+    assert list(again["outputs"]) == ["holdout", "tokenizer", "tokenize"]  # the token dataset is the primary (last) output
     assert again["outputs"] == out["outputs"] and read_exec_log(exec_log) == log  # cached: nothing ran
