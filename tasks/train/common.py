@@ -82,6 +82,44 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+# --------------------------------------------------------------------------- parameter groups
+def is_head_param(name: str, head_prefixes) -> bool:
+    """Whether parameter ``name`` belongs to a newly added layer named by one of ``head_prefixes``
+    (``score``, ``v_head``, ``classifier``...). A prefix matches a whole dotted path segment
+    anywhere in the name, so the head is still found once PEFT wraps the model
+    (``base_model.model.score.modules_to_save.default.weight``)."""
+    dotted = "." + name + "."
+    return any(("." + p.strip(".") + ".") in dotted for p in head_prefixes if p)
+
+
+def param_groups(model, lr: float, head_lr: float | None = None, head_prefixes=(),
+                 weight_decay: float = 0.0) -> list[dict]:
+    """AdamW parameter groups: the pretrained backbone at ``lr`` and the newly added layers
+    (parameters under ``head_prefixes``) at ``head_lr`` (None: ``lr``), because a freshly
+    initialised head needs a larger step (about 1e-4) than pretrained weights can take (1e-5 to
+    5e-5) without being damaged. Weight decay goes to matrices only (not norms or biases).
+
+    Only trainable parameters are included, each once (tied weights share a tensor); empty groups
+    are left out. Each group carries a ``name`` (``backbone``, ``backbone_no_decay``, ``head``,
+    ``head_no_decay``), which torch keeps, so logs can report every group's learning rate.
+    A LambdaLR schedule scales each group from its own base rate, so the ratio is kept."""
+    head_lr = lr if head_lr is None else head_lr
+    buckets: dict[str, list] = {"backbone": [], "backbone_no_decay": [], "head": [], "head_no_decay": []}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        part = "head" if is_head_param(name, head_prefixes) else "backbone"
+        buckets[part if p.dim() >= 2 else part + "_no_decay"].append(p)
+    groups = []
+    for gname, params in buckets.items():
+        if params:
+            groups.append({"name": gname, "params": params, "lr": head_lr if gname.startswith("head") else lr,
+                           "weight_decay": 0.0 if gname.endswith("no_decay") else weight_decay})
+    return groups
+
+
 # --------------------------------------------------------------------------- memory
 def rss_mb() -> float:
     """The process's resident set now, in MiB (NaN where /proc is missing)."""
@@ -135,4 +173,5 @@ class PeakMemory:
 
 
 __all__ = ["DTYPE_NAMES", "pick_device", "torch_dtype", "compute_dtype", "autocast", "seed_everything",
+           "is_head_param", "param_groups",
            "rss_mb", "peak_rss_mb", "PeakMemory"]

@@ -54,6 +54,9 @@ class TrainingParams(_Defaults):
     max_steps: int = Field(100, ge=0, description="Optimizer steps. Trainers that also count `epochs` "
                            "stop at whichever comes first; 0 there means no cap (elsewhere at least 1).")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW); finetune: empty = the method's default.")
+    head_lr: float | None = Field(None, gt=0, description="Peak learning rate of newly initialised layers (reward, "
+                                  "value and classification heads); empty = lr. Practice: 1e-5 to 5e-5 for "
+                                  "pretrained weights (lr), about 1e-4 for new layers (head_lr).")
     batch_size: int = Field(8, ge=1, description="Examples per micro-batch (pretrain: windows per device; "
                             "finetune: sequences; reward and DPO: pairs; PPO: prompts sampled per step).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -63,6 +66,10 @@ class TrainingParams(_Defaults):
                          "or auto (pretrain and finetune: bfloat16 on a GPU that has it, else float32; "
                          "align: the dtype the weights were saved in).")
     report_to: ReportTo = Field(default_factory=list, description=REPORT_TO_HELP)
+
+    def resolved_head_lr(self) -> float:
+        """The new layers' learning rate: ``head_lr``, or ``lr`` when it is empty."""
+        return self.head_lr if self.head_lr is not None else self.lr
 
     @model_validator(mode="after")
     def _steps(self):
@@ -117,6 +124,9 @@ class LoraParams(_Defaults):
         return v
 
 
+CONTINUED_LR = 3e-5   # pretrain's default lr with init_from (the middle of practice's 1e-5..5e-5)
+
+
 class TrainConfig(LMTrainingParams):
     """Everything that decides a pretraining run's numbers (model, data, optimisation, schedule)."""
 
@@ -129,6 +139,17 @@ class TrainConfig(LMTrainingParams):
     preset: str = Field("tiny", description="Model size preset: tiny (CPU demo), 25M, 124M, 350M, 1B.")
     model: dict[str, Any] = Field(default_factory=dict, description="Overrides of the Hugging Face config "
                                   "fields of the preset, e.g. {hidden_size: 64, num_hidden_layers: 2}.")
+    # -- starting point (continued pretraining)
+    init_from: str | None = Field(None, description="Continue pretraining an existing model instead of a fresh one: "
+                                  "a Hugging Face model folder, a hub id, or a refinery model dataset (a pretrain, "
+                                  "finetune or align output). preset and model are then ignored, objective must "
+                                  "match the model (causal LM: clm, masked LM: mlm, encoder-decoder: span), and the "
+                                  "token dataset must have been made with its tokenizer (tokenize --set "
+                                  "tokenizer.path=MODEL), else the run stops before the first step. lr then "
+                                  f"defaults to {CONTINUED_LR:g}: continued pretraining takes 1e-5 to 5e-5 (the "
+                                  "from-scratch default would wreck the pretrained weights).")
+    init_identity: str | None = Field(None, description="Identity of init_from (its files' names, sizes and mtimes, "
+                                      "the dataset fingerprint or the hub id; filled in, part of the fingerprint).")
     # -- data
     weights: list[float] | None = Field(None, description="Mixing weights when several token datasets are given.")
     # -- optimisation
@@ -160,6 +181,22 @@ class TrainConfig(LMTrainingParams):
             except json.JSONDecodeError as e:
                 raise ValueError(f"model overrides: not a JSON object: {e}") from None
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _continued_lr(cls, data: Any) -> Any:
+        """Continued pretraining's learning rate unless one is given: pretrained weights take 1e-5..5e-5."""
+        if isinstance(data, dict) and data.get("init_from") and data.get("lr") is None:
+            data = {**data, "lr": CONTINUED_LR}
+        return data
+
+    @model_validator(mode="after")
+    def _init_identity(self):
+        if self.init_from and self.init_identity is None:
+            from refinery.tasks.modelref import model_identity   # light (hashlib, json, pathlib)
+
+            self.init_identity = model_identity(self.init_from)
+        return self
 
     @model_validator(mode="after")
     def _pretrain_limits(self):
