@@ -3,9 +3,10 @@
 Every trainer's config (pretrain's :class:`TrainConfig`, finetune's ``FinetuneConfig``, align's
 reward/DPO/PPO configs) subclasses :class:`TrainingParams`, so ``max_steps``, ``lr``,
 ``batch_size``, ``weight_decay``, ``grad_clip``, ``device`` and ``dtype`` are declared once, with one
-description and one set of bounds. The two language-model training loops (pretrain and finetune)
-share the longer list of :class:`LMTrainingParams` (gradient accumulation, warm-up and schedule,
-validation and early stopping, sequence length, seed). LoRA settings are one nested model,
+description and one set of bounds. Every trainer also follows the practice of
+:class:`ScheduleParams` (gradient accumulation, warm-up and schedule, validation and early
+stopping); the two language-model training loops (pretrain and finetune) add
+:class:`LMTrainingParams` (sequence length, validation split, seed). LoRA settings are one nested model,
 :class:`LoraParams` (``lora.r``, ``lora.alpha``, ...). A subclass changes a default, never a name:
 it lists its own defaults in ``field_defaults``.
 
@@ -78,32 +79,43 @@ class TrainingParams(_Defaults):
         return self
 
 
-class LMTrainingParams(TrainingParams):
-    """The language-model training loops' knobs (pretrain and finetune): accumulation, warm-up and
-    schedule, validation and early stopping, sequence length, seed."""
+class ScheduleParams(TrainingParams):
+    """The optimisation practice every trainer follows (pretrain, finetune, and align's reward, DPO,
+    PPO and GRPO trainers): gradient accumulation, warm-up and schedule, periodic validation and
+    early stopping on it (the best validated weights restored)."""
 
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
-    seq_len: int = Field(512, ge=8, description="Tokens per training sequence (pretrain: the window length; "
-                         "finetune: longer examples are truncated, and the packed row length).")
-    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps; empty = warmup_ratio * max_steps.")
-    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Warm-up as a fraction of max_steps (when warmup_steps is empty).")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps; empty = warmup_ratio * the run's steps.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Warm-up as a fraction of the run's steps (when warmup_steps is empty).")
     scheduler: Scheduler = Field("cosine", description="Learning-rate decay after warm-up: cosine | linear | constant.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a fraction of lr (cosine, linear).")
-    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of the data held out for validation loss and early stopping.")
-    eval_every: int | None = Field(None, ge=1, description="Validate every N steps (and at the end); empty = max_steps / 5.")
+    eval_every: int | None = Field(None, ge=1, description="Validate every N steps (and at the end); empty = the run's steps / 5.")
     early_stopping_patience: int = Field(0, ge=0, description="Stop after this many validations without improvement (0: never).")
-    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest validation-loss decrease that counts as an improvement.")
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest improvement of the validated metric that counts "
+                                            "(pretrain, finetune: validation loss; align: the trainer's held-out metric).")
+
+    def resolved_warmup(self, total: int | None = None) -> int:
+        """Warm-up steps of a run of ``total`` steps (default ``max_steps``)."""
+        total = self.max_steps if total is None else total
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, total)
+        return int(round(self.warmup_ratio * total))
+
+    def resolved_eval_every(self, total: int | None = None) -> int:
+        total = self.max_steps if total is None else total
+        return self.eval_every or max(1, total // 5)
+
+
+class LMTrainingParams(ScheduleParams):
+    """The language-model training loops' knobs (pretrain and finetune): the shared practice plus
+    sequence length, validation split, activation checkpointing and seed."""
+
+    seq_len: int = Field(512, ge=8, description="Tokens per training sequence (pretrain: the window length; "
+                         "finetune: longer examples are truncated, and the packed row length).")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of the data held out for validation loss and early stopping.")
     grad_checkpointing: bool | None = Field(None, description="Activation checkpointing (recompute in backward); "
                                             "empty = the trainer's default (on for qlora, else off).")
     seed: int = Field(0, description="Seed of the data split, shuffling, initialisation and dropout.")
-
-    def resolved_warmup(self) -> int:
-        if self.warmup_steps is not None:
-            return min(self.warmup_steps, self.max_steps)
-        return int(round(self.warmup_ratio * self.max_steps))
-
-    def resolved_eval_every(self) -> int:
-        return self.eval_every or max(1, self.max_steps // 5)
 
 
 class LoraParams(_Defaults):
@@ -212,4 +224,4 @@ class TrainConfig(LMTrainingParams):
         return self.save_every or self.resolved_eval_every()
 
 
-__all__ = ["TrainingParams", "LMTrainingParams", "LoraParams", "TrainConfig", "Objective", "DType", "Scheduler"]
+__all__ = ["TrainingParams", "ScheduleParams", "LMTrainingParams", "LoraParams", "TrainConfig", "Objective", "DType", "Scheduler"]
