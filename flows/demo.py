@@ -105,6 +105,7 @@ def _evaluate(p: DemoParams, models: dict[str, str], crawl_dir: Path, common: di
     from refinery.flows.evaluate import EvaluateParams, model_label
     from refinery.tasks.eval.problems import write_problems
 
+    assert p.evaluate is not None  # the caller runs this only with an evaluate section
     own = p.evaluate.model_dump()
     if not own["tasks"]:
         own["tasks"] = [str(GSM8K_TASK)]

@@ -118,5 +118,7 @@ def primary_output(flow_name: str, out: dict) -> str:
 @refinery_flow("pipeline", PipelineParams)
 def pipeline_flow(p: PipelineParams) -> dict:
     """End to end: curate a crawl, tokenize it, pretrain, fine-tune, and align."""
-    return run_chain(p, p.input, p.data, p.preferences,
-                     {**{name: getattr(p, name) for name in ORDER}, "evaluate": p.evaluate})
+    sections: dict[str, StrictModel] = {name: getattr(p, name) for name in ORDER}
+    if p.evaluate is not None:
+        sections["evaluate"] = p.evaluate
+    return run_chain(p, p.input, p.data, p.preferences, sections)

@@ -60,7 +60,7 @@ def _records(path: str) -> Iterator[dict]:
 
 
 def file_texts(path: str, fields: list[str]) -> list[str]:
-    out = []
+    out: list[str] = []
     for rec in _records(path):
         if not isinstance(rec, dict):
             continue

@@ -89,12 +89,13 @@ def decontam_index(b, inputs, cfg: IndexConfig) -> StageOutput:
     named = _named_texts(cfg.sources, cfg.fields)
     if texts_digest(named) != cfg.texts_sha256:
         raise ValueError("the benchmark texts changed while the index was being planned; run again")
-    per, rows = [], []
+    per: list[tuple[str, list]] = []
+    rows: list[dict[str, Any]] = []
     for name, texts in named:
         arrays, short = [], 0
         for t in texts:
             h = ngram_hashes(word_hashes(words(t)), cfg.n)
-            short += not len(h)
+            short += int(len(h) == 0)
             arrays.append(h)
         per.append((name, arrays))
         distinct = len(np.unique(np.concatenate(arrays))) if arrays else 0
@@ -154,7 +155,7 @@ def decontaminate_table(table, index, cfg: DecontamConfig) -> tuple[Any, list[di
     urls = table.column("url").to_pylist() if "url" in names else [None] * len(texts)
     keep, new_texts, excluded = [], list(texts), []
     by_bench: dict[str, int] = {}
-    c = {"docs_in": len(texts), "docs_out": 0, "dropped": 0, "modified": 0, "paragraphs_removed": 0,
+    c: dict[str, Any] = {"docs_in": len(texts), "docs_out": 0, "dropped": 0, "modified": 0, "paragraphs_removed": 0,
          "ngrams_matched": 0}
     for r, text in enumerate(texts):
         if not text:

@@ -85,7 +85,8 @@ def _structure(doc: dict) -> dict | None:
         return None
     lines = [" ".join(l.split()) for l in text.splitlines()]
     lines = [l for l in lines if l]
-    title = doc.get("title") if isinstance(doc.get("title"), str) and doc.get("title").strip() else None
+    title = doc.get("title")
+    title = title if isinstance(title, str) and title.strip() else None
     if title is None:
         title = next((l for l in lines[:3] if _is_title_line(l)), None)
     paras = [l for l in lines if _is_prose_line(l)]
@@ -113,7 +114,7 @@ def keywords(text: str, k: int = 5) -> list[str]:
     words = [w.lower() for w in _WORD.findall(text)]
     words = [w for w in words if len(w) > 3 and w not in _STOP]
     counts = Counter(words)
-    first = {}
+    first: dict[str, int] = {}
     for i, w in enumerate(words):
         first.setdefault(w, i)
     return sorted(counts, key=lambda w: (-counts[w], first[w]))[:k]
@@ -201,7 +202,7 @@ def _pick(docs: list[dict], seed: int, n: int, tasks: tuple[str, ...], purpose: 
             if ex is not None and ex["output"].strip() and ex["output"] != ex["input"]:
                 cands.append(({**ex, "task": task}, task, i))
         per_task[task] = cands
-    out = []
+    out: list[tuple[dict, str, int]] = []
     pos = {t: 0 for t in tasks}
     while len(out) < n and any(pos[t] < len(per_task[t]) for t in tasks):
         for t in tasks:

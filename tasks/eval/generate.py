@@ -38,7 +38,8 @@ def load_model(ref: str, device: str = "auto") -> LoadedModel:
     device = pick_device(device)
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.to(device)  # type: ignore[arg-type]  # transformers types .to through a wrapper mypy misreads
     model.eval()
     return LoadedModel(path, model, tokenizer, device)
 

@@ -16,7 +16,8 @@ MODEL_CONFIG_KEYS = ("model", "policy", "base_model", "reference_model")
 
 def _parents(manifest: dict) -> list[str]:
     out = [i["path"] for i in manifest.get("inputs", []) if isinstance(i, dict) and isinstance(i.get("path"), str)]
-    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    config = manifest.get("config")
+    config = config if isinstance(config, dict) else {}
     out += [config[k] for k in MODEL_CONFIG_KEYS if isinstance(config.get(k), str)]
     return out
 

@@ -98,7 +98,7 @@ def decode_text(data: bytes, declared: str | None = "utf-8") -> str:
     except (UnicodeDecodeError, LookupError):
         from resiliparse.parse.encoding import bytes_to_str, detect_encoding
 
-        return bytes_to_str(data, detect_encoding(data[:65536]))
+        return bytes_to_str(data, detect_encoding(data[:65536]) or "utf-8")
 
 
 def _resiliparse(html: str) -> str:
