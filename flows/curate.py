@@ -8,6 +8,7 @@ from refinery.tasks.decontam.stage import DecontamConfig, decontam_stages
 from refinery.tasks.dedup.stage import DedupConfig, dedup_stages
 from refinery.tasks.filters.stage import Filter, FilterConfig, table_rows
 from refinery.tasks.ingest.stage import Ingest, IngestConfig, InputSpec, ingest_report_rows
+from refinery.tasks.quality.stage import QualityConfig, quality_stages
 from refinery.tasks.report import table_artifact
 
 
@@ -18,6 +19,7 @@ class CurateParams(FlowParams):
     text_field: str = Field("text", description="Field holding the text in JSONL/Parquet dumps.")
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="Ingest and extraction settings; ingest.inputs adds more tagged inputs (books, code, ...).")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="Quality and content filters, in order.")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="Model-based quality classifier after filter: runs when quality.model is set (fasttext: quality.path to a .bin, or trained from quality.positive and quality.negative; hf: a model folder or hub id).")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and MinHash near-duplicate removal.")
     decontaminate: DecontamConfig = Field(default_factory=DecontamConfig, description="Benchmark decontamination after dedup: runs when decontaminate.sources lists benchmarks (JSONL files, lm-eval task YAMLs or names).")
 
@@ -51,7 +53,8 @@ def curate_flow(p: CurateParams) -> dict:
     with make_runner(p.task_runner) as runner:
         stages["ingest"] = Ingest.call(p.workdir, [], ingest_config(p), runner=runner)
         stages["filter"] = Filter.call(p.workdir, [stages["ingest"]], p.filters, runner=runner)
-        stages.update(dedup_stages(p.workdir, stages["filter"], p.dedup, runner=runner))
+        stages.update(quality_stages(p.workdir, stages["filter"], p.quality, runner=runner))
+        stages.update(dedup_stages(p.workdir, stages[list(stages)[-1]], p.dedup, runner=runner))
         stages.update(decontam_stages(p.workdir, stages[list(stages)[-1]], p.decontaminate, runner=runner))
     report_stages("curate", stages)
     table_artifact("curate-ingest-files", ingest_report_rows(stages["ingest"]),

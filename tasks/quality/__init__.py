@@ -1,0 +1,1 @@
+"""Quality classifier stage: fastText (DCLM recipe) and Hugging Face scorers."""
