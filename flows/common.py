@@ -51,7 +51,7 @@ class FlowParams(StrictModel):
     """Parameters every flow has."""
 
     workdir: str = Field("refinery-work", description="Root of all datasets: a local folder or an fsspec URL such as s3://bucket/refinery.")
-    task_runner: str = Field("threads", description="Where shard tasks run: threads[:N], processes[:N], dask[:N] (local cluster) or tcp://HOST:PORT (an existing Dask scheduler).")
+    task_runner: str = Field("threads", description="Where shards run: threads[:N], processes[:N], dask[:N] (local cluster), tcp://HOST:PORT (an existing Dask scheduler), ray[:N] (local Ray cluster of N CPUs) or ray://HOST:PORT (an existing Ray cluster).")
 
     @model_validator(mode="after")
     def _no_secrets(self):
