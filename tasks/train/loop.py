@@ -187,8 +187,8 @@ def _build(cfg: TrainConfig, reader, val_reader, ckpt_dir: Path, log: Callable[[
     from refinery.tasks.train import distributed as dist
     from refinery.tasks.train.common import PeakMemory, compute_dtype, pick_device, seed_everything
     from refinery.tasks.train.metrics import peak_flops
-    from refinery.tasks.train.models import build_model, count_params, flops_per_token, padded_vocab
-    from refinery.tasks.train.objectives import example_lengths, make_objective, special_ids
+    from refinery.tasks.train.models import count_params, flops_per_token
+    from refinery.tasks.train.objectives import example_lengths, make_objective
 
     t_start = time.perf_counter()
     rank, world, local_rank = dist.env()
@@ -202,8 +202,7 @@ def _build(cfg: TrainConfig, reader, val_reader, ckpt_dir: Path, log: Callable[[
     seed_everything(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(reader.tokenizer_path))
     n_vocab = max(int(reader.vocab_size), len(tokenizer))
-    model = build_model(cfg.objective, cfg.preset, padded_vocab(n_vocab), cfg.seq_len, special_ids(tokenizer),
-                        cfg.model).to(device)
+    model = _initial_model(cfg, reader, tokenizer, n_vocab, log if rank == 0 else (lambda m: None)).to(device)
     objective = make_objective(cfg.objective, tokenizer, n_vocab, cfg.seq_len, mlm_probability=cfg.mlm_probability,
                                noise_density=cfg.noise_density, mean_span_length=cfg.mean_span_length)
     if cfg.grad_checkpointing:
@@ -222,6 +221,22 @@ def _build(cfg: TrainConfig, reader, val_reader, ckpt_dir: Path, log: Callable[[
     run.flops_per_token = flops_per_token(model, *example_lengths(objective, cfg.seq_len))
     run.peak_flops = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     return run
+
+
+def _initial_model(cfg: TrainConfig, reader, tokenizer, n_vocab: int, log: Callable[[str], None]):
+    """A fresh model of ``cfg.preset``, or (``init_from``) the pretrained one, after checking that the
+    data was tokenized with its tokenizer: a mismatch stops here, before any step."""
+    from refinery.tasks.train.models import build_model, padded_vocab
+    from refinery.tasks.train.objectives import special_ids
+
+    if not cfg.init_from:
+        return build_model(cfg.objective, cfg.preset, padded_vocab(n_vocab), cfg.seq_len, special_ids(tokenizer),
+                           cfg.model)
+    from refinery.tasks.train.init_from import check_init_from, load_init_model
+
+    path, _ = check_init_from(cfg.init_from, cfg.objective, str(reader.tokenizer_path), n_vocab)
+    log(f"continuing from {cfg.init_from} ({path})")
+    return load_init_model(path, cfg.objective)
 
 
 def _resume(run: Run) -> TrainState:
@@ -260,7 +275,7 @@ def _summary(run: Run, st: TrainState, status: str) -> dict:
     device = run.device
     return {
         "status": status, "steps": st.step, "tokens": st.tokens, "params": run.n_params,
-        "objective": run.cfg.objective, "preset": run.cfg.preset,
+        "objective": run.cfg.objective, "preset": run.cfg.preset, "init_from": run.cfg.init_from,
         "val_loss_start": vals[0]["val_loss"] if vals else None,
         "val_loss_end": vals[-1]["val_loss"] if vals else None,
         "best_step": st.best_step, "best_val_loss": st.best_val_loss,
@@ -502,6 +517,13 @@ def run_training(cfg: TrainConfig, reader_spec: dict, ckpt_dir: str | Path, *, s
     nproc = dist.world_size_for(cfg.devices, cfg.device)
     if nproc <= 1 or dist.env()[1] > 1:
         return run_local(cfg, reader_spec, ckpt_dir, stop_after=stop_after, log=log, progress=progress)
+    if cfg.init_from:   # a tokenizer mismatch is one clear error here, not one per worker
+        from refinery.tasks.train.data import open_reader
+        from refinery.tasks.train.init_from import check_init_from
+
+        probe = open_reader(reader_spec, cfg.seq_len, split="train", val_fraction=cfg.val_fraction, seed=cfg.seed,
+                            weights=cfg.weights)
+        check_init_from(cfg.init_from, cfg.objective, str(probe.tokenizer_path), int(probe.vocab_size))
     spec = {"config": cfg.model_dump(mode="json"), "reader": reader_spec, "ckpt_dir": str(ckpt_dir),
             "stop_after": stop_after}
     log(f"launching DDP: torchrun with {nproc} processes")

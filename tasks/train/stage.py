@@ -72,7 +72,7 @@ def pretrain(b: Builder, inputs: list[Dataset], cfg: TrainConfig) -> StageOutput
     folder = export_folder(chosen, Path(b.tmpdir()) / "model", ckpt_dir / "metrics")
     finalize_model_dir(folder)   # use_cache: true + generation_config.json (training saved use_cache: false)
     b.put_dir(folder)
-    training = {k: result[k] for k in ("status", "objective", "preset", "device", "world_size", "tokens_per_sec",
+    training = {k: result.get(k) for k in ("status", "objective", "preset", "init_from", "device", "world_size", "tokens_per_sec",
                                        "mfu", "loss_start", "loss_end", "unigram_tokens", "checkpoint_dir",
                                        "peak_memory_mb", "peak_memory_kind")}
     training["exported_step"] = int(Path(chosen).name.split("-")[-1])
