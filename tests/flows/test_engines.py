@@ -1,5 +1,5 @@
 """Shards on the engine (refinery.tasks.runtime.shard_engine): retries with backoff on the worker,
-failures listed at the end, a worker killed mid-shard losing only that shard (Dask), and Ray as a
+failures listed at the end, a worker killed mid-shard losing only that shard (Dask and Ray), and Ray as a
 second engine giving the local run's curate outputs byte for byte."""
 from __future__ import annotations
 
@@ -178,3 +178,31 @@ def test_shards_ride_in_batches_only_when_there_are_many_per_slot():
     assert len(many) == 2 * BATCHES_PER_SLOT and many[0][:2] == [0, 2 * BATCHES_PER_SLOT]
     assert sorted(i for b in many for i in b) == list(range(100 * BATCHES_PER_SLOT))
     assert shard_batches(7, None) == [[i] for i in range(7)] and shard_batches(0, 4) == []
+
+
+@pytest.mark.slow
+def test_a_ray_worker_killed_mid_shard_loses_only_that_shard(tmp_path, monkeypatch, exec_log):
+    pytest.importorskip("ray")
+    from prefect import flow
+
+    from engine_stages import KillConfig, Killable
+
+    tests_dir = str(Path(__file__).resolve().parents[1])   # Ray's workers import engine_stages from here
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("KILL_SHARD", "k2")
+    monkeypatch.setenv("KILL_DIR", str(tmp_path))
+    killed: list[int] = []
+
+    @flow
+    def kill_flow(root: str) -> str:
+        with make_runner("ray:2") as runner:
+            return Killable.call(root, [], KillConfig(), runner=runner).path
+
+    killer = threading.Thread(target=_kill_when_hung, args=(tmp_path / "pid", killed), daemon=True)
+    killer.start()
+    ds = Dataset.open(kill_flow(str(tmp_path / "w")))
+    killer.join(5)
+    assert killed and killed[0] != os.getpid()
+    assert _shard_runs(exec_log) == {"k0": 1, "k1": 1, "k2": 2, "k3": 1, "k4": 1, "k5": 1}   # only k2 redone
+    plain = Killable.run(tmp_path / "plain", [], KillConfig())
+    assert ds.manifest["files"] == plain.manifest["files"] and ds.counts == plain.counts
