@@ -5,7 +5,7 @@ Light to import: pydantic, regex, numpy; no model downloads. Public API::
     from refinery.tasks.filters import Filter, FilterConfig, FilterChain, filter_table, table_rows
     ds = Filter.run(store, [docs_ds], FilterConfig(rules=["url", "gopher_quality", "pii"]))
 """
-from refinery.tasks.filters import c4, content, fineweb, gopher  # noqa: F401  (registers the rules)
+from refinery.tasks.filters import c4, code, content, fineweb, gopher  # noqa: F401  (registers the rules)
 from refinery.tasks.filters.base import RULES, Drop, Rule, RuleConfig, rule_names
 from refinery.tasks.filters.stage import (DEFAULT_RULES, Filter, FilterChain, FilterConfig, filter_table, read_exclusions,
                                           run_filter, table_rows)

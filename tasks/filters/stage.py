@@ -12,6 +12,7 @@ every part loads with any reader) and, with ``write_exclusions``, the dropped on
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from refinery.tasks.card import part_name
 from refinery.tasks.filters import languages
 from refinery.tasks.filters.base import RULES, Drop, Rule
 from refinery.tasks.filters.c4 import C4BadWordsConfig, C4Config
+from refinery.tasks.filters.code import CodeConfig
 from refinery.tasks.filters.content import PiiConfig, UrlConfig
 from refinery.tasks.filters.fineweb import FineWebConfig
 from refinery.tasks.filters.gopher import GopherQualityConfig, GopherRepetitionConfig
@@ -37,7 +39,7 @@ class FilterConfig(StrictModel):
 
     rules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_RULES),
-        description="rules to run, in order: url, gopher_repetition, gopher_quality, c4, c4_badwords, fineweb, pii")
+        description="rules to run, in order: url, gopher_repetition, gopher_quality, c4, c4_badwords, fineweb, pii, code")
     url: UrlConfig = Field(default_factory=UrlConfig)
     gopher_repetition: GopherRepetitionConfig = Field(default_factory=GopherRepetitionConfig)
     gopher_quality: GopherQualityConfig = Field(default_factory=GopherQualityConfig)
@@ -45,6 +47,10 @@ class FilterConfig(StrictModel):
     c4_badwords: C4BadWordsConfig = Field(default_factory=C4BadWordsConfig)
     fineweb: FineWebConfig = Field(default_factory=FineWebConfig)
     pii: PiiConfig = Field(default_factory=PiiConfig)
+    code: CodeConfig = Field(default_factory=CodeConfig)
+    by_source: dict[str, list[str]] = Field(
+        default_factory=dict, description="a rule chain per document `source` (e.g. {code: [code, pii], books: "
+                                          "[gopher_repetition]}); sources not listed get `rules` (the web chain)")
     default_language: str = Field("en", description="language assumed for documents whose `lang` is empty")
     write_exclusions: bool = Field(True, description="write dropped documents to excluded/excluded-XXXXX.parquet")
     exclusions_text: bool = Field(False, description="also keep the dropped documents' text in the exclusions")
@@ -59,20 +65,42 @@ class FilterConfig(StrictModel):
             raise ValueError(f"filter rules listed twice: {v}")
         return v
 
+    @field_validator("by_source")
+    @classmethod
+    def _known_source_rules(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for source, rules in v.items():
+            try:
+                cls._known_rules(rules)
+            except ValueError as e:
+                raise ValueError(f"by_source.{source}: {e}") from None
+        return v
+
+    def all_rules(self) -> list[str]:
+        """Every rule some chain runs (the default chain's first, in order)."""
+        out = list(self.rules)
+        for rules in self.by_source.values():
+            out += [r for r in rules if r not in out]
+        return out
+
 
 class FilterChain:
     """The configured rules, ready to run on documents (one instance per process/shard)."""
 
     def __init__(self, cfg: FilterConfig, tokenizer: WordTokenizer | None = None):
         self.cfg = cfg
-        self.rules: list[Rule] = [RULES[name](getattr(cfg, name)) for name in cfg.rules]
+        by_name: dict[str, Rule] = {name: RULES[name](getattr(cfg, name)) for name in cfg.all_rules()}
+        self.rules: list[Rule] = [by_name[name] for name in cfg.rules]
+        self.source_rules: dict[str, list[Rule]] = {src: [by_name[n] for n in names]
+                                                    for src, names in cfg.by_source.items()}
+        self.all_rules: list[Rule] = list(by_name.values())
+        self.needs_meta = any(getattr(r, "needs_meta", False) for r in self.all_rules)
         self.tok = tokenizer
         self.counts: Counter = Counter()
         # Languages every rule has its own config thresholds for (English by default): these skip the
         # language table and keep the tokenizer the English reference comparison was made with.
-        explicit = [set(r.cfg.languages) for r in self.rules if r.cfg.languages is not None]
+        explicit = [set(r.cfg.languages) for r in self.all_rules if r.cfg.languages is not None]
         self.config_langs: frozenset[str] = frozenset(set.intersection(*explicit)) if explicit else frozenset()
-        self.uses_table = any(r.cfg.other_languages == "table" for r in self.rules)
+        self.uses_table = any(r.cfg.other_languages == "table" for r in self.all_rules)
         self.last_thresholds = "config"   # how the last document was checked: config / table / fallback:<script>
 
     def profile(self, lang: str, text: str):
@@ -81,14 +109,16 @@ class FilterChain:
             return None
         return languages.resolve(lang, text)
 
-    def apply(self, text: str, url: str | None = None, lang: str | None = None
-              ) -> tuple[str, tuple[str, str, float | None] | None]:
-        """Run the chain on one document: (final text, None) when kept, else (text, (rule, reason, value))."""
+    def apply(self, text: str, url: str | None = None, lang: str | None = None, source: str | None = None,
+              meta: dict | None = None) -> tuple[str, tuple[str, str, float | None] | None]:
+        """Run the chain on one document: (final text, None) when kept, else (text, (rule, reason, value)).
+        ``source`` picks the chain (``by_source``); ``meta`` is the parsed metadata (code language)."""
+        rules = self.source_rules.get(source, self.rules) if source is not None else self.rules
         lang = lang or self.cfg.default_language
-        profile = self.profile(lang, text)
+        profile = self.profile(lang, text) if any(r.cfg.other_languages == "table" for r in rules) else None
         self.last_thresholds = "config" if profile is None else profile.kind
-        doc = DocView(text, url, lang, self.tok, segmenter=None if profile is None else profile.segmenter)
-        for rule in self.rules:
+        doc = DocView(text, url, lang, self.tok, segmenter=None if profile is None else profile.segmenter, meta=meta)
+        for rule in rules:
             if not rule.applies(doc.lang):
                 mode = rule.cfg.other_languages
                 if mode == "drop":
@@ -107,7 +137,7 @@ class FilterChain:
         return doc.text, None
 
     def rule_stats(self) -> dict[str, dict[str, int]]:
-        return {r.name: dict(sorted(r.stats.items())) for r in self.rules}
+        return {r.name: dict(sorted(r.stats.items())) for r in self.all_rules}
 
 
 def filter_table(table, cfg: FilterConfig, chain: FilterChain | None = None, progress: str | None = None):
@@ -121,6 +151,9 @@ def filter_table(table, cfg: FilterConfig, chain: FilterChain | None = None, pro
     urls = table.column("url").to_pylist() if "url" in cols else [None] * n
     langs = table.column("lang").to_pylist() if "lang" in cols else [None] * n
     ids = table.column("id").to_pylist() if "id" in cols else [str(i) for i in range(n)]
+    routed = bool(cfg.by_source) and "source" in cols
+    sources = table.column("source").to_pylist() if routed else [None] * n
+    metas = table.column("metadata").to_pylist() if chain.needs_meta and "metadata" in cols else [None] * n
     keep = [False] * n
     out_text: list[str] = []
     ex: dict[str, list] = {"id": [], "url": [], "rule": [], "reason": [], "value": []}
@@ -129,6 +162,7 @@ def filter_table(table, cfg: FilterConfig, chain: FilterChain | None = None, pro
     by_rule: Counter = Counter()
     by_reason: Counter = Counter()
     by_lang: dict[str, dict] = {}
+    by_source: dict[str, dict] = {}
     corrupt = modified = 0
     bar = None
     if progress:
@@ -140,7 +174,12 @@ def filter_table(table, cfg: FilterConfig, chain: FilterChain | None = None, pro
             corrupt += 1
             rule, reason, value, final = "input", "corrupt", None, None
         else:
-            final, dropped = chain.apply(text, urls[i], langs[i])
+            final, dropped = chain.apply(text, urls[i], langs[i], sources[i], _meta(metas[i]))
+            if routed:
+                per_src = by_source.setdefault(sources[i] if sources[i] in cfg.by_source else "default",
+                                               {"docs_in": 0, "docs_out": 0})
+                per_src["docs_in"] += 1
+                per_src["docs_out"] += dropped is None
             per_lang = by_lang.setdefault(langs[i] or cfg.default_language, _lang_counts())
             per_lang["docs_in"] += 1
             per_lang["thresholds"][chain.last_thresholds] += 1
@@ -191,7 +230,19 @@ def filter_table(table, cfg: FilterConfig, chain: FilterChain | None = None, pro
         "by_language": {lang: {k: (dict(sorted(v.items())) if isinstance(v, Counter) else v) for k, v in c.items()}
                         for lang, c in sorted(by_lang.items())},
     }
+    if routed:
+        counts["by_source"] = dict(sorted(by_source.items()))   # "default" = the `rules` chain
     return kept, excluded, counts
+
+
+def _meta(raw) -> dict | None:
+    if raw is None or isinstance(raw, dict):
+        return raw
+    try:
+        d = json.loads(raw)
+    except (TypeError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
 
 
 def _lang_counts() -> dict:
@@ -250,13 +301,14 @@ class Filter:
         from refinery.tasks.filters.c4 import C4BadWords
 
         paths: list = []
-        if "url" in cfg.rules:
+        rules = cfg.all_rules()
+        if "url" in rules:
             for files in cfg.url.files().values():
                 paths.extend(files)
-        if "c4_badwords" in cfg.rules:
+        if "c4_badwords" in rules:
             d = C4BadWords(cfg.c4_badwords).dir
             paths.extend(sorted(d.glob("*.txt")))
-        if any(getattr(cfg, r).other_languages == "table" for r in cfg.rules):
+        if any(getattr(cfg, r).other_languages == "table" for r in rules):
             paths.append(languages.TABLE_FILE)
         return ["lists:" + ",".join(_file_digest(sorted(paths, key=str)))] if paths else []
 
@@ -298,7 +350,7 @@ class Filter:
         for key in ("docs_in", "docs_out", "dropped", "corrupt", "modified"):
             counts.setdefault(key, 0)
         seconds = sum(r.get("seconds", 0.0) for r in results)
-        rows = table_rows(counts, cfg.rules)
+        rows = table_rows(counts, cfg.all_rules())
         if "prefect" in sys.modules:   # no Prefect loaded -> not inside a flow run -> no artifact
             try:
                 from refinery.tasks.report import table_artifact

@@ -288,13 +288,14 @@ class DocView:
 
     Rules that rewrite the text (C4 line cleaning, PII) call :meth:`set_text`, which drops the views.
     """
-    __slots__ = ("text", "url", "lang", "_infos", "_words", "_tok", "segmenter")
+    __slots__ = ("text", "url", "lang", "_infos", "_words", "_tok", "segmenter", "meta")
 
     def __init__(self, text: str, url: str | None = None, lang: str | None = None,
-                 tok: WordTokenizer | None = None, segmenter: str | None = None):
+                 tok: WordTokenizer | None = None, segmenter: str | None = None, meta: dict | None = None):
         self.text = text
         self.url = url
         self.lang = lang
+        self.meta = meta          # the document's parsed metadata, for rules that ask for it (code)
         self._tok = tok or tokenizer()
         # languages written without spaces: words come from a segmenter (segment.py), not the tokenizer
         self.segmenter = segmenter
