@@ -5,6 +5,7 @@ from pydantic import Field, model_validator
 
 from refinery.flows.common import FlowParams, emit_completed, refinery_flow, report_stages, result
 from refinery.tasks.decontam.stage import DecontamConfig, decontam_stages
+from refinery.tasks.dedup.paragraphs import ParagraphDedupConfig, paragraph_stages
 from refinery.tasks.dedup.stage import DedupConfig, dedup_stages
 from refinery.tasks.filters.stage import Filter, FilterConfig, table_rows
 from refinery.tasks.ingest.stage import Ingest, IngestConfig, InputSpec, ingest_report_rows
@@ -21,6 +22,7 @@ class CurateParams(FlowParams):
     filters: FilterConfig = Field(default_factory=FilterConfig, description="Quality and content filters, in order.")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Model-based quality classifier after filter: runs when quality.model is set (fasttext: quality.path to a .bin, or trained from quality.positive and quality.negative; hf: a model folder or hub id).")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and MinHash near-duplicate removal.")
+    paragraphs: ParagraphDedupConfig = Field(default_factory=ParagraphDedupConfig, description="Paragraph (line) dedup across documents after document dedup, bounded by a Bloom filter: runs when paragraphs.enabled is true.")
     decontaminate: DecontamConfig = Field(default_factory=DecontamConfig, description="Benchmark decontamination after dedup: runs when decontaminate.sources lists benchmarks (JSONL files, lm-eval task YAMLs or names).")
 
     @model_validator(mode="after")
@@ -55,6 +57,7 @@ def curate_flow(p: CurateParams) -> dict:
         stages["filter"] = Filter.call(p.workdir, [stages["ingest"]], p.filters, runner=runner)
         stages.update(quality_stages(p.workdir, stages["filter"], p.quality, runner=runner))
         stages.update(dedup_stages(p.workdir, stages[list(stages)[-1]], p.dedup, runner=runner))
+        stages.update(paragraph_stages(p.workdir, stages[list(stages)[-1]], p.paragraphs, runner=runner))
         stages.update(decontam_stages(p.workdir, stages[list(stages)[-1]], p.decontaminate, runner=runner))
     report_stages("curate", stages)
     table_artifact("curate-ingest-files", ingest_report_rows(stages["ingest"]),
