@@ -80,6 +80,10 @@ class IngestConfig(StrictModel):
         default_factory=dict, description="fsspec options for remote inputs (e.g. endpoint_url); credentials "
                                           "are refused here: use AWS_* environment variables or a Prefect block")
     max_error_samples: int = Field(5, ge=0, description="record error messages kept per file in the manifest")
+    repair_text: Literal["off", "ftfy"] = Field(
+        "off", description="ftfy: repair mojibake and broken escapes in the extracted text (counted as repaired)")
+    unicode_form: Literal["none", "NFC", "NFKC"] = Field(
+        "none", description="Unicode normal form applied after repair (counted as repaired when it changes text)")
 
 
     @field_validator("storage_options")
@@ -194,6 +198,13 @@ class _FileReader:
             return None
         from refinery.tasks.ingest.extract import normalize_text
 
+        if cfg.repair_text != "off" or cfg.unicode_form != "none":
+            from refinery.tasks.ingest.repair import repair_text
+
+            fixed = repair_text(text, cfg.repair_text, cfg.unicode_form)
+            if fixed != text:
+                self.stats["repaired"] = self.stats.get("repaired", 0) + 1
+                text = fixed
         text = normalize_text(text)
         if not text:
             self.drop("empty_text")
@@ -373,7 +384,7 @@ def ingest_file(item: dict, cfg: IngestConfig, write_part) -> dict:
     return {
         "file": item["path"], "source": item["source"], "format": stats.get("format"),
         "files": 1, "files_failed": 0, "error": None,
-        "docs_in": stats.get("docs_in", 0), "docs_out": docs_out,
+        "docs_in": stats.get("docs_in", 0), "docs_out": docs_out, "repaired": stats.get("repaired", 0),
         "dropped": dict(sorted(stats.get("dropped", {}).items())),
         "record_errors": dict(sorted(stats.get("record_errors", {}).items())),
         "error_samples": stats.get("error_samples", []),
@@ -468,6 +479,7 @@ class Ingest:
         counts = {
             "files": len(results), "files_failed": len(failed),
             "docs_in": sum(r["docs_in"] for r in results), "docs_out": docs_out,
+            "repaired": sum(r.get("repaired", 0) for r in results),
             "dropped": dict(sorted(dropped.items())), "record_errors": dict(sorted(rec_err.items())),
             "record_errors_total": sum(rec_err.values()),
         }
