@@ -127,7 +127,8 @@ class CodeQuality(Rule[CodeConfig]):
         if c.max_mean_line_length and mean > c.max_mean_line_length:
             return Drop("minified" if longest > c.minified_min_line_length else "mean_line_length", mean)
         if c.max_line_length and longest > c.max_line_length:
-            return Drop("minified" if mean > c.max_mean_line_length / 2 else "max_line_length", longest)
+            minified = c.max_mean_line_length is not None and mean > c.max_mean_line_length / 2
+            return Drop("minified" if minified else "max_line_length", longest)
         if c.min_alnum_fraction:
             r = sum(ch.isalnum() for ch in text) / len(text)
             if r < c.min_alnum_fraction:

@@ -124,7 +124,7 @@ class FilterChain:
                 if mode == "drop":
                     return doc.text, (rule.name, "unsupported_language", None)
                 tabled = rule.for_profile(profile) if mode == "table" and profile is not None else None
-                if tabled is None:
+                if tabled is None or profile is None:
                     rule.stats["skipped_language" if mode != "table" else "skipped_no_word_segmentation"] += 1
                     continue
                 rule.stats[f"docs_checked_{profile.kind.split(':')[0]}"] += 1
@@ -176,8 +176,9 @@ def filter_table(table, cfg: FilterConfig, chain: FilterChain | None = None, pro
         else:
             final, dropped = chain.apply(text, urls[i], langs[i], sources[i], _meta(metas[i]))
             if routed:
-                per_src = by_source.setdefault(sources[i] if sources[i] in cfg.by_source else "default",
-                                               {"docs_in": 0, "docs_out": 0})
+                raw_src = sources[i]
+                src: str = raw_src if isinstance(raw_src, str) and raw_src in cfg.by_source else "default"
+                per_src = by_source.setdefault(src, {"docs_in": 0, "docs_out": 0})
                 per_src["docs_in"] += 1
                 per_src["docs_out"] += dropped is None
             per_lang = by_lang.setdefault(langs[i] or cfg.default_language, _lang_counts())

@@ -27,6 +27,8 @@ def repair_text(text: str, repair: str = "ftfy", unicode_form: str = "none") -> 
         text = _ftfy().fix_text(text, normalization=None)
     elif repair != "off":
         raise ValueError(f"unknown text repair {repair!r}; choose 'ftfy' or 'off'")
-    if unicode_form != "none":
-        text = unicodedata.normalize(unicode_form, text)
+    if unicode_form in ("NFC", "NFKC"):
+        text = unicodedata.normalize("NFC" if unicode_form == "NFC" else "NFKC", text)
+    elif unicode_form != "none":
+        raise ValueError(f"unknown Unicode form {unicode_form!r}; choose NFC, NFKC or none")
     return text
