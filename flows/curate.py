@@ -7,7 +7,7 @@ from refinery.flows.common import FlowParams, emit_completed, refinery_flow, rep
 from refinery.tasks.decontam.stage import DecontamConfig, decontam_stages
 from refinery.tasks.dedup.paragraphs import ParagraphDedupConfig, paragraph_stages
 from refinery.tasks.dedup.stage import DedupConfig, dedup_stages
-from refinery.tasks.filters.stage import Filter, FilterConfig, table_rows
+from refinery.tasks.filters.stage import Filter, FilterConfig, language_rows, table_rows
 from refinery.tasks.ingest.stage import Ingest, IngestConfig, InputSpec, ingest_report_rows
 from refinery.tasks.quality.stage import QualityConfig, quality_stages
 from refinery.tasks.report import table_artifact
@@ -64,6 +64,8 @@ def curate_flow(p: CurateParams) -> dict:
                    description="Per input file: documents read, skipped records and errors")
     table_artifact("curate-filter-rules", table_rows(stages["filter"].counts, p.filters.rules),
                    description="Documents dropped per filter rule and reason")
+    table_artifact("curate-filter-languages", language_rows(stages["filter"].counts),
+                   description="Per language: documents kept, thresholds used (config / table / fallback), top drops")
     if "decontaminate" in stages:
         table_artifact("curate-decontaminate", stages["decontaminate"].manifest.get("stats", {}).get("table", []),
                        description="Documents sharing an n-gram with each benchmark")

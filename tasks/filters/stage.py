@@ -267,6 +267,17 @@ def table_rows(counts: dict, rules: Iterable[str] | None = None) -> list[dict]:
     return rows
 
 
+def language_rows(counts: dict) -> list[dict]:
+    """Rows for a table artifact: per language, documents in/out, thresholds used, top drop reasons."""
+    rows = []
+    for lang, c in sorted(counts.get("by_language", {}).items(), key=lambda kv: -kv[1].get("docs_in", 0)):
+        reasons = sorted(c.get("dropped_by_reason", {}).items(), key=lambda kv: -kv[1])
+        rows.append({"lang": lang, "docs_in": c.get("docs_in", 0), "docs_out": c.get("docs_out", 0),
+                     "thresholds": ", ".join(f"{k}={v}" for k, v in sorted(c.get("thresholds", {}).items())),
+                     "top_drops": ", ".join(f"{k}={v}" for k, v in reasons[:3])})
+    return rows
+
+
 def _file_digest(paths: Iterable) -> list[str]:
     out = []
     for p in paths:

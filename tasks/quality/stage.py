@@ -326,7 +326,7 @@ def keep_mask(scores: list[float], cfg: QualityConfig) -> list[bool]:
     return [i in chosen for i in range(len(scores))]
 
 
-def _with_score(meta: str | None, score: float, model: str) -> str:
+def _with_score(meta: str | None, score: float, model: str, int_score: bool = False) -> str:
     try:
         d = json.loads(meta) if meta else {}
     except json.JSONDecodeError:
@@ -334,6 +334,8 @@ def _with_score(meta: str | None, score: float, model: str) -> str:
     if not isinstance(d, dict):
         d = {"metadata": d}
     d["quality_score"] = round(score, 6)
+    if int_score:   # FineWeb-Edu: int(round(max(0, min(score, 5))))
+        d["quality_int_score"] = int(round(max(0.0, min(score, 5.0))))
     d["quality_model"] = model
     return json.dumps(d, ensure_ascii=False)
 
@@ -361,7 +363,8 @@ def score_table(table, cfg: QualityConfig, scorer, model_name: str):
         keep[i] = m
     cols = set(table.column_names)
     metas = table.column("metadata").to_pylist() if "metadata" in cols else [None] * n
-    new_meta = [_with_score(metas[i], scores[i], model_name) for i in range(n) if keep[i]]
+    regression = bool(getattr(scorer, "regression", False))
+    new_meta = [_with_score(metas[i], scores[i], model_name, regression) for i in range(n) if keep[i]]
     kept = table.filter(pa.array(keep, type=pa.bool_()))
     if "metadata" in cols:
         idx = kept.column_names.index("metadata")

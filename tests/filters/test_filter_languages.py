@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from refinery.tasks.filters import FilterChain, FilterConfig, languages
-from refinery.tasks.filters.stage import filter_table
+from refinery.tasks.filters.stage import filter_table, language_rows
 from refinery_testlib import shared_file
 
 # The 20 languages with the most Common Crawl pages after English (CC-MAIN language statistics).
@@ -111,6 +111,8 @@ def test_chinese_spam_pages_dropped(shared_data):
     assert dropped["http://044545.com/topic/20200207/015849.html"].startswith("gopher_")    # QQ betting spam
     assert counts["by_language"]["zh"]["thresholds"] == {"table": sum(d["lang"] == "zh" for d in docs)}
     assert counts["by_language"]["wuu"]["thresholds"] == {"fallback:Hani": 1}
+    rows = {r["lang"]: r for r in language_rows(counts)}
+    assert rows["zh"]["docs_out"] == 1 and rows["zh"]["thresholds"].startswith("table=")
     # The one that passes is adult fiction: fluent prose, which heuristics keep; the LDNOOBW Chinese list
     # (c4_badwords) drops it.
     _, ex2, _ = filter_table(_table(docs), FilterConfig(rules=[*FilterConfig().rules, "c4_badwords"]))

@@ -144,8 +144,9 @@ def test_hf_regression_head_batched(tmp_path, tiny_tokenizer_dir):
     cfg = QualityConfig(model="hf", path=str(out), keep="all")
     kept, _, counts = score_table(pa.table({"id": ["a", "b", "c"], "text": texts}), cfg, batched, "hf:edu")
     assert kept.num_rows == 3 and list(counts["score_histogram"])[-1] == "4.75..5"
-    assert [json.loads(m)["quality_score"] for m in kept.column("metadata").to_pylist()] == \
-        pytest.approx(batched.score(texts), abs=1e-5)
+    metas = [json.loads(m) for m in kept.column("metadata").to_pylist()]
+    assert [m["quality_score"] for m in metas] == pytest.approx(batched.score(texts), abs=1e-5)
+    assert [m["quality_int_score"] for m in metas] == [int(round(max(0, min(s, 5)))) for s in batched.score(texts)]
 
 
 def test_curate_params_take_a_quality_section():
