@@ -206,6 +206,25 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Print a training flow's memory estimate per device without training (exit 1: it does not fit)."""
+    _defaults_env()
+    flow = load_flow(args.flow)
+    params = build_params(flow, args.config, args.set or [], args.workdir)
+    from refinery.tasks.train.plan import plan_flow
+
+    try:
+        plan = plan_flow(args.flow, params)
+    except (ValueError, OSError) as e:
+        print(f"refinery plan: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_dict()) if args.json else plan.table())
+    if plan.fits is False:
+        print("what to change:\n  - " + "\n  - ".join(plan.advice()), file=sys.stderr)
+        return 1
+    return 0
+
+
 def flow_summary(name: str) -> str:
     """The first line of the flow's docstring; known ones without importing the flow."""
     from refinery.flows.common import FLOW_SUMMARIES
@@ -285,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("plan", help="a training flow's memory estimate per device (parameters, gradients, optimizer, activations) without training")
+    p.add_argument("flow", help="pretrain or finetune")
+    p.add_argument("-c", "--config", help="YAML file of flow parameters")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a flow parameter, as for run; repeatable")
+    p.add_argument("--workdir", help="root folder or URL for all datasets")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("flows", help="list the flows")
     p.set_defaults(fn=cmd_flows)

@@ -79,6 +79,11 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
         f"{len(val_items)} validation examples, {train_counts.get('truncated', 0) + val_counts.get('truncated', 0)} "
         f"truncated to {seq_len} tokens, chat template: {template}")
 
+    # -- memory: the estimate per device, printed and kept; a run that cannot fit stops here
+    from refinery.tasks.train.plan import plan_finetune, plan_or_note
+
+    memory_plan = plan_or_note(lambda: plan_finetune(cfg), log=log)
+
     # -- model, before
     device = M.resolve_device(cfg)
     compute_dtype, weights_dtype = M.resolve_dtypes(cfg, device)
@@ -111,7 +116,7 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
 
     # -- outputs
     tmp = b.tmpdir()
-    extra: dict = {"method": cfg.method, "base_model": source, "chat_template": template}
+    extra: dict = {"method": cfg.method, "base_model": source, "chat_template": template, "memory_plan": memory_plan}
     if cfg.method == "full":
         out = os.path.join(tmp, "model")
         M.save_full(model, tok, out)

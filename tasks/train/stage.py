@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from refinery.tasks.export import finalize_model_dir
@@ -64,6 +65,10 @@ def pretrain(b: Builder, inputs: list[Dataset], cfg: TrainConfig) -> StageOutput
         raise ValueError("pretrain needs at least one token dataset as input")
     datasets = [ds.local_path() for ds in inputs]
     ckpt_dir = checkpoint_dir(b)
+    from refinery.tasks.train.plan import plan_or_note, plan_pretrain
+
+    # the memory estimate per device, printed and kept; a run that cannot fit stops here
+    memory_plan = plan_or_note(lambda: plan_pretrain(cfg, datasets), log=lambda m: print(m, file=sys.stderr))
     result = run_training(cfg, {"kind": "tokens", "datasets": datasets}, ckpt_dir)
     if result["status"] in ("preempted", "stopped"):
         raise TrainingInterrupted(f"pretraining stopped at step {result['steps']} ({result['status']}); "
@@ -72,7 +77,7 @@ def pretrain(b: Builder, inputs: list[Dataset], cfg: TrainConfig) -> StageOutput
     folder = export_folder(chosen, Path(b.tmpdir()) / "model", ckpt_dir / "metrics")
     finalize_model_dir(folder)   # use_cache: true + generation_config.json (training saved use_cache: false)
     b.put_dir(folder)
-    training = {k: result.get(k) for k in ("status", "objective", "preset", "init_from", "device", "world_size", "tokens_per_sec",
+    training = {k: result.get(k) for k in ("status", "objective", "preset", "init_from", "strategy", "shards", "device", "world_size", "tokens_per_sec",
                                        "mfu", "loss_start", "loss_end", "unigram_tokens", "checkpoint_dir",
                                        "peak_memory_mb", "peak_memory_kind")}
     training["exported_step"] = int(Path(chosen).name.split("-")[-1])
@@ -81,7 +86,7 @@ def pretrain(b: Builder, inputs: list[Dataset], cfg: TrainConfig) -> StageOutput
         stats={"train_seconds": round(result.get("seconds", 0.0), 3)},
         extra={"val_loss_start": result["val_loss_start"], "val_loss_end": result["val_loss_end"],
                "best_step": result["best_step"], "best_val_loss": result["best_val_loss"],
-               "unigram_entropy": result["unigram_entropy"], "training": training},
+               "unigram_entropy": result["unigram_entropy"], "training": training, "memory_plan": memory_plan},
     )
 
 

@@ -72,6 +72,9 @@ def test_learns_and_reports(tiny_causal_lm_dir, sft_file, tmp_path):
     assert [h["step"] for h in s["val_history"]][:2] == [5, 10]
     assert s["samples_before"][0]["record"] == s["samples_after"][0]["record"]
     assert s["samples_before"][0]["generation"] != s["samples_after"][0]["generation"]
+    plan = ds.manifest["memory_plan"]   # the estimate made before training, per device
+    assert plan["setup"]["method"] == "full" and plan["fits"] is True
+    assert plan["bytes"]["optimizer"] == 2 * plan["bytes"]["parameters"] and plan["bytes"]["activations"] > 0
     from refinery.tasks.finetune.stage import summary_markdown
 
     md = summary_markdown(cfg, ds.counts, s)

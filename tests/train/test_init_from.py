@@ -107,6 +107,8 @@ def test_stage_continues_a_pretrain_dataset(token_dataset, tmp_path):
     assert cont.fingerprint != first.fingerprint
     t = cont.manifest["training"]
     assert t["init_from"] == first.path
+    plan = cont.manifest["memory_plan"]
+    assert plan["setup"]["flow"] == "pretrain" and plan["params_total"] == cont.counts["params"]
     scratch = first.manifest["training"]
     # 20 steps take a fresh model from ~6.25 to ~5.3; the continued run starts there
     assert t["loss_start"] < scratch["loss_start"] - 0.8, (t["loss_start"], scratch["loss_start"])

@@ -1,0 +1,109 @@
+"""The memory planner: the estimate's structure, the stop-with-advice when a run cannot fit,
+``refinery plan``, and (slow) the estimate against measured peak RSS for full, LoRA and QLoRA
+fine-tuning on two model sizes: within 25%."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def llama_config(hidden: int, layers: int, ffn: int, vocab: int = 8192):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                       num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                       max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+                       pad_token_id=1)
+
+
+def test_estimate_structure():
+    from refinery.tasks.train.plan import Setup, estimate, model_shape
+
+    shape = model_shape(llama_config(256, 4, 688))
+    assert shape.total == 7_358_720 and shape.layers == 4 and len(shape.linear) == 4 * 7 + 1
+    full = estimate(shape, Setup(method="full", micro_batch=4, seq_len=256))
+    assert full.rows["parameters"] == full.rows["gradients"] == shape.total * 4
+    assert full.rows["optimizer"] == shape.total * 8
+    lora = estimate(shape, Setup(method="lora", micro_batch=4, seq_len=256, lora_r=8))
+    assert lora.params_trainable == 4 * 4 * 8 * (256 + 256)      # q k v o of 4 layers, r (in + out)
+    qlora = estimate(shape, Setup(method="qlora", quant="nf4", micro_batch=4, seq_len=256))
+    assert qlora.rows["parameters"] < lora.rows["parameters"] and lora.total < full.total
+    ckpt = estimate(shape, Setup(method="full", micro_batch=4, seq_len=256, grad_checkpointing=True))
+    assert ckpt.rows["activations"] < full.rows["activations"] / 2
+    fsdp = estimate(shape, Setup(method="full", strategy="fsdp", world_size=2, micro_batch=4, seq_len=256))
+    for k in ("parameters", "gradients", "optimizer"):
+        assert fsdp.rows[k] == full.rows[k] // 2
+    assert fsdp.rows["workspace"] > full.rows["workspace"], "fsdp gathers a block"
+
+
+def test_does_not_fit_stops_with_table_and_advice():
+    from refinery.tasks.train.plan import Setup, estimate, model_shape
+
+    plan = estimate(model_shape(llama_config(256, 4, 688)), Setup(flow="finetune", method="full", micro_batch=64,
+                                                                   seq_len=1024))
+    plan.available, plan.device_name = 100 * 2**20, "a 100 MiB device"
+    assert plan.fits is False
+    with pytest.raises(MemoryError) as e:
+        plan.check()
+    msg = str(e.value)
+    assert "DOES NOT FIT" in msg and "activations" in msg and "what to change" in msg
+    assert "grad_checkpointing=true" in msg and "method=lora" in msg
+
+
+def test_cli_plan_prints_the_table(tiny_causal_lm_dir, capsys):
+    from refinery.flows.cli import main
+
+    base = ["plan", "finetune", "--set", f"input={tiny_causal_lm_dir}", "--set", "data=unused.jsonl",
+            "--set", "device=cpu"]
+    assert main(base + ["--set", "method=qlora"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan (finetune, qlora" in out and "nf4 4-bit" in out and "activation checkpointing" in out
+    for row in ("parameters", "gradients", "optimizer", "activations", "fits"):
+        assert row in out
+    # a micro-batch no machine holds: exit 1, with what to change
+    assert main(base + ["--set", "method=full", "--set", "batch_size=100000", "--json"]) == 1
+    cap = capsys.readouterr()
+    plan = json.loads(cap.out)
+    assert plan["fits"] is False and plan["bytes"]["activations"] > plan["available_bytes"]
+    assert "grad_checkpointing=true" in cap.err
+
+
+CASES = [(size, method) for size in ("small", "medium") for method in ("full", "lora", "qlora")]
+SIZES = {"small": (256, 4, 688), "medium": (512, 6, 1376)}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for name, (h, n, f) in SIZES.items():
+        d = tmp_path_factory.mktemp(f"plan_{name}")
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(llama_config(h, n, f)).save_pretrained(d)
+        out[name] = d
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size,method", CASES)
+def test_estimate_matches_measured_peak(model_dirs, size, method):
+    """Each probe is its own process (peak RSS is per process). glibc is told to return freed
+    blocks at once (a fixed mmap threshold), so RSS follows the live tensors, as a GPU's
+    max_memory_allocated does; the default threshold adapts and keeps freed blocks, adding noise."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("plan_probe.py")), str(model_dirs[size]),
+                           method, "4", "256"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.split("PROBE ", 1)[1])
+    err = (got["estimate_mb"] - got["measured_mb"]) / got["measured_mb"]
+    print(f"{size} {method}: estimate {got['estimate_mb']} MiB, measured {got['measured_mb']} MiB ({err:+.1%})")
+    assert abs(err) <= 0.25, got
