@@ -66,7 +66,7 @@ def build_corpus(n: int, out_dir: Path, parts: int = 8, seed: int = 0) -> list[P
     n_exact, n_near = n // 10, n // 10
     n_base = n - n_exact - n_near
     docs = []
-    for i in range(n_base):
+    for _ in range(n_base):
         parts_, size = [], 0
         while size < 2000:
             s = rng.choice(sents)
