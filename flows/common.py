@@ -31,6 +31,7 @@ FLOWS = {
     "pipeline": "refinery.flows.pipeline:pipeline_flow",
     "demo": "refinery.flows.demo:demo_flow",
     "evaluate": "refinery.flows.evaluate:evaluate_flow",
+    "ablate": "refinery.flows.ablate:ablate_flow",
 }
 
 # name -> one line, for `refinery flows` without importing every flow (tests/flows/test_cli.py
@@ -44,6 +45,7 @@ FLOW_SUMMARIES = {
     "pipeline": "End to end: curate a crawl, tokenize it, pretrain, fine-tune, and align.",
     "demo": "Generate a small deterministic crawl and run curate, tokenize, pretrain, finetune and align on it.",
     "evaluate": "Compare models: held-out bits per byte and perplexity, lm-eval benchmarks, generation samples.",
+    "ablate": "Ablate curation choices: train the same small model on each variant of the data and compare evaluations.",
 }
 
 
