@@ -42,7 +42,7 @@ import pickle
 import random
 import sys
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
 
 from pydantic import BaseModel
 
@@ -383,6 +383,20 @@ def _check_items(name: str, items: list[dict]) -> None:
     names = [it["name"] for it in items]
     if len(set(names)) != len(names):
         raise ValueError(f"stage {name}: shard names are not unique")
+
+
+class ShardedStage:
+    """Base of a sharded stage's class (``@stage(NAME, sharded=True) class X(ShardedStage)``).
+
+    At run time ``@stage`` replaces the class by a :class:`Stage`; type checkers do not apply class
+    decorators, so this base declares for them what the decorated name offers."""
+
+    if TYPE_CHECKING:
+        name: ClassVar[str]
+        version: ClassVar[str]
+        run: ClassVar[Callable[..., Dataset]]
+        call: ClassVar[Callable[..., Dataset]]
+        fingerprint: ClassVar[Callable[..., str]]
 
 
 def stage(name: str, version: str = "1", sharded: bool = False) -> Callable[[Any], Stage]:
@@ -1001,5 +1015,5 @@ def make_runner(spec: str | None):
                      "ray[:N] or ray://host:port")
 
 
-__all__ = ["stage", "Stage", "StageOutput", "ShardsFailed", "RayRunner", "shard_engine", "UnsafeResultRecord", "sum_counts", "file_identity", "make_runner",
+__all__ = ["stage", "Stage", "ShardedStage", "StageOutput", "ShardsFailed", "RayRunner", "shard_engine", "UnsafeResultRecord", "sum_counts", "file_identity", "make_runner",
            "config_dict", "resolve", "check_result_record"]

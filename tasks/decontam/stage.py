@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from refinery.tasks.config import StrictModel
-from refinery.tasks.runtime import StageOutput, stage, sum_counts
+from refinery.tasks.runtime import ShardedStage, StageOutput, stage, sum_counts
 
 EXCLUDED_DIR = "excluded"
 INDEX_FILE = "index/ngrams.parquet"
@@ -214,7 +214,7 @@ def table_rows(counts: dict, names: list[str]) -> list[dict]:
 
 
 @stage("decontaminate", version="1", sharded=True)
-class Decontaminate:
+class Decontaminate(ShardedStage):
     """inputs = [documents dataset, decontam_index dataset]."""
 
     @staticmethod

@@ -51,7 +51,7 @@ from pydantic import Field, model_validator
 from refinery.tasks.config import StrictModel
 
 from refinery.tasks.card import part_name
-from refinery.tasks.runtime import StageOutput, stage, sum_counts
+from refinery.tasks.runtime import ShardedStage, StageOutput, stage, sum_counts
 from refinery.tasks.store import Dataset, Store
 
 BATCH = 2048
@@ -344,7 +344,7 @@ def _signature_tables(mh, batch, cfg: SignatureConfig):
 
 
 @stage("minhash", version="2", sharded=True)
-class Minhash:
+class Minhash(ShardedStage):
     """Signatures, LSH band keys and exact/URL keys of each input part (no keep-rule values: the
     ``dedup`` stage reads those from the documents, so a keep-rule change reuses this stage)."""
 
@@ -501,7 +501,7 @@ def _pairs_name(key: str) -> str:
 
 # version 2: no empty pairs files
 @stage("lsh_bands", version="2", sharded=True)
-class LshBands:
+class LshBands(ShardedStage):
     """Candidate pairs of each LSH band (and of the exact and URL keys), one shard per key: the
     shard reads that one key column of every signature part (index segments first), sorts it and
     links each bucket member to the bucket's first member. Pairs are global document numbers."""

@@ -30,7 +30,7 @@ from refinery.tasks.filters.content import PiiConfig, UrlConfig
 from refinery.tasks.filters.fineweb import FineWebConfig
 from refinery.tasks.filters.gopher import GopherQualityConfig, GopherRepetitionConfig
 from refinery.tasks.filters.text import DocView, WordTokenizer
-from refinery.tasks.runtime import StageOutput, stage, sum_counts
+from refinery.tasks.runtime import ShardedStage, StageOutput, stage, sum_counts
 
 DEFAULT_RULES = ["url", "gopher_repetition", "gopher_quality", "c4", "fineweb", "pii"]
 
@@ -304,7 +304,7 @@ def read_exclusions(ds):
 
 # version 2: parts named part-XXXXX.train.parquet, no empty parts, exclusions under excluded/
 @stage("filter", version="2", sharded=True)
-class Filter:
+class Filter(ShardedStage):
     """Quality and content filtering: one shard per input parquet part."""
 
     @staticmethod

@@ -31,7 +31,7 @@ from pydantic import Field, field_validator, model_validator
 from refinery.tasks.config import StrictModel
 
 from refinery.tasks.ingest.langid import LangIdConfig
-from refinery.tasks.runtime import StageOutput, stage
+from refinery.tasks.runtime import ShardedStage, StageOutput, stage
 
 STAGE_VERSION = "3"  # 2: failed files never recorded as finished, rows numbered from 1, record size cap;
 # 3: parts named part-<file#>-<k>.train.parquet (they load with Hugging Face datasets), no empty part
@@ -416,7 +416,7 @@ def _read_with_retries(b, item: dict, cfg: IngestConfig, write_part, written: li
 
 # --------------------------------------------------------------------------- the stage
 @stage("ingest", version=STAGE_VERSION, sharded=True)
-class Ingest:
+class Ingest(ShardedStage):
     """Crawl archives (WARC/WET/ARC) and dumps (JSONL/Parquet) -> documents with text and language."""
 
     shard_unit = "input file"   # one shard per file: failures are reported as files

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Literal
 from pydantic import Field, field_validator, model_validator
 
 from refinery.tasks.config import StrictModel
-from refinery.tasks.runtime import StageOutput, stage, sum_counts
+from refinery.tasks.runtime import ShardedStage, StageOutput, stage, sum_counts
 
 EXCLUDED_DIR = "excluded"
 MODEL_FILE = "model/quality.bin"
@@ -388,7 +388,7 @@ def score_table(table, cfg: QualityConfig, scorer, model_name: str):
 
 
 @stage("quality", version="1", sharded=True)
-class Quality:
+class Quality(ShardedStage):
     """inputs = [documents] or [documents, quality_model dataset]; one shard per input parquet part."""
 
     @staticmethod

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field
 from refinery.tasks.config import StrictModel
 
-from refinery.tasks.runtime import StageOutput, stage
+from refinery.tasks.runtime import ShardedStage, StageOutput, stage
 from refinery.tasks.tokens.shards import TOKENIZER_DIR, ShardWriter, token_dtype, token_manifest
 
 
@@ -76,7 +76,7 @@ def _tokenizer_of(ds) -> tuple[str, dict]:
 
 
 @stage("tokenize", version="1", sharded=True)
-class Tokenize:
+class Tokenize(ShardedStage):
     """inputs = [documents dataset, tokenizer dataset(, holdout dataset)] -> token shards + manifest.
     The documents of the optional holdout dataset (refinery.tasks.tokens.holdout) are skipped."""
 
