@@ -1,6 +1,8 @@
-"""Align a (fine-tuned) model on preference pairs: DPO, or PPO against a reward model.
+"""Align a (fine-tuned) model: DPO on preference pairs, PPO against a reward model, or GRPO on
+prompts with verifiable rewards, KTO on unpaired labelled replies, or ORPO (reference-free) on pairs.
 
     refinery run align --set input=MODEL --set data=PAIRS.jsonl.gz --set method=ppo --set ppo.max_steps=20 --json
+    refinery run align --set input=MODEL --set data=gsm8k.jsonl --set method=grpo --set grpo.max_steps=10 --json
 
 ``input`` is a Hugging Face model folder or the finetune flow's output dataset (its manifest names
 the ``merged``/``model`` folder). With ``method=ppo`` and no ``reward_model``, a reward model is
@@ -19,10 +21,14 @@ from refinery.flows.common import FlowParams, emit_completed, gpu_slot, refinery
 from refinery.tasks.config import StrictModel
 from refinery.tasks.align.common import is_dataset_dir
 from refinery.tasks.align.dpo import DPOConfig
+from refinery.tasks.align.grpo import GRPOConfig
+from refinery.tasks.align.kto import KTOConfig
+from refinery.tasks.align.orpo import ORPOConfig
 from refinery.tasks.align.ppo import PPOConfig
 from refinery.tasks.align.reward import RewardConfig
-from refinery.tasks.align.stage import (DPOStageConfig, PPOStageConfig, RewardStageConfig, dpo_stage, ppo_stage,
-                               reward_stage)
+from refinery.tasks.align.stage import (DPOStageConfig, GRPOStageConfig, KTOStageConfig, ORPOStageConfig,
+                                        PPOStageConfig, RewardStageConfig, dpo_stage, grpo_stage, kto_stage,
+                                        orpo_stage, ppo_stage, reward_stage)
 from refinery.tasks.report import format_table, table_artifact
 
 
@@ -32,21 +38,27 @@ class AlignSettings(StrictModel):
     nested config, spelled as in pretrain and finetune (``dpo.max_steps``, ``ppo.lr``,
     ``reward.batch_size``, ``ppo.lora.enabled`` ...)."""
 
-    method: Literal["ppo", "dpo"] = Field("dpo", description="ppo: RL against a reward model; dpo: direct preference optimisation.")
-    reward_model: str | None = Field(None, description="Reward model for PPO (HF folder or `reward` dataset); trained on `data` (with the `reward` settings) when empty.")
-    max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs.")
+    method: Literal["ppo", "dpo", "grpo", "kto", "orpo"] = Field("dpo", description=(
+        "ppo: RL against a reward model; dpo: direct preference optimisation; grpo: group-relative RL on prompts "
+        "with reward functions (data: prompts, e.g. GSM8K question/answer); kto: unpaired replies labelled "
+        "desirable/undesirable; orpo: reference-free SFT + odds-ratio preference loss on pairs."))
+    reward_model: str | None = Field(None, description="Reward model for PPO (HF folder or `reward` dataset); trained on `data` (with the `reward` settings) when empty. GRPO: optional, added to its reward functions.")
+    max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs (grpo: prompt records; kto: examples).")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs held out for evaluation.")
     seed: int = Field(0, description="Seed of the split, initialisation, shuffling and sampling.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward-model training (method=ppo without reward_model).")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO settings (method=ppo).")
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO settings (method=dpo).")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO settings (method=grpo).")
+    kto: KTOConfig = Field(default_factory=KTOConfig, description="KTO settings (method=kto).")
+    orpo: ORPOConfig = Field(default_factory=ORPOConfig, description="ORPO settings (method=orpo).")
 
 
 class _Inputs(FlowParams):
     """The storage root and the two inputs: first in the help and the Prefect form."""
 
     input: str = Field(description="Model to align: a HF model folder or a refinery dataset naming one (e.g. the finetune flow's output).")
-    data: str = Field(description="Preference pairs file: .json, .jsonl or .jsonl.gz (HH-RLHF transcripts, ShareGPT conversations+chosen+rejected, or prompt/chosen/rejected).")
+    data: str = Field(description="Preference pairs file: .json, .jsonl or .jsonl.gz (HH-RLHF transcripts, ShareGPT conversations+chosen+rejected, or prompt/chosen/rejected); grpo: prompt records (question/prompt/messages, plus columns such as answer); kto: {messages, label} or {prompt, completion, label}.")
 
 
 class AlignParams(AlignSettings, _Inputs):
@@ -72,17 +84,40 @@ def ppo_config(p: AlignParams, reward_model: str) -> PPOStageConfig:
     return PPOStageConfig(**_common(p), reward_model=reward_model, train=p.ppo)
 
 
+def grpo_config(p: AlignParams) -> GRPOStageConfig:
+    """The grpo stage config of a run."""
+    return GRPOStageConfig(model=p.input, data=p.data, max_prompts=p.max_pairs, val_fraction=p.val_fraction,
+                           seed=p.seed, reward_model=p.reward_model, train=p.grpo)
+
+
+def orpo_config(p: AlignParams) -> ORPOStageConfig:
+    """The orpo stage config of a run."""
+    return ORPOStageConfig(**_common(p), train=p.orpo)
+
+
+def kto_config(p: AlignParams) -> KTOStageConfig:
+    """The kto stage config of a run."""
+    return KTOStageConfig(model=p.input, data=p.data, max_examples=p.max_pairs, val_fraction=p.val_fraction,
+                          seed=p.seed, train=p.kto)
+
+
 def _lineage(*paths: str | None) -> list[str]:
     return [x for x in paths if x and is_dataset_dir(x)]
 
 
 @refinery_flow("align", AlignParams)
 def align_flow(p: AlignParams) -> dict:
-    """Align a model on preference pairs with DPO, or with PPO against a (trained) reward model."""
+    """Align a model with DPO on preference pairs, PPO against a (trained) reward model, or GRPO with reward functions."""
     stages = {}
     with gpu_slot():
         if p.method == "dpo":
             stages["dpo"] = dpo_stage.call(p.workdir, _lineage(p.input), dpo_config(p))
+        elif p.method == "orpo":
+            stages["orpo"] = orpo_stage.call(p.workdir, _lineage(p.input), orpo_config(p))
+        elif p.method == "kto":
+            stages["kto"] = kto_stage.call(p.workdir, _lineage(p.input), kto_config(p))
+        elif p.method == "grpo":
+            stages["grpo"] = grpo_stage.call(p.workdir, _lineage(p.input, p.reward_model), grpo_config(p))
         else:
             reward_model = p.reward_model
             if reward_model is None:

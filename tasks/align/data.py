@@ -249,3 +249,123 @@ def file_identity(path: str | os.PathLike) -> str:
 
     os.stat(path)  # a missing preference file is an error when the config is made, not later
     return identity(path)
+
+
+# --------------------------------------------------------------------------- prompts (RL on verifiable rewards)
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+    """A prompt (chat messages, the last from the user) and the record's other columns (for GSM8K:
+    ``answer``), which reward functions receive as keyword arguments."""
+
+    prompt: tuple
+    columns: tuple = ()   # (name, value) pairs, hashable
+
+    def column_dict(self) -> dict:
+        return dict(self.columns)
+
+    def key(self) -> str:
+        payload = json.dumps([list(self.prompt), list(self.columns)], ensure_ascii=False, default=str)
+        return hashlib.sha1(payload.encode()).hexdigest()
+
+
+def parse_prompt_record(rec: Any) -> PromptRecord:
+    """``{"question", ...}`` (GSM8K), ``{"prompt": str | messages, ...}`` or ``{"messages": [...]}``
+    (up to the last user turn); every other key is a column."""
+    if not isinstance(rec, dict):
+        raise BadRecord("not_an_object")
+    rest = dict(rec)
+    if isinstance(rest.get("question"), str):
+        prompt = [("user", rest.pop("question"))]
+    elif "prompt" in rest:
+        p = rest.pop("prompt")
+        prompt = [("user", p)] if isinstance(p, str) else _messages(p)
+    elif "messages" in rest or "conversations" in rest:
+        msgs = _messages(rest.pop("messages", None) or rest.pop("conversations"))
+        while msgs and msgs[-1][0] == "assistant":
+            msgs.pop()
+        prompt = msgs
+    else:
+        raise BadRecord("no_prompt", "needs question, prompt or messages")
+    if not prompt or prompt[-1][0] != "user" or not str(prompt[-1][1]).strip():
+        raise BadRecord("empty_prompt")
+    return PromptRecord(tuple(prompt), tuple(sorted((k, v) for k, v in rest.items() if isinstance(k, str))))
+
+
+def load_prompts(path: str | os.PathLike, max_prompts: int | None = None) -> tuple[list[PromptRecord], dict]:
+    """The prompt records of a file (.json/.jsonl, optionally .gz) and counts like :func:`load_pairs`."""
+    counts: Counter = Counter()
+    out: list[PromptRecord] = []
+    n = 0
+    for rec in iter_records(path, counts):
+        n += 1
+        try:
+            out.append(parse_prompt_record(rec))
+        except BadRecord as e:
+            counts[e.reason] += 1
+        if max_prompts is not None and len(out) >= max_prompts:
+            break
+    return out, {"records": n + counts.get("bad_json", 0), "prompts": len(out), "skipped": dict(sorted(counts.items()))}
+
+
+# --------------------------------------------------------------------------- unpaired examples (KTO)
+@dataclasses.dataclass(frozen=True)
+class UnpairedExample:
+    """A prompt, one reply, and whether the reply is desirable (thumbs up) or not."""
+
+    prompt: tuple
+    completion: str
+    label: bool
+
+    def key(self) -> str:
+        payload = json.dumps([list(self.prompt), self.completion, self.label], ensure_ascii=False)
+        return hashlib.sha1(payload.encode()).hexdigest()
+
+
+def _label(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0", "good", "bad", "desirable", "undesirable"):
+        return v.strip().lower() in ("true", "1", "good", "desirable")
+    raise BadRecord("bad_label", repr(v)[:40])
+
+
+def parse_unpaired(rec: Any) -> UnpairedExample:
+    """``{"messages": [... user, assistant], "label": bool}`` (LLaMA-Factory's KTO format) or
+    ``{"prompt", "completion", "label"}`` (TRL's unpaired format)."""
+    if not isinstance(rec, dict):
+        raise BadRecord("not_an_object")
+    if "label" not in rec and "kto_tag" not in rec:
+        raise BadRecord("no_label")
+    label = _label(rec.get("label", rec.get("kto_tag")))
+    if "completion" in rec:
+        prompt = _messages(rec.get("prompt"))
+        completion = _reply(rec["completion"])
+    else:
+        msgs = _messages(rec.get("messages") or rec.get("conversations"))
+        if len(msgs) < 2 or msgs[-1][0] != "assistant":
+            raise BadRecord("no_reply", "the last message must be the assistant's")
+        prompt, completion = msgs[:-1], msgs[-1][1]
+    if not prompt or prompt[-1][0] != "user":
+        raise BadRecord("prompt_not_from_user")
+    if not str(completion).strip():
+        raise BadRecord("empty_reply")
+    return UnpairedExample(tuple(prompt), str(completion), label)
+
+
+def load_unpaired(path: str | os.PathLike, max_examples: int | None = None) -> tuple[list[UnpairedExample], dict]:
+    """The labelled examples of a file and counts ``{"records", "examples", "desirable", "skipped"}``."""
+    counts: Counter = Counter()
+    out: list[UnpairedExample] = []
+    n = 0
+    for rec in iter_records(path, counts):
+        n += 1
+        try:
+            out.append(parse_unpaired(rec))
+        except BadRecord as e:
+            counts[e.reason] += 1
+        if max_examples is not None and len(out) >= max_examples:
+            break
+    return out, {"records": n + counts.get("bad_json", 0), "examples": len(out),
+                 "desirable": sum(e.label for e in out), "skipped": dict(sorted(counts.items()))}

@@ -11,7 +11,6 @@ before training, so no second model is held in memory (with LoRA or without).
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -23,13 +22,17 @@ from refinery.tasks.align.common import (LoraSettings, TrainResult, apply_lora, 
                                 model_device, pad, pick_device, position_ids, seed_everything, step_metrics,
                                 token_logprobs, torch_dtype)
 from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
-from refinery.tasks.train.config import TrainingParams
+from refinery.tasks.align.practice import EarlyStopping, make_optimisation, micro_batches, run_loop, total_steps
+from refinery.tasks.train.config import ScheduleParams
 
 TRAIN_EVAL_PAIRS = 128
 
 
-class DPOConfig(TrainingParams):
-    """DPO settings (the shared training knobs, spelled as in every trainer, plus DPO's own)."""
+class DPOConfig(ScheduleParams):
+    """DPO settings (the shared training knobs, spelled as in every trainer, plus DPO's own).
+    ``lr`` 5e-6: preference optimisation of a whole pretrained policy takes a step below
+    fine-tuning's (DPO's authors used 1e-6 to 5e-6); there is no new layer, so ``head_lr`` is
+    unused. Early stopping watches the held-out DPO loss."""
 
     field_defaults = dict(max_steps=0, lr=5e-6, batch_size=8, dtype="float32")
 
@@ -154,49 +157,44 @@ def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequenc
     before: dict = {"pairs": 0}
     if ref_ev is not None:   # before training the policy is the reference
         before = preference_metrics(ref_ev[0], ref_ev[1], ref_ev[0], ref_ev[1], ref_ev[2], ref_ev[3], cfg.beta)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    gen = torch.Generator().manual_seed(seed)
-    steps, step, tokens = step_metrics(log_dir, cfg, total, "dpo", progress, on_step), 0, 0
+    total = total_steps(len(train), cfg, cfg.epochs)
+    optim = make_optimisation(model, cfg, total)
+    batches = micro_batches(len(train), cfg.batch_size, torch.Generator().manual_seed(seed))
+    steps = step_metrics(log_dir, cfg, total, "dpo", progress, on_step)
     history = steps.history
+    stopper = EarlyStopping("loss", "min", cfg.early_stopping_patience, cfg.early_stopping_min_delta)
     if held_out:
         steps.val(0, tokens=0, **_val_figures(before))
+        stopper.update(before["loss"], 0, model)
+
+    def micro_step() -> dict:
+        idx = next(batches)
+        n = len(idx)
+        seqs = [enc_tr.chosen[j] for j in idx] + [enc_tr.rejected[j] for j in idx]
+        plens = [enc_tr.p_len_c[j] for j in idx] + [enc_tr.p_len_r[j] for j in idx]
+        lp, _ = reply_logps(model, seqs, plens, pad_id)
+        t = torch.tensor(idx)
+        ref_c, ref_r = ref_tr[0][t].to(lp.device), ref_tr[1][t].to(lp.device)
+        loss, rew_c, rew_r = dpo_loss(lp[:n], lp[n:], ref_c, ref_r, cfg.beta, cfg.label_smoothing)
+        loss = loss.mean()
+        optim.backward(loss)
+        with torch.no_grad():
+            return {"tokens": sum(len(x) for x in seqs), "loss": loss.item(),
+                    "accuracy": (rew_c > rew_r).float().mean().item(), "margin": (rew_c - rew_r).mean().item(),
+                    "reward_chosen": rew_c.mean().item(), "reward_rejected": rew_r.mean().item()}
+
+    def validate() -> dict:
+        cur = _all_logps(model, enc_ev, pad_id, cfg.eval_batch_size)
+        return _val_figures(preference_metrics(cur[0], cur[1], ref_ev[0], ref_ev[1], cur[2], cur[3], cfg.beta))
+
     t0 = time.perf_counter()
-    while step < total:
-        order = torch.randperm(len(train), generator=gen).tolist()
-        for i in range(0, len(order), cfg.batch_size):
-            if step >= total:
-                break
-            idx = order[i:i + cfg.batch_size]
-            n = len(idx)
-            seqs = [enc_tr.chosen[j] for j in idx] + [enc_tr.rejected[j] for j in idx]
-            plens = [enc_tr.p_len_c[j] for j in idx] + [enc_tr.p_len_r[j] for j in idx]
-            lp, _ = reply_logps(model, seqs, plens, pad_id)
-            tokens += sum(len(x) for x in seqs)
-            t = torch.tensor(idx)
-            ref_c, ref_r = ref_tr[0][t].to(lp.device), ref_tr[1][t].to(lp.device)
-            loss, rew_c, rew_r = dpo_loss(lp[:n], lp[n:], ref_c, ref_r, cfg.beta, cfg.label_smoothing)
-            loss = loss.mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            step += 1
-            with torch.no_grad():
-                steps.train(step, tokens=tokens, loss=round(loss.item(), 6),
-                            accuracy=round((rew_c > rew_r).float().mean().item(), 4),
-                            margin=round((rew_c - rew_r).mean().item(), 6),
-                            reward_chosen=round(rew_c.mean().item(), 6), reward_rejected=round(rew_r.mean().item(), 6))
+    done = run_loop(model, cfg, total, optim, micro_step, steps, validate if ref_ev is not None else None, stopper)
     train_seconds = time.perf_counter() - t0
+    step, tokens = done.steps, done.tokens
     after: dict = {"pairs": 0}
     if ref_ev is not None:
         cur = _all_logps(model, enc_ev, pad_id, cfg.eval_batch_size)
         after = preference_metrics(cur[0], cur[1], ref_ev[0], ref_ev[1], cur[2], cur[3], cfg.beta)
-        steps.val(step, tokens=tokens, **_val_figures(after))
     steps.close()
     steps.plot("DPO", panels=("loss", "accuracy", "margin"))
     k = min(len(train), TRAIN_EVAL_PAIRS)  # the same figures on (the first) training pairs
@@ -207,6 +205,6 @@ def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequenc
     stats = {"steps": step, "train_pairs": len(train), "held_out_pairs": len(held_out),
              "held_out_before": before, "held_out_after": after, "train_after": train_after,
              "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-             "train_seconds": round(train_seconds, 3), "train_tokens": tokens, **mem.stats(),
-             **count_params(model)}
+             "train_seconds": round(train_seconds, 3), "train_tokens": tokens, "total_steps": total,
+             "restored_step": done.restored_step, **stopper.summary(), **mem.stats(), **count_params(model)}
     return TrainResult(model=model, tokenizer=tok, stats=stats, history=history)

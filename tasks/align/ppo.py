@@ -14,8 +14,15 @@ One PPO step, as in Ouyang et al. 2022 / Ziegler et al. 2019, readable top to bo
    ``max(-A r, -A clip(r, 1-eps, 1+eps))`` with ``r = pi/pi_old``, clipped value loss
    ``0.5 max((V-R)^2, (V_clip-R)^2)``, minus an optional entropy bonus.
 
-The value head is a linear layer on the policy's last hidden state (shared backbone). The
-reference is a frozen copy of the starting policy (with LoRA: the same model, adapters disabled).
+The value head is a linear layer on the policy's last hidden state (shared backbone), trained at
+``head_lr`` (a new layer) while the backbone takes ``lr``. The reference is a frozen copy of the
+starting policy (with LoRA: the same model with its adapters disabled, so no second copy).
+``kl_coef`` is fixed, or with ``kl_target`` set it follows the adaptive controller of Ziegler et
+al. 2019: ``kl_coef *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * batch_size / kl_horizon`` after
+every step, so the measured KL is steered towards the target. The optimisation practice
+(accumulation over minibatches, warm-up + schedule over the optimizer steps, clipping, early
+stopping on the mean reward of held-out prompts with the best weights restored) is that of
+:mod:`refinery.tasks.align.practice`.
 Dropout is off throughout (eval mode), so log-probabilities of the same tokens are reproducible.
 Every step reports mean reward, KL to the reference (per reply, summed over tokens), entropy
 (per token), losses, clip fractions and reply length.
@@ -32,18 +39,20 @@ from pydantic import Field
 
 from refinery.tasks.align.common import (LoraSettings, apply_lora, count_params, load_tokenizer, pad,
                                 pick_device, position_ids, seed_everything, step_metrics, torch_dtype)
-from refinery.tasks.train.config import TrainingParams
+from refinery.tasks.align.practice import EarlyStopping, make_optimisation, restore_best
+from refinery.tasks.train.config import ScheduleParams
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[Sequence[int]]], "object"]
 
 
-class PPOConfig(TrainingParams):
+class PPOConfig(ScheduleParams):
     """PPO settings: generation, the KL penalty, clipping and batch sizes. ``max_steps`` counts PPO
     steps (one rollout of ``batch_size`` prompts, then ``ppo_epochs`` passes over it); ``lr`` is
-    the policy's and the value head's."""
+    the policy's (1e-5), ``head_lr`` the new value head's (1e-4); ``grad_accum`` minibatches make
+    one optimizer step, and the warm-up and schedule count optimizer steps."""
 
     # weight_decay 0.01: torch AdamW's default, which PPO used before it was a setting
-    field_defaults = dict(max_steps=20, lr=1e-5, batch_size=16, weight_decay=0.01, dtype="float32")
+    field_defaults = dict(max_steps=20, lr=1e-5, head_lr=1e-4, batch_size=16, weight_decay=0.01, dtype="float32")
 
     mini_batch_size: int = Field(8, ge=1, description="Replies per gradient step.")
     ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
@@ -52,7 +61,11 @@ class PPOConfig(TrainingParams):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use the same scaling).")
     top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens (0: all).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
-    kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty coefficient (beta).")
+    kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty coefficient (beta); with kl_target, its starting value.")
+    kl_target: float | None = Field(None, gt=0, description="Adaptive KL controller: the KL per reply (nats) to steer "
+                                    "towards by adjusting kl_coef after every step; empty = fixed kl_coef.")
+    kl_horizon: int = Field(10000, ge=1, description="Adaptive KL controller horizon (rollouts over which the "
+                            "coefficient may change by about e-fold).")
     clip_range: float = Field(0.2, gt=0, description="Policy ratio clip (epsilon).")
     clip_range_value: float = Field(0.2, gt=0, description="Value clip around the rollout's values.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
@@ -159,11 +172,33 @@ def shaped_rewards(scores, logp, ref_logp, mask, kl_coef: float):
     return rewards * mask, kl
 
 
+@dataclass
+class AdaptiveKL:
+    """The adaptive KL coefficient of Ziegler et al. 2019 (TRL's AdaptiveKLController): after each
+    step the coefficient grows when the measured KL is above the target and shrinks below it,
+    by at most 20% of ``n / horizon`` per step."""
+
+    value: float
+    target: float
+    horizon: int
+
+    def update(self, kl: float, n: int) -> float:
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n / self.horizon
+        return self.value
+
+
+def updates_per_step(cfg: PPOConfig) -> int:
+    """Optimizer steps per PPO step: every ``grad_accum`` minibatches of each epoch (the last of an
+    epoch flushes what is left)."""
+    minibatches = -(-cfg.batch_size // cfg.mini_batch_size)
+    return cfg.ppo_epochs * -(-minibatches // cfg.grad_accum)
+
+
 class PPOTrainer:
     """Holds the policy (+value head), the frozen reference, the optimizer, and does PPO steps."""
 
     def __init__(self, policy_dir: str, reward_fn: RewardFn, cfg: PPOConfig, seed: int = 0):
-        import torch
         from transformers import AutoModelForCausalLM, GenerationConfig
 
         seed_everything(seed)
@@ -183,8 +218,9 @@ class PPOTrainer:
         if self.ref is not None:
             self.ref.to(self.device)
         self.policy.eval()  # no dropout: log-probs of the same tokens must not change between passes
-        self.params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optim = make_optimisation(self.policy, cfg, cfg.max_steps * updates_per_step(cfg))
+        self.kl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None
+        self.kl_coef = cfg.kl_coef
         tok = self.tokenizer
         self.eos_id = tok.eos_token_id
         self.gen_config = GenerationConfig(
@@ -236,7 +272,7 @@ class PPOTrainer:
         scores = scores.to(self.device)
         if scores.shape != (len(prompt_texts),):
             raise ValueError(f"reward function returned shape {tuple(scores.shape)}, expected ({len(prompt_texts)},)")
-        rewards, kl = shaped_rewards(scores, logp, ref_logp, r_mask.float(), cfg.kl_coef)
+        rewards, kl = shaped_rewards(scores, logp, ref_logp, r_mask.float(), self.kl_coef)
         return {"ids": ids, "mask": mask, "P": P, "replies": replies, "r_mask": r_mask.float(), "logp": logp,
                 "ref_logp": ref_logp, "values": values, "scores": scores, "rewards": rewards, "kl": kl,
                 "entropy": entropy, "reply_texts": reply_texts}
@@ -256,9 +292,11 @@ class PPOTrainer:
         self.tokens += int(ro["mask"].sum())
         agg = {"loss": 0.0, "pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "vf_clipfrac": 0.0, "approx_kl": 0.0,
                "updates": 0}
+        grad_norms, rates = [], {}
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=gen).to(self.device)
-            for i in range(0, B, cfg.mini_batch_size):
+            starts = list(range(0, B, cfg.mini_batch_size))
+            for k, i in enumerate(starts):
                 idx = order[i:i + cfg.mini_batch_size]
                 mb_mask = m[idx]
                 logits, values = self.policy(ro["ids"][idx], ro["mask"][idx])
@@ -273,11 +311,11 @@ class PPOTrainer:
                 vf_loss = masked_mean(vf, mb_mask)
                 ent = masked_mean(entropy, mb_mask)
                 loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-                self.opt.step()
+                self.optim.backward(loss)
+                if (k + 1) % cfg.grad_accum == 0 or k + 1 == len(starts):
+                    figs = self.optim.step()
+                    grad_norms.append(figs.pop("grad_norm"))
+                    rates = figs
                 with torch.no_grad():
                     agg["loss"] += loss.item()
                     agg["pg_loss"] += pg_loss.item()
@@ -289,13 +327,19 @@ class PPOTrainer:
         self.step_no += 1
         n = max(agg.pop("updates"), 1)
         kl_seq = ro["kl"].sum(-1)
+        kl_coef = self.kl_coef   # the coefficient this step's rewards were shaped with
+        if self.kl is not None:
+            self.kl_coef = self.kl.update(kl_seq.mean().item(), B)
         rec = {
             "step": self.step_no,
+            "kl_coef": kl_coef,
+            "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+            **rates,
             "reward": ro["scores"].mean().item(),
             "reward_std": ro["scores"].std().item() if B > 1 else 0.0,
             "kl": kl_seq.mean().item(),
             "entropy": masked_mean(ro["entropy"], m).item(),
-            "non_score_reward": (-cfg.kl_coef * kl_seq).mean().item(),
+            "non_score_reward": (-kl_coef * kl_seq).mean().item(),
             "reply_len": m.sum(-1).mean().item(),
             "advantage_mean": masked_mean(adv, m).item(),
             "value_mean": masked_mean(ro["values"], m).item(),
@@ -305,13 +349,20 @@ class PPOTrainer:
         rec["sample"] = ro["reply_texts"][0][:200]
         return rec
 
+    def evaluate(self, prompt_texts: Sequence[str]) -> dict:
+        """Mean reward and KL (per reply) of sampled replies to ``prompt_texts`` (held out), no update."""
+        ro = self.rollout(prompt_texts)
+        return {"reward": round(ro["scores"].mean().item(), 6), "kl": round(ro["kl"].sum(-1).mean().item(), 6)}
+
 
 def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg: PPOConfig, seed: int = 0,
               on_step: Callable[[dict], None] | None = None, progress: bool = False,
-              log_dir: str | os.PathLike | None = None) -> PPOResult:
+              log_dir: str | os.PathLike | None = None, held_out: Sequence[str] = ()) -> PPOResult:
     """Run ``cfg.max_steps`` PPO steps; each step takes the next ``batch_size`` prompts of a
     seeded shuffle of ``prompts`` (reshuffled each pass). Per-step metrics go to ``log_dir``
-    (refinery.tasks.train.metrics; in memory only when None)."""
+    (refinery.tasks.train.metrics; in memory only when None). With ``held_out`` prompts, every
+    ``eval_every`` steps the mean reward of sampled replies to them is a validation row and the
+    early-stopping metric."""
     import torch
 
     from refinery.tasks.train.common import PeakMemory
@@ -323,8 +374,13 @@ def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg:
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     steps = step_metrics(log_dir, cfg, cfg.max_steps, "ppo", progress, on_step, show=("reward", "kl"))
-    history = steps.history
     t0 = time.perf_counter()
+    stopper = EarlyStopping("reward", "max", cfg.early_stopping_patience, cfg.early_stopping_min_delta)
+    eval_every = cfg.resolved_eval_every(cfg.max_steps)
+    if held_out:   # the starting policy's held-out reward: what training has to beat
+        val = trainer.evaluate(held_out)
+        steps.val(0, tokens=0, **val)
+        stopper.update(val["reward"], 0, trainer.policy)
     for _ in range(cfg.max_steps):
         batch: list[str] = []
         while len(batch) < cfg.batch_size:
@@ -332,9 +388,18 @@ def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg:
                 order = torch.randperm(len(prompts), generator=gen).tolist()
             batch.append(prompts[order.pop(0)])
         rec = trainer.step(batch)
-        steps.train(rec.pop("step"), tokens=trainer.tokens, **rec)
+        step = rec.pop("step")
+        steps.train(step, tokens=trainer.tokens, **rec)
+        if held_out and (step % eval_every == 0 or step == cfg.max_steps):
+            val = trainer.evaluate(held_out)
+            steps.val(step, tokens=trainer.tokens, **val)
+            stopper.update(val["reward"], step, trainer.policy)
+            if stopper.should_stop:
+                break
+    restored = restore_best(stopper, trainer.policy, cfg, trainer.step_no)
     steps.close()
     steps.plot("PPO", panels=("reward", "kl", "entropy"))
+    history = [r for r in steps.history if r["split"] == "train"]
     first, last = history[0], history[-1]
     k = max(1, min(3, len(history) // 2))  # averages over the first / last few steps
     avg = lambda rows, key: round(sum(r[key] for r in rows) / len(rows), 6)  # noqa: E731
@@ -344,10 +409,12 @@ def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg:
         "reward_start_avg": avg(history[:k], "reward"), "reward_end_avg": avg(history[-k:], "reward"),
         "kl_last": last["kl"], "kl_max": max(r["kl"] for r in history), "kl_end_avg": avg(history[-k:], "kl"),
         "entropy_first": first["entropy"], "entropy_last": last["entropy"],
+        "kl_coef_first": first["kl_coef"], "kl_coef_last": last["kl_coef"],
+        "restored_step": restored, **(stopper.summary() if held_out else {}),
         "train_seconds": round(time.perf_counter() - t0, 3), "train_tokens": trainer.tokens, **mem.stats(),
         **count_params(trainer.policy),
     }
-    return PPOResult(policy=trainer.policy, tokenizer=trainer.tokenizer, history=history, stats=stats)
+    return PPOResult(policy=trainer.policy, tokenizer=trainer.tokenizer, history=steps.history, stats=stats)
 
 
 def save_value_head(policy, out_dir: str) -> str:

@@ -4,12 +4,15 @@
 ``score`` head on the backbone; the score of a sequence is read at its last real token. Training
 minimises the pairwise (Bradley-Terry) loss ``-log sigmoid(r_chosen - r_rejected)``, optionally
 with a small penalty ``center_coef * (r_c + r_r)^2`` that keeps rewards centred on zero (so PPO
-sees rewards of a sane scale). Held-out pairwise accuracy (``r_c > r_r``) is measured before and
-after training.
+sees rewards of a sane scale). Held-out pairwise accuracy (``r_c > r_r``) is measured before
+training, every ``eval_every`` steps (the early-stopping metric) and after.
+
+The practice of :mod:`refinery.tasks.align.practice`: the backbone at ``lr`` (pretrained weights:
+1e-5 to 5e-5) and the new ``score`` head at ``head_lr`` (about 1e-4), gradient accumulation,
+warm-up + cosine schedule, clipping, early stopping with the best weights restored.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Callable, Sequence
@@ -19,13 +22,16 @@ from pydantic import Field
 from refinery.tasks.align.common import (LoraSettings, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
                                 model_device, pad, pick_device, seed_everything, step_metrics, torch_dtype)
 from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
-from refinery.tasks.train.config import TrainingParams
+from refinery.tasks.align.practice import EarlyStopping, make_optimisation, micro_batches, run_loop, total_steps
+from refinery.tasks.train.config import ScheduleParams
 
 
-class RewardConfig(TrainingParams):
-    """Reward-model training settings (the shared training knobs plus the reward model's own)."""
+class RewardConfig(ScheduleParams):
+    """Reward-model training settings (the shared training knobs plus the reward model's own).
+    Defaults follow practice for a pretrained backbone: ``lr`` 2e-5 for its weights, ``head_lr``
+    1e-4 for the freshly initialised score head; early stopping watches held-out pair accuracy."""
 
-    field_defaults = dict(max_steps=0, lr=1e-3, batch_size=16, dtype="float32")
+    field_defaults = dict(max_steps=0, lr=2e-5, head_lr=1e-4, batch_size=16, dtype="float32")
 
     epochs: int = Field(1, ge=1, description="Passes over the training pairs (max_steps, when > 0, caps the steps).")
     max_prompt_len: int = Field(64, ge=1, description="Prompt tokens kept (the end of the prompt).")
@@ -123,51 +129,44 @@ def train_reward_model(model_dir: str, train: Sequence[PreferencePair], held_out
     enc_c = [sum(encode_reply(tok, p, c, cfg.max_prompt_len, cfg.max_len), []) for p, c in zip(prompts, chosen)]
     enc_r = [sum(encode_reply(tok, p, r, cfg.max_prompt_len, cfg.max_len), []) for p, r in zip(prompts, rejected)]
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    gen = torch.Generator().manual_seed(seed)
+    total = total_steps(len(train), cfg, cfg.epochs)
+    optim = make_optimisation(model, cfg, total)
+    batches = micro_batches(len(train), cfg.batch_size, torch.Generator().manual_seed(seed))
     steps = step_metrics(log_dir, cfg, total, "reward", progress, on_step)
     history = steps.history
-    if held_out:   # held-out pairwise accuracy and margin as validation rows, before and after
+    stopper = EarlyStopping("accuracy", "max", cfg.early_stopping_patience, cfg.early_stopping_min_delta)
+    if held_out:   # held-out pairwise accuracy and margin as validation rows, before, during and after
         steps.val(0, tokens=0, accuracy=before["accuracy"], margin=before["margin"])
+        stopper.update(before["accuracy"], 0, model)
+
+    def micro_step() -> dict:
+        idx = next(batches)
+        ids, mask = pad([enc_c[j] for j in idx] + [enc_r[j] for j in idx], tok.pad_token_id, "right")
+        r = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, 0].float()
+        rc, rr = r[: len(idx)], r[len(idx):]
+        loss = -F.logsigmoid(rc - rr).mean()
+        if cfg.center_coef:
+            loss = loss + cfg.center_coef * ((rc + rr) ** 2).mean()
+        optim.backward(loss)
+        return {"tokens": int(mask.sum()), "loss": loss.item(), "accuracy": (rc > rr).float().mean().item()}
+
+    def validate() -> dict:
+        m = evaluate_pairs(model, tok, held_out, cfg)
+        return {"accuracy": m["accuracy"], "margin": m["margin"]}
+
     t0 = time.perf_counter()
-    step = tokens = 0
     model.train()
-    while step < total:
-        order = torch.randperm(len(train), generator=gen).tolist()
-        for i in range(0, len(order), cfg.batch_size):
-            if step >= total:
-                break
-            idx = order[i:i + cfg.batch_size]
-            ids, mask = pad([enc_c[j] for j in idx] + [enc_r[j] for j in idx], tok.pad_token_id, "right")
-            tokens += int(mask.sum())
-            r = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, 0].float()
-            rc, rr = r[: len(idx)], r[len(idx):]
-            loss = -F.logsigmoid(rc - rr).mean()
-            if cfg.center_coef:
-                loss = loss + cfg.center_coef * ((rc + rr) ** 2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            step += 1
-            steps.train(step, tokens=tokens, loss=round(loss.item(), 6),
-                        accuracy=round((rc > rr).float().mean().item(), 4))
+    done = run_loop(model, cfg, total, optim, micro_step, steps, validate if held_out else None, stopper)
     train_seconds = time.perf_counter() - t0
+    step, tokens = done.steps, done.tokens
     after = evaluate_pairs(model, tok, held_out, cfg)
-    if held_out:
-        steps.val(step, tokens=tokens, accuracy=after["accuracy"], margin=after["margin"])
     steps.close()
     steps.plot("reward model", panels=("loss", "accuracy"))
     stats = {"steps": step, "train_pairs": len(train), "held_out_pairs": len(held_out),
              "held_out_before": before, "held_out_after": after,
              "final_loss": next((r["loss"] for r in reversed(history) if r["split"] == "train"), None),
-             "train_seconds": round(train_seconds, 3), "train_tokens": tokens, **mem.stats(), **count_params(model)}
+             "train_seconds": round(train_seconds, 3), "train_tokens": tokens, "total_steps": total,
+             "restored_step": done.restored_step, **stopper.summary(), **mem.stats(), **count_params(model)}
     return TrainResult(model=model, tokenizer=tok, stats=stats, history=history)
 
 

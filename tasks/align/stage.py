@@ -18,15 +18,17 @@ from refinery.tasks.config import StrictModel
 from refinery.tasks.align.common import model_identity
 from refinery.tasks.align.data import file_identity
 from refinery.tasks.align.dpo import DPOConfig
+from refinery.tasks.align.grpo import GRPOConfig
+from refinery.tasks.align.kto import KTOConfig
+from refinery.tasks.align.orpo import ORPOConfig
 from refinery.tasks.align.ppo import PPOConfig
 from refinery.tasks.align.reward import RewardConfig
 from refinery.tasks.runtime import StageOutput, stage
 
 
-class _AlignInputs(StrictModel):
+class _ModelAndData(StrictModel):
     model: str = Field(description="Starting model: a HF model folder (or hub id) or a refinery dataset naming one.")
     data: str = Field(description="Preference pairs: .json, .jsonl or .jsonl.gz (HH-RLHF, ShareGPT or prompt/chosen/rejected).")
-    max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs.")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs held out for evaluation.")
     max_val_examples: int | None = Field(256, ge=1, description="At most this many held-out pairs.")
     seed: int = Field(0, description="Seed of the split, initialisation, shuffling and sampling.")
@@ -42,7 +44,11 @@ class _AlignInputs(StrictModel):
         try:
             return file_identity(self.data)
         except OSError as e:
-            raise FileNotFoundError(f"preference data {self.data}: {e.strerror or e}") from e
+            raise FileNotFoundError(f"data {self.data}: {e.strerror or e}") from e
+
+
+class _AlignInputs(_ModelAndData):
+    max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs.")
 
 
 class RewardStageConfig(_AlignInputs):
@@ -51,6 +57,10 @@ class RewardStageConfig(_AlignInputs):
 
 class DPOStageConfig(_AlignInputs):
     train: DPOConfig = DPOConfig()
+
+
+class ORPOStageConfig(_AlignInputs):
+    train: ORPOConfig = ORPOConfig()
 
 
 class PPOStageConfig(_AlignInputs):
@@ -64,6 +74,42 @@ class PPOStageConfig(_AlignInputs):
     @property
     def reward_model_id(self) -> str | None:
         return model_identity(self.reward_model)
+
+
+class KTOStageConfig(_ModelAndData):
+    data: str = Field(description="Unpaired labelled replies: .json/.jsonl(.gz) records {messages: [..., assistant reply], "
+                      "label: true|false} or {prompt, completion, label}.")
+    max_examples: int | None = Field(None, ge=1, description="Use only the first N valid examples.")
+    train: KTOConfig = KTOConfig()
+
+
+class GRPOStageConfig(_ModelAndData):
+    data: str = Field(description="Prompts: .json/.jsonl(.gz) records with question (GSM8K: and answer '... #### N'), "
+                      "prompt or messages; other keys are passed to the reward functions.")
+    max_prompts: int | None = Field(None, ge=1, description="Use only the first N valid prompt records.")
+    reward_model: str | None = Field(None, description="A reward model (HF sequence-classification folder or `reward` "
+                                     "dataset) whose score is added to the reward functions as 'reward_model'.")
+    reward_max_prompt_len: int = Field(64, ge=1, description="Prompt tokens the reward model sees.")
+    reward_max_len: int = Field(160, ge=2, description="Prompt + reply tokens the reward model sees.")
+    train: GRPOConfig = GRPOConfig()
+
+    @computed_field
+    @property
+    def reward_model_id(self) -> str | None:
+        return model_identity(self.reward_model) if self.reward_model else None
+
+    @computed_field
+    @property
+    def reward_funcs_id(self) -> dict[str, str]:
+        """The source of each ``module:function`` reward function, so editing it re-runs the stage."""
+        from refinery.tasks.align.rewards import function_identity
+
+        return {n: function_identity(n) for n in self.train.reward_funcs}
+
+
+# Held-out prompts sampled at each validation of an RL run (PPO, GRPO): enough for a mean reward,
+# few enough that validating costs about one training step.
+HELD_OUT_PROMPTS = 32
 
 
 # --------------------------------------------------------------------------- helpers
@@ -153,6 +199,26 @@ def dpo_stage(b, inputs, cfg: DPOStageConfig) -> StageOutput:
                        extra={**keys, "kind": "policy", "method": "dpo", "metrics": metrics})
 
 
+@stage("orpo", version="1")
+def orpo_stage(b, inputs, cfg: ORPOStageConfig) -> StageOutput:
+    """ORPO (reference-free: supervised NLL plus an odds-ratio preference term) on preference pairs."""
+    from refinery.tasks.align.common import resolve_model_dir
+    from refinery.tasks.align.orpo import train_orpo
+
+    model_dir = resolve_model_dir(cfg.model)
+    train, held_out, counts = _load_split(cfg)
+    res = train_orpo(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=True, log_dir=_metrics_dir(b))
+    keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
+    _write_metrics(b, keys)
+    before, after = res.stats["held_out_before"], res.stats["held_out_after"]
+    metrics = {"held_out_loss_before": before.get("loss"), "held_out_loss": after.get("loss"),
+               "held_out_accuracy_before": before.get("accuracy"), "held_out_accuracy": after.get("accuracy"),
+               "held_out_margin": after.get("margin"), "final_loss": res.stats["final_loss"]}
+    return StageOutput(counts={**counts, "steps": res.stats["steps"]},
+                       stats={**res.stats, "base_model": model_dir, "threads": _threads()},
+                       extra={**keys, "kind": "policy", "method": "orpo", "metrics": metrics})
+
+
 @stage("ppo", version="1")
 def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
     """PPO of the starting model against a reward model, on the prompts of the preference pairs."""
@@ -170,8 +236,12 @@ def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
         prompts = prompts[: cfg.max_prompts]
     scorer = RewardScorer(reward_dir, cfg.reward_max_prompt_len, cfg.reward_max_len, device=cfg.train.device,
                           dtype=cfg.train.dtype)
+    # held-out prompts (not among the training ones) for validation and early stopping
+    seen = set(prompts)
+    held = [p for p in dict.fromkeys(render_prompt(p.prompt, tok) for p in held_out) if p not in seen]
+    held = held[:HELD_OUT_PROMPTS]
     res = train_ppo(model_dir, prompts, lambda ps, rs, ids: scorer(ps, rs), cfg.train, seed=cfg.seed, progress=True,
-                    log_dir=_metrics_dir(b))
+                    log_dir=_metrics_dir(b), held_out=held)
     keys = _save(b, res.policy.lm, res.tokenizer, cfg.train.lora.enabled)
     tmp = b.tmpdir()
     b.put_file(save_value_head(res.policy, tmp), "value_head.safetensors")
@@ -179,7 +249,8 @@ def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
     s = res.stats
     metrics = {"reward_first": s["reward_first"], "reward_last": s["reward_last"],
                "reward_start_avg": s["reward_start_avg"], "reward_end_avg": s["reward_end_avg"],
-               "kl_last": s["kl_last"], "kl_max": s["kl_max"], "entropy_last": s["entropy_last"]}
+               "kl_last": s["kl_last"], "kl_max": s["kl_max"], "entropy_last": s["entropy_last"],
+               "kl_coef_first": s["kl_coef_first"], "kl_coef_last": s["kl_coef_last"]}
     return StageOutput(counts={**counts, "prompts": len(prompts), "steps": s["steps"],
                                "rollouts": s["steps"] * cfg.train.batch_size},
                        stats={**s, "base_model": model_dir, "reward_model": reward_dir, "threads": _threads()},
@@ -187,4 +258,75 @@ def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
                               "metrics": metrics})
 
 
-__all__ = ["reward_stage", "dpo_stage", "ppo_stage", "RewardStageConfig", "DPOStageConfig", "PPOStageConfig"]
+@stage("kto", version="1")
+def kto_stage(b, inputs, cfg: KTOStageConfig) -> StageOutput:
+    """KTO of the starting model on unpaired replies labelled desirable or undesirable."""
+    from refinery.tasks.align.common import resolve_model_dir
+    from refinery.tasks.align.data import load_unpaired, split_pairs
+    from refinery.tasks.align.kto import train_kto
+
+    model_dir = resolve_model_dir(cfg.model)
+    examples, counts = load_unpaired(cfg.data, cfg.max_examples)
+    if len(examples) < 2:
+        raise ValueError(f"{cfg.data}: fewer than 2 valid labelled examples (skipped: {counts['skipped']})")
+    train, held_out = split_pairs(examples, cfg.val_fraction, cfg.seed, cfg.max_val_examples)
+    res = train_kto(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=True, log_dir=_metrics_dir(b))
+    keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
+    _write_metrics(b, keys)
+    before, after = res.stats["held_out_before"], res.stats["held_out_after"]
+    metrics = {"held_out_loss_before": before.get("loss"), "held_out_loss": after.get("loss"),
+               "held_out_margin": after.get("margin"), "held_out_accuracy": after.get("accuracy"),
+               "final_loss": res.stats["final_loss"]}
+    counts = {**counts, "examples_train": len(train), "examples_held_out": len(held_out), "steps": res.stats["steps"]}
+    return StageOutput(counts=counts, stats={**res.stats, "base_model": model_dir, "threads": _threads()},
+                       extra={**keys, "kind": "policy", "method": "kto", "metrics": metrics})
+
+
+@stage("grpo", version="1")
+def grpo_stage(b, inputs, cfg: GRPOStageConfig) -> StageOutput:
+    """GRPO of the starting model on prompts, rewarded by Python reward functions (and/or a reward model)."""
+    from refinery.tasks.align.common import load_tokenizer, resolve_model_dir
+    from refinery.tasks.align.data import load_prompts, render_prompt, split_pairs
+    from refinery.tasks.align.grpo import train_grpo
+    from refinery.tasks.align.rewards import resolve_reward_func
+
+    model_dir = resolve_model_dir(cfg.model)
+    records, counts = load_prompts(cfg.data, cfg.max_prompts)
+    if not records:
+        raise ValueError(f"{cfg.data}: no valid prompt records (skipped: {counts['skipped']})")
+    train, held_out = split_pairs(records, cfg.val_fraction, cfg.seed, min(cfg.max_val_examples or HELD_OUT_PROMPTS,
+                                                                          HELD_OUT_PROMPTS))
+    funcs = {n: resolve_reward_func(n) for n in cfg.train.reward_funcs}
+    reward_dir = None
+    if cfg.reward_model:
+        from refinery.tasks.align.reward import RewardScorer
+
+        reward_dir = resolve_model_dir(cfg.reward_model)
+        scorer = RewardScorer(reward_dir, cfg.reward_max_prompt_len, cfg.reward_max_len, device=cfg.train.device,
+                              dtype=cfg.train.dtype)
+        funcs["reward_model"] = lambda prompts, completions, **_: scorer(prompts, completions).tolist()
+    train_cfg = cfg.train
+    if cfg.reward_model and train_cfg.reward_weights is not None:   # the model's score weighs 1
+        train_cfg = train_cfg.model_copy(update={"reward_weights": [*train_cfg.reward_weights, 1.0]})
+    elif cfg.reward_model:
+        train_cfg = train_cfg.model_copy(update={"reward_weights": [1.0] * len(funcs)})
+    tok = load_tokenizer(model_dir)
+    texts = lambda rs: [render_prompt(r.prompt, tok) for r in rs]  # noqa: E731
+    res = train_grpo(model_dir, texts(train), [r.column_dict() for r in train], funcs, train_cfg, seed=cfg.seed,
+                     held_out=(texts(held_out), [r.column_dict() for r in held_out]), progress=True,
+                     log_dir=_metrics_dir(b))
+    keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
+    _write_metrics(b, keys)
+    s = res.stats
+    metrics = {"reward_start_avg": s["reward_start_avg"], "reward_end_avg": s["reward_end_avg"],
+               "held_out_reward_before": s["held_out_reward_before"], "held_out_reward": s["held_out_reward_after"],
+               "kl_last": s["kl_last"]}
+    counts = {"records": counts["records"], "prompts": counts["prompts"], "prompts_train": len(train),
+              "prompts_held_out": len(held_out), "skipped": counts["skipped"], "steps": s["steps"]}
+    return StageOutput(counts=counts,
+                       stats={**s, "base_model": model_dir, "reward_model": reward_dir, "threads": _threads()},
+                       extra={**keys, "kind": "policy", "method": "grpo", "metrics": metrics})
+
+
+__all__ = ["reward_stage", "dpo_stage", "ppo_stage", "grpo_stage", "kto_stage", "orpo_stage", "RewardStageConfig",
+           "DPOStageConfig", "PPOStageConfig", "GRPOStageConfig", "KTOStageConfig", "ORPOStageConfig"]

@@ -61,5 +61,5 @@ def trained_reward(align_store, tiny_causal_lm_dir, hh_subset):
     from refinery.tasks.align.stage import RewardStageConfig, reward_stage
 
     cfg = RewardStageConfig(model=str(tiny_causal_lm_dir), data=str(hh_subset), max_pairs=600, val_fraction=0.25,
-                            train=RewardConfig(lr=1e-3, epochs=2, batch_size=16, max_prompt_len=32, max_len=128))
+                            train=RewardConfig(lr=1e-3, head_lr=1e-3, epochs=2, batch_size=16, max_prompt_len=32, max_len=128))
     return reward_stage.run(align_store, [], cfg)

@@ -27,7 +27,27 @@ def test_nested_configs_become_stage_configs():
     d = dpo_config(AlignParams(input="m", data="d.jsonl", dpo={"beta": 0.5, "max_steps": 3, "lr": 1e-4}))
     assert (d.train.beta, d.train.max_steps, d.train.lr, d.train.lora.enabled) == (0.5, 3, 1e-4, False)
     # each trainer keeps its own defaults for the shared knobs
-    assert (p.dpo.lr, p.reward.lr, AlignParams(input="m", data="d").ppo.lr) == (5e-6, 1e-3, 1e-5)
+    assert (p.dpo.lr, p.reward.lr, AlignParams(input="m", data="d").ppo.lr) == (5e-6, 2e-5, 1e-5)
+    # the new layers (reward score head, PPO value head) take their own, higher rate
+    assert (p.reward.resolved_head_lr(), AlignParams(input="m", data="d").ppo.resolved_head_lr()) == (1e-4, 1e-4)
+
+
+def test_grpo_and_kto_settings_become_stage_configs(tmp_path):
+    from refinery.flows.align import grpo_config, kto_config
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    p = AlignParams(input="m", data=str(data), method="grpo", max_pairs=7, seed=3, reward_model="rm",
+                    grpo={"max_steps": 4, "num_generations": 6, "beta": 0.0, "reward_funcs": "exact_match,format",
+                          "reward_weights": "1,0.25"},
+                    kto={"beta": 0.3, "desirable_weight": 1.5})
+    g = grpo_config(p)
+    assert (g.max_prompts, g.seed, g.reward_model, g.train.max_steps, g.train.num_generations) == (7, 3, "rm", 4, 6)
+    assert g.train.reward_funcs == ["exact_match", "format"] and g.train.reward_weights == [1.0, 0.25]
+    k = kto_config(p)
+    assert (k.max_examples, k.train.beta, k.train.desirable_weight, k.train.lr) == (7, 0.3, 1.5, 5e-6)
+    with pytest.raises(ValidationError, match="reward_weights"):
+        AlignParams(input="m", data="d", grpo={"reward_funcs": ["exact_match"], "reward_weights": [1, 2]})
 
 
 @pytest.mark.parametrize("bad", [{"ppo": {"kl_coeff": 0.5}}, {"dpo": {"lora": {"rank": 4}}}, {"reward": {"steps": 3}},

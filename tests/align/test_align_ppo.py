@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from refinery.tasks.align.ppo import PPOConfig, gae, reply_mask, shaped_rewards, train_ppo, whiten
+from refinery.tasks.align.ppo import AdaptiveKL, PPOConfig, gae, reply_mask, shaped_rewards, train_ppo, whiten
 
 TARGET = set(range(100, 164))  # 64 of the 512 token ids: about 1/8 of random samples hit one
 
@@ -63,8 +63,10 @@ def toy_prompts(dpo_en_path):
 
 
 def _toy_cfg(**kw):
-    base = dict(max_steps=20, batch_size=32, mini_batch_size=16, ppo_epochs=2, lr=3e-3, max_new_tokens=8,
-                max_prompt_len=16, kl_coef=0.05)
+    # one rate and a constant schedule: a toy where the value head learns with the policy, and a
+    # 2-step run is the first two steps of a 20-step one
+    base = dict(max_steps=20, batch_size=32, mini_batch_size=16, ppo_epochs=2, lr=3e-3, head_lr=3e-3, max_new_tokens=8,
+                max_prompt_len=16, kl_coef=0.05, scheduler="constant", warmup_steps=0)
     return PPOConfig(**{**base, **kw})
 
 
@@ -113,3 +115,29 @@ def test_ppo_with_lora_uses_disabled_adapters_as_reference(tiny_causal_lm_dir, t
     keys = save_model(res.policy.lm, res.tokenizer, str(tmp_path), lora=True)
     assert keys["merged"] == "merged" and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "merged" / "model.safetensors").exists() and (tmp_path / "merged" / "tokenizer.json").exists()
+
+
+def test_adaptive_kl_controller_moves_towards_target():
+    c = AdaptiveKL(0.1, target=1.0, horizon=100)
+    assert c.update(3.0, 10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))   # above target: error clipped to +0.2
+    v = c.value
+    assert c.update(0.9, 10) == pytest.approx(v * (1 - 0.1 * 10 / 100))     # below: shrinks in proportion
+    assert c.update(1.0, 10) == pytest.approx(v * (1 - 0.1 * 10 / 100))     # on target: unchanged
+
+
+def test_ppo_kl_target_adapts_the_coefficient_and_early_stops_on_held_out_reward(tiny_causal_lm_dir, toy_prompts):
+    cfg = _toy_cfg(max_steps=6, batch_size=8, mini_batch_size=4, grad_accum=2, kl_target=0.01, kl_horizon=20,
+                   eval_every=1, early_stopping_patience=2, scheduler="cosine", warmup_steps=2)
+    res = train_ppo(str(tiny_causal_lm_dir), toy_prompts[:32], toy_reward, cfg, seed=0, held_out=toy_prompts[32:40])
+    train = [r for r in res.history if r["split"] == "train"]
+    coefs = [r["kl_coef"] for r in train]
+    assert coefs[0] == 0.05 and len(set(coefs)) == len(coefs), coefs   # changes every step
+    # KL above the tiny target after the first update: the coefficient grows
+    assert any(b > a for a, b in zip(coefs[1:], coefs[2:])), coefs
+    vals = [r for r in res.history if r["split"] == "val"]
+    assert vals[0]["step"] == 0 and "val_reward" in vals[0]
+    s = res.stats
+    assert s["early_stopping_metric"] == "reward" and s["best_step"] is not None
+    assert s["kl_coef_first"] == 0.05 and s["kl_coef_last"] != 0.05
+    # warm-up: the learning rate rises over the first optimizer steps (2 per PPO step here)
+    assert train[0]["lr"] < train[1]["lr"]

@@ -41,9 +41,16 @@ def test_dpo_on_real_pairs_reports_before_and_after(align_store, tiny_causal_lm_
     rows = read_metrics(ds.file("metrics"))
     train_rows = [r for r in rows if r["split"] == "train"]
     assert len(train_rows) == s["steps"] and all({"loss", "accuracy", "margin"} <= set(r) for r in train_rows)
-    # the held-out figures as validation rows: before (step 0) and after (the last step)
-    assert [(r["step"], r["val_accuracy"]) for r in rows if r["split"] == "val"] == \
-        [(0, m["held_out_accuracy_before"]), (s["steps"], m["held_out_accuracy"])]
+    # the held-out figures as validation rows: before (step 0), every eval_every steps (steps / 5),
+    # and after (the last step)
+    val = [(r["step"], r["val_accuracy"]) for r in rows if r["split"] == "val"]
+    every = s["steps"] // 5
+    assert [v[0] for v in val] == [0, *range(every, s["steps"], every), s["steps"]]
+    assert val[0] == (0, m["held_out_accuracy_before"]) and val[-1] == (s["steps"], m["held_out_accuracy"])
+    # the schedule: warm-up then cosine decay of the logged learning rate; no early stop asked for
+    lrs = [r["lr"] for r in train_rows]
+    assert max(lrs) == pytest.approx(1e-3, rel=0.05) and lrs[-1] < 0.1 * max(lrs)
+    assert s["restored_step"] is None and s["early_stopping_metric"] == "loss"
     files = {f["path"] for f in ds.manifest["files"]}
     assert {"metrics/metrics.jsonl", "metrics/loss.png", "metrics/curves.png", "model/metrics/loss.png"} <= files
     assert any(f.startswith("metrics/tensorboard/events.out.tfevents.") for f in files)
@@ -69,7 +76,8 @@ def test_dpo_lora_from_finetune_dataset_is_deterministic(tmp_path, finetune_like
     assert sha(a) == sha(b)
     assert {"adapter/adapter_model.safetensors", "merged/model.safetensors", "merged/tokenizer.json"} <= set(sha(a))
     assert without_timing(read_metrics(a.file("metrics"))) == without_timing(read_metrics(b.file("metrics")))
-    assert [r["step"] for r in read_metrics(a.file("merged/metrics"))] == [0, 1, 2, 3, 3]
+    # 3 steps: validated before, then every step (eval_every = max(1, 3 // 5))
+    assert [r["step"] for r in read_metrics(a.file("merged/metrics"))] == [0, 1, 1, 2, 2, 3, 3]
     AutoModelForCausalLM.from_pretrained(resolve_model_dir(a.path))
     assert dpo_stage.run(tmp_path / "a", [finetune_like], cfg).path == a.path
     assert len(read_exec_log(exec_log)) == 2  # the third call was a cache hit

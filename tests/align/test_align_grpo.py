@@ -1,0 +1,157 @@
+"""GRPO: group-relative advantages and the loss against TRL's on the same batch, the built-in
+reward functions, and a mean reward that rises on short arithmetic prompts a tiny model can learn."""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from refinery.tasks.align.grpo import GRPOConfig, group_advantages, grpo_loss, train_grpo
+from refinery.tasks.align.rewards import BUILTIN, exact_match, final_number, resolve_reward_func
+
+
+def test_exact_match_and_format_rewards_on_gsm8k_answers():
+    gold = ["Janet sells 16 - 3 - 4 = 9 eggs.\nShe makes 9 * 2 = $18.\n#### 18"] * 6
+    replies = ["9 * 2 = 18\n#### 18", "The answer is $18.", "#### 18.0", "#### 1,018", "no idea", "18 then 17"]
+    assert exact_match(None, replies, answer=gold) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert BUILTIN["format"](None, replies) == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    assert BUILTIN["number"](None, replies) == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0]
+    assert final_number("#### 1,018") == 1018.0 and final_number("x") is None
+    assert resolve_reward_func("refinery.tasks.align.rewards:length") is BUILTIN["length"]
+    with pytest.raises(ValueError, match="built-in"):
+        resolve_reward_func("exact")
+    with pytest.raises(ValueError, match="cannot be imported"):
+        resolve_reward_func("no_such_module_xyz:f")
+    with pytest.raises(ValueError, match="answer"):
+        exact_match(None, ["1"])
+
+
+def test_group_advantages_match_hand_and_trl():
+    from trl.trainer.utils import nanstd
+
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    adv = group_advantages(r, 4)
+    g = r.view(2, 4)
+    want = (g - g.mean(1, keepdim=True)) / (nanstd(g, dim=1)[:, None] + 1e-4)   # TRL's scale_rewards="group"
+    assert torch.allclose(adv, want.reshape(-1))
+    assert torch.allclose(adv[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (torch.tensor(1 / 3).sqrt() + 1e-4))
+    assert torch.equal(adv[4:], torch.zeros(4))   # a group that all scored the same teaches nothing
+    assert torch.allclose(group_advantages(r, 4, scale=False)[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def _trl_grpo_loss(logp, old, ref, adv, mask, beta, eps):
+    """TRL 1.16's GRPOTrainer._compute_loss (loss_type="grpo") on the same tensors, run as is: the
+    model forward is replaced by the given log-probs, the accelerator by single-process identities."""
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    ident = SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x, reduce=lambda x, reduction="sum": x,
+                            num_processes=1, sync_gradients=True)
+    fake = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
+        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        importance_sampling_level="token", beta=beta, loss_type="grpo", epsilon_low=eps, epsilon_high=eps,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None), use_vllm=False,
+        vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False, accelerator=ident,
+        _metrics=defaultdict(lambda: defaultdict(list)))
+    B, T = logp.shape
+    inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
+              "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref}
+    return GRPOTrainer._compute_loss(fake, None, inputs)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_grpo_loss_equals_trl(beta):
+    g = torch.Generator().manual_seed(0)
+    B, T = 6, 5
+    old = -torch.rand(B, T, generator=g) * 3
+    logp = (old + 0.4 * torch.randn(B, T, generator=g)).requires_grad_()   # some ratios beyond the clip
+    ref = old + 0.2 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 3:] = 0
+    mask[4, 1:] = 0
+    ours, _ = grpo_loss(logp, old, ref, adv, mask.float(), beta, 0.2)
+    theirs = _trl_grpo_loss(logp, old, ref, adv, mask, beta, 0.2)
+    assert torch.allclose(ours, theirs, atol=1e-6), (ours.item(), theirs.item())
+    (gours,) = torch.autograd.grad(ours, logp)
+    (gtheirs,) = torch.autograd.grad(theirs, logp)
+    assert torch.allclose(gours, gtheirs, atol=1e-6)
+
+
+def _sums(n: int, seed: int = 0):
+    """Short arithmetic prompts with checkable answers, in GSM8K's answer format."""
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rnd.randint(0, 4), rnd.randint(0, 4)
+        out.append((f"{a}+{b}=", {"answer": f"{a}+{b}={a + b}\n#### {a + b}"}))
+    return out
+
+
+def test_grpo_raises_mean_reward_on_arithmetic(tiny_causal_lm_dir):
+    """A random tiny model rarely writes a number; GRPO with exact_match plus the weak `number`
+    format check learns to: the mean reward of its groups rises, the KL stays finite."""
+    data = _sums(32)
+    prompts, cols = [p for p, _ in data], [c for _, c in data]
+    cfg = GRPOConfig(max_steps=16, batch_size=4, num_generations=8, mini_batch_size=32, max_new_tokens=6,
+                     max_prompt_len=16, lr=3e-3, beta=0.02, reward_funcs=["exact_match", "number"],
+                     warmup_steps=0, scheduler="constant", eval_every=8)
+    held = _sums(8, seed=1)
+    funcs = {n: resolve_reward_func(n) for n in cfg.reward_funcs}
+    res = train_grpo(str(tiny_causal_lm_dir), prompts, cols, funcs, cfg, seed=0,
+                     held_out=([p for p, _ in held], [c for _, c in held]))
+    train = [r for r in res.history if r["split"] == "train"]
+    assert len(train) == 16
+    for r in train:
+        for k in ("reward", "reward_exact_match", "reward_number", "kl", "loss", "clipfrac", "completion_len", "lr"):
+            assert r[k] == r[k], (k, r)   # not NaN
+    start = sum(r["reward"] for r in train[:4]) / 4
+    end = sum(r["reward"] for r in train[-4:]) / 4
+    assert end > start + 0.2, (start, end)
+    assert train[0]["kl"] == pytest.approx(0.0, abs=1e-5)   # the first batch comes from the reference itself
+    assert 0 < max(r["kl"] for r in train) < 5
+    vals = [r for r in res.history if r["split"] == "val"]
+    assert [v["step"] for v in vals] == [0, 8, 16] and "val_reward_exact_match" in vals[0]
+    print(f"GRPO arithmetic: mean group reward {start:.3f} -> {end:.3f}; held-out greedy "
+          f"{vals[0]['val_reward']:.3f} -> {vals[-1]['val_reward']:.3f}")
+
+
+def test_grpo_config_reads_cli_lists_and_checks_weights():
+    cfg = GRPOConfig(reward_funcs="exact_match, format", reward_weights="1, 0.5")
+    assert cfg.reward_funcs == ["exact_match", "format"] and cfg.reward_weights == [1.0, 0.5]
+    with pytest.raises(ValueError, match="weights"):
+        GRPOConfig(reward_funcs=["exact_match"], reward_weights=[1.0, 2.0])
+
+
+def test_grpo_stage_on_gsm8k_file(tmp_path, tiny_causal_lm_dir, shared_data, exec_log):
+    """The stage end to end on the real GSM8K test file (question, answer '... #### N'): the default
+    reward is the numeric exact match; the model, metrics and figures land in the dataset; cached."""
+    from refinery_testlib import read_exec_log, shared_file
+
+    from refinery.flows.align import AlignParams, grpo_config
+    from refinery.tasks.align.stage import grpo_stage
+
+    data = shared_file(shared_data, "eval/gsm8k-test.jsonl")
+    p = AlignParams(input=str(tiny_causal_lm_dir), data=str(data), method="grpo", max_pairs=24, val_fraction=0.25,
+                    grpo={"max_steps": 2, "batch_size": 2, "num_generations": 2, "max_new_tokens": 8,
+                          "max_prompt_len": 32})
+    cfg = grpo_config(p)
+    assert cfg.train.reward_funcs == ["exact_match"] and cfg.reward_funcs_id == {"exact_match": "builtin:exact_match"}
+    ds = grpo_stage.run(tmp_path, [], cfg)
+    m = ds.manifest
+    assert m["counts"]["prompts"] == 24 and m["counts"]["prompts_held_out"] == 6 and m["counts"]["steps"] == 2
+    assert m["metrics"]["held_out_reward_before"] == 0.0 and m["method"] == "grpo"
+    assert {"model/model.safetensors", "metrics/metrics.jsonl"} <= {f["path"] for f in m["files"]}
+    from refinery.tasks.train.metrics import read_metrics
+
+    rows = read_metrics(ds.file("metrics"))
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
+    assert all("reward_exact_match" in r for r in rows if r["split"] == "train")
+    assert read_exec_log(exec_log) == [f"grpo {ds.fingerprint}"]
+    exec_log.unlink()
+    assert grpo_stage.run(tmp_path, [], cfg).path == ds.path and read_exec_log(exec_log) == []
