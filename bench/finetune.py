@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 PRESETS = {
     "80m": (768, 10, 12, 12, 2048, 8192, False),  # 83M parameters, 85% of them in linear layers
     "1b": (2048, 16, 32, 8, 8192, 128256, True),  # Llama-3.2-1B shape, 1.24B parameters
+    "7b": (4096, 32, 32, 32, 11008, 32000, False),  # Llama-2-7B shape, 6.74B parameters (random weights)
 }
 METHODS = ("full", "lora", "qlora")
 
@@ -54,7 +55,8 @@ def make_model(preset: str, out: Path, dtype: str) -> Path:
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
                       tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, pad_token_id=1)
-    with torch.device("cpu"):
+    # initialised on the GPU when there is one (a 7B model's random init takes minutes on a CPU)
+    with torch.device("cuda" if torch.cuda.is_available() and dtype != "float32" else "cpu"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
     model.save_pretrained(out)
     # a word-level tokenizer is enough: the bench feeds random token ids
@@ -93,12 +95,16 @@ def worker(args) -> dict:
 
     torch.set_num_threads(max(1, args.threads))
     cfg = FinetuneConfig(model=args.model_dir, data="bench-random-tokens", method=args.worker, device=args.device,
-                         grad_checkpointing=True, max_steps=args.steps,
+                         grad_checkpointing=True, max_steps=args.steps, batch_size=args.batch_size,
+                         seq_len=args.seq_len,
                          lora={"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0,
                                "target_modules": args.target_modules})
     device = resolve_device(cfg)
     compute, weights_dtype = resolve_dtypes(cfg, device)
     cuda = device.type == "cuda"
+    from refinery.tasks.train.plan import plan_finetune
+
+    plan_mb = plan_finetune(cfg).total / 2**20   # the memory planner's peak estimate, beside the measured one
     base_rss = rss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -145,6 +151,7 @@ def worker(args) -> dict:
             "optimizer_state_mb": round(opt_bytes / 2**20, 1), "optimizer": opt_name,
             "peak_load_mb": round(peak_load, 1), "after_load_mb": round(after_load, 1), "peak_train_mb": round(peak_train, 1),
             "load_s": round(load_s, 2), "step_s": round(step_s, 3), "device": device.type,
+            "plan_mb": round(plan_mb, 1), "plan_err": round((plan_mb - max(peak_train, peak_load)) / max(peak_train, peak_load), 3),
             "compute_dtype": str(compute).replace("torch.", ""),
             "weights_dtype": str(weights_dtype).replace("torch.", "")}
 
@@ -159,6 +166,7 @@ def main() -> int:
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--target-modules", default="all-linear", help="LoRA targets (QLoRA paper: all linear layers)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of full,lora,qlora")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -176,7 +184,7 @@ def main() -> int:
         model_dir = make_model(args.preset, Path(tmp) / "model", "bfloat16" if args.device == "cuda" else "float32")
         print(f"model {args.preset} written in {time.perf_counter() - t0:.1f}s: {model_dir}", file=sys.stderr)
         results = []
-        for m in METHODS:
+        for m in args.methods.split(","):
             cmd = [sys.executable, __file__, "--worker", m, "--model-dir", str(model_dir), "--device", args.device,
                    "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                    "--lora-r", str(args.lora_r), "--target-modules", args.target_modules,
@@ -193,7 +201,7 @@ def main() -> int:
             print(f"{m}: done", file=sys.stderr)
 
     cols = ["method", "trainable_params", "trainable_pct", "weights_mb", "optimizer_state_mb", "peak_load_mb",
-            "after_load_mb", "peak_train_mb", "step_s", "optimizer", "weights_dtype"]
+            "after_load_mb", "peak_train_mb", "plan_mb", "plan_err", "step_s", "optimizer", "weights_dtype"]
     print(f"\nfine-tuning memory, preset {args.preset}, device {args.device}, batch {args.batch_size} x "
           f"{args.seq_len} tokens, LoRA r={args.lora_r} on {args.target_modules}, gradient checkpointing on")
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in results)) for c in cols}

@@ -1,16 +1,60 @@
 #!/usr/bin/env bash
-# The GPU checks, as run on a lent GPU machine (the device tool), wheels for what its image lacks in .whl/:
-#   pydantic(+core, annotated-types, typing-inspection) and bitsandbytes, for CPython 3.12.
-# Prints: 124M pretrain tokens/s and MFU (eager and torch.compile at batch 16, compiled at batch 64), and full/LoRA/QLoRA memory on a 1B model.
+# Every GPU check of the training issues, as one script for a lent CUDA machine (the device tool);
+# wheels for what its image lacks go in .whl/ (pydantic(+core, annotated-types, typing-inspection)
+# and bitsandbytes, for its CPython).
+#
+#   bench/gpu.sh                 all sections (about 11 minutes on an H200)
+#   bench/gpu.sh mfu finetune    some of them: mfu | finetune | fsdp | qlora7b
+#
+# The device tool runs one command for at most 600 s: run `bench/gpu.sh mfu finetune` and
+# `bench/gpu.sh fsdp qlora7b` as two calls there. Results go to $OUT (one .txt/.json per check):
+#   mfu       124M preset, bf16, seq 1024: tokens/s and MFU, eager and torch.compile (batch 16, 64),
+#             with the loop's fused AdamW; the issue's target is >= 45% MFU
+#   finetune  full / LoRA / QLoRA peak memory on the Llama-3.2-1B shape, beside the memory planner's
+#             estimate (plan_mb, plan_err: the planner checked against torch.cuda.max_memory_allocated)
+#   fsdp      the 1B preset (128k vocabulary) trained by our loop with strategy=fsdp (FSDP2 fully_shard,
+#             bf16 mixed precision, a process group of one) beside strategy=auto (plain module):
+#             peak memory and tokens/s
+#   qlora7b   QLoRA on a Llama-2-7B-shaped model (random weights, real shapes) at sequence 2048,
+#             batch 1, gradient checkpointing: peak memory and the planner's estimate
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+sections=${*:-mfu finetune fsdp qlora7b}
+want() { [[ " $sections " == *" $1 "* ]]; }
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
-common=(--device cuda --preset 124M --model '{"vocab_size": 50304}' --seq-len 1024 --batch-size 16 --steps 40 --warmup 10 --repeats 1 --vocab 8192 --threads 0 --no-hf)
-timeout 200 python3 bench/pretrain.py "${common[@]}" 2>&1 | grep -v Warning | tail -25 | tee "$OUT/pretrain.txt"
-timeout 200 python3 bench/pretrain.py "${common[@]}" --compile 2>&1 | grep -v Warning | tail -25 | tee "$OUT/pretrain-compile.txt"
-timeout 200 python3 bench/pretrain.py "${common[@]}" --compile --batch-size 64 --steps 25 2>&1 | grep -v Warning | tail -25 | tee "$OUT/pretrain-compile-b64.txt"
-timeout 200 python3 bench/finetune.py --device cuda --preset 1b --json "$OUT/finetune.json" 2>&1 | tail -30 | tee "$OUT/finetune.txt"
+status=0
+check() {   # NAME SECONDS CMD...: run one check under a time limit, keep its tail, remember a failure
+  local name=$1 secs=$2; shift 2
+  echo "== $name" | tee "$OUT/$name.txt"
+  timeout "$secs" "$@" 2>&1 | grep -v Warning | tail -30 | tee -a "$OUT/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || { echo "!! $name exited $rc" | tee -a "$OUT/$name.txt"; status=1; }
+}
+
+if want mfu; then
+  common=(--device cuda --preset 124M --model '{"vocab_size": 50304}' --seq-len 1024 --batch-size 16 --steps 40
+          --warmup 10 --repeats 1 --vocab 8192 --threads 0 --no-hf)
+  check pretrain-eager 120 python3 bench/pretrain.py "${common[@]}"
+  check pretrain-compile 170 python3 bench/pretrain.py "${common[@]}" --compile
+  check pretrain-compile-b64 170 python3 bench/pretrain.py "${common[@]}" --compile --batch-size 64 --steps 25
+fi
+if want finetune; then
+  check finetune-1b 150 python3 bench/finetune.py --device cuda --preset 1b --json "$OUT/finetune-1b.json"
+fi
+if want fsdp; then
+  big=(--device cuda --preset 1B --model '{"vocab_size": 128256}' --seq-len 1024 --batch-size 4 --steps 12
+       --warmup 4 --repeats 1 --vocab 8192 --threads 0 --no-hf)
+  check pretrain-1b-auto 150 python3 bench/pretrain.py "${big[@]}" --strategy auto
+  check pretrain-1b-fsdp 150 python3 bench/pretrain.py "${big[@]}" --strategy fsdp
+fi
+if want qlora7b; then
+  check qlora-7b 280 python3 bench/finetune.py --device cuda --preset 7b --methods qlora --seq-len 2048 \
+    --batch-size 1 --steps 2 --json "$OUT/qlora-7b.json"
+fi
+exit $status

@@ -81,7 +81,19 @@ def run_ours(args, make_reader, work: Path) -> dict:
     cfg = TrainConfig(objective="clm", preset=args.preset, model=json.loads(args.model), seq_len=args.seq_len,
                       batch_size=args.batch_size, max_steps=args.steps, lr=args.lr, warmup_steps=args.warmup_lr,
                       eval_every=10 ** 9, eval_batches=1, save_every=10 ** 9, log_every=10 ** 9, seed=args.seed,
-                      device=args.device, compile=args.compile, unigram_max_tokens=1000)
+                      device=args.device, compile=args.compile, unigram_max_tokens=1000, strategy=args.strategy,
+                      grad_checkpointing=args.grad_checkpointing or None)
+    if args.strategy == "fsdp":   # FSDP on this one device: a process group of one (as torchrun would make)
+        import os
+        import socket
+
+        from refinery.tasks.train import distributed as dist
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init(force=True)
     ck = work / "ours"
     shutil.rmtree(ck, ignore_errors=True)
     res = train(cfg, make_reader("train"), make_reader("val"), ck, progress=False, log=lambda m: None)
@@ -89,7 +101,8 @@ def run_ours(args, make_reader, work: Path) -> dict:
     mfus = [r["mfu"] for r in rows[args.warmup:] if r.get("mfu") is not None]
     step_tokens = rows[-1]["tokens"] - rows[-2]["tokens"]
     return {**rates([r["seconds"] for r in rows[args.warmup - 1:]], step_tokens),
-            "loss_end": rows[-1]["loss"], "params": res["params"], "mfu": statistics.median(mfus) if mfus else None}
+            "loss_end": rows[-1]["loss"], "params": res["params"], "mfu": statistics.median(mfus) if mfus else None,
+            "peak_memory_mb": res.get("peak_memory_mb"), "strategy": res.get("strategy")}
 
 
 def rates(times: list[float], step_tokens: int) -> dict:
@@ -172,6 +185,9 @@ def main() -> int:
     ap.add_argument("--no-hf", action="store_true", help="only our loop (e.g. a GPU MFU measurement)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default; 1 is steadiest on a shared box)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default="auto",
+                    help="fsdp: our loop under FSDP2 fully_shard in a process group of one (peak memory vs ddp/auto)")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in our loop")
     ap.add_argument("--one", choices=["ours", "hf"], help=argparse.SUPPRESS)   # child: one run, JSON out
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -204,7 +220,9 @@ def main() -> int:
                 (ours if who == "ours" else hf).append(res)
                 print(f"  run {r}: {'ours' if who == 'ours' else 'HF Trainer'} {res['tokens_per_sec']:,.0f} tok/s "
                       f"(median step {res['median_step']:,.0f})"
-                      + (f", MFU {res['mfu'] * 100:.1f}%" if res.get("mfu") is not None else ""), flush=True)
+                      + (f", MFU {res['mfu'] * 100:.1f}%" if res.get("mfu") is not None else "")
+                      + (f", peak {res['peak_memory_mb']:,.0f} MiB ({res.get('strategy')})"
+                         if who == "ours" and res.get("peak_memory_mb") else ""), flush=True)
         print(f"params: {ours[0]['params'] / 1e6:.2f}M")
         mfus = [x["mfu"] for x in ours if x["mfu"] is not None]
         if mfus:

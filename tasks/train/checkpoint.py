@@ -127,7 +127,8 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 # ----------------------------------------------------------------------------- RNG and reader state
 def rng_state() -> dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # (str, ndarray, int, int, float)
+    keys = np.asarray(keys)
     version, pystate, gauss = random.getstate()
     out = {"torch": torch.get_rng_state(),
            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
@@ -189,8 +190,11 @@ def copy_tokenizer(src: str | Path | None, dest: str | Path) -> list[str]:
 
 
 def save_checkpoint(root: str | Path, step: int, model, tokenizer_path: str | None, state: dict,
-                    summary: dict | None = None) -> Path:
-    """Write ``step-XXXXXXXX`` atomically and return its path. ``state`` goes to trainer_state.pt."""
+                    summary: dict | None = None, *, state_dict: dict | None = None,
+                    extra_dirs: dict[str, Path] | None = None) -> Path:
+    """Write ``step-XXXXXXXX`` atomically and return its path. ``state`` goes to trainer_state.pt.
+    ``state_dict``: the weights to save (an FSDP run's gathered full state); ``extra_dirs``: folders
+    moved in under the given names before the checkpoint is sealed (an FSDP run's shards)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
@@ -201,11 +205,16 @@ def save_checkpoint(root: str | Path, step: int, model, tokenizer_path: str | No
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()   # no "Writing model shards" bar at every checkpoint
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if state_dict is not None:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
     copy_tokenizer(tokenizer_path, tmp)
+    for name, folder in (extra_dirs or {}).items():
+        os.rename(folder, tmp / name)
     torch.save(state, tmp / STATE)
     (tmp / STATE_JSON).write_text(json.dumps(summary or {"step": step}, indent=2, sort_keys=True, default=str))
     _seal(tmp)
@@ -269,7 +278,7 @@ def write_index(root: str | Path, latest: int | None, best: int | None) -> None:
     os.replace(tmp, root / INDEX)
 
 
-def prune(root: str | Path, keep_last: int, keep: set[int] = frozenset()) -> list[int]:
+def prune(root: str | Path, keep_last: int, keep: frozenset[int] | set[int] = frozenset()) -> list[int]:
     """Delete all but the last ``keep_last`` checkpoints and those in ``keep``; also stale temp folders."""
     root = Path(root)
     cks = list_checkpoints(root)

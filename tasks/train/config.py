@@ -180,6 +180,14 @@ class TrainConfig(LMTrainingParams):
     # -- runtime
     devices: int = Field(0, ge=0, description="Processes for data parallelism: 0 (default) uses every visible "
                          "GPU (one process on CPU); more than one launches torchrun (DDP; gloo on CPU).")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="How several processes share the work: "
+                                                    "ddp (every process holds the whole model), fsdp (PyTorch's "
+                                                    "fully_shard, FSDP2: weights, gradients and optimizer state "
+                                                    "sharded per transformer block, mixed precision at dtype, "
+                                                    "sharded checkpoints via torch.distributed.checkpoint), "
+                                                    "auto = ddp. One process: no effect.")
+    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep parameter shards, gradients and optimizer "
+                                   "state in host memory (CPUOffloadPolicy).")
     compile: bool = Field(False, description="torch.compile the model.")
     unigram_max_tokens: int = Field(2_000_000, ge=1000, description="Training tokens counted for the unigram baseline.")
 

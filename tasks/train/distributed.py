@@ -26,13 +26,14 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init(backend: str | None = None) -> None:
-    """Join the process group (torchrun set MASTER_ADDR/PORT, RANK, WORLD_SIZE)."""
+def init(backend: str | None = None, force: bool = False) -> None:
+    """Join the process group (torchrun set MASTER_ADDR/PORT, RANK, WORLD_SIZE); a single process
+    joins a group of one only when ``force`` (FSDP on one GPU still needs a device mesh)."""
     import torch
     import torch.distributed as dist
 
     rank, world, local = env()
-    if world <= 1 or is_initialized():
+    if (world <= 1 and not force) or is_initialized():
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -88,6 +89,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def cuda_device(device: str = "auto") -> bool:
+    """Whether a run with ``device`` trains on CUDA."""
+    import torch
+
+    return torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
+
+
 def world_size_for(devices: int, device: str = "auto") -> int:
     """Processes to run: ``devices`` (0 = every visible GPU). More GPUs than exist is an error."""
     import torch
@@ -99,6 +107,11 @@ def world_size_for(devices: int, device: str = "auto") -> int:
     if cuda and devices > n_gpu:
         raise ValueError(f"devices={devices} but only {n_gpu} GPU(s) are visible")
     return devices
+
+
+def num_nodes() -> int:
+    """Nodes of a multi-node run (``REFINERY_NNODES``; 1 when unset)."""
+    return int(os.environ.get("REFINERY_NNODES", "1"))
 
 
 def rendezvous_args(run_id: str) -> list[str]:
@@ -120,8 +133,13 @@ def launch(spec: dict, nproc: int, workdir: str | Path, timeout: float | None = 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, result_path = workdir / "launch.json", workdir / "result.json"
-    result_path.unlink(missing_ok=True)
-    spec_path.write_text(json.dumps(spec, indent=2, default=str))
+    node_rank = int(os.environ.get("REFINERY_NODE_RANK", "0")) if num_nodes() > 1 else 0
+    if node_rank == 0:
+        result_path.unlink(missing_ok=True)
+    # atomically: nodes sharing the folder (tests run two "nodes" on one machine) write the same spec
+    tmp = spec_path.with_name(f".launch.{os.getpid()}.json")
+    tmp.write_text(json.dumps(spec, indent=2, default=str))
+    os.replace(tmp, spec_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous_args(workdir.name),
            f"--nproc_per_node={nproc}", "-m", "refinery.tasks.train.worker", str(spec_path)]
     env_ = dict(os.environ)
@@ -142,6 +160,8 @@ def launch(spec: dict, nproc: int, workdir: str | Path, timeout: float | None = 
         except subprocess.TimeoutExpired:
             proc.kill()
         raise
+    if proc.returncode == 0 and node_rank > 0:   # rank 0 (on node 0) reports; this node's part is done
+        return {"status": "node_done", "node_rank": node_rank}
     if proc.returncode != 0 or not result_path.exists():
         tail = "".join(lines[-40:])
         raise RuntimeError(f"torchrun with {nproc} processes failed (exit {proc.returncode}):\n{tail}")

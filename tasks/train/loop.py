@@ -78,8 +78,9 @@ class _Preemption:
         return False
 
 
-def make_optimizer(model, cfg: TrainConfig, device):
-    """AdamW with weight decay on matrices (embeddings included) and none on norms and biases."""
+def make_optimizer(model, cfg: TrainConfig, device, fused: bool | None = None):
+    """AdamW with weight decay on matrices (embeddings included) and none on norms and biases.
+    ``fused`` (default: on CUDA and CPU) is off for sharded (DTensor) parameters on CPU."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -93,7 +94,7 @@ def make_optimizer(model, cfg: TrainConfig, device):
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                             fused=device.type in ("cuda", "cpu"))
+                             fused=device.type in ("cuda", "cpu") if fused is None else fused)
 
 
 def evaluate(model, objective, val_reader, cfg: TrainConfig, device, autocast, batch_size: int | None = None) -> float:
@@ -167,10 +168,19 @@ class Run:
     flops_per_token: float = 0.0
     peak_flops: float | None = None
     t_start: float = field(default_factory=time.perf_counter)
+    shards: list[dict] | None = None      # fsdp: what each rank holds (elements), from its local tensors
 
     @property
     def master(self) -> bool:
         return self.rank == 0
+
+    @property
+    def fsdp(self) -> bool:
+        """Sharded data parallelism: strategy=fsdp on more than one process, or in a process group
+        of one (a single GPU launched through torchrun: FSDP's mixed precision and freeing)."""
+        from refinery.tasks.train import distributed as dist
+
+        return self.cfg.strategy == "fsdp" and (self.world > 1 or dist.is_initialized())
 
     def autocast(self):
         from refinery.tasks.train.common import autocast
@@ -239,6 +249,33 @@ def _initial_model(cfg: TrainConfig, reader, tokenizer, n_vocab: int, log: Calla
     return load_init_model(path, cfg.objective)
 
 
+def _shard(run: Run) -> None:
+    """fsdp: shard the model per block (fully_shard), then build the optimizer and schedule anew
+    over the sharded parameters (the ones _build made point at the unsharded tensors)."""
+    import torch
+
+    from refinery.tasks.train.fsdp import shard_model
+
+    cfg = run.cfg
+    shard_model(run.model, run.dtype, cfg.fsdp_cpu_offload)
+    run.optimizer = make_optimizer(run.model, cfg, torch.device("cpu") if cfg.fsdp_cpu_offload else run.device,
+                                   fused=run.device.type == "cuda")
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, WarmupCosine(
+        cfg.resolved_warmup(), cfg.max_steps, cfg.min_lr_ratio, cfg.scheduler))
+
+
+def _shard_stats(run: Run) -> None:
+    """fsdp: every rank's held elements (parameters, optimizer state), gathered on every rank."""
+    import torch.distributed as tdist
+
+    from refinery.tasks.train.fsdp import shard_stats
+
+    mine = shard_stats(run.model, run.optimizer)
+    everyone: list = [None] * run.world
+    tdist.all_gather_object(everyone, mine)
+    run.shards = everyone
+
+
 def _resume(run: Run) -> TrainState:
     """The latest checkpoint's weights, optimizer, schedule, reader position and RNG, or a fresh state."""
     from refinery.tasks.train import checkpoint as ckpt
@@ -246,9 +283,14 @@ def _resume(run: Run) -> TrainState:
     last = ckpt.latest_checkpoint(run.ckpt_dir)
     if last is None:
         return TrainState()
-    ckpt.load_weights(run.model, last)
     saved = ckpt.load_state(last)
-    run.optimizer.load_state_dict(saved["optimizer"])
+    if run.fsdp:   # every rank reads its own shards of the weights and the optimizer
+        from refinery.tasks.train.fsdp import DCP_DIR, load_sharded
+
+        load_sharded(run.model, run.optimizer, last / DCP_DIR, with_optimizer=bool(saved.get("sharded_optimizer")))
+    else:
+        ckpt.load_weights(run.model, last)
+        run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
     run.reader.load_state_dict(ckpt.from_safe(saved["reader"]))
     ckpt.set_rng_state(saved["rng"])
@@ -284,7 +326,8 @@ def _summary(run: Run, st: TrainState, status: str) -> dict:
         "tokens_per_sec": float(np.median(speeds)) if speeds else None,
         "mfu": float(np.median(mfus)) if mfus else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-        "world_size": run.world, "checkpoint_dir": str(run.ckpt_dir),
+        "world_size": run.world, "strategy": "fsdp" if run.fsdp else ("ddp" if run.world > 1 else "single"),
+        "shards": run.shards, "checkpoint_dir": str(run.ckpt_dir),
         **run.memory.stats(),
         "final_checkpoint": str(ckpt.step_dir(run.ckpt_dir, st.step)),
         "best_checkpoint": str(ckpt.step_dir(run.ckpt_dir, st.best_step)) if st.best_step is not None else None,
@@ -329,7 +372,7 @@ def _wrap_for_training(run: Run) -> None:
     if run.cfg.compile:
         run.model = torch.compile(run.model)
     run.eval_model = run.model
-    if run.world > 1:
+    if run.world > 1 and not run.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         run.model = DDP(run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
@@ -342,7 +385,7 @@ def _evaluate(run: Run, st: TrainState) -> bool:
 
     cfg = run.cfg
     val = None
-    if run.master:
+    if run.master or run.fsdp:   # a sharded model's forward needs every rank (all see the same batches)
         val = evaluate(run.eval_model, run.objective, run.val_reader, cfg, run.device, run.autocast,
                        cfg.batch_size * run.world)
     val = dist.broadcast_object(val)
@@ -365,15 +408,33 @@ def _save(run: Run, st: TrainState, status: str) -> None:
     from refinery.tasks.train import checkpoint as ckpt
     from refinery.tasks.train import distributed as dist
 
+    full_sd, staged, with_optim = None, None, False
+    if run.fsdp:   # collective: the gathered weights for rank 0's HF folder, every rank's shards
+        from refinery.tasks.train.fsdp import full_state_dict, save_sharded
+
+        full_sd = full_state_dict(run.model)
+        staged = run.ckpt_dir / f".dcp-step-{st.step:08d}"
+        if run.master:
+            import shutil
+
+            shutil.rmtree(staged, ignore_errors=True)
+        dist.barrier()
+        with_optim = save_sharded(run.model, run.optimizer, staged)
+        dist.barrier()
     if run.master:
         cfg = run.cfg
-        saved = {"step": st.step, "tokens": st.tokens, "status": status, "optimizer": run.optimizer.state_dict(),
+        saved = {"step": st.step, "tokens": st.tokens, "status": status,
+                 "optimizer": {} if run.fsdp else run.optimizer.state_dict(),
+                 "sharded_optimizer": bool(run.fsdp and with_optim),
                  "scheduler": run.scheduler.state_dict(), "reader": ckpt.to_safe(run.reader.state_dict()),
                  "rng": ckpt.rng_state(), "best_step": st.best_step, "best_val_loss": st.best_val_loss,
                  "bad_evals": st.bad_evals, "unigram": st.unigram, "history": st.history,
                  "config": cfg.model_dump(mode="json")}
         info = {k: v for k, v in _summary(run, st, status).items() if k != "history"}
-        ckpt.save_checkpoint(run.ckpt_dir, st.step, run.raw_model, run.reader.tokenizer_path, saved, info)
+        from refinery.tasks.train.fsdp import DCP_DIR
+
+        ckpt.save_checkpoint(run.ckpt_dir, st.step, run.raw_model, run.reader.tokenizer_path, saved, info,
+                             state_dict=full_sd, extra_dirs={DCP_DIR: staged} if staged else None)
         ckpt.prune(run.ckpt_dir, cfg.keep_last, {st.best_step} if st.best_step is not None else set())
         ckpt.write_index(run.ckpt_dir, st.step, st.best_step)
         if status != "running":
@@ -403,14 +464,18 @@ def _train_step(run: Run, st: TrainState) -> dict:
         batch = {k: v[lo:hi].to(device, non_blocking=True) for k, v in batch.items()}
         step_tokens += run.objective.tokens(batch) * world
         sync = micro == cfg.grad_accum - 1 or world == 1
-        with (contextlib.nullcontext() if sync else model.no_sync()):
+        if run.fsdp:
+            model.set_requires_gradient_sync(sync)
+        with (contextlib.nullcontext() if sync or run.fsdp else model.no_sync()):
             with run.autocast():
                 loss = run.objective.loss(model, batch) / cfg.grad_accum
             loss.backward()
         loss_sum += loss.detach()
     grad_norm = None
     if cfg.grad_clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        from refinery.tasks.train.fsdp import to_float
+
+        grad_norm = to_float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -472,6 +537,8 @@ def train(cfg: TrainConfig, reader, val_reader, ckpt_dir: str | Path, *, unigram
     checkpoint) after that many steps in total, as a SIGTERM would.
     """
     run = _build(cfg, reader, val_reader, Path(ckpt_dir), log)
+    if run.fsdp:
+        _shard(run)
     st = _resume(run)
     if st.status in ("done", "early_stopped"):
         return _summary(run, st, st.status)   # finished earlier; nothing to do
@@ -490,6 +557,8 @@ def train(cfg: TrainConfig, reader, val_reader, ckpt_dir: str | Path, *, unigram
         status = _loop(run, st, stop_after)
     finally:
         run.metrics.close()
+    if run.fsdp:
+        _shard_stats(run)
     out = _summary(run, st, status)
     out["seconds"] = time.perf_counter() - run.t_start
     return out
@@ -515,7 +584,9 @@ def run_training(cfg: TrainConfig, reader_spec: dict, ckpt_dir: str | Path, *, s
     from refinery.tasks.train import distributed as dist
 
     nproc = dist.world_size_for(cfg.devices, cfg.device)
-    if nproc <= 1 or dist.env()[1] > 1:
+    # FSDP on a single GPU still goes through torchrun (a process group of one); on CPU it is a no-op
+    one_gpu_fsdp = cfg.strategy == "fsdp" and dist.cuda_device(cfg.device)
+    if (nproc <= 1 and dist.num_nodes() <= 1 and not one_gpu_fsdp) or dist.env()[1] > 1:
         return run_local(cfg, reader_spec, ckpt_dir, stop_after=stop_after, log=log, progress=progress)
     if cfg.init_from:   # a tokenizer mismatch is one clear error here, not one per worker
         from refinery.tasks.train.data import open_reader
@@ -526,7 +597,7 @@ def run_training(cfg: TrainConfig, reader_spec: dict, ckpt_dir: str | Path, *, s
         check_init_from(cfg.init_from, cfg.objective, str(probe.tokenizer_path), int(probe.vocab_size))
     spec = {"config": cfg.model_dump(mode="json"), "reader": reader_spec, "ckpt_dir": str(ckpt_dir),
             "stop_after": stop_after}
-    log(f"launching DDP: torchrun with {nproc} processes")
+    log(f"launching {'FSDP' if cfg.strategy == 'fsdp' else 'DDP'}: torchrun with {nproc} processes")
     return dist.launch(spec, nproc, Path(ckpt_dir))
 
 

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from refinery.tasks.train.loop import run_local
 
     cfg = TrainConfig.model_validate(spec["config"])
-    dist.init()
+    dist.init(force=cfg.strategy == "fsdp")
     rank = dist.env()[0]
     try:
         result = run_local(cfg, spec["reader"], spec["ckpt_dir"], stop_after=spec.get("stop_after"),

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_fixtures import corpus_texts, token_dataset  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,3 +108,19 @@ def test_estimate_matches_measured_peak(model_dirs, size, method):
     err = (got["estimate_mb"] - got["measured_mb"]) / got["measured_mb"]
     print(f"{size} {method}: estimate {got['estimate_mb']} MiB, measured {got['measured_mb']} MiB ({err:+.1%})")
     assert abs(err) <= 0.25, got
+
+
+def test_cli_plan_pretrain_fsdp(token_dataset, capsys):
+    """pretrain's plan: the preset sized by the token dataset's vocabulary, sharded over 2 processes."""
+    from refinery.flows.cli import main
+
+    sets = [f"input={token_dataset}", "device=cpu", "preset=tiny", "batch_size=4", "seq_len=64"]
+    args = ["plan", "pretrain", *[x for s in sets for x in ("--set", s)]]
+    assert main(args + ["--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert main(args + ["--set", "strategy=fsdp", "--set", "devices=2", "--json"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert one["setup"]["world_size"] == 1 and two["setup"]["world_size"] == 2 and two["setup"]["strategy"] == "fsdp"
+    assert one["params_total"] == two["params_total"] > 1_000_000
+    assert two["bytes"]["parameters"] == one["bytes"]["parameters"] // 2
+    assert two["bytes"]["optimizer"] == one["bytes"]["optimizer"] // 2
