@@ -80,7 +80,7 @@ def load_tokenizer(cfg: FinetuneConfig, source: str):
 def load_base_model(cfg: FinetuneConfig, source: str, device, compute_dtype, weights_dtype):
     """The base model on ``device``: 4-bit NF4 (double quantization, ``compute_dtype`` matmuls) for
     QLoRA, else ``weights_dtype`` (float32 for full fine-tuning)."""
-    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM = model_class(source)   # noqa: N806 (causal LM, or seq2seq for encoder-decoders)
 
     kwargs: dict[str, Any] = {"revision": cfg.revision} if cfg.revision else {}
     if cfg.method == "qlora":
@@ -125,10 +125,22 @@ def attention_targets(model) -> str:
     return rf".*\.(?:{owners})\.(?:{leaves})"
 
 
+def model_class(source: str):
+    """AutoModelForSeq2SeqLM for encoder-decoder models (T5 style), else AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from refinery.tasks.finetune.seq2seq import model_kind
+
+    return AutoModelForSeq2SeqLM if model_kind(source) == "seq2seq" else AutoModelForCausalLM
+
+
 def peft_config(cfg: FinetuneConfig, model):
     """The PEFT config for ``cfg.method`` (None for full fine-tuning)."""
     from peft import (AdaptionPromptConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
                       TaskType)
+
+    if getattr(model.config, "is_encoder_decoder", False):   # the same methods, PEFT's seq2seq task
+        TaskType = _Seq2SeqTask  # noqa: N806
 
     m = cfg.method
     if m == "full":
@@ -282,13 +294,17 @@ def merged_torch_dtype(cfg: FinetuneConfig, source: str):
     return d if isinstance(d, torch.dtype) else torch.float32
 
 
+class _Seq2SeqTask:
+    CAUSAL_LM = "SEQ_2_SEQ_LM"
+
+
 def merge_adapter(cfg: FinetuneConfig, source: str, adapter_dir: str, tokenizer, out_dir: str) -> None:
     """Fold the saved adapter into a fresh, unquantized copy of the base (QLoRA too: the merged
     model is the base at full precision plus the learned low-rank update) and save it."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
+    AutoModelForCausalLM = model_class(source)  # noqa: N806
     dtype = merged_torch_dtype(cfg, source)
     kwargs = {"revision": cfg.revision} if cfg.revision else {}
     base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)

@@ -61,20 +61,30 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
     seed_everything(cfg.seed)
 
     # -- data
+    from refinery.tasks.finetune import seq2seq as S
+
     source = M.resolve_model_source(cfg.model)
+    kind = S.model_kind(source)   # the model's config decides: chat SFT (causal) or text-to-text (seq2seq)
+    if kind == "encoder":
+        raise ValueError(f"{cfg.model}: a masked-LM encoder; finetune trains causal LMs (instructions) and "
+                         "encoder-decoder models (text-to-text), not encoders")
+    if kind == "seq2seq" and cfg.packing:
+        raise ValueError("packing=true is for causal LMs; encoder-decoder models take one example per row")
     tok = M.load_tokenizer(cfg, source)
-    template = D.ensure_chat_template(tok)
+    template = D.ensure_chat_template(tok) if kind == "causal" else "none (text-to-text)"
     seq_len = M.effective_seq_len(cfg, source)
+    encode_all = D.encode_all if kind == "causal" else S.encode_all
     examples, report = D.read_examples(cfg.data, cfg.data_format, cfg.max_records, log=log)
     if not examples:
         raise ValueError(f"{cfg.data}: no valid records ({report.bad} bad: {dict(report.bad_by_reason)})")
     train_ex, val_ex = D.split_examples(examples, cfg.val_fraction, cfg.seed, cfg.max_val_examples)
-    train_items, train_counts = D.encode_all(tok, train_ex, seq_len, report, progress=True)
-    val_items, val_counts = D.encode_all(tok, val_ex, seq_len, report)
+    train_items, train_counts = encode_all(tok, train_ex, seq_len, report, progress=True)
+    val_items, val_counts = encode_all(tok, val_ex, seq_len, report)
     val_records = {e.record for e in val_items}
     sample_ex = [e for e in val_ex if e.record in val_records][: cfg.num_samples]
     pad_id = tok.pad_token_id
-    val_batches = D.make_batches(val_items, cfg.batch_size, pad_id, packing=False, seq_len=seq_len)
+    val_batches = (D.make_batches(val_items, cfg.batch_size, pad_id, packing=False, seq_len=seq_len)
+                   if kind == "causal" else S.make_batches(val_items, cfg.batch_size, pad_id))
     log(f"finetune[{cfg.method}]: {report.records} records ({report.bad} bad), {len(train_items)} train / "
         f"{len(val_items)} validation examples, {train_counts.get('truncated', 0) + val_counts.get('truncated', 0)} "
         f"truncated to {seq_len} tokens, chat template: {template}")

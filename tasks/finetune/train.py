@@ -23,8 +23,14 @@ from refinery.tasks.train.common import autocast as autocast_ctx
 # --------------------------------------------------------------------------- loss
 def token_loss_sum(model, batch: Batch):
     """Sum of next-token cross-entropy over the response tokens, and their count. The last
-    ``L`` logits are the real tokens' (prompt tuning prepends virtual tokens)."""
+    ``L`` logits are the real tokens' (prompt tuning prepends virtual tokens). Encoder-decoder
+    models: the answer tokens of the decoder (refinery.tasks.finetune.seq2seq)."""
     import torch.nn.functional as F
+
+    from refinery.tasks.finetune import seq2seq as S
+
+    if S.is_encoder_decoder(model):
+        return S.loss_sum(model, batch)
 
     kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "use_cache": False}
     if batch.attention_mask is not None:
@@ -97,8 +103,14 @@ def greedy_no_cache(model, ids, max_new_tokens: int, eos_id: int | None):
 
 def generate_samples(model, tokenizer, examples: Sequence, device, max_new_tokens: int,
                      no_cache: bool = False, max_prompt_tokens: int | None = None) -> list[dict]:
-    """Greedy completions of held-out conversations (their last assistant turn removed)."""
+    """Greedy completions of held-out conversations (their last assistant turn removed);
+    encoder-decoder models answer the source text (refinery.tasks.finetune.seq2seq)."""
     import torch
+
+    from refinery.tasks.finetune import seq2seq as S
+
+    if S.is_encoder_decoder(model):
+        return S.generate_samples(model, tokenizer, examples, device, max_new_tokens, max_prompt_tokens)
 
     was_training = model.training
     model.eval()
@@ -160,9 +172,15 @@ def _restore(model, snap: dict) -> None:
 
 def _micro_batches(cfg: FinetuneConfig, train_items: Sequence[Encoded], pad_id: int, seq_len: int):
     """(epoch, batch) forever: each epoch reshuffles with its own seed, so a run is reproducible."""
+    from refinery.tasks.finetune import seq2seq as S
+
     epoch = 0
     while True:
-        for b in make_batches(train_items, cfg.batch_size, pad_id, cfg.packing, seq_len, seed=cfg.seed * 1000 + epoch):
+        seed = cfg.seed * 1000 + epoch
+        batches = (S.make_batches(train_items, cfg.batch_size, pad_id, seed=seed)
+                   if train_items and isinstance(train_items[0], S.S2SEncoded)
+                   else make_batches(train_items, cfg.batch_size, pad_id, cfg.packing, seq_len, seed=seed))
+        for b in batches:
             yield epoch, b
         epoch += 1
 

@@ -1,0 +1,84 @@
+"""Text-to-text fine-tuning of a span-corruption (T5-style) model that the pretrain loop made,
+through the same finetune stage (full and LoRA), chosen from the model's config; a masked-LM
+encoder is refused with a clear message."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+
+
+@pytest.fixture(scope="module")
+def sentinel_tokenizer(tiny_tokenizer_dir, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("s2s_tok")
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    tok.add_special_tokens({"additional_special_tokens": [f"<extra_id_{i}>" for i in range(16)]})
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def span_model(sentinel_tokenizer, sft_file, tmp_path_factory):
+    """A tiny T5 model pretrained (span corruption) for a few steps by the pretrain loop: its HF folder."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from refinery.tasks.train.config import TrainConfig
+    from refinery.tasks.train.data import open_reader, tokenize_texts
+    from refinery.tasks.train.loop import train
+
+    torch.set_num_threads(1)
+    recs = json.loads(sft_file.read_text())
+    texts = [f"{r['instruction']} {r['input']} {r['output']}" for r in recs] * 20
+    root = tmp_path_factory.mktemp("span")
+    np.save(root / "t.npy", tokenize_texts(texts, sentinel_tokenizer))
+    tok = AutoTokenizer.from_pretrained(str(sentinel_tokenizer))
+    spec = {"kind": "array", "tokens": str(root / "t.npy"), "tokenizer_path": str(sentinel_tokenizer),
+            "vocab_size": len(tok), "eos_id": tok.eos_token_id}
+    cfg = TrainConfig(objective="span", model=TINY, seq_len=32, batch_size=8, max_steps=5, warmup_steps=1,
+                      lr=3e-3, eval_every=5, eval_batches=1, unigram_max_tokens=1000, device="cpu", devices=1)
+    tr, va, uni = (open_reader(spec, cfg.seq_len, split=s) for s in ("train", "val", "train"))
+    res = train(cfg, tr, va, root / "ck", unigram_reader=uni, log=lambda m: None, progress=False)
+    return res["final_checkpoint"]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_text_to_text_finetune_of_the_span_model(span_model, sft_file, tmp_path, method):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from refinery.tasks.finetune.config import FinetuneConfig
+    from refinery.tasks.finetune.stage import finetune
+
+    cfg = FinetuneConfig(model=span_model, data=str(sft_file), method=method, lr=3e-3 if method == "full" else 1e-2,
+                         max_steps=12, device="cpu", seq_len=32, batch_size=6, val_fraction=0.25, warmup_steps=1,
+                         eval_every=6, num_samples=1, sample_max_new_tokens=4)
+    ds = finetune.run(tmp_path / "s", cfg=cfg)
+    s = ds.manifest["stats"]
+    assert s["val_loss_after"] < s["val_loss_before"] - 0.5, (s["val_loss_before"], s["val_loss_after"])
+    assert ds.manifest["chat_template"].startswith("none")
+    assert s["samples_after"][0]["instruction"].startswith(("Repeat", "Reverse"))
+    folder = ds.path if method == "full" else ds.file(ds.manifest["merged"])
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder)
+    assert model.config.is_encoder_decoder
+    assert ds.manifest["memory_plan"]["params_total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_masked_lm_encoder_is_refused(sentinel_tokenizer, sft_file, tmp_path):
+    import shutil
+
+    from refinery.tasks.finetune.config import FinetuneConfig
+    from refinery.tasks.finetune.stage import finetune
+    from refinery.tasks.train.models import build_model
+
+    model = build_model("mlm", "tiny", 640, 32, {"eos": 0, "pad": 1, "mask": 2}, TINY)
+    model.save_pretrained(tmp_path / "mlm")
+    for f in sentinel_tokenizer.iterdir():
+        shutil.copy(f, tmp_path / "mlm" / f.name)
+    cfg = FinetuneConfig(model=str(tmp_path / "mlm"), data=str(sft_file), method="full", max_steps=2, device="cpu")
+    with pytest.raises(ValueError, match="masked-LM encoder"):
+        finetune.run(tmp_path / "s", cfg=cfg)
