@@ -118,8 +118,13 @@ def test_ppo_stage_against_trained_reward_model(tmp_path, finetune_like, trained
         assert isinstance(m["metrics"][k], float)
     from refinery.tasks.train.metrics import read_metrics, without_timing
 
-    hist = read_metrics(ds.file("metrics"))
+    rows = read_metrics(ds.file("metrics"))
+    hist = [h for h in rows if h["split"] == "train"]
     assert [h["step"] for h in hist] == [1, 2, 3]
+    # held-out prompts (never trained on) sampled before training and at every validation
+    assert [h["step"] for h in rows if h["split"] == "val"] == [0, 1, 2, 3]
+    assert all(isinstance(h["val_reward"], float) for h in rows if h["split"] == "val")
+    assert [h["kl_coef"] for h in hist] == [0.1] * 3   # fixed coefficient (no kl_target)
     assert all(0 < h["reply_len"] <= 12 and h["entropy"] > 0 for h in hist)
     assert m["stats"]["reward_model"] == trained_reward.file("model")
     policy = AutoModelForCausalLM.from_pretrained(resolve_model_dir(ds.path))
@@ -130,5 +135,5 @@ def test_ppo_stage_against_trained_reward_model(tmp_path, finetune_like, trained
     again = ppo_stage.run(tmp_path / "again", [finetune_like, trained_reward], cfg)
     sha = lambda d: {f["path"]: f["sha256"] for f in d.manifest["files"] if "metrics/" not in f["path"]}  # noqa: E731
     assert sha(again) == sha(ds) and "metrics/metrics.jsonl" in {f["path"] for f in ds.manifest["files"]}
-    assert without_timing(read_metrics(again.file("metrics"))) == without_timing(hist)
+    assert without_timing(read_metrics(again.file("metrics"))) == without_timing(rows)
     assert {"split", "seconds", "tokens", "loss", "reward", "kl"} <= set(hist[0]) and hist[1]["tokens"] > hist[0]["tokens"]
