@@ -278,8 +278,9 @@ def run_variants(configs: dict[str, CurateParams], shared: Shared, parallel: int
         results, failed = [], []
         for n, fut in futures.items():
             try:
-                results.append(VariantResult(**{**fut.result(), "models": _int_keys(fut.result()["models"]),
-                                                "evaluations": _int_keys(fut.result()["evaluations"])}))
+                got = fut.result()   # Prefect's parameters and results are JSON: seeds come back as text keys
+                results.append(VariantResult(**{**got, "models": _int_keys(got["models"]),
+                                                "evaluations": _int_keys(got["evaluations"])}))
             except Exception as e:  # noqa: BLE001 - every variant is waited for, then all failures named
                 failed.append(f"{n}: {type(e).__name__}: {e}")
     if failed:

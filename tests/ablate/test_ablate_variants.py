@@ -68,3 +68,22 @@ def test_summary_flags_a_difference_within_the_seed_spread():
     table = {r["metric"]: r for r in comparison_table(summarize(data, "base"), "base")}
     assert list(table) == ["docs_trained", "heldout bits_per_byte"]   # data side first
     assert table["heldout bits_per_byte"]["close"].endswith("~)") and "~" not in table["heldout bits_per_byte"]["far"]
+
+
+def test_heldout_texts_become_a_stable_decontamination_source(tmp_path):
+    import pyarrow as pa
+
+    from refinery.tasks.ablate.heldout import heldout_jsonl
+    from refinery.tasks.runtime import StageOutput, stage
+
+    @stage("docs_for_ablate_test")
+    def docs(b, inputs, cfg):
+        b.write_table("part-00000.train.parquet", pa.table({"id": ["a", "b", "c"], "text": ["one two", "", "three"]}))
+        return StageOutput(counts={"docs_out": 3})
+
+    ds = docs.run(str(tmp_path / "w"), [], {})
+    path = heldout_jsonl(ds, tmp_path / "inputs")
+    assert path.name == f"heldout-{ds.fingerprint[:16]}.jsonl"
+    assert path.read_text() == '{"text": "one two"}\n{"text": "three"}\n'   # empty texts left out
+    mtime = path.stat().st_mtime_ns
+    assert heldout_jsonl(ds, tmp_path / "inputs") == path and path.stat().st_mtime_ns == mtime   # not rewritten
