@@ -3,7 +3,10 @@
 ``refinery run finetune --set input=MODEL --set data=FILE.json --set method=lora --set lora.r=16 --set max_steps=100``
 
 ``input`` is a Hugging Face model folder, a hub id, or a refinery dataset naming a model (the
-pretrain flow's output). ``method`` is one of full, lora, qlora, ia3, llama_adapter,
+pretrain flow's output). The model's config picks the task: a causal LM is instruction-tuned on
+chat-rendered conversations; an encoder-decoder (pretrain's span-corruption T5) is tuned text to
+text (the instruction and input on the encoder, the answer as labels); a masked-LM encoder gets a
+sequence-classification head and ``data`` is a file of ``{"text", "label"}`` records. ``method`` is one of full, lora, qlora, ia3, llama_adapter,
 prompt_tuning, prefix_tuning. The output dataset holds ``adapter/`` (PEFT format) and, for
 lora/qlora/ia3, ``merged/`` (plain transformers); for ``full`` the model sits at its top.
 """

@@ -65,9 +65,11 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
 
     source = M.resolve_model_source(cfg.model)
     kind = S.model_kind(source)   # the model's config decides: chat SFT (causal) or text-to-text (seq2seq)
-    if kind == "encoder":
-        raise ValueError(f"{cfg.model}: a masked-LM encoder; finetune trains causal LMs (instructions) and "
-                         "encoder-decoder models (text-to-text), not encoders")
+    if kind == "encoder":   # classification: labelled texts and a new head (refinery.tasks.finetune.classify)
+        from refinery.tasks.finetune import classify as C
+        from refinery.tasks.train.plan import plan_finetune, plan_or_note
+
+        return C.run(b, cfg, source, log, plan_or_note(lambda: plan_finetune(cfg), log=log))
     if kind == "seq2seq" and cfg.packing:
         raise ValueError("packing=true is for causal LMs; encoder-decoder models take one example per row")
     tok = M.load_tokenizer(cfg, source)

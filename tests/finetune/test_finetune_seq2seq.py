@@ -1,6 +1,6 @@
-"""Text-to-text fine-tuning of a span-corruption (T5-style) model that the pretrain loop made,
-through the same finetune stage (full and LoRA), chosen from the model's config; a masked-LM
-encoder is refused with a clear message."""
+"""Every model pretrain makes can be fine-tuned through the same finetune stage, chosen from the
+model's config: text-to-text fine-tuning of the span-corruption (T5-style) model and classification
+fine-tuning of the masked-LM encoder (full and LoRA each)."""
 from __future__ import annotations
 
 import json
@@ -24,6 +24,10 @@ def sentinel_tokenizer(tiny_tokenizer_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def span_model(sentinel_tokenizer, sft_file, tmp_path_factory):
     """A tiny T5 model pretrained (span corruption) for a few steps by the pretrain loop: its HF folder."""
+    return _pretrained("span", sentinel_tokenizer, sft_file, tmp_path_factory)
+
+
+def _pretrained(objective, sentinel_tokenizer, sft_file, tmp_path_factory):
     import numpy as np
     import torch
     from transformers import AutoTokenizer
@@ -35,12 +39,12 @@ def span_model(sentinel_tokenizer, sft_file, tmp_path_factory):
     torch.set_num_threads(1)
     recs = json.loads(sft_file.read_text())
     texts = [f"{r['instruction']} {r['input']} {r['output']}" for r in recs] * 20
-    root = tmp_path_factory.mktemp("span")
+    root = tmp_path_factory.mktemp(objective)
     np.save(root / "t.npy", tokenize_texts(texts, sentinel_tokenizer))
     tok = AutoTokenizer.from_pretrained(str(sentinel_tokenizer))
     spec = {"kind": "array", "tokens": str(root / "t.npy"), "tokenizer_path": str(sentinel_tokenizer),
             "vocab_size": len(tok), "eos_id": tok.eos_token_id}
-    cfg = TrainConfig(objective="span", model=TINY, seq_len=32, batch_size=8, max_steps=5, warmup_steps=1,
+    cfg = TrainConfig(objective=objective, model=TINY, seq_len=32, batch_size=8, max_steps=5, warmup_steps=1,
                       lr=3e-3, eval_every=5, eval_batches=1, unigram_max_tokens=1000, device="cpu", devices=1)
     tr, va, uni = (open_reader(spec, cfg.seq_len, split=s) for s in ("train", "val", "train"))
     res = train(cfg, tr, va, root / "ck", unigram_reader=uni, log=lambda m: None, progress=False)
@@ -68,17 +72,28 @@ def test_text_to_text_finetune_of_the_span_model(span_model, sft_file, tmp_path,
     assert ds.manifest["memory_plan"]["params_total"] == sum(p.numel() for p in model.parameters())
 
 
-def test_masked_lm_encoder_is_refused(sentinel_tokenizer, sft_file, tmp_path):
-    import shutil
+@pytest.fixture(scope="module")
+def mlm_model(sentinel_tokenizer, sft_file, tmp_path_factory):
+    """A tiny masked-LM encoder pretrained for a few steps by the pretrain loop: its HF folder."""
+    return _pretrained("mlm", sentinel_tokenizer, sft_file, tmp_path_factory)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_classification_finetune_of_the_mlm_encoder(mlm_model, sft_file, tmp_path, method):
+    from transformers import AutoModelForSequenceClassification
 
     from refinery.tasks.finetune.config import FinetuneConfig
     from refinery.tasks.finetune.stage import finetune
-    from refinery.tasks.train.models import build_model
 
-    model = build_model("mlm", "tiny", 640, 32, {"eos": 0, "pad": 1, "mask": 2}, TINY)
-    model.save_pretrained(tmp_path / "mlm")
-    for f in sentinel_tokenizer.iterdir():
-        shutil.copy(f, tmp_path / "mlm" / f.name)
-    cfg = FinetuneConfig(model=str(tmp_path / "mlm"), data=str(sft_file), method="full", max_steps=2, device="cpu")
-    with pytest.raises(ValueError, match="masked-LM encoder"):
-        finetune.run(tmp_path / "s", cfg=cfg)
+    recs = json.loads(sft_file.read_text())
+    data = tmp_path / "labels.jsonl"
+    rows = [{"text": f"{r['instruction']} {r['input']}", "label": r["instruction"].split()[0].lower()} for r in recs]
+    data.write_text("\n".join(json.dumps(x) for x in rows * 3) + "\n{\"text\": \"no label\"}\n")
+    cfg = FinetuneConfig(model=mlm_model, data=str(data), method=method, lr=1e-3, head_lr=1e-2, max_steps=20,
+                         device="cpu", seq_len=32, batch_size=8, val_fraction=0.25, warmup_steps=1, eval_every=10)
+    ds = finetune.run(tmp_path / "s", cfg=cfg)
+    s = ds.manifest["stats"]
+    assert s["classes"] == ["repeat", "reverse"] and ds.counts["bad_records"] == 1
+    assert s["accuracy_after"] >= 0.9 and s["val_loss_after"] < s["val_loss_before"], (s["val_history"], s["train_loss_first"], s["train_loss_last"], s["val_loss_before"])
+    model = AutoModelForSequenceClassification.from_pretrained(ds.path)
+    assert model.config.id2label == {0: "repeat", 1: "reverse"}
