@@ -26,7 +26,7 @@ import os
 import random
 import re
 from collections import Counter
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, TypeVar
 
 ROLE_ALIASES = {
     "human": "user", "user": "user", "prompter": "user",
@@ -203,9 +203,13 @@ def load_pairs(path: str | os.PathLike, max_pairs: int | None = None) -> tuple[l
     return pairs, {"records": n + counts.get("bad_json", 0), "pairs": len(pairs), "skipped": skipped}
 
 
-def split_pairs(pairs: list[PreferencePair], eval_fraction: float, seed: int,
-                eval_max: int | None = None) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Deterministic train / held-out split (a seeded shuffle); at least one of each when possible."""
+_T = TypeVar("_T")
+
+
+def split_pairs(pairs: list[_T], eval_fraction: float, seed: int,
+                eval_max: int | None = None) -> tuple[list[_T], list[_T]]:
+    """Deterministic train / held-out split (a seeded shuffle); at least one of each when possible.
+    Any records: pairs, prompt records (GRPO), labelled examples (KTO)."""
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     n_eval = int(round(len(pairs) * eval_fraction)) if eval_fraction > 0 else 0

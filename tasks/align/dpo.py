@@ -184,6 +184,7 @@ def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequenc
                     "reward_chosen": rew_c.mean().item(), "reward_rejected": rew_r.mean().item()}
 
     def validate() -> dict:
+        assert ref_ev is not None   # only called with held-out pairs
         cur = _all_logps(model, enc_ev, pad_id, cfg.eval_batch_size)
         return _val_figures(preference_metrics(cur[0], cur[1], ref_ev[0], ref_ev[1], cur[2], cur[3], cfg.beta))
 

@@ -292,7 +292,8 @@ class GRPOTrainer:
 
     def evaluate(self, prompts: Sequence[str], columns: Sequence[dict]) -> dict:
         """Mean reward of greedy completions to held-out prompts (and each function's)."""
-        total, parts = [], {n: [] for n in self.reward_funcs}
+        total: list[float] = []
+        parts: dict[str, list[float]] = {n: [] for n in self.reward_funcs}
         for i in range(0, len(prompts), self.cfg.mini_batch_size):
             ps, cs = list(prompts[i:i + self.cfg.mini_batch_size]), list(columns[i:i + self.cfg.mini_batch_size])
             *_, texts = self.generate(ps, greedy=True)

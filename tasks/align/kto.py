@@ -150,7 +150,7 @@ def train_kto(model_dir: str, train: Sequence[UnpairedExample], held_out: Sequen
     ref_tr = _all_logps(model, enc_tr, pad_id, cfg.eval_batch_size)   # the reference: the starting model, once
     ref_ev = _all_logps(model, enc_ev, pad_id, cfg.eval_batch_size) if enc_ev else None
     before: dict = {"examples": 0}
-    if ref_ev is not None:
+    if ref_ev is not None and enc_ev is not None:
         before = kto_metrics(ref_ev[0], ref_ev[0], ref_ev[1], ref_ev[1], enc_ev.labels, cfg)
     total = total_steps(len(train), cfg, cfg.epochs)
     optim = make_optimisation(model, cfg, total)
@@ -180,6 +180,7 @@ def train_kto(model_dir: str, train: Sequence[UnpairedExample], held_out: Sequen
                 "reward_desirable": good, "reward_undesirable": bad}
 
     def validate() -> dict:
+        assert enc_ev is not None and ref_ev is not None   # only called with held-out examples
         cur = _all_logps(model, enc_ev, pad_id, cfg.eval_batch_size)
         return _val_figures(kto_metrics(cur[0], ref_ev[0], cur[1], ref_ev[1], enc_ev.labels, cfg))
 
@@ -187,7 +188,7 @@ def train_kto(model_dir: str, train: Sequence[UnpairedExample], held_out: Sequen
     done = run_loop(model, cfg, total, optim, micro_step, steps, validate if ref_ev is not None else None, stopper)
     train_seconds = time.perf_counter() - t0
     after: dict = {"examples": 0}
-    if ref_ev is not None:
+    if ref_ev is not None and enc_ev is not None:
         cur = _all_logps(model, enc_ev, pad_id, cfg.eval_batch_size)
         after = kto_metrics(cur[0], ref_ev[0], cur[1], ref_ev[1], enc_ev.labels, cfg)
     steps.close()

@@ -33,12 +33,12 @@ class _ModelAndData(StrictModel):
     max_val_examples: int | None = Field(256, ge=1, description="At most this many held-out pairs.")
     seed: int = Field(0, description="Seed of the split, initialisation, shuffling and sampling.")
 
-    @computed_field
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented computed_field pattern
     @property
     def model_id(self) -> str | None:
         return model_identity(self.model)
 
-    @computed_field
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented computed_field pattern
     @property
     def data_id(self) -> str:
         try:
@@ -70,7 +70,7 @@ class PPOStageConfig(_AlignInputs):
     reward_max_len: int = Field(160, ge=2, description="Prompt + reply tokens the reward model sees.")
     train: PPOConfig = PPOConfig()
 
-    @computed_field
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented computed_field pattern
     @property
     def reward_model_id(self) -> str | None:
         return model_identity(self.reward_model)
@@ -93,12 +93,12 @@ class GRPOStageConfig(_ModelAndData):
     reward_max_len: int = Field(160, ge=2, description="Prompt + reply tokens the reward model sees.")
     train: GRPOConfig = GRPOConfig()
 
-    @computed_field
+    @computed_field  # type: ignore[prop-decorator]  # pydantic's documented computed_field pattern
     @property
     def reward_model_id(self) -> str | None:
         return model_identity(self.reward_model) if self.reward_model else None
 
-    @computed_field
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def reward_funcs_id(self) -> dict[str, str]:
         """The source of each ``module:function`` reward function, so editing it re-runs the stage."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from refinery.tasks.align.orpo import ORPOConfig, chosen_nll, odds_ratio_loss
