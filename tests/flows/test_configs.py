@@ -7,7 +7,8 @@ from refinery.flows.cli import build_params, load_flow
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FLOW_OF = {"demo.yaml": "demo", "cc-snapshot.yaml": "curate", "pretrain-124m.yaml": "pretrain",
-           "lora.yaml": "finetune", "align-ppo.yaml": "align", "ablate-demo.yaml": "ablate"}
+           "lora.yaml": "finetune", "align-ppo.yaml": "align", "ablate-demo.yaml": "ablate",
+           "align-grpo.yaml": "align", "align-kto.yaml": "align"}
 
 
 @pytest.mark.parametrize("name", sorted(FLOW_OF))
