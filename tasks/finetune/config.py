@@ -89,6 +89,13 @@ class FinetuneSettings(LMTrainingParams):
     weights_dtype: WeightsDType = Field("auto", description="Frozen base weights' dtype for adapter methods: auto = dtype. Full fine-tuning always keeps float32 master weights.")
     merged_dtype: WeightsDType = Field("auto", description="dtype of the merged model: auto = the base config's dtype.")
     optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit"] = Field("auto", description="auto = paged 8-bit AdamW for qlora on a GPU, else torch AdamW.")
+    # -- processes
+    devices: int = Field(1, ge=1, description="Processes: more than one launches torchrun (gloo on CPU, NCCL on "
+                         "GPUs); the global batch is devices x batch_size x grad_accum (methods full and lora).")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="With devices > 1: ddp (every process holds "
+                                                    "the model) or fsdp (FSDP2 fully_shard per block, mixed "
+                                                    "precision at dtype); auto = ddp.")
+    fsdp_cpu_offload: bool = Field(False, description="fsdp: parameter shards and optimizer state in host memory.")
     # -- data
     packing: bool = Field(False, description="Pack several examples per row (position ids restart per example; no attention across examples).")
     max_records: int | None = Field(None, ge=1, description="Use only the first N valid records.")
@@ -106,6 +113,13 @@ class FinetuneSettings(LMTrainingParams):
             method = data.get("method", "lora")
             data = {**data, "lr": DEFAULT_LR.get(method, DEFAULT_LR["lora"])}
         return data
+
+    @model_validator(mode="after")
+    def _processes(self):
+        if self.devices > 1 and self.method not in ("full", "lora"):
+            raise ValueError(f"devices={self.devices}: several processes train methods full and lora "
+                             f"(not {self.method}); use devices=1")
+        return self
 
     @model_validator(mode="after")
     def _check(self):

@@ -70,6 +70,8 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
         from refinery.tasks.train.plan import plan_finetune, plan_or_note
 
         return C.run(b, cfg, source, log, plan_or_note(lambda: plan_finetune(cfg), log=log))
+    if kind != "causal" and cfg.devices > 1:
+        raise ValueError(f"devices={cfg.devices}: several processes fine-tune causal LMs only (this model is {kind})")
     if kind == "seq2seq" and cfg.packing:
         raise ValueError("packing=true is for causal LMs; encoder-decoder models take one example per row")
     tok = M.load_tokenizer(cfg, source)
@@ -113,14 +115,17 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
         seed_everything(cfg.seed)
         # live while training: <workdir>/checkpoints/<fingerprint>/metrics (a rerun starts it afresh)
         metrics_dir = checkpoint_dir(b) / METRICS_DIR
-        metrics = MetricsLog(metrics_dir, total_steps=cfg.max_steps, desc=f"finetune[{cfg.method}]", bar=True,
-                             report_to=cfg.report_to, run_config=cfg.model_dump(mode="json"), fresh=True)
-        try:
-            run = train_loop(cfg, model, train_items, val_batches, pad_id, device, compute_dtype, log, seq_len,
-                             metrics=metrics)
-        finally:
-            metrics.close()
-        metrics.plot(f"finetune {cfg.method}")
+        if cfg.devices > 1:   # torchrun workers train; their weights come back into this model
+            run = _train_on_processes(cfg, model, checkpoint_dir(b), metrics_dir, log)
+        else:
+            metrics = MetricsLog(metrics_dir, total_steps=cfg.max_steps, desc=f"finetune[{cfg.method}]", bar=True,
+                                 report_to=cfg.report_to, run_config=cfg.model_dump(mode="json"), fresh=True)
+            try:
+                run = train_loop(cfg, model, train_items, val_batches, pad_id, device, compute_dtype, log, seq_len,
+                                 metrics=metrics)
+            finally:
+                metrics.close()
+            metrics.plot(f"finetune {cfg.method}")
         val_after = evaluate(model, val_batches, device, compute_dtype)
         samples_after = generate_samples(model, tok, sample_ex, device, cfg.sample_max_new_tokens,
                                          no_cache=cfg.method == "prefix_tuning", max_prompt_tokens=seq_len)
@@ -176,6 +181,28 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
     }
     _report_artifact(cfg, counts, stats)
     return StageOutput(counts=counts, stats=stats, extra=extra)
+
+
+def _train_on_processes(cfg: FinetuneConfig, model, ckpt_dir, metrics_dir, log) -> dict:
+    """Train on ``cfg.devices`` torchrun processes (refinery.tasks.finetune.worker: DDP or FSDP),
+    then load the trained weights they gathered into ``model``."""
+    import torch
+
+    from refinery.tasks.train.distributed import launch
+
+    log(f"finetune[{cfg.method}]: launching {cfg.strategy if cfg.strategy != 'auto' else 'ddp'} on "
+        f"{cfg.devices} processes (torchrun)")
+    spec = {"config": cfg.model_dump(mode="json"), "metrics_dir": str(metrics_dir)}
+    run = launch(spec, cfg.devices, ckpt_dir, module="refinery.tasks.finetune.worker")
+    state = torch.load(ckpt_dir / "trained.pt", map_location="cpu", weights_only=True)
+    missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(state)
+    if missing:
+        raise RuntimeError(f"the workers returned no weights for {sorted(missing)[:5]}")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    return run
 
 
 def summary_markdown(cfg: FinetuneConfig, counts: dict, stats: dict) -> str:

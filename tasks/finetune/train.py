@@ -192,21 +192,37 @@ def _optimizer_step(cfg: FinetuneConfig, model, window: list[Batch], st: LoopSta
     Returns the gradient norm (None without clipping)."""
     import torch
 
+    import contextlib
+
+    from refinery.tasks.train import distributed as dist
+    from refinery.tasks.train.fsdp import is_sharded, to_float
+
     optimizer, scheduler, scaler, params = opt
-    n_window = sum(b.n_labels for b in window)
+    rank, world, _ = dist.env()
+    n_window = sum(b.n_labels for b in window)      # the *global* window: every rank sees all of it
+    mine = window[rank::world]                       # this rank's micro-batches
+    sharded = world > 1 and is_sharded(model)
     step_loss = 0.0
-    for b in window:
+    for i, b in enumerate(mine):
         b = b.to(device)
-        with autocast_ctx(device, compute_dtype):
-            loss_sum, _ = token_loss_sum(model, b)
-        loss = loss_sum / max(n_window, 1)
-        (scaler.scale(loss) if scaler else loss).backward()
+        last = i == len(mine) - 1
+        if sharded:
+            model.set_requires_gradient_sync(last)
+        sync = contextlib.nullcontext() if last or world == 1 or sharded else model.no_sync()
+        with sync:
+            with autocast_ctx(device, compute_dtype):
+                loss_sum, _ = token_loss_sum(model, b)
+            # DDP and FSDP average gradients over ranks: times world makes it the window's token mean
+            loss = loss_sum / max(n_window, 1) * world
+            (scaler.scale(loss) if scaler else loss).backward()
         step_loss += float(loss_sum.detach())
-        st.tokens += b.n_tokens
-        st.label_tokens += b.n_labels
+    if world > 1:   # the window's loss: every rank's share summed
+        step_loss = float(dist.mean(torch.tensor(step_loss, dtype=torch.float64))) * world
+    st.tokens += sum(b.n_tokens for b in window)
+    st.label_tokens += n_window
     if scaler:
         scaler.unscale_(optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else None
+    grad_norm = to_float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else None
     st.lrs.append(optimizer.param_groups[0]["lr"])
     if scaler:
         scaler.step(optimizer)
@@ -266,11 +282,14 @@ def train_loop(cfg: FinetuneConfig, model, train_items: Sequence[Encoded], val_b
     stream = _micro_batches(cfg, train_items, pad_id, seq_len or cfg.seq_len)
     if metrics is None:
         metrics = MetricsLog(None, total_steps=cfg.max_steps, desc=f"finetune[{cfg.method}]", bar=True)
+    from refinery.tasks.train import distributed as dist
+
+    world = dist.env()[1]
     st = LoopState()
     model.train()
     for st.step in range(1, cfg.max_steps + 1):
         t0 = time.perf_counter()
-        window = [next(stream) for _ in range(cfg.grad_accum)]
+        window = [next(stream) for _ in range(cfg.grad_accum * world)]   # the global window
         st.epoch = window[-1][0]
         grad_norm = _optimizer_step(cfg, model, [b for _, b in window], st, opt, device, compute_dtype)
         if device.type == "cuda":

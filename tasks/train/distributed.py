@@ -128,8 +128,10 @@ def rendezvous_args(run_id: str) -> list[str]:
             "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={run_id}"]
 
 
-def launch(spec: dict, nproc: int, workdir: str | Path, timeout: float | None = None) -> dict:
-    """Run the training spec on ``nproc`` processes with torchrun and return rank 0's result."""
+def launch(spec: dict, nproc: int, workdir: str | Path, timeout: float | None = None,
+           module: str = "refinery.tasks.train.worker") -> dict:
+    """Run the training spec on ``nproc`` processes with torchrun (``module``: the worker program,
+    pretrain's by default, finetune's ``refinery.tasks.finetune.worker``) and return rank 0's result."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, result_path = workdir / "launch.json", workdir / "result.json"
@@ -141,7 +143,7 @@ def launch(spec: dict, nproc: int, workdir: str | Path, timeout: float | None = 
     tmp.write_text(json.dumps(spec, indent=2, default=str))
     os.replace(tmp, spec_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous_args(workdir.name),
-           f"--nproc_per_node={nproc}", "-m", "refinery.tasks.train.worker", str(spec_path)]
+           f"--nproc_per_node={nproc}", "-m", module, str(spec_path)]
     env_ = dict(os.environ)
     env_.setdefault("OMP_NUM_THREADS", "1")
     root = str(Path(__file__).resolve().parents[2])
