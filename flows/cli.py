@@ -108,7 +108,7 @@ def build_params(flow, config_file: str | None, sets: list[str], workdir: str | 
     try:
         return flow.params_cls.model_validate(data)
     except ValidationError as e:
-        raise SystemExit(f"refinery: invalid parameters for flow {flow.name!r}:\n{explain(flow.name, flow.params_cls, e)}\n"
+        raise SystemExit(f"refinery: invalid parameters for flow {flow.name!r}:\n{explain(flow.name, flow.params_cls, e, data)}\n"
                          f"(all parameters: refinery run {flow.name} --help)") from None
 
 

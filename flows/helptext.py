@@ -240,12 +240,20 @@ def _did_you_mean(model: type[BaseModel], loc: tuple, sections: bool) -> list[st
     return list(dict.fromkeys(out))[:3]
 
 
-def _one_error(flow: str, model: type[BaseModel], err: dict) -> str:
+def _method_section(model: type[BaseModel], data: dict | None) -> str | None:
+    """The section named after the chosen ``method`` (align: ``dpo``, ``grpo`` ...), if the model has one."""
+    method = (data or {}).get("method")
+    return method if isinstance(method, str) and method in model.model_fields else None
+
+
+def _one_error(flow: str, model: type[BaseModel], err: dict, section: str | None = None) -> str:
     loc = tuple(err.get("loc", ()))
     name = loc_name(loc)
     kind = err.get("type", "")
     if kind == "extra_forbidden":
         close = _did_you_mean(model, loc, sections=isinstance(err.get("input"), dict))
+        if section and len(loc) == 1 and f"{section}.{loc[0]}" in dotted_names(model):
+            close = list(dict.fromkeys([f"{section}.{loc[0]}", *close]))[:3]
         if close:
             return f"unknown parameter {name!r}: did you mean {' or '.join(repr(c) for c in close)}?"
         level = model_at(model, loc[:-1])
@@ -287,9 +295,11 @@ def _short(v: Any, limit: int = 60) -> str:
     return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
-def explain(flow: str, model: type[BaseModel], error: ValidationError) -> str:
-    """A ValidationError as one line per problem, dotted names, suggestions and examples."""
-    lines = [_one_error(flow, model, dict(e)) for e in error.errors()]
+def explain(flow: str, model: type[BaseModel], error: ValidationError, data: dict | None = None) -> str:
+    """A ValidationError as one line per problem, dotted names, suggestions and examples. With the
+    parameters given (``data``), a top-level key that belongs in the chosen method's section
+    (``max_steps`` on align with ``method=grpo``) points there first."""
+    lines = [_one_error(flow, model, dict(e), _method_section(model, data)) for e in error.errors()]
     return "\n".join(f"  - {line}" for line in dict.fromkeys(lines))
 
 

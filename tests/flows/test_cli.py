@@ -100,6 +100,9 @@ def test_did_you_mean_for_keys_and_flows():
         build_params(pretrain_flow, None, ["lerning_rate=1e-3", "input=x"], None)
     with pytest.raises(SystemExit, match=r"unknown parameter 'ppo.kl_coeff': did you mean 'ppo.kl_coef'"):
         build_params(align_flow, None, ["ppo.kl_coeff=0.5", "input=m", "data=d"], None)
+    # a trainer knob given flat on align points at the chosen method's section first
+    with pytest.raises(SystemExit, match=r"unknown parameter 'max_steps': did you mean 'grpo.max_steps'"):
+        build_params(align_flow, None, ["max_steps=10", "method=grpo", "input=m", "data=d"], None)
     with pytest.raises(SystemExit, match=r"unknown flow 'curat'; did you mean 'curate'\?"):
         main(["run", "curat"])
     with pytest.raises(SystemExit, match=r"method: Input should be 'ppo' or 'dpo' \(got 'dop'\); did you mean 'dpo'\?"):
