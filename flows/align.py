@@ -107,7 +107,7 @@ def _lineage(*paths: str | None) -> list[str]:
 
 @refinery_flow("align", AlignParams)
 def align_flow(p: AlignParams) -> dict:
-    """Align a model with DPO on preference pairs, PPO against a (trained) reward model, or GRPO with reward functions."""
+    """Align a model: DPO or ORPO on preference pairs, KTO on labelled replies, PPO against a reward model, GRPO with reward functions."""
     stages = {}
     with gpu_slot():
         if p.method == "dpo":

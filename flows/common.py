@@ -41,7 +41,7 @@ FLOW_SUMMARIES = {
     "tokenize": "Train (or load) a tokenizer and tokenize a documents dataset into memory-mappable token shards.",
     "pretrain": "Pretrain a causal LM (or MLM / T5 span corruption) from config on token datasets.",
     "finetune": "Fine-tune a causal LM on instructions (full, LoRA, QLoRA, IA3, LLaMA-Adapter, prompt or prefix tuning).",
-    "align": "Align a model on preference pairs with DPO, or with PPO against a (trained) reward model.",
+    "align": "Align a model: DPO or ORPO on preference pairs, KTO on labelled replies, PPO against a reward model, GRPO with reward functions.",
     "pipeline": "End to end: curate a crawl, tokenize it, pretrain, fine-tune, and align.",
     "demo": "Generate a small deterministic crawl and run curate, tokenize, pretrain, finetune and align on it.",
     "evaluate": "Compare models: held-out bits per byte and perplexity, lm-eval benchmarks, generation samples.",
