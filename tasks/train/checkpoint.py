@@ -293,6 +293,8 @@ def prune(root: str | Path, keep_last: int, keep: frozenset[int] | set[int] = fr
             shutil.rmtree(p, ignore_errors=True)
     for p in root.glob(".trash-step-*"):
         shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".dcp-step-*"):   # FSDP shards of a save that died before the rename (prune runs after a save)
+        shutil.rmtree(p, ignore_errors=True)
     return removed
 
 
