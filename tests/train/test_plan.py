@@ -124,3 +124,18 @@ def test_cli_plan_pretrain_fsdp(token_dataset, capsys):
     assert one["params_total"] == two["params_total"] > 1_000_000
     assert two["bytes"]["parameters"] == one["bytes"]["parameters"] // 2
     assert two["bytes"]["optimizer"] == one["bytes"]["optimizer"] // 2
+
+
+def test_stage_that_cannot_fit_stops_before_loading(tiny_causal_lm_dir, tmp_path):
+    """The finetune stage prints the plan and stops with it (and what to change) before the model loads."""
+    from refinery.tasks.finetune.config import FinetuneConfig
+    from refinery.tasks.finetune.stage import finetune
+
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"instruction": f"say {i}", "input": "", "output": str(i)} for i in range(8)]))
+    cfg = FinetuneConfig(model=str(tiny_causal_lm_dir), data=str(data), method="full", batch_size=200_000,
+                         seq_len=256, device="cpu", max_steps=1)
+    with pytest.raises(MemoryError) as e:
+        finetune.run(tmp_path / "s", cfg=cfg)
+    assert "DOES NOT FIT" in str(e.value) and "grad_checkpointing=true" in str(e.value)
+    assert not list((tmp_path / "s").glob("finetune/*/manifest.json")), "nothing published"
