@@ -202,13 +202,16 @@ def run_variant(name: str, curate: CurateParams, shared: Shared, curated: dict |
     curated = curated or load_flow("curate").run_params(curate)
     res.curate = _curate_outputs(curated)
     docs = Dataset.open(curated["primary"])
+    skip: list = []
     with make_runner(shared.task_runner) as runner:
         if shared.heldout_source:
             cfg = DecontamConfig(sources=[shared.heldout_source], n=shared.heldout_ngram or 13)
             docs = decontam_stages(shared.workdir, docs, cfg, runner=runner)["decontaminate"]
             res.trained_docs = docs.path
+        else:   # no n-gram step: the tokenize stage still skips the held-out documents themselves (by id)
+            skip = [Dataset.open(shared.heldout)]
         tok_cfg = TokenizeConfig.model_validate(shared.tokenize)
-        tokens = Tokenize.call(shared.workdir, [docs, Dataset.open(shared.tokenizer)], tok_cfg, runner=runner)
+        tokens = Tokenize.call(shared.workdir, [docs, Dataset.open(shared.tokenizer), *skip], tok_cfg, runner=runner)
     res.tokens = tokens.path
     for seed in shared.seeds:
         res.models[seed] = train(tokens.path, seed, shared)

@@ -101,7 +101,7 @@ def _write(b, rel: str, rows: list[dict], columns: tuple[str, ...]) -> None:
                                  for c in columns}))
 
 
-@stage("ablation", version="1")
+@stage("ablation", version="2")
 def ablation(b, inputs, cfg: AblationConfig) -> StageOutput:
     """inputs = every dataset of the ablation, described by ``cfg.entries`` -> rows, summary, plot."""
     from pathlib import Path

@@ -55,13 +55,19 @@ def data_rows(variant: str, curate: Sequence[tuple[str, dict]], trained: tuple[s
     curated = curate[-1][1].get("docs_out") if curate else None
     row("docs_ingested", by_stage.get("ingest", {}).get("docs_out"))
     row("docs_curated", curated)
-    row("docs_trained", trained[1].get("docs_out") if trained else curated)
+    skipped = tokens.get("held_out", 0) or 0   # held-out documents the tokenize stage skipped by id
+    if trained:
+        row("docs_trained", trained[1].get("docs_out"))
+    elif isinstance(curated, (int, float)):
+        row("docs_trained", curated - skipped)
     row("tokens", tokens.get("tokens"))
     for stage, counts in curate:
         for reason, n in drop_reasons(stage, counts).items():
             row(f"dropped:{reason}", n)
     if trained:   # documents sharing an n-gram with the held-out documents (copies, near-copies)
         row("dropped:heldout_overlap", trained[1].get("dropped", 0))
+    elif skipped:
+        row("dropped:heldout", skipped)
     return out
 
 

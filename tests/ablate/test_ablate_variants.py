@@ -87,3 +87,19 @@ def test_heldout_texts_become_a_stable_decontamination_source(tmp_path):
     assert path.read_text() == '{"text": "one two"}\n{"text": "three"}\n'   # empty texts left out
     mtime = path.stat().st_mtime_ns
     assert heldout_jsonl(ds, tmp_path / "inputs") == path and path.stat().st_mtime_ns == mtime   # not rewritten
+
+
+def test_data_rows_count_what_each_step_kept_out():
+    from refinery.tasks.ablate.table import data_rows
+
+    curate = [("ingest", {"docs_out": 10, "dropped": {"http_status": 1}}),
+              ("filter", {"docs_out": 9, "dropped": 1, "dropped_by_rule": {"url": 1}}),
+              ("dedup", {"docs_out": 8, "dropped": {"exact_duplicate": 1, "near_duplicate": 0}})]
+    got = {r["metric"]: r["value"] for r in data_rows("v", curate, ("decontaminate", {"docs_out": 6, "dropped": 2}),
+                                                      {"tokens": 100})}
+    assert got == {"docs_ingested": 10, "docs_curated": 8, "docs_trained": 6, "tokens": 100, "dropped:http_status": 1,
+                   "dropped:url": 1, "dropped:exact_duplicate": 1, "dropped:near_duplicate": 0,
+                   "dropped:heldout_overlap": 2}
+    # without the n-gram step the tokenize stage skips the held-out documents by id
+    got = {r["metric"]: r["value"] for r in data_rows("v", curate, None, {"tokens": 90, "held_out": 3})}
+    assert got["docs_trained"] == 5 and got["dropped:heldout"] == 3 and "dropped:heldout_overlap" not in got
