@@ -572,7 +572,8 @@ def run_engine_batch(items: list[dict], job: ShardJob | bytes) -> list:
 def shard_batches(n: int, slots: int | None) -> list[list[int]]:
     """Shard indices in engine tasks: one shard per task while there are fewer than
     ``BATCHES_PER_SLOT`` per worker slot (a 1,000 x 16-thread cluster runs a snapshot of 90,000
-    files one file per task), else batches of neighbours spread round-robin. An engine task costs
+    files one file per task), else batches, the shards dealt round-robin (neighbours, often of
+    similar size, land in different batches). An engine task costs
     the scheduler about a millisecond whatever it holds (more on a loaded machine), which a
     10,000-shard stage of tiny shards on 2 workers would otherwise spend mostly on scheduling."""
     if n == 0:
