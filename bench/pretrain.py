@@ -206,7 +206,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
     try:
         texts, source = corpus()
-        tok_dir = train_tokenizer(texts, args.vocab, work / "tok") if not args.tokens else None
+        if not args.tokens:   # the child runs read it from work/tok
+            train_tokenizer(texts, args.vocab, work / "tok")
         dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
         print(f"bench/pretrain: preset {args.preset}, seq_len {args.seq_len}, batch {args.batch_size}, "
               f"{args.steps} steps (timed after {args.warmup}), device {dev}, corpus {args.tokens or source}")

@@ -414,7 +414,7 @@ def encode_all(tokenizer, examples: Sequence[Example], seq_len: int, report: Rea
                progress: bool = False) -> tuple[list[Encoded], dict]:
     """Encode examples; count truncations and drop examples left without any response token."""
     out: list[Encoded] = []
-    counts = Counter()
+    counts: Counter[str] = Counter()
     it: Iterable = examples
     if progress:
         from tqdm.auto import tqdm

@@ -139,8 +139,8 @@ def peft_config(cfg: FinetuneConfig, model):
     from peft import (AdaptionPromptConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig,
                       TaskType)
 
-    if getattr(model.config, "is_encoder_decoder", False):   # the same methods, PEFT's seq2seq task
-        TaskType = _Seq2SeqTask  # noqa: N806
+    # the same methods on an encoder-decoder get PEFT's seq2seq task
+    task: Any = _Seq2SeqTask if getattr(model.config, "is_encoder_decoder", False) else TaskType
 
     m = cfg.method
     if m == "full":
@@ -148,7 +148,7 @@ def peft_config(cfg: FinetuneConfig, model):
     if m in ("lora", "qlora"):
         lora = cfg.lora
         targets = lora.target_modules if lora.target_modules is not None else attention_targets(model)
-        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora.r, lora_alpha=lora.alpha,
+        return LoraConfig(task_type=task.CAUSAL_LM, r=lora.r, lora_alpha=lora.alpha,
                           lora_dropout=lora.dropout, target_modules=targets, use_dora=lora.use_dora,
                           bias="none")
     if m == "ia3":
@@ -160,18 +160,20 @@ def peft_config(cfg: FinetuneConfig, model):
             if targets != "all-linear":
                 names = [targets] if isinstance(targets, str) else list(targets)
                 kw["feedforward_modules"] = [n for n in names if re.search(r"down|fc2|c_proj|dense_4h", n)]
-        return IA3Config(task_type=TaskType.CAUSAL_LM, **kw)
+        return IA3Config(task_type=task.CAUSAL_LM, **kw)
     if m == "llama_adapter":
         n_layers = getattr(model.config, "num_hidden_layers", None)
         layers = cfg.adapter_layers or n_layers
+        if layers is None:
+            raise ValueError("llama_adapter: set adapter_layers (the model's config names no num_hidden_layers)")
         if n_layers is not None:
             layers = min(layers, n_layers)
-        return AdaptionPromptConfig(task_type=TaskType.CAUSAL_LM, adapter_len=cfg.adapter_len,
+        return AdaptionPromptConfig(task_type=task.CAUSAL_LM, adapter_len=cfg.adapter_len,
                                     adapter_layers=layers)
     if m == "prompt_tuning":
-        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+        return PromptTuningConfig(task_type=task.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
     if m == "prefix_tuning":
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+        return PrefixTuningConfig(task_type=task.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
     raise ValueError(f"unknown method {m!r}")
 
 

@@ -64,7 +64,8 @@ def _ids(tok, text: str, limit: int) -> tuple[list[int], bool]:
 
 def encode_all(tok, examples: Sequence, seq_len: int, report=None, progress: bool = False):
     """Source and answer ids of each example (each cut to ``seq_len`` with its EOS)."""
-    out, counts = [], Counter()
+    out: list = []
+    counts: Counter[str] = Counter()
     for ex in examples:
         src, tgt = source_and_target(ex.messages)
         s, cut_s = _ids(tok, src, seq_len)

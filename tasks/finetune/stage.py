@@ -88,7 +88,7 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
     sample_ex = [e for e in val_ex if e.record in val_records][: cfg.num_samples]
     pad_id = tok.pad_token_id
     val_batches = (D.make_batches(val_items, cfg.batch_size, pad_id, packing=False, seq_len=seq_len)
-                   if kind == "causal" else S.make_batches(val_items, cfg.batch_size, pad_id))
+                   if kind == "causal" else S.make_batches(val_items, cfg.batch_size, pad_id))  # type: ignore[arg-type]  # seq2seq items
     log(f"finetune[{cfg.method}]: {report.records} records ({report.bad} bad), {len(train_items)} train / "
         f"{len(val_items)} validation examples, {train_counts.get('truncated', 0) + val_counts.get('truncated', 0)} "
         f"truncated to {seq_len} tokens, chat template: {template}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 from refinery.tasks.finetune.config import FinetuneConfig
 from refinery.tasks.finetune.data import IGNORE, Batch, Encoded, make_batches, prompt_and_reference, render
@@ -177,7 +177,7 @@ def _micro_batches(cfg: FinetuneConfig, train_items: Sequence[Encoded], pad_id: 
     epoch = 0
     while True:
         seed = cfg.seed * 1000 + epoch
-        batches = (S.make_batches(train_items, cfg.batch_size, pad_id, seed=seed)
+        batches = (S.make_batches(cast(Sequence[S.S2SEncoded], train_items), cfg.batch_size, pad_id, seed=seed)
                    if train_items and isinstance(train_items[0], S.S2SEncoded)
                    else make_batches(train_items, cfg.batch_size, pad_id, cfg.packing, seq_len, seed=seed))
         for b in batches:

@@ -27,7 +27,7 @@ def blocks(model) -> list:
     alike (Llama/ModernBERT ``layers``, T5 ``block`` of encoder and decoder)."""
     import torch
 
-    out = []
+    out: list = []
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
             kinds = {type(m) for m in module}
@@ -45,7 +45,7 @@ def shard_model(model, compute_dtype, cpu_offload: bool = False):
     # compute in the run's dtype, keep float32 master shards, reduce gradients in float32
     mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
                               reduce_dtype=torch.float32)
-    kw = {"mp_policy": mp}
+    kw: dict = {"mp_policy": mp}
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
     units = blocks(model)
@@ -104,7 +104,7 @@ def load_sharded(model, optimizer, folder: str | Path, with_optimizer: bool = Tr
                                                          set_state_dict)
 
     if not with_optimizer:
-        state = {"model": get_model_state_dict(model)}
+        state: dict = {"model": get_model_state_dict(model)}
         dcp.load(state, checkpoint_id=str(folder))
         set_model_state_dict(model, state["model"])
         return

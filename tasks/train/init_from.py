@@ -66,7 +66,7 @@ def content_sha(tokenizer_json: Path) -> str | None:
 
 def _specials(tok) -> dict[str, Any]:
     names = ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")
-    out = {n: (getattr(tok, n), getattr(tok, n + "_id")) for n in names}
+    out: dict[str, Any] = {n: (getattr(tok, n), getattr(tok, n + "_id")) for n in names}
     extra = getattr(tok, "extra_special_tokens", None) or getattr(tok, "additional_special_tokens", None) or []
     out["extra_special_tokens"] = sorted(str(t) for t in extra)   # transformers 5 name; 4.x: additional_...
     return out
@@ -105,9 +105,9 @@ def tokenizer_problems(model_path: str, model_vocab: int, data_tokenizer: str, d
     if m_json is not None and m_json.is_file() and d_json.is_file():
         same_bytes = _file_sha(m_json) == _file_sha(d_json)
         if not same_bytes and content_sha(m_json) != content_sha(d_json):
-            problems.append(f"tokenizer hash: the data's tokenizer.json (sha256 {_file_sha(d_json)[:12]}, content "
-                            f"{content_sha(d_json)[:12]}) is not the model's (sha256 {_file_sha(m_json)[:12]}, "
-                            f"content {content_sha(m_json)[:12]})")
+            problems.append(f"tokenizer hash: the data's tokenizer.json (sha256 {(_file_sha(d_json) or '')[:12]}, content "
+                            f"{(content_sha(d_json) or '')[:12]}) is not the model's (sha256 {(_file_sha(m_json) or '')[:12]}, "
+                            f"content {(content_sha(m_json) or '')[:12]})")
     elif model_tok.get_vocab() != data_tok.get_vocab():
         problems.append("tokenizer hash: the data's vocabulary differs from the model's")
     sm, sd = _specials(model_tok), _specials(data_tok)

@@ -96,11 +96,11 @@ def model_shape(config, objective: str = "clm") -> ModelShape:
     blocks = [m for n, m in model.named_modules() if n.count(".") >= 1 and n.rsplit(".", 1)[-1].isdigit()]
     largest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=total)
     c = config
-    hidden = getattr(c, "hidden_size", None) or getattr(c, "d_model")
-    heads = getattr(c, "num_attention_heads", None) or getattr(c, "num_heads")
+    hidden = getattr(c, "hidden_size", None) or c.d_model
+    heads = getattr(c, "num_attention_heads", None) or c.num_heads
     kv = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or getattr(c, "d_kv", None) or hidden // heads
-    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "num_layers")
+    layers = getattr(c, "num_hidden_layers", None) or c.num_layers
     if getattr(c, "is_encoder_decoder", False):
         layers = layers + (getattr(c, "num_decoder_layers", None) or layers)
     return ModelShape(total=total, linear=linear, embedding=model.get_input_embeddings().weight.numel(),

@@ -24,7 +24,7 @@ def main(model_dir: str, method: str, batch: int, seq: int, ckpt: bool | None) -
     from refinery.tasks.finetune import methods as M
     from refinery.tasks.finetune.config import FinetuneConfig
     from refinery.tasks.train.common import peak_rss_mb, rss_mb
-    from refinery.tasks.train.plan import estimate, model_shape, plan_finetune
+    from refinery.tasks.train.plan import plan_finetune
 
     cfg = FinetuneConfig(model=model_dir, data="unused.jsonl", method=method, batch_size=batch, seq_len=seq,
                          device="cpu", grad_checkpointing=ckpt)   # None: the method's default (on for qlora)

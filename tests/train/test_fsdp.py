@@ -113,7 +113,7 @@ def test_two_launchers_as_two_nodes_match_one_node(curves, corpus_tokens, tmp_pa
                                    REFINERY_RDZV_ENDPOINT=f"127.0.0.1:{port}"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     node0 = json.loads(outs[0][0].split("RESULT ", 1)[1])
     node1 = json.loads(outs[1][0].split("RESULT ", 1)[1])
