@@ -99,7 +99,7 @@ class AblateParams(FlowParams):
                                   "(the pretrain flow's parameters less input), e.g. preset, max_steps.")
     seeds: list[int] | None = Field(None, description="Pretrain each variant once per seed and report mean and "
                                     "spread; null: [pretrain.seed].")
-    evaluate: EvaluateSection = Field(default_factory=lambda: EvaluateSection(prompts=[]),  # type: ignore[valid-type]
+    evaluate: EvaluateSection = Field(default_factory=lambda: EvaluateSection(prompts=[]),  # type: ignore[valid-type, call-arg]
                                       description="The evaluation of every model (the evaluate flow's parameters "
                                       "less input and data), e.g. tasks, limit; prompts: [] skips generation samples.")
     parallel: int | None = Field(None, ge=1, description="Variants run at once (their data stages; training and "
@@ -143,7 +143,7 @@ def curate_configs(p: AblateParams, input_: str = "<input>") -> dict[str, Curate
     from refinery.flows.helptext import explain
     from refinery.tasks.ablate.variants import variant_configs
 
-    base = p.curate.model_dump(exclude_unset=True, exclude_computed_fields=True)
+    base = p.curate.model_dump(exclude_unset=True, exclude_computed_fields=True)  # type: ignore[attr-defined]  # a section model built at import
     merged = variant_configs(base, p.variants, p.base_name, forbidden=SHARED_CURATE)
     out, errors = {}, []
     for name, cfg in merged.items():
@@ -353,7 +353,8 @@ def base_phase(p: AblateParams, base: CurateParams) -> tuple[dict, Shared]:
                     heldout_source=source, heldout_ngram=p.heldout_ngram,
                     tokenize=p.tokenize.model_dump(mode="json", exclude_computed_fields=True),
                     pretrain=p.pretrain.model_dump(mode="json", exclude_computed_fields=True),
-                    seeds=p.seed_list(), evaluate=p.evaluate.model_dump(mode="json", exclude_computed_fields=True))
+                    seeds=p.seed_list(),
+                    evaluate=p.evaluate.model_dump(mode="json", exclude_computed_fields=True))  # type: ignore[attr-defined]
     return curated, shared
 
 

@@ -82,7 +82,7 @@ def check_name(name: str, base_name: str) -> None:
 
 
 def variant_configs(base: dict[str, Any], variants: dict[str, dict[str, Any]], base_name: str,
-                    forbidden: set[str] = frozenset()) -> dict[str, dict[str, Any]]:
+                    forbidden: frozenset[str] | set[str] = frozenset()) -> dict[str, dict[str, Any]]:
     """``{base_name: base, name: base + overrides, ...}`` in the given order (base first).
 
     ``forbidden``: top-level keys a variant may not override (what the flow supplies, e.g. the
