@@ -131,7 +131,16 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """The process's high-water resident set (Linux reports KiB, macOS bytes)."""
+    """The process's high-water resident set, in MiB. On Linux the image's own ``VmHWM``: its
+    ``ru_maxrss`` carries the parent's peak across fork and exec (a probe started by a big test
+    process would report the parent's size). Elsewhere ``ru_maxrss`` (macOS reports bytes)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 2**20 if os.uname().sysname == "Darwin" else r / 1024
 

@@ -1,4 +1,5 @@
-"""Peak-memory probe of the memory planner's check (run as a subprocess: ru_maxrss is per process).
+"""Peak-memory probe of the memory planner's check (run as a subprocess, so the peak is its own:
+``peak_rss_mb`` reads the image's VmHWM, which, unlike ru_maxrss, does not start at the parent's peak).
 
     python tests/train/plan_probe.py MODEL_DIR METHOD BATCH SEQ [GRAD_CKPT: 1 | 0; default: the method's]
 

@@ -139,3 +139,16 @@ def test_stage_that_cannot_fit_stops_before_loading(tiny_causal_lm_dir, tmp_path
         finetune.run(tmp_path / "s", cfg=cfg)
     assert "DOES NOT FIT" in str(e.value) and "grad_checkpointing=true" in str(e.value)
     assert not list((tmp_path / "s").glob("finetune/*/manifest.json")), "nothing published"
+
+
+def test_peak_rss_is_the_process_own_not_the_parents():
+    """A child started by a large process (pytest after many tests) reports its own peak: Linux's
+    ru_maxrss carries the parent's across fork and exec, which once made every probe read ~1.2 GB."""
+    import sys
+
+    big = bytearray(400 * 2**20)
+    big[::4096] = b"\1" * len(big[::4096])   # touch every page: the parent is now >= 400 MB resident
+    code = "from refinery.tasks.train.common import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    del big
+    assert child < 200
