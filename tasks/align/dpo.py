@@ -18,9 +18,8 @@ from typing import Callable, Sequence
 
 from pydantic import Field
 
-from refinery.tasks.align.common import (LoraSettings, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
-                                model_device, pad, pick_device, position_ids, seed_everything, step_metrics,
-                                token_logprobs, torch_dtype)
+from refinery.tasks.align.common import (LoraSettings, TrainResult, count_params, encode_reply, load_policy,
+                                         model_device, pad, position_ids, step_metrics, token_logprobs)
 from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
 from refinery.tasks.align.practice import EarlyStopping, make_optimisation, micro_batches, run_loop, total_steps
 from refinery.tasks.train.config import ScheduleParams
@@ -133,21 +132,10 @@ def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequenc
     Per-step metrics go to ``log_dir`` (refinery.tasks.train.metrics; in memory only when None),
     with the held-out figures as validation rows at step 0 and at the last step."""
     import torch
-    from transformers import AutoModelForCausalLM
-
-    from refinery.tasks.train.common import PeakMemory
 
     if not train:
         raise ValueError("DPO: no training pairs")
-    seed_everything(seed)
-    tok = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(cfg.dtype))
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora, "CAUSAL_LM")
-    device = pick_device(cfg.device)
-    mem = PeakMemory(device).start()
-    model.to(device)
-    model.eval()  # no dropout: reference and policy log-probs comparable
+    tok, model, device, mem = load_policy(model_dir, cfg, seed)
     pad_id = tok.pad_token_id
     enc_tr = encode_pairs(tok, train, cfg.max_prompt_len, cfg.max_len)
     enc_ev = encode_pairs(tok, held_out, cfg.max_prompt_len, cfg.max_len)

@@ -23,8 +23,8 @@ from typing import Callable, Sequence
 
 from pydantic import Field
 
-from refinery.tasks.align.common import (LoraSettings, TrainResult, apply_lora, count_params, encode_reply,
-                                         load_tokenizer, pick_device, seed_everything, step_metrics, torch_dtype)
+from refinery.tasks.align.common import (LoraSettings, TrainResult, count_params, encode_reply, load_policy,
+                                         step_metrics)
 from refinery.tasks.align.data import UnpairedExample, render_prompt, render_reply
 from refinery.tasks.align.dpo import reply_logps
 from refinery.tasks.align.practice import EarlyStopping, make_optimisation, micro_batches, run_loop, total_steps
@@ -129,21 +129,11 @@ def train_kto(model_dir: str, train: Sequence[UnpairedExample], held_out: Sequen
     """KTO of the model in ``model_dir`` on labelled ``train`` examples; held-out figures before,
     every ``eval_every`` steps, and after."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from refinery.tasks.train.common import PeakMemory
 
     if len(train) < 2:
         raise ValueError("KTO: at least 2 training examples (the KL reference point needs mismatched pairs)")
-    seed_everything(seed)
-    tok = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(cfg.dtype))
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora, "CAUSAL_LM")
-    device = pick_device(cfg.device)
-    mem = PeakMemory(device).start()
-    model.to(device)
-    model.eval()   # no dropout: reference and policy log-probs comparable
+    tok, model, device, mem = load_policy(model_dir, cfg, seed)
     pad_id = tok.pad_token_id
     enc_tr = encode_examples(tok, train, cfg.max_prompt_len, cfg.max_len)
     enc_ev = encode_examples(tok, held_out, cfg.max_prompt_len, cfg.max_len) if len(held_out) >= 2 else None

@@ -19,9 +19,8 @@ from typing import Callable, Sequence
 
 from pydantic import Field
 
-from refinery.tasks.align.common import (LoraSettings, TrainResult, apply_lora, count_params, load_tokenizer,
-                                         model_device, pad, pick_device, position_ids, seed_everything, step_metrics,
-                                         token_logprobs, torch_dtype)
+from refinery.tasks.align.common import (LoraSettings, TrainResult, count_params, load_policy, model_device,
+                                         pad, position_ids, step_metrics, token_logprobs)
 from refinery.tasks.align.data import PreferencePair
 from refinery.tasks.align.dpo import encode_pairs
 from refinery.tasks.align.practice import EarlyStopping, make_optimisation, micro_batches, run_loop, total_steps
@@ -113,20 +112,10 @@ def train_orpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequen
     """ORPO of the model in ``model_dir`` on ``train`` pairs; held-out figures before, every
     ``eval_every`` steps, and after."""
     import torch
-    from transformers import AutoModelForCausalLM
-
-    from refinery.tasks.train.common import PeakMemory
 
     if not train:
         raise ValueError("ORPO: no training pairs")
-    seed_everything(seed)
-    tok = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(cfg.dtype))
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora, "CAUSAL_LM")
-    device = pick_device(cfg.device)
-    mem = PeakMemory(device).start()
-    model.to(device).eval()   # no dropout
+    tok, model, device, mem = load_policy(model_dir, cfg, seed)
     pad_id = tok.pad_token_id
     enc_tr = encode_pairs(tok, train, cfg.max_prompt_len, cfg.max_len)
     enc_ev = encode_pairs(tok, held_out, cfg.max_prompt_len, cfg.max_len)
