@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/filters.py [--repeat 2] [--limit N] [--json out.json]
 
-Documents: /work/shared/data/quality/ (dclm-majority.jsonl, c4-demo.jsonl, dolma-tests documents) and
-the HTML responses of /work/shared/data/warc/*.warc.gz extracted with resiliparse (main content).
+Documents: ../shared/data/quality/ (dclm-majority.jsonl, c4-demo.jsonl, dolma-tests documents) and
+the HTML responses of ../shared/data/warc/*.warc.gz extracted with resiliparse (main content).
 
 The baseline is datatrove 0.10.1, installed by this script into its own virtualenv
 (``bench/.venv-datatrove``, git-ignored; never a project dependency) together with what its filters

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/ingest.py [--seconds 3] [--show 3] [--langid] [--json out.json]
 
-Files: the valid WARC files of /work/shared/data/warc/ (warcfile, sample-0000/0001, clueweb-quirk,
+Files: the valid WARC files of ../shared/data/warc/ (warcfile, sample-0000/0001, clueweb-quirk,
 whirlwind, jwarc-cc, example*): ~90 HTML responses in Chinese, Japanese, English, Russian, Dutch,
 German. Everything runs in this one process on one core; each measurement loops over the files until
 ``--seconds`` have passed and reports the best pass.
