@@ -26,7 +26,7 @@ import os
 import random
 import re
 from collections import Counter
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 ROLE_ALIASES = {
     "human": "user", "user": "user", "prompter": "user",
@@ -185,25 +185,31 @@ def iter_records(path: str | os.PathLike, counts: Counter | None = None) -> Iter
         raise ValueError(f"cannot read preference file {path}: {e}") from e
 
 
-def load_pairs(path: str | os.PathLike, max_pairs: int | None = None) -> tuple[list[PreferencePair], dict]:
-    """All valid pairs of a file (the first ``max_pairs`` valid ones when given) and counts
-    ``{"records", "pairs", "skipped": {reason: n}}``."""
+_T = TypeVar("_T")
+
+
+def _load(path: str | os.PathLike, parse: Callable[[Any], _T], limit: int | None) -> tuple[list[_T], int, dict]:
+    """The records of a file that ``parse`` accepts (the first ``limit`` of them when given), how
+    many records were read (unparseable JSON lines included), and the skip reasons counted."""
     counts: Counter = Counter()
-    pairs: list[PreferencePair] = []
+    out: list[_T] = []
     n = 0
     for rec in iter_records(path, counts):
         n += 1
         try:
-            pairs.append(parse_record(rec))
+            out.append(parse(rec))
         except BadRecord as e:
             counts[e.reason] += 1
-        if max_pairs is not None and len(pairs) >= max_pairs:
+        if limit is not None and len(out) >= limit:
             break
-    skipped = dict(sorted(counts.items()))
-    return pairs, {"records": n + counts.get("bad_json", 0), "pairs": len(pairs), "skipped": skipped}
+    return out, n + counts.get("bad_json", 0), dict(sorted(counts.items()))
 
 
-_T = TypeVar("_T")
+def load_pairs(path: str | os.PathLike, max_pairs: int | None = None) -> tuple[list[PreferencePair], dict]:
+    """All valid pairs of a file (the first ``max_pairs`` valid ones when given) and counts
+    ``{"records", "pairs", "skipped": {reason: n}}``."""
+    pairs, n, skipped = _load(path, parse_record, max_pairs)
+    return pairs, {"records": n, "pairs": len(pairs), "skipped": skipped}
 
 
 def split_pairs(pairs: list[_T], eval_fraction: float, seed: int,
@@ -297,18 +303,8 @@ def parse_prompt_record(rec: Any) -> PromptRecord:
 
 def load_prompts(path: str | os.PathLike, max_prompts: int | None = None) -> tuple[list[PromptRecord], dict]:
     """The prompt records of a file (.json/.jsonl, optionally .gz) and counts like :func:`load_pairs`."""
-    counts: Counter = Counter()
-    out: list[PromptRecord] = []
-    n = 0
-    for rec in iter_records(path, counts):
-        n += 1
-        try:
-            out.append(parse_prompt_record(rec))
-        except BadRecord as e:
-            counts[e.reason] += 1
-        if max_prompts is not None and len(out) >= max_prompts:
-            break
-    return out, {"records": n + counts.get("bad_json", 0), "prompts": len(out), "skipped": dict(sorted(counts.items()))}
+    out, n, skipped = _load(path, parse_prompt_record, max_prompts)
+    return out, {"records": n, "prompts": len(out), "skipped": skipped}
 
 
 # --------------------------------------------------------------------------- unpaired examples (KTO)
@@ -360,16 +356,5 @@ def parse_unpaired(rec: Any) -> UnpairedExample:
 
 def load_unpaired(path: str | os.PathLike, max_examples: int | None = None) -> tuple[list[UnpairedExample], dict]:
     """The labelled examples of a file and counts ``{"records", "examples", "desirable", "skipped"}``."""
-    counts: Counter = Counter()
-    out: list[UnpairedExample] = []
-    n = 0
-    for rec in iter_records(path, counts):
-        n += 1
-        try:
-            out.append(parse_unpaired(rec))
-        except BadRecord as e:
-            counts[e.reason] += 1
-        if max_examples is not None and len(out) >= max_examples:
-            break
-    return out, {"records": n + counts.get("bad_json", 0), "examples": len(out),
-                 "desirable": sum(e.label for e in out), "skipped": dict(sorted(counts.items()))}
+    out, n, skipped = _load(path, parse_unpaired, max_examples)
+    return out, {"records": n, "examples": len(out), "desirable": sum(e.label for e in out), "skipped": skipped}
