@@ -189,6 +189,10 @@ class TrainConfig(LMTrainingParams):
     fsdp_cpu_offload: bool = Field(False, description="fsdp: keep parameter shards, gradients and optimizer "
                                    "state in host memory (CPUOffloadPolicy).")
     compile: bool = Field(False, description="torch.compile the model.")
+    loss_chunk_tokens: int = Field(0, ge=0, description="clm: compute the loss's logits this many tokens at a "
+                                   "time (chunked linear + cross-entropy: the full tokens x vocabulary logits are "
+                                   "never materialised, in forward or for backward); 0 = off (one logits tensor "
+                                   "and F.cross_entropy). Practice: 1024 to 8192 when the vocabulary is large.")
     unigram_max_tokens: int = Field(2_000_000, ge=1000, description="Training tokens counted for the unigram baseline.")
 
     @field_validator("model", mode="before")
@@ -225,6 +229,9 @@ class TrainConfig(LMTrainingParams):
             raise ValueError("pretrain dtype: auto, float32 or bfloat16 (float16 needs loss scaling)")
         if self.val_fraction <= 0:
             raise ValueError("pretrain val_fraction must be above 0 (validation needs held-out windows)")
+        if self.loss_chunk_tokens and self.objective != "clm":
+            raise ValueError(f"loss_chunk_tokens applies to the clm objective only (objective={self.objective}): "
+                             "set loss_chunk_tokens=0")
         return self
 
     @property

@@ -214,7 +214,8 @@ def _build(cfg: TrainConfig, reader, val_reader, ckpt_dir: Path, log: Callable[[
     n_vocab = max(int(reader.vocab_size), len(tokenizer))
     model = _initial_model(cfg, reader, tokenizer, n_vocab, log if rank == 0 else (lambda m: None)).to(device)
     objective = make_objective(cfg.objective, tokenizer, n_vocab, cfg.seq_len, mlm_probability=cfg.mlm_probability,
-                               noise_density=cfg.noise_density, mean_span_length=cfg.mean_span_length)
+                               noise_density=cfg.noise_density, mean_span_length=cfg.mean_span_length,
+                               loss_chunk_tokens=cfg.loss_chunk_tokens)
     if cfg.grad_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -117,14 +117,38 @@ def sentinel_token_ids(tokenizer, needed: int | None = None) -> list[int]:
 
 # ----------------------------------------------------------------------------- objectives
 class CausalLM:
+    """Next-token prediction. ``loss_chunk_tokens`` > 0 computes the loss without the full logits
+    (:func:`refinery.tasks.train.chunked_ce.causal_lm_loss`: the model's forward skips its head, the
+    head's weight meets the hidden states that many tokens at a time); the first such loss also
+    checks, on the last position, that the model's own logits are that projection."""
+
     name = "clm"
+
+    def __init__(self, loss_chunk_tokens: int = 0):
+        if loss_chunk_tokens < 0:
+            raise ValueError(f"loss_chunk_tokens must be 0 (off) or positive, got {loss_chunk_tokens}")
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self._head_checked = False
 
     def prepare(self, windows: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         return {"input_ids": windows[:, :-1], "labels": windows[:, 1:]}
 
     def loss(self, model, batch: dict) -> torch.Tensor:
+        if self.loss_chunk_tokens:
+            return self._chunked_loss(model, batch)
         logits = model(input_ids=batch["input_ids"], use_cache=False).logits
         return cross_entropy(logits, batch["labels"])
+
+    def _chunked_loss(self, model, batch: dict) -> torch.Tensor:
+        from refinery.tasks.train.chunked_ce import causal_lm_loss, check_supported
+
+        check = not self._head_checked
+        if check:
+            check_supported(model)
+        # labels are already shifted by prepare: labels[:, t] follows input_ids[:, t]
+        loss = causal_lm_loss(model, batch["input_ids"], batch["labels"], self.loss_chunk_tokens, check_head=check)
+        self._head_checked = True
+        return loss
 
     def tokens(self, batch: dict) -> int:
         return int(batch["input_ids"].numel())
@@ -182,10 +206,12 @@ def special_ids(tokenizer) -> dict[str, int | None]:
 
 
 def make_objective(name: str, tokenizer, vocab_size: int, seq_len: int, *, mlm_probability: float = 0.15,
-                   noise_density: float = 0.15, mean_span_length: float = 3.0):
+                   noise_density: float = 0.15, mean_span_length: float = 3.0, loss_chunk_tokens: int = 0):
     sp = special_ids(tokenizer)
+    if loss_chunk_tokens and name != "clm":
+        raise ValueError(f"loss_chunk_tokens applies to the clm objective only, not {name!r}")
     if name == "clm":
-        return CausalLM()
+        return CausalLM(loss_chunk_tokens)
     if name == "mlm":
         if sp["mask"] is None:
             raise ValueError("the mlm objective needs a tokenizer with a mask token")
