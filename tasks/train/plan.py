@@ -18,6 +18,8 @@ Rows (bytes per device):
   frozen and only adapters train), times micro-batch x sequence length x layers, plus the logits
   (the LM head's output, its float32 copy for the loss and its gradient: 3 x vocab per token). With
   activation checkpointing each layer keeps only its input, and one layer is recomputed at a time.
+  With ``loss_chunk_tokens`` (chunked linear + cross-entropy) the loss keeps no logits, only its
+  gradients computed in forward: float32 hidden-wide per token plus a vocab x hidden float32 matrix.
 * **workspace**: the largest weight materialised at the compute dtype (QLoRA dequantises one
   linear weight per matmul; fsdp gathers one block).
 
@@ -150,6 +152,7 @@ class Setup:
     lora_targets: Any = None
     lora_dropout: float = 0.05
     device: str = "cpu"
+    loss_chunk_tokens: int = 0              # chunked linear + cross-entropy (0: one full logits tensor)
 
 
 @dataclass
@@ -257,6 +260,8 @@ def _activations(shape: ModelShape, s: Setup, trainable_linears: int, adapted: l
         per_layer = 4 * h + 2 * kv + 3 * f
         per_layer += sum(2 * shape.linear[n][0] + s.lora_r for n in adapted) // max(shape.layers, 1)
     log_softmax = tokens * shape.vocab * 4            # the loss keeps float32 log-probabilities
+    if s.loss_chunk_tokens:                           # ... or, chunked, the gradients of hidden and head
+        log_softmax = tokens * h * 4 + shape.vocab * h * 4
     if s.grad_checkpointing:
         layers = tokens * h * b * shape.layers + tokens * per_layer * b   # inputs + one recomputed layer
     else:
@@ -304,7 +309,11 @@ def estimate(shape: ModelShape, s: Setup) -> MemoryPlan:
     if shard > 1:
         work += shape.largest_block * 4 * 2           # the gathered block and the next one prefetched
     # the loss's transient tensors: the head's output at the compute dtype and its float32 gradient
-    work += s.micro_batch * s.seq_len * shape.vocab * (_bytes(s.compute_dtype) + 4)
+    # (chunked: one chunk's worth)
+    loss_rows = s.micro_batch * s.seq_len
+    if s.loss_chunk_tokens:
+        loss_rows = min(loss_rows, s.loss_chunk_tokens)
+    work += loss_rows * shape.vocab * (_bytes(s.compute_dtype) + 4)
     rows["workspace"] = int(work)
     if s.device == "cpu" and (s.method == "qlora" or s.quant != "none"):
         # quantising reads the float checkpoint through a memory map whose pages stay resident
@@ -369,7 +378,8 @@ def plan_pretrain(cfg, inputs: list[str], strategy: str | None = None) -> Memory
               weights_dtype="float32", strategy=strategy or getattr(cfg, "strategy", "ddp") or "ddp",
               world_size=world, micro_batch=cfg.batch_size, seq_len=cfg.seq_len + (cfg.seq_len if cfg.objective == "span" else 0),
               grad_checkpointing=bool(cfg.grad_checkpointing), device=device.type,
-              cpu_offload=bool(getattr(cfg, "fsdp_cpu_offload", False)))
+              cpu_offload=bool(getattr(cfg, "fsdp_cpu_offload", False)),
+              loss_chunk_tokens=int(getattr(cfg, "loss_chunk_tokens", 0)))
     if s.strategy == "auto":
         s.strategy = "ddp"
     return device_budget(estimate(shape, s), cfg.device)

@@ -302,3 +302,22 @@ def test_two_processes_follow_the_single_process_curve(strategy, corpus_tokens, 
         assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
     for step, v in val_losses(single).items():
         assert abs(v - val_losses(two)[step]) < 1e-4, (step, v, val_losses(two)[step])
+
+
+def test_memory_plan_counts_one_chunk_of_logits():
+    """`refinery plan`: with loss_chunk_tokens the logits term is one chunk (workspace) and the kept
+    gradients (activations), not micro-batch x seq_len x vocab."""
+    from transformers import LlamaConfig
+
+    from refinery.tasks.train.plan import Setup, estimate, model_shape
+
+    shape = model_shape(LlamaConfig(vocab_size=32768, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                                    num_attention_heads=4, tie_word_embeddings=True))
+    plain = estimate(shape, Setup(micro_batch=8, seq_len=1024, compute_dtype="bfloat16"))
+    chunked = estimate(shape, Setup(micro_batch=8, seq_len=1024, compute_dtype="bfloat16", loss_chunk_tokens=1024))
+    tokens, vocab, hidden = 8 * 1024, 32768, 256
+    assert plain.rows["workspace"] - chunked.rows["workspace"] == (tokens - 1024) * vocab * (2 + 4)
+    assert plain.rows["activations"] - chunked.rows["activations"] == \
+        tokens * vocab * 4 - (tokens * hidden * 4 + vocab * hidden * 4)
+    for k in ("parameters", "gradients", "optimizer"):
+        assert plain.rows[k] == chunked.rows[k]
