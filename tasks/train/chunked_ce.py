@@ -62,6 +62,44 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return hidden.dtype
 
 
+@dataclass
+class _ChunkGrads:
+    """Where one chunk's gradients go: its rows of grad_hidden, the float32 accumulators of the head."""
+
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def _chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, labels: torch.Tensor, valid: torch.Tensor,
+           denom: torch.Tensor, grads: _ChunkGrads) -> torch.Tensor:
+    """One chunk: its summed loss, and its gradients written into ``grads``. A function of its own
+    so that the chunk's [rows, vocab] buffer is freed before the next chunk allocates its own."""
+    logits = torch.nn.functional.linear(h, w, b).float()   # the only [rows, vocab] tensor
+    target = torch.where(valid, labels, 0)
+    picked = logits.gather(1, target[:, None]).squeeze(1)
+    # logsumexp in place (torch.logsumexp would allocate a second [rows, vocab]); the exponentials
+    # stay in the buffer and become the softmax
+    top = logits.amax(dim=-1, keepdim=True)
+    exps = logits.sub_(top).exp_()
+    total = exps.sum(dim=-1, keepdim=True)
+    lse = (total.log() + top).squeeze(1)
+    loss = torch.where(valid, lse - picked, 0.0).sum()
+    if grads.hidden is None and grads.weight is None and grads.bias is None:
+        return loss
+    # d(mean loss)/d logits = (softmax - onehot) / n_valid on valid rows, 0 on ignored ones
+    dlogits = exps.div_(total)
+    dlogits.scatter_add_(1, target[:, None], -valid[:, None].to(dlogits.dtype))
+    dlogits.mul_((valid.to(torch.float32) / denom)[:, None])
+    if grads.hidden is not None:
+        grads.hidden.copy_(dlogits.to(w.dtype) @ w)
+    if grads.weight is not None:
+        grads.weight.addmm_(dlogits.t(), h.float())
+    if grads.bias is not None:
+        grads.bias += dlogits.sum(0)
+    return loss
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and its gradients chunk by chunk; backward scales them."""
 
@@ -81,27 +119,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # our explicit casts decide the dtypes; autocast would recast the float32 gradient matmuls
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.size(0), chunk_tokens):
-                stop = min(start + chunk_tokens, hidden.size(0))
-                h = hidden[start:stop].to(dtype)
-                logits = torch.nn.functional.linear(h, w, b).float()   # the only [chunk, vocab] tensors
-                lse = torch.logsumexp(logits, dim=-1)
-                valid = valid_all[start:stop]
-                target = torch.where(valid, labels[start:stop], 0)
-                picked = logits.gather(1, target[:, None]).squeeze(1)
-                loss += torch.where(valid, lse - picked, 0.0).sum()
-                if not needs.any:
-                    continue
-                # d(mean loss)/d logits = (softmax - onehot) / n_valid on valid rows, 0 on ignored ones;
-                # built in place in the logits' buffer
-                dlogits = logits.sub_(lse[:, None]).exp_()
-                dlogits.scatter_add_(1, target[:, None], -valid[:, None].to(dlogits.dtype))
-                dlogits.mul_((valid.to(torch.float32) / denom)[:, None])
-                if grad_hidden is not None:
-                    grad_hidden[start:stop] = (dlogits.to(dtype) @ w).to(hidden.dtype)
-                if grad_weight is not None:
-                    grad_weight.addmm_(dlogits.t(), h.float())
-                if grad_bias is not None:
-                    grad_bias += dlogits.sum(0)
+                rows = slice(start, min(start + chunk_tokens, hidden.size(0)))
+                grads = _ChunkGrads(None if grad_hidden is None else grad_hidden[rows], grad_weight, grad_bias)
+                loss += _chunk(hidden[rows].to(dtype), w, b, labels[rows], valid_all[rows], denom, grads)
         ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                               None if grad_bias is None or bias is None else grad_bias.to(bias.dtype))
         return loss / denom
@@ -113,8 +133,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy: a gradient was not computed in forward (grad mode was off "
                                "or the inputs did not require grad when the loss was computed)")
 
+        # in place: the saved gradients serve this one backward (a second one, retain_graph, fails
+        # autograd's version check instead of reading scaled values), and no [vocab, hidden] copy is made
         def scaled(g: torch.Tensor | None) -> torch.Tensor | None:
-            return None if g is None else g * grad_output.to(g.dtype)
+            return None if g is None else g.mul_(grad_output.to(g.dtype))
 
         return scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), None, None, None, None, None
 

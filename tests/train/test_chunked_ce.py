@@ -321,3 +321,13 @@ def test_memory_plan_counts_one_chunk_of_logits():
         tokens * vocab * 4 - (tokens * hidden * 4 + vocab * hidden * 4)
     for k in ("parameters", "gradients", "optimizer"):
         assert plain.rows[k] == chunked.rows[k]
+
+
+def test_a_second_backward_fails_loudly():
+    """Backward scales the gradients saved in forward in place: retain_graph and a second backward
+    must stop with autograd's error, not return twice-scaled gradients."""
+    h, w, b, y = _problem()
+    loss = linear_cross_entropy(h, w, y, 8, bias=b)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace|in-place|modified"):
+        loss.backward()
