@@ -28,7 +28,9 @@ in forward even when it is never asked for, unless grad mode is off or nothing r
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,15 +201,33 @@ def check_supported(model: Any) -> None:
                              "loss projects with the head's weight only; use loss_chunk_tokens=0")
 
 
-def _head(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    head = unwrap(model).get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if any(type(t).__name__ == "DTensor" for t in (weight, bias) if t is not None):
-        # FSDP2 keeps the root unit (embeddings, head) gathered after forward unless told to
-        # reshard it; a sharded head here would give a wrong loss
-        raise RuntimeError("loss_chunk_tokens: the output head is still sharded after the forward (FSDP "
-                           "reshard_after_forward on the root unit); use loss_chunk_tokens=0 with this sharding")
-    return weight, bias
+def _sharded(t: torch.Tensor | None) -> bool:
+    return t is not None and type(t).__name__ == "DTensor"
+
+
+@contextlib.contextmanager
+def _gathered_head(model: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The output head's weight and bias as whole tensors, right after the model's forward.
+
+    FSDP2 keeps the root unit (embeddings, tied head, final norm) gathered after a forward that
+    backward will follow, and autograd then reduce-scatters the head's gradient from the chunked
+    loss with the rest. A forward without gradients (evaluation) may have resharded it already:
+    then it is gathered here for the loss (a collective: every rank evaluates) and resharded after."""
+    inner = unwrap(model)
+    head = inner.get_output_embeddings()
+    regather = _sharded(head.weight) or _sharded(getattr(head, "bias", None))
+    if regather:
+        if torch.is_grad_enabled():
+            # a sharded head here means reshard_after_forward on the root: the gradient would miss it
+            raise RuntimeError("loss_chunk_tokens: the output head is sharded after a training forward (FSDP "
+                               "reshard_after_forward on the root unit); use loss_chunk_tokens=0 with this sharding")
+        inner.unshard()
+        head = inner.get_output_embeddings()
+    try:
+        yield head.weight, getattr(head, "bias", None)
+    finally:
+        if regather:
+            inner.reshard()
 
 
 def causal_lm_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
@@ -227,10 +247,10 @@ def causal_lm_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, ch
         raise ValueError(f"loss_chunk_tokens: {type(unwrap(model)).__name__} ignored logits_to_keep and computed "
                          f"{out.logits.size(-2)} positions of logits")
     hidden = out.hidden_states[-1]
-    weight, bias = _head(model)
-    if check_head:
-        _check_last_position(out.logits[:, -1], hidden[:, -1], weight, bias)
-    return linear_cross_entropy(hidden, weight, labels, chunk_tokens, IGNORE_INDEX, bias)
+    with _gathered_head(model) as (weight, bias):
+        if check_head:
+            _check_last_position(out.logits[:, -1], hidden[:, -1], weight, bias)
+        return linear_cross_entropy(hidden, weight, labels, chunk_tokens, IGNORE_INDEX, bias)
 
 
 def _check_last_position(model_logits: torch.Tensor, last_hidden: torch.Tensor, weight: torch.Tensor,

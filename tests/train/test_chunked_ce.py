@@ -264,13 +264,15 @@ def test_mlm_and_span_refuse_the_knob():
 
 
 # ----------------------------------------------------------------------------- a pretrain run
-def test_pretrain_run_follows_the_plain_loss_curve(readers, tmp_path):
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
+def test_pretrain_run_follows_the_plain_loss_curve(grad_checkpointing, readers, tmp_path):
     """Same seed, data and model: the chunked run's training and validation losses equal the plain
-    run's within 1e-4 (float32; only the summation order of the loss differs). 8 x 64 tokens per
-    micro-batch in chunks of 100: the last chunk is uneven."""
+    run's within 1e-4 (float32; only the summation order of the loss differs), with and without
+    activation checkpointing. 8 x 64 tokens per micro-batch in chunks of 100: the last chunk is uneven."""
     cfg = cfg_for(max_steps=6, eval_every=3, batch_size=8, grad_accum=2)
     plain = run(cfg, readers, tmp_path / "plain")
-    chunked = run(cfg.model_copy(update={"loss_chunk_tokens": 100}), readers, tmp_path / "chunked")
+    chunked = run(cfg.model_copy(update={"loss_chunk_tokens": 100, "grad_checkpointing": grad_checkpointing}),
+                  readers, tmp_path / "chunked")
     a, b = losses(plain), losses(chunked)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
@@ -286,7 +288,9 @@ def test_pretrain_run_follows_the_plain_loss_curve(readers, tmp_path):
 def test_two_processes_follow_the_single_process_curve(strategy, corpus_tokens, tmp_path):
     """DDP (the loss's forward goes through the wrapper, so its gradient hooks fire; the head's
     gradient from the chunked loss is all-reduced with the rest) and FSDP2 (the root unit keeps the
-    head gathered after forward; its gradient is reduce-scattered) on 2 CPU processes: the same
+    head gathered after a training forward, its gradient is reduce-scattered; after validation's
+    forward without gradients it may be resharded, and is gathered again for the loss) on 2 CPU
+    processes: the same
     curve as one plain process with the same global batch, within 1e-4 (test_fsdp.py's tolerance)."""
     from refinery.tasks.train.loop import run_training
 
