@@ -41,7 +41,7 @@ MERGEABLE: tuple[str, ...] = ("lora", "qlora", "ia3")
 PROMPT_METHODS: tuple[str, ...] = ("prompt_tuning", "prefix_tuning", "llama_adapter")
 
 from refinery.tasks.modelref import model_identity  # noqa: E402 (after the tables above)
-from refinery.tasks.train.config import LMTrainingParams, LoraParams  # noqa: E402
+from refinery.tasks.train.config import LMTrainingParams, LoraParams, ParallelParams  # noqa: E402
 
 WeightsDType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -61,7 +61,7 @@ class IA3Settings(StrictModel):
                                                    "PEFT's per-architecture default, 'all-linear', or a list of names.")
 
 
-class FinetuneSettings(LMTrainingParams):
+class FinetuneSettings(LMTrainingParams, ParallelParams):
     """Every fine-tuning setting except the two inputs (the base model and the instruction file):
     the finetune flow's parameters and the pipeline's ``finetune`` section."""
 
@@ -89,13 +89,6 @@ class FinetuneSettings(LMTrainingParams):
     weights_dtype: WeightsDType = Field("auto", description="Frozen base weights' dtype for adapter methods: auto = dtype. Full fine-tuning always keeps float32 master weights.")
     merged_dtype: WeightsDType = Field("auto", description="dtype of the merged model: auto = the base config's dtype.")
     optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit"] = Field("auto", description="auto = paged 8-bit AdamW for qlora on a GPU, else torch AdamW.")
-    # -- processes
-    devices: int = Field(1, ge=1, description="Processes: more than one launches torchrun (gloo on CPU, NCCL on "
-                         "GPUs); the global batch is devices x batch_size x grad_accum (methods full and lora).")
-    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="With devices > 1: ddp (every process holds "
-                                                    "the model) or fsdp (FSDP2 fully_shard per block, mixed "
-                                                    "precision at dtype); auto = ddp.")
-    fsdp_cpu_offload: bool = Field(False, description="fsdp: parameter shards and optimizer state in host memory.")
     # -- data
     packing: bool = Field(False, description="Pack several examples per row (position ids restart per example; no attention across examples).")
     max_records: int | None = Field(None, ge=1, description="Use only the first N valid records.")

@@ -70,7 +70,7 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
         from refinery.tasks.train.plan import plan_finetune, plan_or_note
 
         return C.run(b, cfg, source, log, plan_or_note(lambda: plan_finetune(cfg), log=log))
-    if kind != "causal" and cfg.devices > 1:
+    if kind != "causal" and cfg.processes() > 1:
         raise ValueError(f"devices={cfg.devices}: several processes fine-tune causal LMs only (this model is {kind})")
     if kind == "seq2seq" and cfg.packing:
         raise ValueError("packing=true is for causal LMs; encoder-decoder models take one example per row")
@@ -115,7 +115,7 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
         seed_everything(cfg.seed)
         # live while training: <workdir>/checkpoints/<fingerprint>/metrics (a rerun starts it afresh)
         metrics_dir = checkpoint_dir(b) / METRICS_DIR
-        if cfg.devices > 1:   # torchrun workers train; their weights come back into this model
+        if cfg.processes() > 1:   # torchrun workers train; their weights come back into this model
             run = _train_on_processes(cfg, model, checkpoint_dir(b), metrics_dir, log)
         else:
             metrics = MetricsLog(metrics_dir, total_steps=cfg.max_steps, desc=f"finetune[{cfg.method}]", bar=True,
@@ -186,22 +186,14 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
 def _train_on_processes(cfg: FinetuneConfig, model, ckpt_dir, metrics_dir, log) -> dict:
     """Train on ``cfg.devices`` torchrun processes (refinery.tasks.finetune.worker: DDP or FSDP),
     then load the trained weights they gathered into ``model``."""
-    import torch
+    from refinery.tasks.train.distributed import launch, load_trainable
 
-    from refinery.tasks.train.distributed import launch
-
+    nproc = cfg.processes()
     log(f"finetune[{cfg.method}]: launching {cfg.strategy if cfg.strategy != 'auto' else 'ddp'} on "
-        f"{cfg.devices} processes (torchrun)")
+        f"{nproc} processes (torchrun)")
     spec = {"config": cfg.model_dump(mode="json"), "metrics_dir": str(metrics_dir)}
-    run = launch(spec, cfg.devices, ckpt_dir, module="refinery.tasks.finetune.worker")
-    state = torch.load(ckpt_dir / "trained.pt", map_location="cpu", weights_only=True)
-    missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(state)
-    if missing:
-        raise RuntimeError(f"the workers returned no weights for {sorted(missing)[:5]}")
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, value in state.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    run = launch(spec, nproc, ckpt_dir, module="refinery.tasks.finetune.worker")
+    load_trainable(model, ckpt_dir / "trained.pt")
     return run
 
 

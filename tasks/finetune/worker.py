@@ -13,7 +13,6 @@ loads the weights into its own copy of the model and goes on (validation, sample
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -44,27 +43,6 @@ def _prepare(cfg, local_rank: int):
     return model, train_items, val_batches, pad_id, device, compute, seq_len
 
 
-def _wrap(cfg, model, device, compute):
-    if cfg.strategy == "fsdp":
-        from refinery.tasks.train.fsdp import shard_model
-
-        return shard_model(model, compute, cfg.fsdp_cpu_offload)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _trained_state(cfg, model, trainable: set[str]) -> dict:
-    """The trainable tensors, whole, on rank 0 (collective under FSDP)."""
-    if cfg.strategy == "fsdp":
-        from refinery.tasks.train.fsdp import full_state_dict
-
-        sd = full_state_dict(model)
-    else:
-        sd = model.module.state_dict()
-    return {k: v.detach().cpu() for k, v in sd.items() if k in trainable}
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec_path = Path(argv[0])
@@ -83,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, train_items, val_batches, pad_id, device, compute, seq_len = _prepare(cfg, local)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        model = _wrap(cfg, model, device, compute)
+        model = dist.wrap(model, cfg.strategy, device, compute, cfg.fsdp_cpu_offload)
         metrics = MetricsLog(Path(spec["metrics_dir"]) if rank == 0 else None, total_steps=cfg.max_steps,
                              desc=f"finetune[{cfg.method}]", bar=False, fresh=True)
         log = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
@@ -92,14 +70,12 @@ def main(argv: list[str] | None = None) -> int:
                              metrics=metrics)
         finally:
             metrics.close()
-        state = _trained_state(cfg, model, trainable)
+        state = dist.gather_trainable(model, trainable)
         if rank == 0:
             metrics.plot(f"finetune {cfg.method} ({cfg.strategy} x {world})")
             torch.save(state, spec_path.parent / "trained.pt")
             run["world_size"], run["strategy"] = world, cfg.strategy
-            tmp = spec_path.parent / f".result.{os.getpid()}.json"
-            tmp.write_text(json.dumps(run, default=str))
-            os.replace(tmp, spec_path.parent / "result.json")
+            dist.write_json_atomic(spec_path.parent / "result.json", run)
         dist.barrier()
     finally:
         dist.shutdown()

@@ -20,9 +20,9 @@ DTYPE_NAMES: dict[str, str] = {
 
 
 # --------------------------------------------------------------------------- device
-def pick_device(spec: str = "auto", local_rank: int = 0):
+def pick_device(spec: str = "auto", local_rank: int | None = None):
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` (device ``local_rank``, one per
-    DDP process), ``cuda:N``, ``mps``. Asking for CUDA on a machine without it is an error here,
+    process; default: torchrun's LOCAL_RANK, else 0), ``cuda:N``, ``mps``. Asking for CUDA on a machine without it is an error here,
     not a crash deep inside the first forward pass."""
     import torch
 
@@ -32,7 +32,7 @@ def pick_device(spec: str = "auto", local_rank: int = 0):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={spec} but no CUDA device is available (use device=cpu or auto)")
     if name == "cuda":
-        name = f"cuda:{local_rank}"
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) if local_rank is None else local_rank}"
     return torch.device(name)
 
 

@@ -136,14 +136,36 @@ class LoraParams(_Defaults):
         return v
 
 
+class ParallelParams(_Defaults):
+    """How a run spreads over processes: pretrain, finetune, and align's reward model, DPO and PPO."""
+
+    devices: int = Field(1, ge=0, description="Processes (one per GPU on CUDA; gloo processes on CPU): more than one "
+                         "launches torchrun, and the global batch is devices x batch_size x grad_accum; 0 = one per "
+                         "visible GPU (one process on CPU).")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="How several processes share the work: "
+                                                    "ddp (every process holds the whole model; gradients averaged), "
+                                                    "fsdp (PyTorch's fully_shard, FSDP2: weights, gradients and "
+                                                    "optimizer state sharded per transformer block, mixed precision "
+                                                    "at dtype, sharded checkpoints via torch.distributed.checkpoint), "
+                                                    "auto = ddp. One process: no effect.")
+    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep parameter shards, gradients and optimizer "
+                                   "state in host memory (CPUOffloadPolicy).")
+
+    def processes(self) -> int:
+        """Processes this run starts (``devices`` resolved: 0 = every visible GPU; imports torch)."""
+        from refinery.tasks.train.distributed import world_size_for
+
+        return world_size_for(self.devices, getattr(self, "device", "auto"))
+
+
 CONTINUED_LR = 3e-5   # pretrain's default lr with init_from (the middle of practice's 1e-5..5e-5)
 
 
-class TrainConfig(LMTrainingParams):
+class TrainConfig(LMTrainingParams, ParallelParams):
     """Everything that decides a pretraining run's numbers (model, data, optimisation, schedule)."""
 
     field_defaults = dict(max_steps=300, lr=3e-3, batch_size=16, seq_len=128, weight_decay=0.1, min_lr_ratio=0.1,
-                          warmup_ratio=0.05, eval_every=50)
+                          warmup_ratio=0.05, eval_every=50, devices=0)
 
     # -- model
     objective: Objective = Field("clm", description="clm: causal LM (Llama-style decoder); mlm: masked LM "
@@ -177,17 +199,7 @@ class TrainConfig(LMTrainingParams):
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="mlm: share of tokens masked.")
     noise_density: float = Field(0.15, gt=0, lt=1, description="span: share of tokens corrupted.")
     mean_span_length: float = Field(3.0, ge=1, description="span: mean corrupted span length in tokens.")
-    # -- runtime
-    devices: int = Field(0, ge=0, description="Processes for data parallelism: 0 (default) uses every visible "
-                         "GPU (one process on CPU); more than one launches torchrun (DDP; gloo on CPU).")
-    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="How several processes share the work: "
-                                                    "ddp (every process holds the whole model), fsdp (PyTorch's "
-                                                    "fully_shard, FSDP2: weights, gradients and optimizer state "
-                                                    "sharded per transformer block, mixed precision at dtype, "
-                                                    "sharded checkpoints via torch.distributed.checkpoint), "
-                                                    "auto = ddp. One process: no effect.")
-    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep parameter shards, gradients and optimizer "
-                                   "state in host memory (CPUOffloadPolicy).")
+    # -- runtime (devices, strategy, fsdp_cpu_offload: ParallelParams)
     compile: bool = Field(False, description="torch.compile the model.")
     loss_chunk_tokens: int = Field(0, ge=0, description="clm: compute the loss's logits this many tokens at a "
                                    "time (chunked linear + cross-entropy: the full tokens x vocabulary logits are "
@@ -239,4 +251,4 @@ class TrainConfig(LMTrainingParams):
         return self.save_every or self.resolved_eval_every()
 
 
-__all__ = ["TrainingParams", "ScheduleParams", "LMTrainingParams", "LoraParams", "TrainConfig", "Objective", "DType", "Scheduler"]
+__all__ = ["TrainingParams", "ScheduleParams", "LMTrainingParams", "LoraParams", "ParallelParams", "TrainConfig", "Objective", "DType", "Scheduler"]

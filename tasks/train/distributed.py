@@ -170,4 +170,57 @@ def launch(spec: dict, nproc: int, workdir: str | Path, timeout: float | None = 
     return json.loads(result_path.read_text())
 
 
-__all__ = ["env", "init", "shutdown", "mean", "any_true", "broadcast_object", "barrier", "world_size_for", "launch"]
+def wrap(model, strategy: str, device, compute_dtype, cpu_offload: bool = False, find_unused: bool = False):
+    """The model that trains on several processes: sharded in place per block with ``fsdp``
+    (FSDP2; names unchanged), else wrapped in DDP (``find_unused``: some trainable parameters may
+    get no gradient in a step, e.g. a value head whose loss weight is 0)."""
+    if strategy == "fsdp":
+        from refinery.tasks.train.fsdp import shard_model
+
+        return shard_model(model, compute_dtype, cpu_offload)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
+
+
+def unwrap(model):
+    """The module inside a DDP wrapper (an FSDP2-sharded model is its own module)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return model.module if isinstance(model, DDP) else model
+
+
+def gather_trainable(model, trainable: set[str]) -> dict:
+    """The named trainable tensors, whole and on the CPU, on rank 0 (collective when sharded: every
+    rank must call it); the state a stage loads back with :func:`load_trainable`."""
+    from refinery.tasks.train.fsdp import full_state_dict, is_sharded
+
+    sd = full_state_dict(model) if is_sharded(model) else unwrap(model).state_dict()
+    return {k: v.detach().cpu() for k, v in sd.items() if k in trainable}
+
+
+def load_trainable(model, path: str | Path) -> None:
+    """Copy the tensors that :func:`gather_trainable` saved at ``path`` into ``model``'s parameters;
+    every trainable parameter must be there."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    params = dict(model.named_parameters())
+    missing = {n for n, p in params.items() if p.requires_grad} - set(state)
+    unknown = set(state) - set(params)
+    if missing or unknown:
+        raise RuntimeError(f"{path}: the workers' weights do not match the model (missing {sorted(missing)[:5]}, "
+                           f"unknown {sorted(unknown)[:5]})")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as JSON so that a reader never sees half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(obj, default=str))
+    os.replace(tmp, path)
+
+
+__all__ = ["env", "init", "wrap", "unwrap", "gather_trainable", "load_trainable", "write_json_atomic", "shutdown", "mean", "any_true", "broadcast_object", "barrier", "world_size_for", "launch"]

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -33,10 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                            log=(lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None),
                            progress=False)
         if rank == 0:
-            out = spec_path.parent / "result.json"
-            tmp = out.with_name(f".result.{os.getpid()}.json")
-            tmp.write_text(json.dumps(result, default=str))
-            os.replace(tmp, out)
+            dist.write_json_atomic(spec_path.parent / "result.json", result)
         dist.barrier()
     finally:
         dist.shutdown()
