@@ -54,7 +54,19 @@ def shard_model(model, compute_dtype, cpu_offload: bool = False):
     for block in units:
         fully_shard(block, **kw)
     fully_shard(model, **kw)
+    model.register_forward_hook(_reshard_after_inference)
     return model
+
+
+def _reshard_after_inference(module, args, output) -> None:
+    """After a forward without gradients (evaluation, scoring a reference), free the root's gathered
+    parameters. FSDP2 keeps them gathered after a root forward, expecting the backward; a later
+    training forward would then reuse tensors gathered without autograd, and the root parameters'
+    gradients (embeddings, output head) would not be reduced correctly over the ranks."""
+    import torch
+
+    if not torch.is_grad_enabled():
+        module.reshard()
 
 
 def is_sharded(model) -> bool:
