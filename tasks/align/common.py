@@ -89,20 +89,26 @@ def apply_lora(model, lora: LoraSettings, task_type: str, modules_to_save: list[
     return get_peft_model(model, cfg)
 
 
+def policy_model(model_dir: str, cfg):
+    """The tokenizer and the causal LM in ``cfg.dtype`` (LoRA-wrapped when ``cfg.lora.enabled``), on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(cfg.dtype))
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, "CAUSAL_LM")
+    return tok, model
+
+
 def load_policy(model_dir: str, cfg, seed: int):
     """The preference trainers' start (DPO, KTO, ORPO): seed, tokenizer, the causal LM in the
     config's dtype (LoRA-wrapped when ``cfg.lora.enabled``) on its device in eval mode (no
     dropout, so reference and policy log-probs compare), and a peak-memory meter started before
     the weights reach the device. Returns ``(tokenizer, model, device, meter)``."""
-    from transformers import AutoModelForCausalLM
-
     from refinery.tasks.train.common import PeakMemory
 
     seed_everything(seed)
-    tok = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(cfg.dtype))
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora, "CAUSAL_LM")
+    tok, model = policy_model(model_dir, cfg)
     device = pick_device(cfg.device)
     mem = PeakMemory(device).start()
     model.to(device)

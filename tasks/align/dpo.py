@@ -16,18 +16,19 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from refinery.tasks.align.common import (LoraSettings, TrainResult, count_params, encode_reply, load_policy,
                                          model_device, pad, position_ids, step_metrics, token_logprobs)
 from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
+from refinery.tasks.align.parallel import Parallel, check_processes
 from refinery.tasks.align.practice import EarlyStopping, make_optimisation, micro_batches, run_loop, total_steps
-from refinery.tasks.train.config import ScheduleParams
+from refinery.tasks.train.config import ParallelParams, ScheduleParams
 
 TRAIN_EVAL_PAIRS = 128
 
 
-class DPOConfig(ScheduleParams):
+class DPOConfig(ScheduleParams, ParallelParams):
     """DPO settings (the shared training knobs, spelled as in every trainer, plus DPO's own).
     ``lr`` 5e-6: preference optimisation of a whole pretrained policy takes a step below
     fine-tuning's (DPO's authors used 1e-6 to 5e-6); there is no new layer, so ``head_lr`` is
@@ -42,6 +43,11 @@ class DPOConfig(ScheduleParams):
     max_len: int = Field(160, ge=2, description="Prompt + reply tokens kept.")
     eval_batch_size: int = Field(16, ge=1, description="Pairs per forward pass when scoring.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters for the policy (lora.enabled).")
+
+    @model_validator(mode="after")
+    def _processes(self):
+        check_processes(self, divisible=())
+        return self
 
 
 @dataclass
@@ -136,17 +142,18 @@ def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequenc
     if not train:
         raise ValueError("DPO: no training pairs")
     tok, model, device, mem = load_policy(model_dir, cfg, seed)
+    par = Parallel.setup(model, cfg, device)   # several processes: DDP or FSDP (par.train); else the model
     pad_id = tok.pad_token_id
     enc_tr = encode_pairs(tok, train, cfg.max_prompt_len, cfg.max_len)
     enc_ev = encode_pairs(tok, held_out, cfg.max_prompt_len, cfg.max_len)
     # The reference: the starting model, scored once.
-    ref_tr = _all_logps(model, enc_tr, pad_id, cfg.eval_batch_size)
-    ref_ev = _all_logps(model, enc_ev, pad_id, cfg.eval_batch_size) if held_out else None
+    ref_tr = _all_logps(par.train, enc_tr, pad_id, cfg.eval_batch_size)
+    ref_ev = _all_logps(par.train, enc_ev, pad_id, cfg.eval_batch_size) if held_out else None
     before: dict = {"pairs": 0}
     if ref_ev is not None:   # before training the policy is the reference
         before = preference_metrics(ref_ev[0], ref_ev[1], ref_ev[0], ref_ev[1], ref_ev[2], ref_ev[3], cfg.beta)
     total = total_steps(len(train), cfg, cfg.epochs)
-    optim = make_optimisation(model, cfg, total)
+    optim = make_optimisation(model, cfg, total, parallel=par)
     batches = micro_batches(len(train), cfg.batch_size, torch.Generator().manual_seed(seed))
     steps = step_metrics(log_dir, cfg, total, "dpo", progress, on_step)
     history = steps.history
@@ -156,24 +163,26 @@ def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequenc
         stopper.update(before["loss"], 0, model)
 
     def micro_step() -> dict:
-        idx = next(batches)
+        share = par.share(next(batches))   # this process's pairs of the micro-batch (all of them in one)
+        idx = share.idx
         n = len(idx)
         seqs = [enc_tr.chosen[j] for j in idx] + [enc_tr.rejected[j] for j in idx]
         plens = [enc_tr.p_len_c[j] for j in idx] + [enc_tr.p_len_r[j] for j in idx]
-        lp, _ = reply_logps(model, seqs, plens, pad_id)
+        lp, _ = reply_logps(par.train, seqs, plens, pad_id)
         t = torch.tensor(idx)
         ref_c, ref_r = ref_tr[0][t].to(lp.device), ref_tr[1][t].to(lp.device)
-        loss, rew_c, rew_r = dpo_loss(lp[:n], lp[n:], ref_c, ref_r, cfg.beta, cfg.label_smoothing)
-        loss = loss.mean()
+        per_pair, rew_c, rew_r = dpo_loss(lp[:n], lp[n:], ref_c, ref_r, cfg.beta, cfg.label_smoothing)
+        loss = share.mean(per_pair)
         optim.backward(loss)
         with torch.no_grad():
-            return {"tokens": sum(len(x) for x in seqs), "loss": loss.item(),
-                    "accuracy": (rew_c > rew_r).float().mean().item(), "margin": (rew_c - rew_r).mean().item(),
-                    "reward_chosen": rew_c.mean().item(), "reward_rejected": rew_r.mean().item()}
+            return {"tokens": share.count([len(a) + len(b) for a, b in zip(seqs[:n], seqs[n:])]),
+                    "loss": loss.item(), "accuracy": share.mean((rew_c > rew_r).float()).item(),
+                    "margin": share.mean(rew_c - rew_r).item(), "reward_chosen": share.mean(rew_c).item(),
+                    "reward_rejected": share.mean(rew_r).item()}
 
     def validate() -> dict:
         assert ref_ev is not None   # only called with held-out pairs
-        cur = _all_logps(model, enc_ev, pad_id, cfg.eval_batch_size)
+        cur = _all_logps(par.train, enc_ev, pad_id, cfg.eval_batch_size)
         return _val_figures(preference_metrics(cur[0], cur[1], ref_ev[0], ref_ev[1], cur[2], cur[3], cfg.beta))
 
     t0 = time.perf_counter()
@@ -182,13 +191,13 @@ def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequenc
     step, tokens = done.steps, done.tokens
     after: dict = {"pairs": 0}
     if ref_ev is not None:
-        cur = _all_logps(model, enc_ev, pad_id, cfg.eval_batch_size)
+        cur = _all_logps(par.train, enc_ev, pad_id, cfg.eval_batch_size)
         after = preference_metrics(cur[0], cur[1], ref_ev[0], ref_ev[1], cur[2], cur[3], cfg.beta)
     steps.close()
     steps.plot("DPO", panels=("loss", "accuracy", "margin"))
     k = min(len(train), TRAIN_EVAL_PAIRS)  # the same figures on (the first) training pairs
     sub = _Encoded(enc_tr.chosen[:k], enc_tr.rejected[:k], enc_tr.p_len_c[:k], enc_tr.p_len_r[:k])
-    cur_tr = _all_logps(model, sub, pad_id, cfg.eval_batch_size)
+    cur_tr = _all_logps(par.train, sub, pad_id, cfg.eval_batch_size)
     train_after = preference_metrics(cur_tr[0], cur_tr[1], ref_tr[0][:k], ref_tr[1][:k], cur_tr[2], cur_tr[3], cfg.beta)
     losses = [r["loss"] for r in history if r["split"] == "train"]
     stats = {"steps": step, "train_pairs": len(train), "held_out_pairs": len(held_out),

@@ -35,17 +35,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from refinery.tasks.align.common import (LoraSettings, apply_lora, count_params, load_tokenizer, pad,
-                                pick_device, position_ids, seed_everything, step_metrics, torch_dtype)
+from refinery.tasks.align.common import (LoraSettings, count_params, pad,
+                                pick_device, position_ids, seed_everything, step_metrics)
+from refinery.tasks.align.parallel import Parallel, check_processes
 from refinery.tasks.align.practice import EarlyStopping, make_optimisation, restore_best
-from refinery.tasks.train.config import ScheduleParams
+from refinery.tasks.train.config import ParallelParams, ScheduleParams
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[Sequence[int]]], "object"]
 
 
-class PPOConfig(ScheduleParams):
+class PPOConfig(ScheduleParams, ParallelParams):
     """PPO settings: generation, the KL penalty, clipping and batch sizes. ``max_steps`` counts PPO
     steps (one rollout of ``batch_size`` prompts, then ``ppo_epochs`` passes over it); ``lr`` is
     the policy's (1e-5), ``head_lr`` the new value head's (1e-4); ``grad_accum`` minibatches make
@@ -75,6 +76,13 @@ class PPOConfig(ScheduleParams):
     whiten_advantages: bool = Field(True, description="Normalise advantages to mean 0, std 1 per batch.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters for the policy (lora.enabled).")
 
+    @model_validator(mode="after")
+    def _processes(self):
+        # every rank samples batch_size/devices prompts and takes mini_batch_size/devices of them per
+        # update, so the ranks run the same number of synchronised backward passes
+        check_processes(self, fsdp=False, divisible=("batch_size", "mini_batch_size"))
+        return self
+
 
 # --------------------------------------------------------------------------- the model
 def _policy_with_value(model):
@@ -101,6 +109,21 @@ def _policy_with_value(model):
     return PolicyWithValue(model)
 
 
+def load_ppo_policy(policy_dir: str, cfg: PPOConfig):
+    """The tokenizer, the policy with its (zero) value head, and the frozen reference (None with
+    LoRA: the reference is then the policy with its adapters disabled), on the CPU."""
+    from refinery.tasks.align.common import policy_model
+
+    tok, lm = policy_model(policy_dir, cfg)
+    ref = None
+    if not cfg.lora.enabled:
+        ref = copy.deepcopy(lm)
+        ref.eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+    return tok, _policy_with_value(lm), ref
+
+
 @dataclass
 class PPOResult:
     policy: Any             # PolicyWithValue: .lm is the causal LM (a PeftModel with LoRA)
@@ -116,10 +139,17 @@ def masked_mean(x, mask, dim=None):
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def whiten(x, mask, eps: float = 1e-8):
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * (var + eps).rsqrt() * mask
+def whiten(x, mask, eps: float = 1e-8, parallel: Parallel | None = None):
+    """``x`` normalised to mean 0, std 1 over the tokens in ``mask`` (of every rank's rollouts)."""
+    if parallel is None or parallel.world <= 1:
+        mean = masked_mean(x, mask)
+        var = masked_mean((x - mean) ** 2, mask)
+        return (x - mean) * (var + eps).rsqrt() * mask
+    s, n = parallel.sum([float((x * mask).sum()), float(mask.sum())])
+    mean = s / max(n, 1.0)
+    (sq,) = parallel.sum([float((((x - mean) ** 2) * mask).sum())])
+    var = sq / max(n, 1.0)
+    return (x - mean) * (var + eps) ** -0.5 * mask
 
 
 def reply_mask(replies, eos_id: int | None):
@@ -199,26 +229,23 @@ class PPOTrainer:
     """Holds the policy (+value head), the frozen reference, the optimizer, and does PPO steps."""
 
     def __init__(self, policy_dir: str, reward_fn: RewardFn, cfg: PPOConfig, seed: int = 0):
-        from transformers import AutoModelForCausalLM, GenerationConfig
+        from transformers import GenerationConfig
 
         seed_everything(seed)
         self.cfg, self.seed, self.reward_fn = cfg, seed, reward_fn
-        self.tokenizer = load_tokenizer(policy_dir)
         self.device = pick_device(cfg.device)
-        lm = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch_dtype(cfg.dtype))
-        if cfg.lora.enabled:
-            self.ref = None  # the reference is the same model with its adapters disabled
-            lm = apply_lora(lm, cfg.lora, "CAUSAL_LM")
-        else:
-            self.ref = copy.deepcopy(lm)
-            self.ref.eval()
-            for p in self.ref.parameters():
-                p.requires_grad_(False)
-        self.policy = _policy_with_value(lm).to(self.device)
+        self.tokenizer, self.policy, self.ref = load_ppo_policy(policy_dir, cfg)
+        self.policy.to(self.device)
         if self.ref is not None:
             self.ref.to(self.device)
         self.policy.eval()  # no dropout: log-probs of the same tokens must not change between passes
-        self.optim = make_optimisation(self.policy, cfg, cfg.max_steps * updates_per_step(cfg))
+        # several processes (DDP): training passes go through par.train; sampling uses the policy itself.
+        # A value loss of weight 0 leaves the value head without gradients, which DDP must be told.
+        self.par = Parallel.setup(self.policy, cfg, self.device, find_unused=cfg.vf_coef == 0)
+        if self.par.world > 1:   # each rank samples its own replies
+            seed_everything(seed + 7919 * self.par.rank)
+        self.mb = cfg.mini_batch_size // self.par.world   # this rank's replies per update
+        self.optim = make_optimisation(self.policy, cfg, cfg.max_steps * updates_per_step(cfg), parallel=self.par)
         self.kl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None
         self.kl_coef = cfg.kl_coef
         tok = self.tokenizer
@@ -259,8 +286,8 @@ class PPOTrainer:
         mask = torch.cat([p_mask, r_mask], 1)
         chunks: list[tuple] = []   # (logp, entropy, ref_logp, values) per chunk
         with torch.no_grad():  # in chunks of mini_batch_size: full-vocabulary logits are large
-            for i in range(0, len(ids), cfg.mini_batch_size):
-                sl = slice(i, i + cfg.mini_batch_size)
+            for i in range(0, len(ids), self.mb):
+                sl = slice(i, i + self.mb)
                 lg, v = self.policy(ids[sl], mask[sl])
                 lp, ent = _reply_stats(lg[:, P - 1:-1], replies[sl], cfg.temperature)
                 rlp, _ = _reply_stats(self._ref_logits(ids[sl], mask[sl])[:, P - 1:-1], replies[sl], cfg.temperature)
@@ -286,33 +313,35 @@ class PPOTrainer:
         m = ro["r_mask"]
         adv, returns = gae(ro["rewards"], ro["values"], m, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            adv = whiten(adv, m)
+            adv = whiten(adv, m, parallel=self.par)
         B, P = len(prompt_texts), ro["P"]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step_no)
-        self.tokens += int(ro["mask"].sum())
+        self.tokens += int(self.par.sum([float(ro["mask"].sum())])[0])
         agg = {"loss": 0.0, "pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "vf_clipfrac": 0.0, "approx_kl": 0.0,
                "updates": 0}
         grad_norms, rates = [], {}
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=gen).to(self.device)
-            starts = list(range(0, B, cfg.mini_batch_size))
+            starts = list(range(0, B, self.mb))
             for k, i in enumerate(starts):
-                idx = order[i:i + cfg.mini_batch_size]
+                idx = order[i:i + self.mb]
                 mb_mask = m[idx]
-                logits, values = self.policy(ro["ids"][idx], ro["mask"][idx])
-                logp, entropy = _reply_stats(logits[:, P - 1:-1], ro["replies"][idx], cfg.temperature)
-                values = values[:, P - 1:-1]
-                old_logp, old_v, a, ret = ro["logp"][idx], ro["values"][idx], adv[idx], returns[idx]
-                ratio = torch.exp(logp - old_logp)
-                pg = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range))
-                pg_loss = masked_mean(pg, mb_mask)
-                v_clip = old_v + (values - old_v).clamp(-cfg.clip_range_value, cfg.clip_range_value)
-                vf = 0.5 * torch.max((values - ret) ** 2, (v_clip - ret) ** 2)
-                vf_loss = masked_mean(vf, mb_mask)
-                ent = masked_mean(entropy, mb_mask)
-                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent
-                self.optim.backward(loss)
-                if (k + 1) % cfg.grad_accum == 0 or k + 1 == len(starts):
+                update = (k + 1) % cfg.grad_accum == 0 or k + 1 == len(starts)
+                with self.par.accumulating(last=update):
+                    logits, values = self.par.train(ro["ids"][idx], ro["mask"][idx])
+                    logp, entropy = _reply_stats(logits[:, P - 1:-1], ro["replies"][idx], cfg.temperature)
+                    values = values[:, P - 1:-1]
+                    old_logp, old_v, a, ret = ro["logp"][idx], ro["values"][idx], adv[idx], returns[idx]
+                    ratio = torch.exp(logp - old_logp)
+                    pg = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range))
+                    pg_loss = masked_mean(pg, mb_mask)
+                    v_clip = old_v + (values - old_v).clamp(-cfg.clip_range_value, cfg.clip_range_value)
+                    vf = 0.5 * torch.max((values - ret) ** 2, (v_clip - ret) ** 2)
+                    vf_loss = masked_mean(vf, mb_mask)
+                    ent = masked_mean(entropy, mb_mask)
+                    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent
+                    self.optim.backward(loss)
+                if update:
                     figs = self.optim.step()
                     grad_norms.append(figs.pop("grad_norm"))
                     rates = figs
@@ -328,8 +357,6 @@ class PPOTrainer:
         n = max(agg.pop("updates"), 1)
         kl_seq = ro["kl"].sum(-1)
         kl_coef = self.kl_coef   # the coefficient this step's rewards were shaped with
-        if self.kl is not None:
-            self.kl_coef = self.kl.update(kl_seq.mean().item(), B)
         rec = {
             "step": self.step_no,
             "kl_coef": kl_coef,
@@ -345,14 +372,21 @@ class PPOTrainer:
             "value_mean": masked_mean(ro["values"], m).item(),
             **{k: v / n for k, v in agg.items()},
         }
+        rec = self.par.mean(rec, summed=())   # several processes: every rank's figures averaged
+        if self.kl is not None:   # from the averaged KL, so every rank shapes its rewards alike
+            self.kl_coef = self.kl.update(rec["kl"], B * self.par.world)
         rec = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in rec.items()}
         rec["sample"] = ro["reply_texts"][0][:200]
         return rec
 
     def evaluate(self, prompt_texts: Sequence[str]) -> dict:
-        """Mean reward and KL (per reply) of sampled replies to ``prompt_texts`` (held out), no update."""
-        ro = self.rollout(prompt_texts)
-        return {"reward": round(ro["scores"].mean().item(), 6), "kl": round(ro["kl"].sum(-1).mean().item(), 6)}
+        """Mean reward and KL (per reply) of sampled replies to ``prompt_texts`` (held out), no update;
+        on several processes each samples its part and the means are over all of them."""
+        mine = self.par.part(prompt_texts)
+        ro = self.rollout(mine) if mine else None
+        sums = [float(ro["scores"].sum()), float(ro["kl"].sum()), len(mine)] if ro is not None else [0.0, 0.0, 0]
+        reward, kl, n = self.par.sum(sums)
+        return {"reward": round(reward / max(n, 1), 6), "kl": round(kl / max(n, 1), 6)}
 
 
 def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg: PPOConfig, seed: int = 0,
@@ -387,7 +421,7 @@ def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg:
             if not order:
                 order = torch.randperm(len(prompts), generator=gen).tolist()
             batch.append(prompts[order.pop(0)])
-        rec = trainer.step(batch)
+        rec = trainer.step(trainer.par.part(batch))   # several processes: each rolls out its part
         step = rec.pop("step")
         steps.train(step, tokens=trainer.tokens, **rec)
         if held_out and (step % eval_every == 0 or step == cfg.max_steps):

@@ -8,6 +8,7 @@ Heavy imports (torch) happen inside functions.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -50,6 +51,7 @@ class Optimisation:
     grad_accum: int
     grad_clip: float
     steps: int = 0
+    parallel: Any = None   # refinery.tasks.align.parallel.Parallel of a multi-process run
 
     def backward(self, loss) -> None:
         (loss / self.grad_accum).backward()
@@ -65,7 +67,7 @@ class Optimisation:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
-        return {"grad_norm": round(float(norm), 6), **rates}
+        return {"grad_norm": round(self.parallel.scalar(norm) if self.parallel else float(norm), 6), **rates}
 
     def rates(self) -> dict:
         """The current learning rate of the backbone (``lr``) and of the new layers (``head_lr``)."""
@@ -76,8 +78,10 @@ class Optimisation:
         return out
 
 
-def make_optimisation(model, cfg: ScheduleParams, total: int, head_prefixes: Sequence[str] = HEAD_PREFIXES) -> Optimisation:
-    """The optimizer of ``model``'s trainable parameters with ``cfg``'s groups and schedule over ``total`` steps."""
+def make_optimisation(model, cfg: ScheduleParams, total: int, head_prefixes: Sequence[str] = HEAD_PREFIXES,
+                      parallel=None) -> Optimisation:
+    """The optimizer of ``model``'s trainable parameters with ``cfg``'s groups and schedule over ``total``
+    steps (``model`` unwrapped, so head names match; with ``parallel``, after it sharded the model)."""
     import torch
 
     from refinery.tasks.train.common import param_groups
@@ -90,7 +94,7 @@ def make_optimisation(model, cfg: ScheduleParams, total: int, head_prefixes: Seq
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, WarmupCosine(cfg.resolved_warmup(total), total, cfg.min_lr_ratio, cfg.scheduler))
     params = [p for g in groups for p in g["params"]]
-    return Optimisation(opt, sched, params, cfg.grad_accum, cfg.grad_clip)
+    return Optimisation(opt, sched, params, cfg.grad_accum, cfg.grad_clip, parallel=parallel)
 
 
 @dataclass
@@ -167,14 +171,24 @@ def run_loop(model, cfg: ScheduleParams, total: int, optim: Optimisation, micro_
     micro-batches of the step into one training row of ``log`` (a MetricsLog). Every
     ``eval_every`` steps and at the end, ``validate()`` (when given) returns the held-out figures:
     a validation row, and ``stopper`` sees ``figures[stopper.metric]``. With early stopping on,
-    the run stops after ``patience`` validations without improvement and the best weights are restored."""
+    the run stops after ``patience`` validations without improvement and the best weights are restored.
+    On several processes (``optim.parallel``) gradients synchronise on a step's last micro-batch and
+    the figures are averaged over ranks (the validation figures are every rank's own: the same)."""
+    par = optim.parallel
     eval_every = cfg.resolved_eval_every(total)
     step = tokens = 0
     last_val = None
     while step < total:
-        rows = [micro_step() for _ in range(cfg.grad_accum)]
-        tokens += sum(int(r.pop("tokens", 0)) for r in rows)
-        figs = {k: round(sum(r[k] for r in rows) / len(rows), 6) for k in rows[0]}
+        rows = []
+        for i in range(cfg.grad_accum):
+            with par.accumulating(last=i == cfg.grad_accum - 1) if par else contextlib.nullcontext():
+                rows.append(micro_step())
+        figs = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "tokens"}
+        figs["tokens"] = sum(int(r.get("tokens", 0)) for r in rows)
+        if par:
+            figs = par.mean(figs)
+        tokens += int(figs.pop("tokens"))
+        figs = {k: round(v, 6) for k, v in figs.items()}
         figs.update(optim.step())
         step += 1
         log.train(step, tokens=tokens, **figs)

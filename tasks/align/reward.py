@@ -17,16 +17,17 @@ import os
 import time
 from typing import Callable, Sequence
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from refinery.tasks.align.common import (LoraSettings, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
                                 model_device, pad, pick_device, seed_everything, step_metrics, torch_dtype)
 from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
+from refinery.tasks.align.parallel import Parallel, check_processes
 from refinery.tasks.align.practice import EarlyStopping, make_optimisation, micro_batches, run_loop, total_steps
-from refinery.tasks.train.config import ScheduleParams
+from refinery.tasks.train.config import ParallelParams, ScheduleParams
 
 
-class RewardConfig(ScheduleParams):
+class RewardConfig(ScheduleParams, ParallelParams):
     """Reward-model training settings (the shared training knobs plus the reward model's own).
     Defaults follow practice for a pretrained backbone: ``lr`` 2e-5 for its weights, ``head_lr``
     1e-4 for the freshly initialised score head; early stopping watches held-out pair accuracy."""
@@ -39,6 +40,11 @@ class RewardConfig(ScheduleParams):
     center_coef: float = Field(0.01, ge=0, description="Weight of the (r_c + r_r)^2 centring penalty.")
     eval_batch_size: int = Field(32, ge=1, description="Pairs per forward pass when scoring.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters for the reward model (lora.enabled).")
+
+    @model_validator(mode="after")
+    def _processes(self):
+        check_processes(self, divisible=())
+        return self
 
 
 def load_reward_model(model_dir: str, lora: LoraSettings | None = None, dtype: str = "float32"):
@@ -122,7 +128,8 @@ def train_reward_model(model_dir: str, train: Sequence[PreferencePair], held_out
     dev = pick_device(cfg.device)
     mem = PeakMemory(dev).start()
     model.to(dev)
-    before = evaluate_pairs(model, tok, held_out, cfg)
+    par = Parallel.setup(model, cfg, dev)   # several processes: DDP or FSDP (par.train); else the model
+    before = evaluate_pairs(par.train, tok, held_out, cfg)
 
     # Tokenize once.
     prompts, chosen, rejected = _pair_texts(tok, train)
@@ -130,7 +137,7 @@ def train_reward_model(model_dir: str, train: Sequence[PreferencePair], held_out
     enc_r = [sum(encode_reply(tok, p, r, cfg.max_prompt_len, cfg.max_len), []) for p, r in zip(prompts, rejected)]
 
     total = total_steps(len(train), cfg, cfg.epochs)
-    optim = make_optimisation(model, cfg, total)
+    optim = make_optimisation(model, cfg, total, parallel=par)
     batches = micro_batches(len(train), cfg.batch_size, torch.Generator().manual_seed(seed))
     steps = step_metrics(log_dir, cfg, total, "reward", progress, on_step)
     history = steps.history
@@ -140,18 +147,22 @@ def train_reward_model(model_dir: str, train: Sequence[PreferencePair], held_out
         stopper.update(before["accuracy"], 0, model)
 
     def micro_step() -> dict:
-        idx = next(batches)
+        share = par.share(next(batches))   # this process's pairs of the micro-batch (all of them in one)
+        idx = share.idx
         ids, mask = pad([enc_c[j] for j in idx] + [enc_r[j] for j in idx], tok.pad_token_id, "right")
-        r = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, 0].float()
+        r = par.train(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, 0].float()
         rc, rr = r[: len(idx)], r[len(idx):]
-        loss = -F.logsigmoid(rc - rr).mean()
+        per_pair = -F.logsigmoid(rc - rr)
         if cfg.center_coef:
-            loss = loss + cfg.center_coef * ((rc + rr) ** 2).mean()
+            per_pair = per_pair + cfg.center_coef * (rc + rr) ** 2
+        loss = share.mean(per_pair)
         optim.backward(loss)
-        return {"tokens": int(mask.sum()), "loss": loss.item(), "accuracy": (rc > rr).float().mean().item()}
+        lengths = mask.sum(1).tolist()
+        return {"tokens": share.count(lengths[: len(idx)]) + share.count(lengths[len(idx):]), "loss": loss.item(),
+                "accuracy": share.mean((rc > rr).float()).item()}
 
     def validate() -> dict:
-        m = evaluate_pairs(model, tok, held_out, cfg)
+        m = evaluate_pairs(par.train, tok, held_out, cfg)
         return {"accuracy": m["accuracy"], "margin": m["margin"]}
 
     t0 = time.perf_counter()
@@ -159,7 +170,7 @@ def train_reward_model(model_dir: str, train: Sequence[PreferencePair], held_out
     done = run_loop(model, cfg, total, optim, micro_step, steps, validate if held_out else None, stopper)
     train_seconds = time.perf_counter() - t0
     step, tokens = done.steps, done.tokens
-    after = evaluate_pairs(model, tok, held_out, cfg)
+    after = evaluate_pairs(par.train, tok, held_out, cfg)
     steps.close()
     steps.plot("reward model", panels=("loss", "accuracy"))
     stats = {"steps": step, "train_pairs": len(train), "held_out_pairs": len(held_out),

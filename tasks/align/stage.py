@@ -12,6 +12,9 @@ them. Light at import: torch and transformers load inside the bodies.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from pydantic import Field, computed_field
 from refinery.tasks.config import StrictModel
 
@@ -155,17 +158,127 @@ def _threads():
     return torch.get_num_threads()
 
 
-# --------------------------------------------------------------------------- stages
-@stage("reward", version="1")
-def reward_stage(b, inputs, cfg: RewardStageConfig) -> StageOutput:
-    """Train a reward model (scalar head on the starting model) on preference pairs."""
+# --------------------------------------------------------------------------- training, in one process or several
+# Each run trains from the stage config in this process, and is what every torchrun process of a
+# multi-process run executes (refinery.tasks.align.worker): (result, counts, base model folder).
+def _run_reward(cfg: RewardStageConfig, log_dir, progress: bool):
     from refinery.tasks.align.common import resolve_model_dir
     from refinery.tasks.align.reward import train_reward_model
 
     model_dir = resolve_model_dir(cfg.model)
     train, held_out, counts = _load_split(cfg)
-    res = train_reward_model(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=True,
-                             log_dir=_metrics_dir(b))
+    res = train_reward_model(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=progress, log_dir=log_dir)
+    return res, counts, model_dir
+
+
+def _run_dpo(cfg: DPOStageConfig, log_dir, progress: bool):
+    from refinery.tasks.align.common import resolve_model_dir
+    from refinery.tasks.align.dpo import train_dpo
+
+    model_dir = resolve_model_dir(cfg.model)
+    train, held_out, counts = _load_split(cfg)
+    res = train_dpo(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=progress, log_dir=log_dir)
+    return res, counts, model_dir
+
+
+def _run_ppo(cfg: PPOStageConfig, log_dir, progress: bool):
+    from refinery.tasks.align.common import load_tokenizer, resolve_model_dir
+    from refinery.tasks.align.data import render_prompt
+    from refinery.tasks.align.ppo import train_ppo
+    from refinery.tasks.align.reward import RewardScorer
+
+    model_dir = resolve_model_dir(cfg.model)
+    reward_dir = resolve_model_dir(cfg.reward_model)
+    train, held_out, counts = _load_split(cfg)
+    tok = load_tokenizer(model_dir)
+    prompts = list(dict.fromkeys(render_prompt(p.prompt, tok) for p in train))  # distinct, in order
+    if cfg.max_prompts:
+        prompts = prompts[: cfg.max_prompts]
+    scorer = RewardScorer(reward_dir, cfg.reward_max_prompt_len, cfg.reward_max_len, device=cfg.train.device,
+                          dtype=cfg.train.dtype)
+    # held-out prompts (not among the training ones) for validation and early stopping
+    seen = set(prompts)
+    held = [p for p in dict.fromkeys(render_prompt(p.prompt, tok) for p in held_out) if p not in seen]
+    held = held[:HELD_OUT_PROMPTS]
+    res = train_ppo(model_dir, prompts, lambda ps, rs, ids: scorer(ps, rs), cfg.train, seed=cfg.seed,
+                    progress=progress, log_dir=log_dir, held_out=held)
+    res.stats["reward_model"] = reward_dir
+    return res, {**counts, "prompts": len(prompts)}, model_dir
+
+
+def _rebuild_reward(cfg: RewardStageConfig, model_dir: str):
+    from refinery.tasks.align.reward import load_reward_model
+
+    model, tok = load_reward_model(model_dir, cfg.train.lora, cfg.train.dtype)
+    return model, tok
+
+
+def _rebuild_policy(cfg: DPOStageConfig, model_dir: str):
+    from refinery.tasks.align.common import policy_model
+
+    tok, model = policy_model(model_dir, cfg.train)
+    return model, tok
+
+
+def _rebuild_ppo(cfg: PPOStageConfig, model_dir: str):
+    from refinery.tasks.align.ppo import load_ppo_policy
+
+    tok, policy, _ = load_ppo_policy(model_dir, cfg.train)
+    return policy, tok
+
+
+@dataclass(frozen=True)
+class _Trainer:
+    """A method that trains on several processes: its stage config, the run every process executes,
+    and the rebuild of the untrained model that the workers' trained tensors go into."""
+
+    config: type[StrictModel]
+    run: Callable[..., tuple]
+    rebuild: Callable[..., tuple]
+
+
+RUNS = {"reward": _Trainer(RewardStageConfig, _run_reward, _rebuild_reward),
+        "dpo": _Trainer(DPOStageConfig, _run_dpo, _rebuild_policy),
+        "ppo": _Trainer(PPOStageConfig, _run_ppo, _rebuild_ppo)}
+
+
+def config_json(cfg) -> dict:
+    """A stage config as JSON that validates again (its computed identities left out)."""
+    return cfg.model_dump(mode="json", exclude=set(type(cfg).model_computed_fields))
+
+
+def _train(b, cfg, method: str):
+    """Train in this process, or on ``cfg.train.devices`` torchrun processes: then rank 0 leaves the
+    metrics in this stage's metrics folder and the trained tensors beside the launch spec, and they
+    go into a fresh copy of the starting model here. Returns (result, counts, base model folder)."""
+    from refinery.tasks.align.common import TrainResult, resolve_model_dir
+    from refinery.tasks.align.ppo import PPOResult
+    from refinery.tasks.train.distributed import launch, load_trainable
+    from refinery.tasks.train.stage import checkpoint_dir
+
+    run, rebuild = RUNS[method].run, RUNS[method].rebuild
+    nproc = cfg.train.processes()
+    if nproc <= 1:
+        return run(cfg, _metrics_dir(b), True)
+    strategy = "fsdp" if cfg.train.strategy == "fsdp" else "ddp"
+    print(f"{method}: launching {strategy} on {nproc} processes (torchrun)", flush=True)
+    folder = checkpoint_dir(b)
+    spec = {"method": method, "config": config_json(cfg), "log_dir": str(_metrics_dir(b))}
+    out = launch(spec, nproc, folder, module="refinery.tasks.align.worker")
+    model_dir = resolve_model_dir(cfg.model)
+    model, tok = rebuild(cfg, model_dir)
+    load_trainable(model, folder / "trained.pt")
+    stats = {**out["stats"], "world_size": nproc, "strategy": strategy}
+    res = PPOResult(policy=model, tokenizer=tok, stats=stats) if method == "ppo" else \
+        TrainResult(model=model, tokenizer=tok, stats=stats)
+    return res, out["counts"], model_dir
+
+
+# --------------------------------------------------------------------------- stages
+@stage("reward", version="1")
+def reward_stage(b, inputs, cfg: RewardStageConfig) -> StageOutput:
+    """Train a reward model (scalar head on the starting model) on preference pairs."""
+    res, counts, model_dir = _train(b, cfg, "reward")
     keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
     _write_metrics(b, keys)
     after = res.stats["held_out_after"]
@@ -180,12 +293,7 @@ def reward_stage(b, inputs, cfg: RewardStageConfig) -> StageOutput:
 @stage("dpo", version="1")
 def dpo_stage(b, inputs, cfg: DPOStageConfig) -> StageOutput:
     """Direct preference optimisation of the starting model on preference pairs."""
-    from refinery.tasks.align.common import resolve_model_dir
-    from refinery.tasks.align.dpo import train_dpo
-
-    model_dir = resolve_model_dir(cfg.model)
-    train, held_out, counts = _load_split(cfg)
-    res = train_dpo(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=True, log_dir=_metrics_dir(b))
+    res, counts, model_dir = _train(b, cfg, "dpo")
     keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
     _write_metrics(b, keys)
     before, after = res.stats["held_out_before"], res.stats["held_out_after"]
@@ -222,26 +330,10 @@ def orpo_stage(b, inputs, cfg: ORPOStageConfig) -> StageOutput:
 @stage("ppo", version="1")
 def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
     """PPO of the starting model against a reward model, on the prompts of the preference pairs."""
-    from refinery.tasks.align.common import load_tokenizer, resolve_model_dir
-    from refinery.tasks.align.data import render_prompt
-    from refinery.tasks.align.ppo import save_value_head, train_ppo
-    from refinery.tasks.align.reward import RewardScorer
+    from refinery.tasks.align.ppo import save_value_head
 
-    model_dir = resolve_model_dir(cfg.model)
-    reward_dir = resolve_model_dir(cfg.reward_model)
-    train, held_out, counts = _load_split(cfg)
-    tok = load_tokenizer(model_dir)
-    prompts = list(dict.fromkeys(render_prompt(p.prompt, tok) for p in train))  # distinct, in order
-    if cfg.max_prompts:
-        prompts = prompts[: cfg.max_prompts]
-    scorer = RewardScorer(reward_dir, cfg.reward_max_prompt_len, cfg.reward_max_len, device=cfg.train.device,
-                          dtype=cfg.train.dtype)
-    # held-out prompts (not among the training ones) for validation and early stopping
-    seen = set(prompts)
-    held = [p for p in dict.fromkeys(render_prompt(p.prompt, tok) for p in held_out) if p not in seen]
-    held = held[:HELD_OUT_PROMPTS]
-    res = train_ppo(model_dir, prompts, lambda ps, rs, ids: scorer(ps, rs), cfg.train, seed=cfg.seed, progress=True,
-                    log_dir=_metrics_dir(b), held_out=held)
+    res, counts, model_dir = _train(b, cfg, "ppo")
+    reward_dir = res.stats["reward_model"]
     keys = _save(b, res.policy.lm, res.tokenizer, cfg.train.lora.enabled)
     tmp = b.tmpdir()
     b.put_file(save_value_head(res.policy, tmp), "value_head.safetensors")
@@ -251,8 +343,7 @@ def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
                "reward_start_avg": s["reward_start_avg"], "reward_end_avg": s["reward_end_avg"],
                "kl_last": s["kl_last"], "kl_max": s["kl_max"], "entropy_last": s["entropy_last"],
                "kl_coef_first": s["kl_coef_first"], "kl_coef_last": s["kl_coef_last"]}
-    return StageOutput(counts={**counts, "prompts": len(prompts), "steps": s["steps"],
-                               "rollouts": s["steps"] * cfg.train.batch_size},
+    return StageOutput(counts={**counts, "steps": s["steps"], "rollouts": s["steps"] * cfg.train.batch_size},
                        stats={**s, "base_model": model_dir, "reward_model": reward_dir, "threads": _threads()},
                        extra={**keys, "kind": "policy", "method": "ppo", "value_head": "value_head.safetensors",
                               "metrics": metrics})

@@ -1,0 +1,143 @@
+"""The align trainers on 2 CPU processes (torchrun, gloo): the reward model and DPO under DDP and
+FSDP2 follow the one-process curve with the same global batch (within TOL: only float summation
+order differs), the trained weights come back into the published model, and PPO runs data-parallel
+(DDP) with its figures averaged over the ranks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TOL = 1e-4
+
+
+def _train_rows(ds) -> list[dict]:
+    from refinery.tasks.train.metrics import read_metrics
+
+    return [r for r in read_metrics(ds.file("metrics")) if r["split"] == "train"]
+
+
+def _close(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) < TOL for x, y in zip(a, b))
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(next(folder.glob("*.safetensors"))))
+
+
+def test_shares_add_up_to_the_micro_batch_mean():
+    import torch
+
+    from refinery.tasks.align.parallel import Parallel
+
+    values = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0])
+    for idx in ([0, 1, 2, 3, 4], [3]):   # uneven shares; a rank left without an example
+        shares = [Parallel(rank=r, world=2).share(idx) for r in range(2)]
+        # what gradient averaging over the ranks computes: the mean of the ranks' losses
+        averaged = sum(float(s.mean(values[s.idx])) for s in shares) / 2
+        assert averaged == pytest.approx(float(values[idx].mean()))
+    lonely = Parallel(rank=1, world=2).share([3])
+    assert lonely.idx == [3] and lonely.weight == [0.0] and lonely.count([7]) == 0
+
+
+def test_dpo_ddp_and_fsdp_on_two_processes_match_one(tmp_path, tiny_causal_lm_dir, dpo_en_path):
+    from refinery.tasks.align.dpo import DPOConfig
+    from refinery.tasks.align.stage import DPOStageConfig, dpo_stage
+    from refinery.tasks.store import Store
+
+    def run(name, **kw):
+        cfg = DPOStageConfig(model=str(tiny_causal_lm_dir), data=str(dpo_en_path), max_pairs=48, val_fraction=0.25,
+                             train=DPOConfig(lr=1e-3, batch_size=6, max_steps=4, eval_every=2, max_prompt_len=32,
+                                             max_len=96, device="cpu", **kw))
+        return dpo_stage.run(Store(tmp_path / name), [], cfg)
+
+    one, ddp, fsdp = run("one"), run("ddp", devices=2), run("fsdp", devices=2, strategy="fsdp")
+    ref = _train_rows(one)
+    assert len(ref) == 4 and ref[-1]["loss"] < ref[0]["loss"]
+    for ds, strategy in ((ddp, "ddp"), (fsdp, "fsdp")):
+        s = ds.manifest["stats"]
+        assert s["world_size"] == 2 and s["strategy"] == strategy
+        rows = _train_rows(ds)
+        for key in ("loss", "accuracy", "margin", "grad_norm"):
+            assert _close([r[key] for r in ref], [r[key] for r in rows]), (strategy, key)
+        assert [r["tokens"] for r in rows] == [r["tokens"] for r in ref]   # the same global batches
+        # held-out figures (the reference is scored under FSDP before training, validation between steps)
+        assert s["held_out_after"]["loss"] == pytest.approx(one.manifest["stats"]["held_out_after"]["loss"], abs=TOL)
+        # the workers' trained weights are what the stage published
+        a, b = _weights(Path(one.path) / "model"), _weights(Path(ds.path) / "model")
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < TOL
+    start = _weights(tiny_causal_lm_dir)
+    trained = _weights(Path(fsdp.path) / "model")
+    assert any(float((start[k] - trained[k]).abs().max()) > 1e-3 for k in start)
+
+
+def test_reward_lora_under_fsdp_matches_one_process(tmp_path, tiny_causal_lm_dir, dpo_en_path):
+    from refinery.tasks.align.reward import RewardConfig
+    from refinery.tasks.align.stage import RewardStageConfig, reward_stage
+    from refinery.tasks.store import Store
+
+    def run(name, **kw):
+        cfg = RewardStageConfig(model=str(tiny_causal_lm_dir), data=str(dpo_en_path), max_pairs=40, val_fraction=0.25,
+                                train=RewardConfig(lr=1e-3, head_lr=1e-2, batch_size=5, max_steps=3, eval_every=1,
+                                                   max_prompt_len=32, max_len=96, device="cpu",
+                                                   lora={"enabled": True}, **kw))
+        return reward_stage.run(Store(tmp_path / name), [], cfg)
+
+    one, fsdp = run("one"), run("fsdp", devices=2, strategy="fsdp")
+    ref, rows = _train_rows(one), _train_rows(fsdp)
+    for key in ("loss", "accuracy", "grad_norm"):
+        assert _close([r[key] for r in ref], [r[key] for r in rows]), key
+    assert fsdp.manifest["metrics"]["held_out_accuracy"] == pytest.approx(one.manifest["metrics"]["held_out_accuracy"])
+    # the adapters and the score head came back: the merged models agree
+    a, b = _weights(Path(one.path) / "merged"), _weights(Path(fsdp.path) / "merged")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < TOL
+
+
+def test_ppo_data_parallel_on_two_processes(tmp_path, tiny_causal_lm_dir, trained_reward, hh_subset):
+    from refinery.tasks.align.ppo import PPOConfig
+    from refinery.tasks.align.stage import PPOStageConfig, ppo_stage
+    from refinery.tasks.store import Store
+
+    cfg = PPOStageConfig(model=str(tiny_causal_lm_dir), reward_model=str(trained_reward.path), data=str(hh_subset),
+                         max_pairs=64, max_prompts=32,
+                         train=PPOConfig(batch_size=8, mini_batch_size=4, max_steps=3, max_new_tokens=8, lr=1e-4,
+                                         device="cpu", devices=2, eval_every=3, kl_target=1.0))
+    ds = ppo_stage.run(Store(tmp_path / "ppo"), [], cfg)
+    s = ds.manifest["stats"]
+    assert s["world_size"] == 2 and s["strategy"] == "ddp" and s["steps"] == 3
+    rows = _train_rows(ds)
+    assert len(rows) == 3
+    # every rank rolled out 4 of the 8 prompts; the tokens are counted over both
+    assert rows[-1]["tokens"] > rows[0]["tokens"] > 0
+    # the adaptive KL coefficient moved from the ranks' averaged KL
+    assert s["kl_coef_last"] != s["kl_coef_first"]
+    start, trained = _weights(tiny_causal_lm_dir), _weights(Path(ds.path) / "model")
+    assert any(float((start[k] - trained[k]).abs().max()) > 0 for k in start)
+    assert (Path(ds.path) / "value_head.safetensors").is_file()
+
+
+@pytest.mark.parametrize("section, kw, message", [
+    ("ppo", dict(devices=2, strategy="fsdp"), "strategy=fsdp is not available"),
+    ("ppo", dict(devices=2, batch_size=6, mini_batch_size=3), "mini_batch_size=3 must be a multiple of devices=2"),
+    ("ppo", dict(devices=4, batch_size=6), "batch_size=6 must be a multiple of devices=4"),
+])
+def test_multi_process_settings_are_checked(section, kw, message):
+    from pydantic import ValidationError
+
+    from refinery.tasks.align.ppo import PPOConfig
+
+    with pytest.raises(ValidationError, match=message):
+        PPOConfig(**kw)
+
+
+def test_trainers_without_several_processes_reject_devices():
+    from pydantic import ValidationError
+
+    from refinery.tasks.align.grpo import GRPOConfig
+    from refinery.tasks.align.kto import KTOConfig
+
+    for cls in (KTOConfig, GRPOConfig):
+        with pytest.raises(ValidationError, match="devices"):
+            cls(devices=2)
