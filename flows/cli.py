@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("plan", help="a training flow's memory estimate per device (parameters, gradients, optimizer, activations) without training")
-    p.add_argument("flow", help="pretrain or finetune")
+    p.add_argument("flow", help="pretrain, finetune or align")
     p.add_argument("-c", "--config", help="YAML file of flow parameters")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a flow parameter, as for run; repeatable")
     p.add_argument("--workdir", help="root folder or URL for all datasets")

@@ -152,6 +152,16 @@ def _save(b, model, tokenizer, lora: bool) -> dict:
     return keys
 
 
+def _memory_plan(method: str, cfg) -> dict | None:
+    """The run's memory estimate per device, printed before training and kept in the manifest; a
+    run that cannot fit stops here (MemoryError with the table and what to change)."""
+    import sys
+
+    from refinery.tasks.train.plan import plan_align, plan_or_note
+
+    return plan_or_note(lambda: plan_align(method, cfg), log=lambda m: print(m, file=sys.stderr))
+
+
 def _threads():
     import torch
 
@@ -278,6 +288,7 @@ def _train(b, cfg, method: str):
 @stage("reward", version="1")
 def reward_stage(b, inputs, cfg: RewardStageConfig) -> StageOutput:
     """Train a reward model (scalar head on the starting model) on preference pairs."""
+    memory_plan = _memory_plan("reward", cfg)
     res, counts, model_dir = _train(b, cfg, "reward")
     keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
     _write_metrics(b, keys)
@@ -287,12 +298,14 @@ def reward_stage(b, inputs, cfg: RewardStageConfig) -> StageOutput:
                "final_loss": res.stats["final_loss"]}
     return StageOutput(counts={**counts, "steps": res.stats["steps"]},
                        stats={**res.stats, "base_model": model_dir, "threads": _threads()},
-                       extra={**keys, "kind": "reward_model", "metrics": metrics})
+                       extra={**keys, "memory_plan": memory_plan,
+                              "kind": "reward_model", "metrics": metrics})
 
 
 @stage("dpo", version="1")
 def dpo_stage(b, inputs, cfg: DPOStageConfig) -> StageOutput:
     """Direct preference optimisation of the starting model on preference pairs."""
+    memory_plan = _memory_plan("dpo", cfg)
     res, counts, model_dir = _train(b, cfg, "dpo")
     keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
     _write_metrics(b, keys)
@@ -304,12 +317,14 @@ def dpo_stage(b, inputs, cfg: DPOStageConfig) -> StageOutput:
                "final_loss": res.stats["final_loss"]}
     return StageOutput(counts={**counts, "steps": res.stats["steps"]},
                        stats={**res.stats, "base_model": model_dir, "threads": _threads()},
-                       extra={**keys, "kind": "policy", "method": "dpo", "metrics": metrics})
+                       extra={**keys, "memory_plan": memory_plan,
+                              "kind": "policy", "method": "dpo", "metrics": metrics})
 
 
 @stage("orpo", version="1")
 def orpo_stage(b, inputs, cfg: ORPOStageConfig) -> StageOutput:
     """ORPO (reference-free: supervised NLL plus an odds-ratio preference term) on preference pairs."""
+    memory_plan = _memory_plan("orpo", cfg)
     from refinery.tasks.align.common import resolve_model_dir
     from refinery.tasks.align.orpo import train_orpo
 
@@ -324,12 +339,14 @@ def orpo_stage(b, inputs, cfg: ORPOStageConfig) -> StageOutput:
                "held_out_margin": after.get("margin"), "final_loss": res.stats["final_loss"]}
     return StageOutput(counts={**counts, "steps": res.stats["steps"]},
                        stats={**res.stats, "base_model": model_dir, "threads": _threads()},
-                       extra={**keys, "kind": "policy", "method": "orpo", "metrics": metrics})
+                       extra={**keys, "memory_plan": memory_plan,
+                              "kind": "policy", "method": "orpo", "metrics": metrics})
 
 
 @stage("ppo", version="1")
 def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
     """PPO of the starting model against a reward model, on the prompts of the preference pairs."""
+    memory_plan = _memory_plan("ppo", cfg)
     from refinery.tasks.align.ppo import save_value_head
 
     res, counts, model_dir = _train(b, cfg, "ppo")
@@ -345,13 +362,15 @@ def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
                "kl_coef_first": s["kl_coef_first"], "kl_coef_last": s["kl_coef_last"]}
     return StageOutput(counts={**counts, "steps": s["steps"], "rollouts": s["steps"] * cfg.train.batch_size},
                        stats={**s, "base_model": model_dir, "reward_model": reward_dir, "threads": _threads()},
-                       extra={**keys, "kind": "policy", "method": "ppo", "value_head": "value_head.safetensors",
+                       extra={**keys, "memory_plan": memory_plan,
+                              "kind": "policy", "method": "ppo", "value_head": "value_head.safetensors",
                               "metrics": metrics})
 
 
 @stage("kto", version="1")
 def kto_stage(b, inputs, cfg: KTOStageConfig) -> StageOutput:
     """KTO of the starting model on unpaired replies labelled desirable or undesirable."""
+    memory_plan = _memory_plan("kto", cfg)
     from refinery.tasks.align.common import resolve_model_dir
     from refinery.tasks.align.data import load_unpaired, split_pairs
     from refinery.tasks.align.kto import train_kto
@@ -370,12 +389,14 @@ def kto_stage(b, inputs, cfg: KTOStageConfig) -> StageOutput:
                "final_loss": res.stats["final_loss"]}
     counts = {**counts, "examples_train": len(train), "examples_held_out": len(held_out), "steps": res.stats["steps"]}
     return StageOutput(counts=counts, stats={**res.stats, "base_model": model_dir, "threads": _threads()},
-                       extra={**keys, "kind": "policy", "method": "kto", "metrics": metrics})
+                       extra={**keys, "memory_plan": memory_plan,
+                              "kind": "policy", "method": "kto", "metrics": metrics})
 
 
 @stage("grpo", version="1")
 def grpo_stage(b, inputs, cfg: GRPOStageConfig) -> StageOutput:
     """GRPO of the starting model on prompts, rewarded by Python reward functions (and/or a reward model)."""
+    memory_plan = _memory_plan("grpo", cfg)
     from refinery.tasks.align.common import load_tokenizer, resolve_model_dir
     from refinery.tasks.align.data import load_prompts, render_prompt, split_pairs
     from refinery.tasks.align.grpo import train_grpo
@@ -416,7 +437,8 @@ def grpo_stage(b, inputs, cfg: GRPOStageConfig) -> StageOutput:
               "prompts_held_out": len(held_out), "skipped": counts["skipped"], "steps": s["steps"]}
     return StageOutput(counts=counts,
                        stats={**s, "base_model": model_dir, "reward_model": reward_dir, "threads": _threads()},
-                       extra={**keys, "kind": "policy", "method": "grpo", "metrics": metrics})
+                       extra={**keys, "memory_plan": memory_plan,
+                              "kind": "policy", "method": "grpo", "metrics": metrics})
 
 
 __all__ = ["reward_stage", "dpo_stage", "ppo_stage", "grpo_stage", "kto_stage", "orpo_stage", "RewardStageConfig",

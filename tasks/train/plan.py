@@ -153,6 +153,8 @@ class Setup:
     lora_dropout: float = 0.05
     device: str = "cpu"
     loss_chunk_tokens: int = 0              # chunked linear + cross-entropy (0: one full logits tensor)
+    trainable_dtype: str = "float32"        # trained weights, their gradients and AdamW moments (align: its dtype)
+    frozen_copies: dict = field(default_factory=dict)   # name -> parameters of another model held (reference, reward)
 
 
 @dataclass
@@ -223,9 +225,11 @@ class MemoryPlan:
             elif kind in ("optimizer", "gradients", "parameters"):
                 if s.method == "full" and s.flow == "finetune":
                     tips.append("method=lora or method=qlora (trains adapters only)")
+                elif s.method == "full" and s.flow.startswith("align/"):
+                    tips.append(f"{s.flow.split('/')[1]}.lora.enabled=true (trains adapters only; no reference copy)")
                 elif s.method == "lora":
                     tips.append("method=qlora (4-bit frozen weights)")
-                if s.strategy != "fsdp" and s.flow in ("pretrain", "finetune"):
+                if s.strategy != "fsdp" and s.flow in ("pretrain", "finetune", "align/reward", "align/dpo"):
                     tips.append("strategy=fsdp with more devices (shards weights, gradients and optimizer)")
                 elif s.strategy == "fsdp" and not s.cpu_offload:
                     tips.append("fsdp_cpu_offload=true (keeps shards and optimizer in host memory)")
@@ -275,9 +279,10 @@ def estimate(shape: ModelShape, s: Setup) -> MemoryPlan:
     shard = world if s.strategy == "fsdp" else 1
     wb = _bytes(s.weights_dtype)
     adapted: list[str] = []
+    tb = _bytes(s.trainable_dtype)
     if s.method == "full":
         trainable, frozen_bytes = shape.total, 0
-        param_bytes = shape.total * 4
+        param_bytes = shape.total * tb
     elif s.method in ("lora", "qlora"):
         adapted = lora_targets(shape, s.lora_targets)
         trainable = sum(s.lora_r * (shape.linear[n][0] + shape.linear[n][1]) for n in adapted)
@@ -288,14 +293,14 @@ def estimate(shape: ModelShape, s: Setup) -> MemoryPlan:
             frozen_bytes = int(q * (0.5 + scale)) + (shape.total - q) * 4
         else:
             frozen_bytes = shape.total * wb
-        param_bytes = frozen_bytes + trainable * 4
+        param_bytes = frozen_bytes + trainable * tb
     else:   # other PEFT methods: a few vectors or virtual tokens; count them as 0.1% of the model
         trainable = max(1, shape.total // 1000)
-        param_bytes = shape.total * wb + trainable * 4
-    grad_bytes = trainable * 4
+        param_bytes = shape.total * wb + trainable * tb
+    grad_bytes = trainable * tb
     if s.strategy == "ddp" and world > 1:
         grad_bytes *= 2                              # DDP's bucket copy of every gradient
-    opt_bytes = trainable * (2 if "8bit" in s.optimizer else 8)
+    opt_bytes = trainable * (2 if "8bit" in s.optimizer else 2 * tb)
     rows = {
         "parameters": param_bytes // shard,
         "gradients": grad_bytes // shard,
@@ -318,6 +323,8 @@ def estimate(shape: ModelShape, s: Setup) -> MemoryPlan:
     if s.device == "cpu" and (s.method == "qlora" or s.quant != "none"):
         # quantising reads the float checkpoint through a memory map whose pages stay resident
         rows["mapped checkpoint"] = shape.linear_params(shape.quantizable()) * shape.file_bytes
+    for name, n in s.frozen_copies.items():      # whole models held beside the trained one (not sharded)
+        rows[name] = n * wb
     if s.cpu_offload:
         rows["parameters"] = rows["gradients"] = 0
     return MemoryPlan(setup=s, params_total=shape.total, params_trainable=int(trainable), rows=rows)
@@ -431,13 +438,67 @@ def finetune_objective(source: str) -> str:
     return init_objective(conf) if conf else "clm"
 
 
+def _saved_dtype(model_dir: str) -> str:
+    """The dtype a model folder's weights were saved in (its config), float32 when it does not say."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+    return name if name in DTYPE_BYTES else "float32"
+
+
+def plan_align(method: str, cfg, reward_dir: str | None = None) -> MemoryPlan:
+    """The plan of an align stage (``reward``, ``dpo``, ``orpo``, ``kto``, ``ppo``, ``grpo``) from its
+    stage config. Sequences per forward and device: a pair is two (chosen and rejected), split over
+    the processes; KTO one per example (its KL pass keeps no activations); PPO a minibatch over the
+    processes; GRPO a minibatch of completions. Weights train in the trainer's ``dtype`` (no float32
+    master copy); PPO, and GRPO with a KL term, hold a reference copy unless LoRA is on (the adapters
+    are switched off instead); PPO and GRPO hold their reward model."""
+    import math
+
+    from refinery.tasks.align.common import resolve_model_dir
+    from refinery.tasks.train.common import pick_device
+
+    t = cfg.train
+    model_dir = resolve_model_dir(cfg.model)
+    shape = model_shape(model_dir, "clm")
+    device = pick_device(t.device)
+    dtype = _saved_dtype(model_dir) if t.dtype == "auto" else t.dtype
+    world = t.processes() if hasattr(t, "devices") else 1
+    strategy = "fsdp" if getattr(t, "strategy", "auto") == "fsdp" else "ddp"
+    if method in ("ppo", "grpo"):
+        seqs, seq_len = max(1, t.mini_batch_size // world), t.max_prompt_len + t.max_new_tokens
+    else:
+        per = 1 if method == "kto" else 2
+        seqs, seq_len = per * math.ceil(t.batch_size / world), t.max_len
+    copies: dict[str, int] = {}
+    if method == "ppo" or (method == "grpo" and t.beta > 0):
+        if not t.lora.enabled:
+            copies["reference model"] = shape.total
+    reward = reward_dir or getattr(cfg, "reward_model", None)
+    if method in ("ppo", "grpo") and reward:
+        copies["reward model"] = model_shape(resolve_model_dir(reward), "clm").total
+    s = Setup(flow=f"align/{method}", method="lora" if t.lora.enabled else "full", compute_dtype=dtype,
+              weights_dtype=dtype, trainable_dtype=dtype, strategy=strategy, world_size=world, micro_batch=seqs,
+              seq_len=seq_len, lora_r=t.lora.r, lora_targets=t.lora.target_modules, lora_dropout=t.lora.dropout,
+              device=device.type, frozen_copies=copies)
+    return device_budget(estimate(shape, s), t.device)
+
+
 def plan_flow(name: str, params) -> MemoryPlan:
     """The plan of flow ``name`` from its validated flow parameters (``refinery plan FLOW``)."""
     if name == "pretrain":
         return plan_pretrain(params.train_config(), params.inputs())
     if name == "finetune":
         return plan_finetune(params.stage_config())
-    raise ValueError(f"no memory plan for flow {name!r}: refinery plan takes pretrain or finetune")
+    if name == "align":
+        from refinery.flows import align as A
+
+        if params.method == "ppo":   # without reward_model the reward model is trained from the policy first
+            return plan_align("ppo", A.ppo_config(params, params.reward_model or params.input))
+        return plan_align(params.method, getattr(A, f"{params.method}_config")(params))
+    raise ValueError(f"no memory plan for flow {name!r}: refinery plan takes pretrain, finetune or align")
 
 
 def plan_or_note(make, log=print) -> dict | None:
@@ -454,4 +515,4 @@ def plan_or_note(make, log=print) -> dict | None:
 
 
 __all__ = ["ModelShape", "Setup", "MemoryPlan", "model_shape", "lora_targets", "estimate", "device_budget",
-           "report", "plan_pretrain", "plan_finetune", "plan_flow", "plan_or_note"]
+           "report", "plan_pretrain", "plan_finetune", "plan_align", "plan_flow", "plan_or_note"]

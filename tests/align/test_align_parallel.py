@@ -59,6 +59,8 @@ def test_dpo_ddp_and_fsdp_on_two_processes_match_one(tmp_path, tiny_causal_lm_di
     for ds, strategy in ((ddp, "ddp"), (fsdp, "fsdp")):
         s = ds.manifest["stats"]
         assert s["world_size"] == 2 and s["strategy"] == strategy
+        plan = ds.manifest["memory_plan"]["setup"]   # the estimate per device, recorded before training
+        assert plan["world_size"] == 2 and plan["strategy"] == strategy and plan["micro_batch"] == 6
         rows = _train_rows(ds)
         for key in ("loss", "accuracy", "margin", "grad_norm"):
             assert _close([r[key] for r in ref], [r[key] for r in rows]), (strategy, key)

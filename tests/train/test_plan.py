@@ -1,6 +1,6 @@
 """The memory planner: the estimate's structure, the stop-with-advice when a run cannot fit,
 ``refinery plan``, and (slow) the estimate against measured peak RSS for full, LoRA and QLoRA
-fine-tuning on two model sizes: within 25%."""
+fine-tuning on two model sizes, and full and LoRA DPO: within 25%."""
 from __future__ import annotations
 
 import json
@@ -77,11 +77,14 @@ def test_cli_plan_prints_the_table(tiny_causal_lm_dir, capsys):
 
 
 CASES = [(size, method) for size in ("small", "medium") for method in ("full", "lora", "qlora")]
+CASES += [("small", "dpo-full"), ("small", "dpo-lora")]   # the align trainers' plan (suite time: one size)
 SIZES = {"small": (256, 4, 688), "medium": (512, 6, 1376)}
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
+def model_dirs(tmp_path_factory, tiny_tokenizer_dir):
+    import shutil
+
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -90,6 +93,8 @@ def model_dirs(tmp_path_factory):
         d = tmp_path_factory.mktemp(f"plan_{name}")
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(llama_config(h, n, f)).save_pretrained(d)
+        for t in Path(tiny_tokenizer_dir).iterdir():   # the align trainers load the model's tokenizer
+            shutil.copy(t, d / t.name)
         out[name] = d
     return out
 
@@ -152,3 +157,28 @@ def test_peak_rss_is_the_process_own_not_the_parents():
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     del big
     assert child < 200
+
+
+def test_cli_plan_align(tiny_causal_lm_dir, tmp_path, capsys):
+    """align's plan: pairs count twice, fsdp shards, PPO holds a reference copy (not with LoRA) and its reward model."""
+    from refinery.flows.cli import main
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "hi", "chosen": "hello", "rejected": "go away"}) + "\n")
+
+    def plan(*sets: str) -> dict:
+        args = ["plan", "align", "--set", f"input={tiny_causal_lm_dir}", "--set", f"data={pairs}", "--json"]
+        assert main(args + [x for s in sets for x in ("--set", s)]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    full = plan("method=dpo", "dpo.device=cpu", "dpo.batch_size=4", "dpo.max_len=64")
+    assert full["setup"]["micro_batch"] == 8 and full["setup"]["seq_len"] == 64 and full["setup"]["flow"] == "align/dpo"
+    assert full["params_trainable"] == full["params_total"]
+    lora = plan("method=dpo", "dpo.device=cpu", "dpo.lora.enabled=true")
+    assert 0 < lora["params_trainable"] < full["params_total"] // 5
+    sharded = plan("method=dpo", "dpo.device=cpu", "dpo.batch_size=4", "dpo.devices=2", "dpo.strategy=fsdp")
+    assert sharded["setup"]["micro_batch"] == 4 and sharded["bytes"]["parameters"] == full["bytes"]["parameters"] // 2
+    ppo = plan("method=ppo", "ppo.device=cpu", f"reward_model={tiny_causal_lm_dir}")
+    assert ppo["bytes"]["reference model"] == ppo["bytes"]["reward model"] == full["bytes"]["parameters"]
+    ppo_lora = plan("method=ppo", "ppo.device=cpu", "ppo.lora.enabled=true")
+    assert "reference model" not in ppo_lora["bytes"] and ppo_lora["bytes"]["reward model"] > 0
