@@ -3,13 +3,18 @@
 # wheels for what its image lacks go in .whl/ (pydantic(+core, annotated-types, typing-inspection)
 # and bitsandbytes, for its CPython).
 #
-#   bench/gpu.sh                 all sections (about 11 minutes on an H200)
-#   bench/gpu.sh mfu finetune    some of them: mfu | finetune | fsdp | qlora7b
+#   bench/gpu.sh                 all sections (about 14 minutes on an H200)
+#   bench/gpu.sh mfu finetune    some of them: profile | mfu | finetune | fsdp | qlora7b
 #
-# The device tool runs one command for at most 600 s: run `bench/gpu.sh mfu finetune` and
-# `bench/gpu.sh fsdp qlora7b` as two calls there. Results go to $OUT (one .txt/.json per check):
+# The device tool runs one command for at most 600 s: run `bench/gpu.sh profile finetune`,
+# `bench/gpu.sh mfu` and `bench/gpu.sh fsdp qlora7b` as three calls there (each under 600 s at
+# its checks' limits; 15 minutes of device time holds the three with little to spare). Results go to $OUT
+# (one .txt/.json per check):
+#   profile   124M preset, bf16, eager: the top 15 kernels by self CUDA time over 5 steps of our loop
+#             (torch.profiler; $OUT/profile-124m.txt), the first thing to read before changing anything
 #   mfu       124M preset, bf16, seq 1024: tokens/s and MFU, eager and torch.compile (batch 16, 64),
-#             with the loop's fused AdamW; the issue's target is >= 45% MFU
+#             and torch.compile with the chunked linear + cross-entropy (loss_chunk_tokens 8192, batch
+#             64), with the loop's fused AdamW; the issue's target is >= 45% MFU
 #   finetune  full / LoRA / QLoRA peak memory on the Llama-3.2-1B shape, beside the memory planner's
 #             estimate (plan_mb, plan_err: the planner checked against torch.cuda.max_memory_allocated)
 #   fsdp      the 1B preset (128k vocabulary) trained by our loop with strategy=fsdp (FSDP2 fully_shard,
@@ -20,7 +25,7 @@
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
-sections=${*:-mfu finetune fsdp qlora7b}
+sections=${*:-profile mfu finetune fsdp qlora7b}
 want() { [[ " $sections " == *" $1 "* ]]; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -37,12 +42,17 @@ check() {   # NAME SECONDS CMD...: run one check under a time limit, keep its ta
   [ "$rc" -eq 0 ] || { echo "!! $name exited $rc" | tee -a "$OUT/$name.txt"; status=1; }
 }
 
+common=(--device cuda --preset 124M --model '{"vocab_size": 50304}' --seq-len 1024 --batch-size 16 --steps 40
+        --warmup 10 --repeats 1 --vocab 8192 --threads 0 --no-hf)
+if want profile; then
+  check pretrain-profile 150 python3 bench/pretrain.py "${common[@]}" --steps 20 --profile "$OUT/profile-124m.txt"
+fi
 if want mfu; then
-  common=(--device cuda --preset 124M --model '{"vocab_size": 50304}' --seq-len 1024 --batch-size 16 --steps 40
-          --warmup 10 --repeats 1 --vocab 8192 --threads 0 --no-hf)
-  check pretrain-eager 120 python3 bench/pretrain.py "${common[@]}"
-  check pretrain-compile 170 python3 bench/pretrain.py "${common[@]}" --compile
-  check pretrain-compile-b64 170 python3 bench/pretrain.py "${common[@]}" --compile --batch-size 64 --steps 25
+  check pretrain-eager 100 python3 bench/pretrain.py "${common[@]}"
+  check pretrain-compile 150 python3 bench/pretrain.py "${common[@]}" --compile
+  check pretrain-compile-b64 150 python3 bench/pretrain.py "${common[@]}" --compile --batch-size 64 --steps 25
+  check pretrain-compile-b64-chunked 150 python3 bench/pretrain.py "${common[@]}" --compile --batch-size 64 \
+    --steps 25 --loss-chunk-tokens 8192
 fi
 if want finetune; then
   check finetune-1b 150 python3 bench/finetune.py --device cuda --preset 1b --json "$OUT/finetune-1b.json"

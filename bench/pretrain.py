@@ -16,6 +16,7 @@ when present, else Python's standard-library docstrings; a byte-level BPE tokeni
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -82,7 +83,7 @@ def run_ours(args, make_reader, work: Path) -> dict:
                       batch_size=args.batch_size, max_steps=args.steps, lr=args.lr, warmup_steps=args.warmup_lr,
                       eval_every=10 ** 9, eval_batches=1, save_every=10 ** 9, log_every=10 ** 9, seed=args.seed,
                       device=args.device, compile=args.compile, unigram_max_tokens=1000, strategy=args.strategy,
-                      grad_checkpointing=args.grad_checkpointing or None)
+                      grad_checkpointing=args.grad_checkpointing or None, loss_chunk_tokens=args.loss_chunk_tokens)
     if args.strategy == "fsdp":   # FSDP on this one device: a process group of one (as torchrun would make)
         import os
         import socket
@@ -96,13 +97,49 @@ def run_ours(args, make_reader, work: Path) -> dict:
         dist.init(force=True)
     ck = work / "ours"
     shutil.rmtree(ck, ignore_errors=True)
-    res = train(cfg, make_reader("train"), make_reader("val"), ck, progress=False, log=lambda m: None)
+    with profiled(args):
+        res = train(cfg, make_reader("train"), make_reader("val"), ck, progress=False, log=lambda m: None)
     rows = [r for r in res["history"] if r.get("loss") is not None]
     mfus = [r["mfu"] for r in rows[args.warmup:] if r.get("mfu") is not None]
     step_tokens = rows[-1]["tokens"] - rows[-2]["tokens"]
     return {**rates([r["seconds"] for r in rows[args.warmup - 1:]], step_tokens),
             "loss_end": rows[-1]["loss"], "params": res["params"], "mfu": statistics.median(mfus) if mfus else None,
             "peak_memory_mb": res.get("peak_memory_mb"), "strategy": res.get("strategy")}
+
+
+@contextlib.contextmanager
+def profiled(args):
+    """With ``--profile FILE``: torch.profiler over 5 training steps of our loop after ``--warmup``
+    (the loop's own steps: every step of ``tasks.train.loop._train_step`` advances the profiler's
+    schedule), and the top kernels by self device time (CPU: self CPU time) written to FILE."""
+    if not args.profile:
+        yield
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from refinery.tasks.train import loop
+
+    cuda = args.device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    step = loop._train_step
+    with profile(activities=acts, schedule=schedule(wait=max(args.warmup - 2, 0), warmup=2, active=5, repeat=1)) as prof:
+        def stepped(run, st):
+            out = step(run, st)
+            if cuda:
+                torch.cuda.synchronize()
+            prof.step()
+            return out
+
+        loop._train_step = stepped
+        try:
+            yield
+        finally:
+            loop._train_step = step
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=70)
+    Path(args.profile).write_text(table)
+    print(table, file=sys.stderr)
 
 
 def rates(times: list[float], step_tokens: int) -> dict:
@@ -188,6 +225,8 @@ def main() -> int:
     ap.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default="auto",
                     help="fsdp: our loop under FSDP2 fully_shard in a process group of one (peak memory vs ddp/auto)")
     ap.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in our loop")
+    ap.add_argument("--loss-chunk-tokens", type=int, default=0, help="our loop's chunked linear + cross-entropy (0: off)")
+    ap.add_argument("--profile", help="write the top kernels of 5 profiled steps of our loop to this file")
     ap.add_argument("--one", choices=["ours", "hf"], help=argparse.SUPPRESS)   # child: one run, JSON out
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
