@@ -83,9 +83,10 @@ def resolve_workdir(flag: str | None, data: dict) -> str | None:
     return os.environ.get("REFINERY_WORKDIR") or None
 
 
-def build_params(flow, config_file: str | None, sets: list[str], workdir: str | None):
-    """Validate ``-c`` YAML + ``--set`` + ``--workdir`` into the flow's params model; a mistake is a
-    SystemExit naming the dotted key (with "did you mean") before anything runs."""
+def build_params(flow, config_file: str | None, sets: list[str], workdir: str | None,
+                 defaults: dict[str, Any] | None = None):
+    """Validate ``-c`` YAML + ``--set`` + ``--workdir`` (over ``defaults``) into the flow's params
+    model; a mistake is a SystemExit naming the dotted key (with "did you mean") before anything runs."""
     import yaml
     from pydantic import ValidationError
 
@@ -101,7 +102,7 @@ def build_params(flow, config_file: str | None, sets: list[str], workdir: str | 
             raise SystemExit(f"refinery: {config_file} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise SystemExit(f"refinery: {config_file}: expected a mapping of parameters")
-    data = deep_merge(data, parse_set(sets))
+    data = deep_merge(deep_merge(dict(defaults or {}), data), parse_set(sets))
     wd = resolve_workdir(workdir, data)
     if wd:
         data["workdir"] = wd
@@ -210,7 +211,9 @@ def cmd_plan(args) -> int:
     """Print a training flow's memory estimate per device without training (exit 1: it does not fit)."""
     _defaults_env()
     flow = load_flow(args.flow)
-    params = build_params(flow, args.config, args.set or [], args.workdir)
+    # the training data is not read by the plan: finetune and align need not name it here
+    unread = {"data": "(not read by refinery plan)"} if "data" in flow.params_cls.model_fields else {}
+    params = build_params(flow, args.config, args.set or [], args.workdir, defaults=unread)
     from refinery.tasks.train.plan import plan_flow
 
     try:

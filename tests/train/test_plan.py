@@ -61,8 +61,8 @@ def test_does_not_fit_stops_with_table_and_advice():
 def test_cli_plan_prints_the_table(tiny_causal_lm_dir, capsys):
     from refinery.flows.cli import main
 
-    base = ["plan", "finetune", "--set", f"input={tiny_causal_lm_dir}", "--set", "data=unused.jsonl",
-            "--set", "device=cpu"]
+    # the acceptance form: no data (the plan reads none)
+    base = ["plan", "finetune", "--set", f"input={tiny_causal_lm_dir}", "--set", "device=cpu"]
     assert main(base + ["--set", "method=qlora"]) == 0
     out = capsys.readouterr().out
     assert "memory plan (finetune, qlora" in out and "nf4 4-bit" in out and "activation checkpointing" in out
@@ -181,4 +181,6 @@ def test_cli_plan_align(tiny_causal_lm_dir, tmp_path, capsys):
     ppo = plan("method=ppo", "ppo.device=cpu", f"reward_model={tiny_causal_lm_dir}")
     assert ppo["bytes"]["reference model"] == ppo["bytes"]["reward model"] == full["bytes"]["parameters"]
     ppo_lora = plan("method=ppo", "ppo.device=cpu", "ppo.lora.enabled=true")
+    args = ["plan", "align", "--set", f"input={tiny_causal_lm_dir}", "--set", "dpo.device=cpu", "--json"]
+    assert main(args) == 0 and json.loads(capsys.readouterr().out)["setup"]["flow"] == "align/dpo"   # no data
     assert "reference model" not in ppo_lora["bytes"] and ppo_lora["bytes"]["reward model"] > 0
