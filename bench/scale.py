@@ -111,10 +111,14 @@ def main() -> None:
     print("stage work seconds (1 worker):", {k: round(v, 2) for k, v in stage_secs.items()})
     print(f"per-core rate from the stages' work seconds: {per_core:.1f} docs/s "
           f"(flow wall rate with orchestration: {docs / t1:.1f} docs/s)")
+    # Stage work only (no orchestration, no global dedup step): a lower bound on time and cost. The
+    # README's snapshot estimate uses bench/curate_scale.py's end-to-end rate instead.
+    print("snapshot estimate from the stages' work alone (lower bound; the README's headline uses "
+          "bench/curate_scale.py's end-to-end rate):")
     for n_workers, cores in ((100, 16), (1000, 16)):
         hours = CC_PAGES / (per_core * n_workers * cores) / 3600
         cost = hours * n_workers * cores * CORE_HOUR_USD
-        print(f"CC snapshot ({CC_PAGES:.0e} pages) on {n_workers} workers x {cores} cores: "
+        print(f"  CC snapshot ({CC_PAGES:.0e} pages) on {n_workers} workers x {cores} cores: "
               f"time = pages / (rate * workers * cores) = {hours:.1f} h, "
               f"cost = hours * cores * ${CORE_HOUR_USD}/core-h = ${cost:,.0f}")
 
