@@ -40,6 +40,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
@@ -810,12 +811,26 @@ class UnsafeResultRecord(RuntimeError):
     those, and a planted record must stop the run, not be taken for a cache miss."""
 
 
+class TornResultRecord(FileNotFoundError, ValueError):
+    """A result record cut short (empty, or the start of a JSON record): what a crash or a full disk
+    in the middle of Prefect's write leaves (its file write is not atomic). Our storage block moves
+    it aside and raises this, which both readers take for "no record yet": Prefect's ``exists``
+    (any exception), a missing file to ``LocalFileSystem`` (``ValueError``) and to fsspec
+    (``FileNotFoundError``), and :func:`check_stored_result`; so the task runs again and writes a
+    fresh record."""
+
+    def __init__(self, where: str, why: str):
+        super().__init__(f"{where}: {why}")
+        self.where, self.why = where, why
+
+
 _SAFE_DECODERS = (None, "prefect.serializers.prefect_json_object_decoder")
+_SERIALIZER_TYPE = re.compile(rb'"serializer"\s*:\s*\{\s*"type"\s*:\s*"([^"]*)"')
 
 
 def check_result_record(content: bytes, where: str) -> bytes:
-    """``content`` unchanged if it is a plain JSON result record; otherwise
-    :class:`UnsafeResultRecord` naming ``where``.
+    """``content`` unchanged if it is a plain JSON result record; :class:`TornResultRecord` if it
+    was cut short; otherwise :class:`UnsafeResultRecord` naming ``where``.
 
     Why: Prefect decodes a record with whatever the record itself names: a serializer (pickle), a
     ``jsonlib`` or ``object_decoder`` to import, or ``__class__``/``__exc_type__`` objects in the
@@ -823,7 +838,20 @@ def check_result_record(content: bytes, where: str) -> bytes:
     shared volume, a bucket) could make every worker run their code. Our stage results are JSON
     manifests (``result_serializer="json"``), so only that is read: serializer ``json`` with the
     standard ``json`` module, Prefect's default decoder (or none), no loader options, and a payload
-    of plain JSON values. The check parses with the standard library only, before Prefect does."""
+    of plain JSON values. The check parses with the standard library only, before Prefect does.
+
+    Torn records: a record that does not parse but is empty (or blank, or NUL bytes as some file
+    systems leave after a crash) or begins with ``{`` is the prefix of a record Prefect was writing
+    (its records are one JSON object): it is :class:`TornResultRecord`, which the storage block
+    moves aside, so nobody decodes it and the task rebuilds it (unless what is left names a
+    serializer other than ``json``: not a record of ours, refused). Any other bytes that are not JSON
+    (e.g. a raw pickle stream) are refused: a crash cannot write them, and Prefect hands a record
+    that is not JSON to the result store's fallback serializer, which is pickle for any task not set
+    to JSON. A record whose envelope parses but whose payload is not JSON is refused too, on
+    purpose: truncation cannot produce it (the payload is a string inside the envelope, so cutting
+    the file breaks the envelope), and Prefect's decoder builds each ``__class__`` object of a
+    payload as soon as that object closes, before it reaches the error, so a payload that does not
+    parse could still run code and our scan for typed objects cannot see into it."""
     def refuse(why: str) -> UnsafeResultRecord:
         return UnsafeResultRecord(f"{where}: {why}; refusing to decode this result record "
                                   "(only plain JSON records are read; delete the file to rebuild it)")
@@ -831,7 +859,17 @@ def check_result_record(content: bytes, where: str) -> bytes:
     try:
         record = json.loads(content)
     except (ValueError, UnicodeDecodeError):
-        raise refuse("not JSON") from None
+        head = content.strip(b"\x00 \t\r\n")
+        if not head:
+            raise TornResultRecord(where, f"empty result record ({len(content)} bytes)") from None
+        named = _SERIALIZER_TYPE.search(head)
+        if named and named.group(1) != b"json":   # never one of ours: a planted record, cut or not
+            kind = named.group(1)[:40].decode(errors="replace")
+            raise refuse(f"it is cut short and names serializer {kind!r}") from None
+        if head.startswith(b"{"):
+            raise TornResultRecord(where, f"result record cut short ({len(content)} bytes, not complete "
+                                          "JSON)") from None
+        raise refuse("not JSON, nor the start of a JSON record") from None
     meta = record.get("metadata") if isinstance(record, dict) else None
     ser = meta.get("serializer") if isinstance(meta, dict) else None
     if not isinstance(ser, dict) or ser.get("type") != "json":
@@ -867,7 +905,8 @@ def _has_typed_objects(value: Any) -> bool:
 def _json_only(base: Any) -> type:
     """A Prefect storage block like ``base`` whose reads pass :func:`check_result_record`, so no
     read path of Prefect's (cache lookup, ``exists``, result retrieval) can decode a record that
-    names another serializer."""
+    names another serializer; a torn record is moved aside (see :func:`_set_aside`) and read as
+    missing."""
 
     class JsonOnly(base):  # type: ignore[misc, valid-type]
         _block_type_name = f"Refinery JSON Results ({base._block_type_name})"
@@ -875,16 +914,49 @@ def _json_only(base: Any) -> type:
         def _where(self, path: str) -> str:
             return str(self._resolve_path(path))
 
+        def _checked(self, content: bytes, path: str) -> bytes:
+            try:
+                return check_result_record(content, self._where(path))
+            except TornResultRecord as e:
+                _set_aside(self, e)
+                raise
+
         async def aread_path(self, path: str) -> bytes:
-            return check_result_record(await super().aread_path(path), self._where(path))
+            return self._checked(await super().aread_path(path), path)
 
         def read_path(self, path: str, _sync: bool | None = None) -> Any:
             if _sync is False:
                 return self.aread_path(path)
-            return check_result_record(base.read_path(self, path, _sync=True), self._where(path))
+            return self._checked(base.read_path(self, path, _sync=True), path)
 
     JsonOnly.__name__ = JsonOnly.__qualname__ = f"JsonOnly{base.__name__}"
     return JsonOnly
+
+
+def _set_aside(block: Any, torn: TornResultRecord) -> str | None:
+    """Move a torn record to ``.quarantine-<record>-<UTC time>-<id>`` beside it (the naming of
+    ``Store.quarantine``; a dot name is never a record key), kept for inspection, and log one
+    warning naming both; the destination, or None when it could not be moved (gone already:
+    another reader moved it; or a store that refuses the move: the task's write replaces it)."""
+    src = torn.where
+    head, _, name = src.rpartition("/")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = f"{head}/.quarantine-{name}-{stamp}-{os.urandom(2).hex()}"
+    try:
+        if "://" in src and not src.startswith("file://"):
+            fs = block.filesystem
+            fs.mv(src, dest)
+            fs.invalidate_cache(src)
+        else:
+            os.rename(src.removeprefix("file://"), dest.removeprefix("file://"))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        _warn("%s; could not move it aside (%s): the task rebuilds it and overwrites this one",
+              torn, error_text(e, 200))
+        return None
+    _warn("%s; moved aside to %s (kept for inspection); the task runs again and writes a new one", torn, dest)
+    return dest
 
 
 _BLOCK_CLASSES: dict[str, type] = {}
@@ -914,7 +986,8 @@ def __getattr__(name: str) -> Any:
 
 def check_stored_result(storage: Any, key: str) -> None:
     """Raise :class:`UnsafeResultRecord` (naming the file) when the record Prefect would read for
-    ``key`` exists and is not JSON; a missing record is fine (the task will write one)."""
+    ``key`` exists and is not JSON; a missing record is fine (the task will write one), and so is a
+    torn one: the read moves it aside (:class:`TornResultRecord`) and the task writes a new one."""
     try:
         storage.read_path(key, _sync=True)
     except UnsafeResultRecord:
@@ -1016,5 +1089,5 @@ def make_runner(spec: str | None):
                      "ray[:N] or ray://host:port")
 
 
-__all__ = ["stage", "Stage", "ShardedStage", "StageOutput", "ShardsFailed", "RayRunner", "shard_engine", "UnsafeResultRecord", "sum_counts", "file_identity", "make_runner",
+__all__ = ["stage", "Stage", "ShardedStage", "StageOutput", "ShardsFailed", "RayRunner", "shard_engine", "UnsafeResultRecord", "TornResultRecord", "sum_counts", "file_identity", "make_runner",
            "config_dict", "resolve", "check_result_record"]

@@ -4,17 +4,22 @@ Prefect decodes a record with the serializer the record names, and our record pa
 predictable (``<result store>/refinery-<Stage>-<fingerprint>-<root hash>``). These tests plant real
 payloads that create a marker file when decoded (checked against Prefect itself first), then show
 the next stage run refuses them with an error naming the file and that the marker never appears.
+
+A record cut short by a crash (empty, or the start of a JSON record) is not refused: it is moved
+aside (``.quarantine-<record>-<time>-<id>`` beside it), named in a warning, and rebuilt.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 from pathlib import Path
 
 import pytest
 
-from refinery.tasks.runtime import (UnsafeResultRecord, _stage_key, check_result_record, result_storage,
-                                    result_storage_location)
+from refinery.tasks.runtime import (TornResultRecord, UnsafeResultRecord, _stage_key, check_result_record,
+                                    check_stored_result, result_storage, result_storage_location)
 from refinery.tasks.store import Store
 from toy_stages import Toy, ToyConfig
 
@@ -47,6 +52,13 @@ def json_record(payload, **serializer) -> bytes:
     return json.dumps({"metadata": {"storage_key": "k", "expiration": None, "serializer": ser,
                                     "prefect_version": "3", "storage_block_id": None},
                        "result": json.dumps(payload)}).encode()
+
+
+def payload_record(raw: str) -> bytes:
+    """A whole JSON record whose payload string is ``raw`` (not necessarily JSON)."""
+    rec = json.loads(json_record(None))
+    rec["result"] = raw
+    return json.dumps(rec).encode()
 
 
 def record_path(root: Path) -> Path:
@@ -167,5 +179,105 @@ def test_remote_result_store_refuses_too(tmp_path, monkeypatch):
         with pytest.raises(UnsafeResultRecord, match=key):
             run_toy(root)
         assert not marker.exists()
+    finally:
+        mem.rm(where.removeprefix("memory://"), recursive=True)
+
+
+def aside(path: Path) -> list[Path]:
+    """The torn records moved aside from ``path`` (beside it)."""
+    return sorted(path.parent.glob(f".quarantine-{path.name}-*"))
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"\x00" * 64, b'{"metadata": {"storage_key": "k", "ser',
+                                     b'{"metadata":{"serializer":{"type":"json","jsonlib":"js'])
+def test_torn_records_are_told_apart(content):
+    with pytest.raises(TornResultRecord, match="where: (empty|result record cut short)") as e:
+        check_result_record(content, "where")
+    assert isinstance(e.value, ValueError) and isinstance(e.value, FileNotFoundError)   # "no record" to Prefect
+
+
+@pytest.mark.parametrize("content", [b"\x80\x04not json at all", b"garbage",
+                                     b'{"metadata":{"serializer":{"type":"pickle","picklelib":"cloudp',
+                                     payload_record('{"a": {"__class__": "os.system", "data": "x"}, "b": '),
+                                     payload_record('{"path": "/data/toy/abc", "finger')])
+def test_what_a_crash_cannot_write_is_still_refused(content):
+    """Raw bytes that are not JSON (Prefect falls back to the store's serializer, pickle for most
+    tasks), a cut record naming pickle, and a whole envelope whose payload is cut short (a crash
+    cannot cut inside the envelope's string; Prefect's decoder would build the closed objects)."""
+    with pytest.raises(UnsafeResultRecord, match="where: "):
+        check_result_record(content, "where")
+
+
+def test_a_torn_record_is_set_aside_and_rebuilt(tmp_path, monkeypatch, caplog, exec_log):
+    """A crash mid-write (half a record) or a full disk (an empty one): the rerun succeeds with the
+    same dataset, keeps the torn record aside, names it in the log and writes a new record."""
+    monkeypatch.delenv("REFINERY_RESULT_STORAGE", raising=False)
+    root = tmp_path / "w"
+    first = run_toy(root)
+    path = record_path(root)
+    good = path.read_bytes()
+    built = exec_log.read_text()
+    for n, torn in enumerate((good[: len(good) // 2], b"")):
+        path.write_bytes(torn)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="refinery.runtime"):
+            assert run_toy(root) == first
+        kept = aside(path)
+        assert len(kept) == n + 1 and torn in [k.read_bytes() for k in kept]
+        new = path.read_bytes()
+        assert check_result_record(new, str(path)) == new
+        assert json.loads(json.loads(new)["result"]) == json.loads(json.loads(good)["result"])   # same manifest
+        lines = [r.getMessage() for r in caplog.records if r.name == "refinery.runtime"]
+        moved = [ln for ln in lines if str(path) in ln and "moved aside to" in ln]
+        assert len(moved) == 1 and any(str(k) in moved[0] for k in kept), lines
+    assert exec_log.read_text() == built   # the dataset was reused, not rebuilt
+
+
+def test_torn_record_reads_as_missing_on_every_path(tmp_path, monkeypatch):
+    """Prefect's lookup (``exists``), its sync and async reads, and our pre-check all move a torn
+    record aside and report no record (Prefect's ``exists`` then says False: a cache miss)."""
+    from prefect.results import ResultStore
+
+    monkeypatch.delenv("REFINERY_RESULT_STORAGE", raising=False)
+    storage = result_storage(Store(tmp_path / "w"))
+    path = Path(storage.basepath) / "rec"
+    reads = {"exists": lambda: ResultStore(result_storage=storage).exists("rec") is False,
+             "read_path": lambda: storage.read_path("rec"),
+             "aread_path": lambda: asyncio.run(storage.aread_path("rec")),
+             "check_stored_result": lambda: check_stored_result(storage, "rec") is None}
+    for n, (name, read) in enumerate(reads.items()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b'{"metadata": {"stor')
+        try:
+            assert read(), name
+        except ValueError as e:            # LocalFileSystem's "no such record"
+            assert isinstance(e, TornResultRecord) and str(path) in str(e), name
+        assert not path.exists() and len(aside(path)) == n + 1, name
+    path.write_bytes(b"\x80\x04not json at all")   # still refused on our path, and left in place
+    with pytest.raises(UnsafeResultRecord, match=str(path)):
+        check_stored_result(storage, "rec")
+    assert path.exists() and len(aside(path)) == len(reads)
+
+
+def test_remote_torn_record_is_set_aside_and_rebuilt(tmp_path, monkeypatch):
+    """The same through the remote (fsspec) block: moved aside with the file system's move."""
+    import uuid
+
+    import fsspec
+
+    where = f"memory://refinery-results-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("REFINERY_RESULT_STORAGE", where)
+    root = tmp_path / "data"
+    out = run_toy(root)
+    mem = fsspec.filesystem("memory")
+    key = record_path(root).name
+    path = f"{where}/{key}"
+    good = mem.cat(path)
+    mem.pipe(path, good[: len(good) // 2])
+    try:
+        assert run_toy(root) == out
+        assert mem.cat(path) == good or json.loads(mem.cat(path))["result"] == json.loads(good)["result"]
+        kept = mem.glob(f"{where.removeprefix('memory://')}/.quarantine-{key}-*")
+        assert len(kept) == 1 and mem.cat(kept[0]) == good[: len(good) // 2]
     finally:
         mem.rm(where.removeprefix("memory://"), recursive=True)
