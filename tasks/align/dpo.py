@@ -16,12 +16,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from refinery.tasks.align.common import (LoraSettings, TrainResult, count_params, encode_reply, load_policy,
                                          model_device, pad, position_ids, step_metrics, token_logprobs)
 from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
-from refinery.tasks.align.parallel import Parallel, check_processes
+from refinery.tasks.align.parallel import Parallel
 from refinery.tasks.align.practice import EarlyStopping, make_optimisation, micro_batches, run_loop, total_steps
 from refinery.tasks.train.config import ParallelParams, ScheduleParams
 
@@ -43,11 +43,6 @@ class DPOConfig(ScheduleParams, ParallelParams):
     max_len: int = Field(160, ge=2, description="Prompt + reply tokens kept.")
     eval_batch_size: int = Field(16, ge=1, description="Pairs per forward pass when scoring.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters for the policy (lora.enabled).")
-
-    @model_validator(mode="after")
-    def _processes(self):
-        check_processes(self, divisible=())
-        return self
 
 
 @dataclass

@@ -372,7 +372,8 @@ class PPOTrainer:
             "value_mean": masked_mean(ro["values"], m).item(),
             **{k: v / n for k, v in agg.items()},
         }
-        rec = self.par.mean(rec, summed=())   # several processes: every rank's figures averaged
+        # several processes: every rank's figures averaged (the step number is every rank's own)
+        rec = {"step": rec.pop("step"), **self.par.mean(rec, summed=())}
         if self.kl is not None:   # from the averaged KL, so every rank shapes its rewards alike
             self.kl_coef = self.kl.update(rec["kl"], B * self.par.world)
         rec = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in rec.items()}

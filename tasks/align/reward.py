@@ -17,12 +17,12 @@ import os
 import time
 from typing import Callable, Sequence
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from refinery.tasks.align.common import (LoraSettings, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
                                 model_device, pad, pick_device, seed_everything, step_metrics, torch_dtype)
 from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
-from refinery.tasks.align.parallel import Parallel, check_processes
+from refinery.tasks.align.parallel import Parallel
 from refinery.tasks.align.practice import EarlyStopping, make_optimisation, micro_batches, run_loop, total_steps
 from refinery.tasks.train.config import ParallelParams, ScheduleParams
 
@@ -40,11 +40,6 @@ class RewardConfig(ScheduleParams, ParallelParams):
     center_coef: float = Field(0.01, ge=0, description="Weight of the (r_c + r_r)^2 centring penalty.")
     eval_batch_size: int = Field(32, ge=1, description="Pairs per forward pass when scoring.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters for the reward model (lora.enabled).")
-
-    @model_validator(mode="after")
-    def _processes(self):
-        check_processes(self, divisible=())
-        return self
 
 
 def load_reward_model(model_dir: str, lora: LoraSettings | None = None, dtype: str = "float32"):

@@ -10,40 +10,26 @@ FSDP2, :mod:`refinery.tasks.align.parallel`). Rank 0 writes the metrics, the tra
 """
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
+
+from refinery.tasks.train.distributed import worker_main
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m refinery.tasks.align.worker LAUNCH.json", file=sys.stderr)
-        return 2
-    spec_path = Path(argv[0])
-    spec = json.loads(spec_path.read_text())
-
-    import torch
-
+def _train(spec: dict, rank: int):
     from refinery.tasks.align.stage import RUNS
     from refinery.tasks.train import distributed as dist
 
     method = RUNS[spec["method"]]
     cfg = method.config.model_validate(spec["config"])
-    dist.init()
-    rank = dist.env()[0]
-    try:
-        res, counts, _ = method.run(cfg, spec["log_dir"] if rank == 0 else None, False)
-        model = res.policy if spec["method"] == "ppo" else res.model
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        state = dist.gather_trainable(model, trainable)   # collective under FSDP
-        if rank == 0:
-            torch.save(state, spec_path.parent / "trained.pt")
-            dist.write_json_atomic(spec_path.parent / "result.json", {"stats": res.stats, "counts": counts})
-        dist.barrier()
-    finally:
-        dist.shutdown()
-    return 0
+    res, counts, _ = method.run(cfg, spec["log_dir"] if rank == 0 else None, False)
+    model = res.policy if spec["method"] == "ppo" else res.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = dist.gather_trainable(model, trainable)   # collective under FSDP
+    return {"stats": res.stats, "counts": counts}, state
+
+
+def main(argv: list[str] | None = None) -> int:
+    return worker_main(argv, "refinery.tasks.align.worker", _train)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ loads the weights into its own copy of the model and goes on (validation, sample
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -43,43 +42,35 @@ def _prepare(cfg, local_rank: int):
     return model, train_items, val_batches, pad_id, device, compute, seq_len
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    spec_path = Path(argv[0])
-    spec = json.loads(spec_path.read_text())
-
-    import torch
-
+def _train(spec: dict, rank: int):
     from refinery.tasks.finetune.config import FinetuneConfig
     from refinery.tasks.finetune.train import train_loop
     from refinery.tasks.train import distributed as dist
     from refinery.tasks.train.metrics import MetricsLog
 
     cfg = FinetuneConfig.model_validate(spec["config"])
-    dist.init()
-    rank, world, local = dist.env()
+    _, world, local = dist.env()
+    model, train_items, val_batches, pad_id, device, compute, seq_len = _prepare(cfg, local)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    model = dist.wrap(model, cfg.strategy, device, compute, cfg.fsdp_cpu_offload)
+    metrics = MetricsLog(Path(spec["metrics_dir"]) if rank == 0 else None, total_steps=cfg.max_steps,
+                         desc=f"finetune[{cfg.method}]", bar=False, fresh=True)
+    log = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
     try:
-        model, train_items, val_batches, pad_id, device, compute, seq_len = _prepare(cfg, local)
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        model = dist.wrap(model, cfg.strategy, device, compute, cfg.fsdp_cpu_offload)
-        metrics = MetricsLog(Path(spec["metrics_dir"]) if rank == 0 else None, total_steps=cfg.max_steps,
-                             desc=f"finetune[{cfg.method}]", bar=False, fresh=True)
-        log = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
-        try:
-            run = train_loop(cfg, model, train_items, val_batches, pad_id, device, compute, log, seq_len,
-                             metrics=metrics)
-        finally:
-            metrics.close()
-        state = dist.gather_trainable(model, trainable)
-        if rank == 0:
-            metrics.plot(f"finetune {cfg.method} ({cfg.strategy} x {world})")
-            torch.save(state, spec_path.parent / "trained.pt")
-            run["world_size"], run["strategy"] = world, cfg.strategy
-            dist.write_json_atomic(spec_path.parent / "result.json", run)
-        dist.barrier()
+        run = train_loop(cfg, model, train_items, val_batches, pad_id, device, compute, log, seq_len,
+                         metrics=metrics)
     finally:
-        dist.shutdown()
-    return 0
+        metrics.close()
+    state = dist.gather_trainable(model, trainable)   # collective under FSDP
+    if rank == 0:
+        metrics.plot(f"finetune {cfg.method} ({cfg.strategy} x {world})")
+    return {**run, "world_size": world, "strategy": cfg.strategy}, state
+
+
+def main(argv: list[str] | None = None) -> int:
+    from refinery.tasks.train.distributed import worker_main
+
+    return worker_main(argv, "refinery.tasks.finetune.worker", _train)
 
 
 if __name__ == "__main__":

@@ -223,4 +223,34 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["env", "init", "wrap", "unwrap", "gather_trainable", "load_trainable", "write_json_atomic", "shutdown", "mean", "any_true", "broadcast_object", "barrier", "world_size_for", "launch"]
+def worker_main(argv: list[str] | None, module: str, body, sharded=lambda spec: False) -> int:
+    """What every torchrun worker program does around its training (``python -m MODULE launch.json``):
+    read the launch spec, join the process group (a group of one too when ``sharded(spec)``: FSDP
+    on one GPU), run ``body(spec, rank)`` and, on rank 0, write what it returns, ``(result,
+    trained)``: ``trained.pt`` (the trained tensors, when not None) and then ``result.json`` beside
+    the spec; the stage reads them once ``result.json`` is there. Every rank waits for rank 0."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(f"usage: python -m {module} LAUNCH.json", file=sys.stderr)
+        return 2
+    spec_path = Path(argv[0])
+    spec = json.loads(spec_path.read_text())
+    init(force=sharded(spec))
+    rank = env()[0]
+    try:
+        result, trained = body(spec, rank)
+        if rank == 0:
+            if trained is not None:
+                import torch
+
+                tmp = spec_path.parent / f".trained.{os.getpid()}.pt"
+                torch.save(trained, tmp)
+                os.replace(tmp, spec_path.parent / "trained.pt")
+            write_json_atomic(spec_path.parent / "result.json", result)
+        barrier()
+    finally:
+        shutdown()
+    return 0
+
+
+__all__ = ["env", "init", "wrap", "worker_main", "unwrap", "gather_trainable", "load_trainable", "write_json_atomic", "shutdown", "mean", "any_true", "broadcast_object", "barrier", "world_size_for", "launch"]

@@ -110,7 +110,7 @@ def test_ppo_data_parallel_on_two_processes(tmp_path, tiny_causal_lm_dir, traine
     s = ds.manifest["stats"]
     assert s["world_size"] == 2 and s["strategy"] == "ddp" and s["steps"] == 3
     rows = _train_rows(ds)
-    assert len(rows) == 3
+    assert [(r["step"], type(r["step"])) for r in rows] == [(1, int), (2, int), (3, int)]
     # every rank rolled out 4 of the 8 prompts; the tokens are counted over both
     assert rows[-1]["tokens"] > rows[0]["tokens"] > 0
     # the adaptive KL coefficient moved from the ranks' averaged KL
