@@ -42,6 +42,7 @@ def test_shares_add_up_to_the_micro_batch_mean():
     assert lonely.idx == [3] and lonely.weight == [0.0] and lonely.count([7]) == 0
 
 
+@pytest.mark.slow
 def test_dpo_ddp_and_fsdp_on_two_processes_match_one(tmp_path, tiny_causal_lm_dir, dpo_en_path):
     from refinery.tasks.align.dpo import DPOConfig
     from refinery.tasks.align.stage import DPOStageConfig, dpo_stage
@@ -75,6 +76,7 @@ def test_dpo_ddp_and_fsdp_on_two_processes_match_one(tmp_path, tiny_causal_lm_di
     assert any(float((start[k] - trained[k]).abs().max()) > 1e-3 for k in start)
 
 
+@pytest.mark.slow
 def test_reward_lora_under_fsdp_matches_one_process(tmp_path, tiny_causal_lm_dir, dpo_en_path):
     from refinery.tasks.align.reward import RewardConfig
     from refinery.tasks.align.stage import RewardStageConfig, reward_stage
@@ -97,6 +99,7 @@ def test_reward_lora_under_fsdp_matches_one_process(tmp_path, tiny_causal_lm_dir
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < TOL
 
 
+@pytest.mark.slow
 def test_ppo_data_parallel_on_two_processes(tmp_path, tiny_causal_lm_dir, trained_reward, hh_subset):
     from refinery.tasks.align.ppo import PPOConfig
     from refinery.tasks.align.stage import PPOStageConfig, ppo_stage
