@@ -906,7 +906,7 @@ def _json_only(base: Any) -> type:
     """A Prefect storage block like ``base`` whose reads pass :func:`check_result_record`, so no
     read path of Prefect's (cache lookup, ``exists``, result retrieval) can decode a record that
     names another serializer; a torn record is moved aside (see :func:`_set_aside`) and read as
-    missing."""
+    missing. Local writes are atomic (see :func:`_write_whole`)."""
 
     class JsonOnly(base):  # type: ignore[misc, valid-type]
         _block_type_name = f"Refinery JSON Results ({base._block_type_name})"
@@ -929,8 +929,44 @@ def _json_only(base: Any) -> type:
                 return self.aread_path(path)
             return self._checked(base.read_path(self, path, _sync=True), path)
 
+        # Local records are written whole or not at all (Prefect writes the file in place);
+        # object stores already make an object visible only once it is fully written.
+        async def awrite_path(self, path: str, content: bytes) -> str:
+            if not local:
+                return await super().awrite_path(path, content)
+            return _write_whole(self._resolve_path(path), content)
+
+        def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> Any:
+            if _sync is False:
+                return self.awrite_path(path, content)
+            if not local:
+                return base.write_path(self, path, content, _sync=True)
+            return _write_whole(self._resolve_path(path), content)
+
+    local = base.__name__ == "LocalFileSystem"
     JsonOnly.__name__ = JsonOnly.__qualname__ = f"JsonOnly{base.__name__}"
     return JsonOnly
+
+
+def _write_whole(path: Any, content: bytes) -> str:
+    """Write a local record through a hidden temporary file beside it, synced, then renamed over
+    it: a reader sees the old record or the new one, never part of one. A failed write (a full
+    disk) removes its temporary file and raises; a crash can leave one (``.<record>.tmp-<id>``,
+    never read)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"Path {path} already exists and is not a file.")
+    tmp = path.with_name(f".{path.name}.tmp-{os.urandom(3).hex()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return str(path)
 
 
 def _set_aside(block: Any, torn: TornResultRecord) -> str | None:

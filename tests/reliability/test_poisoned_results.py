@@ -231,6 +231,7 @@ def test_a_torn_record_is_set_aside_and_rebuilt(tmp_path, monkeypatch, caplog, e
         moved = [ln for ln in lines if str(path) in ln and "moved aside to" in ln]
         assert len(moved) == 1 and any(str(k) in moved[0] for k in kept), lines
     assert exec_log.read_text() == built   # the dataset was reused, not rebuilt
+    assert not list(path.parent.glob(".*.tmp-*"))   # records are written whole (no temporary left)
 
 
 def test_torn_record_reads_as_missing_on_every_path(tmp_path, monkeypatch):
@@ -281,3 +282,26 @@ def test_remote_torn_record_is_set_aside_and_rebuilt(tmp_path, monkeypatch):
         assert len(kept) == 1 and mem.cat(kept[0]) == good[: len(good) // 2]
     finally:
         mem.rm(where.removeprefix("memory://"), recursive=True)
+
+
+def test_local_records_are_written_whole(tmp_path, monkeypatch):
+    """Our block writes a local record through a temporary file renamed over it: a write that fails
+    part-way (a full disk) leaves the previous record whole and no temporary file behind."""
+    import errno
+
+    monkeypatch.delenv("REFINERY_RESULT_STORAGE", raising=False)
+    storage = result_storage(Store(tmp_path / "w"))
+    old = json_record({"path": "old"})
+    storage.write_path("rec", old)
+    asyncio.run(storage.awrite_path("rec2", old))
+    path = Path(storage.basepath) / "rec"
+    assert path.read_bytes() == old == (path.parent / "rec2").read_bytes()
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        storage.write_path("rec", json_record({"path": "new"}))
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in path.parent.iterdir()) == ["rec", "rec2"]
