@@ -159,8 +159,9 @@ def test_result_store_apart_from_the_data_root(tmp_path, monkeypatch):
     assert os.environ["REFINERY_RESULT_STORAGE"] == str(results)
 
 
-def test_remote_result_store_refuses_too(tmp_path, monkeypatch):
-    """The same check through the remote (fsspec) storage block: results in ``memory://``."""
+def remote_toy_run(tmp_path, monkeypatch):
+    """A toy run whose Prefect results live in ``memory://`` (the remote, fsspec storage block):
+    (data root, output path, the memory file system, record key, record path, results root)."""
     import uuid
 
     import fsspec
@@ -169,9 +170,13 @@ def test_remote_result_store_refuses_too(tmp_path, monkeypatch):
     monkeypatch.setenv("REFINERY_RESULT_STORAGE", where)
     root = tmp_path / "data"
     out = run_toy(root)
-    mem = fsspec.filesystem("memory")
     key = record_path(root).name
-    path = f"{where}/{key}"
+    return root, out, fsspec.filesystem("memory"), key, f"{where}/{key}", where
+
+
+def test_remote_result_store_refuses_too(tmp_path, monkeypatch):
+    """The same check through the remote (fsspec) storage block: results in ``memory://``."""
+    root, out, mem, key, path, where = remote_toy_run(tmp_path, monkeypatch)
     assert json.loads(json.loads(mem.cat(path))["result"])["path"] == out
     marker = tmp_path / "pwned"
     mem.pipe(path, pickle_record(marker))
@@ -262,17 +267,7 @@ def test_torn_record_reads_as_missing_on_every_path(tmp_path, monkeypatch):
 
 def test_remote_torn_record_is_set_aside_and_rebuilt(tmp_path, monkeypatch):
     """The same through the remote (fsspec) block: moved aside with the file system's move."""
-    import uuid
-
-    import fsspec
-
-    where = f"memory://refinery-results-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv("REFINERY_RESULT_STORAGE", where)
-    root = tmp_path / "data"
-    out = run_toy(root)
-    mem = fsspec.filesystem("memory")
-    key = record_path(root).name
-    path = f"{where}/{key}"
+    root, out, mem, key, path, where = remote_toy_run(tmp_path, monkeypatch)
     good = mem.cat(path)
     mem.pipe(path, good[: len(good) // 2])
     try:
