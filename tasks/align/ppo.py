@@ -244,6 +244,9 @@ class PPOTrainer:
         self.par = Parallel.setup(self.policy, cfg, self.device, find_unused=cfg.vf_coef == 0)
         if self.par.world > 1:   # each rank samples its own replies
             seed_everything(seed + 7919 * self.par.rank)
+        if cfg.batch_size % self.par.world or cfg.mini_batch_size % self.par.world:   # several nodes too
+            raise ValueError(f"ppo: batch_size={cfg.batch_size} and mini_batch_size={cfg.mini_batch_size} must be "
+                             f"multiples of the {self.par.world} processes")
         self.mb = cfg.mini_batch_size // self.par.world   # this rank's replies per update
         self.optim = make_optimisation(self.policy, cfg, cfg.max_steps * updates_per_step(cfg), parallel=self.par)
         self.kl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None

@@ -263,29 +263,31 @@ def _train(b, cfg, method: str):
     go into a fresh copy of the starting model here. Returns (result, counts, base model folder)."""
     from refinery.tasks.align.common import TrainResult, resolve_model_dir
     from refinery.tasks.align.ppo import PPOResult
-    from refinery.tasks.train.distributed import launch, load_trainable
+    from refinery.tasks.train.distributed import launch, load_trainable, num_nodes
     from refinery.tasks.train.stage import checkpoint_dir
 
     run, rebuild = RUNS[method].run, RUNS[method].rebuild
     nproc = cfg.train.processes()
-    if nproc <= 1:
+    if not cfg.train.launches():
         return run(cfg, _metrics_dir(b), True)
     strategy = "fsdp" if cfg.train.strategy == "fsdp" else "ddp"
-    print(f"{method}: launching {strategy} on {nproc} processes (torchrun)", flush=True)
+    world = nproc * num_nodes()
+    print(f"{method}: launching {strategy} on {nproc} processes (torchrun)"
+          + (f" on each of {num_nodes()} nodes" if num_nodes() > 1 else ""), flush=True)
     folder = checkpoint_dir(b)
     spec = {"method": method, "config": config_json(cfg), "log_dir": str(_metrics_dir(b))}
     out = launch(spec, nproc, folder, module="refinery.tasks.align.worker")
     model_dir = resolve_model_dir(cfg.model)
     model, tok = rebuild(cfg, model_dir)
     load_trainable(model, folder / "trained.pt")
-    stats = {**out["stats"], "world_size": nproc, "strategy": strategy}
+    stats = {**out["stats"], "world_size": world, "strategy": strategy}
     res = PPOResult(policy=model, tokenizer=tok, stats=stats) if method == "ppo" else \
         TrainResult(model=model, tokenizer=tok, stats=stats)
     return res, out["counts"], model_dir
 
 
 # --------------------------------------------------------------------------- stages
-@stage("reward", version="1")
+@stage("reward", version="1", multi_node=True)
 def reward_stage(b, inputs, cfg: RewardStageConfig) -> StageOutput:
     """Train a reward model (scalar head on the starting model) on preference pairs."""
     memory_plan = _memory_plan("reward", cfg)
@@ -302,7 +304,7 @@ def reward_stage(b, inputs, cfg: RewardStageConfig) -> StageOutput:
                               "kind": "reward_model", "metrics": metrics})
 
 
-@stage("dpo", version="1")
+@stage("dpo", version="1", multi_node=True)
 def dpo_stage(b, inputs, cfg: DPOStageConfig) -> StageOutput:
     """Direct preference optimisation of the starting model on preference pairs."""
     memory_plan = _memory_plan("dpo", cfg)
@@ -343,7 +345,7 @@ def orpo_stage(b, inputs, cfg: ORPOStageConfig) -> StageOutput:
                               "kind": "policy", "method": "orpo", "metrics": metrics})
 
 
-@stage("ppo", version="1")
+@stage("ppo", version="1", multi_node=True)
 def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
     """PPO of the starting model against a reward model, on the prompts of the preference pairs."""
     memory_plan = _memory_plan("ppo", cfg)

@@ -44,7 +44,7 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-@stage("finetune", version="1")
+@stage("finetune", version="1", multi_node=True)
 def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOutput:
     """Supervised fine-tuning of a causal LM by full / LoRA / QLoRA / IA3 / LLaMA-Adapter / prompt /
     prefix tuning, with response-only loss, optional packing and early stopping."""
@@ -70,7 +70,7 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
         from refinery.tasks.train.plan import plan_finetune, plan_or_note
 
         return C.run(b, cfg, source, log, plan_or_note(lambda: plan_finetune(cfg), log=log))
-    if kind != "causal" and cfg.processes() > 1:
+    if kind != "causal" and cfg.launches():
         raise ValueError(f"devices={cfg.devices}: several processes fine-tune causal LMs only (this model is {kind})")
     if kind == "seq2seq" and cfg.packing:
         raise ValueError("packing=true is for causal LMs; encoder-decoder models take one example per row")
@@ -115,7 +115,7 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
         seed_everything(cfg.seed)
         # live while training: <workdir>/checkpoints/<fingerprint>/metrics (a rerun starts it afresh)
         metrics_dir = checkpoint_dir(b) / METRICS_DIR
-        if cfg.processes() > 1:   # torchrun workers train; their weights come back into this model
+        if cfg.launches():   # torchrun workers train; their weights come back into this model
             run = _train_on_processes(cfg, model, checkpoint_dir(b), metrics_dir, log)
         else:
             metrics = MetricsLog(metrics_dir, total_steps=cfg.max_steps, desc=f"finetune[{cfg.method}]", bar=True,

@@ -157,6 +157,13 @@ class ParallelParams(_Defaults):
 
         return world_size_for(self.devices, getattr(self, "device", "auto"))
 
+    def launches(self) -> bool:
+        """Whether the run goes through torchrun: several processes here, or several nodes
+        (``REFINERY_NNODES`` > 1, every node starting the same run)."""
+        from refinery.tasks.train.distributed import num_nodes
+
+        return self.processes() > 1 or num_nodes() > 1
+
 
 CONTINUED_LR = 3e-5   # pretrain's default lr with init_from (the middle of practice's 1e-5..5e-5)
 

@@ -109,6 +109,16 @@ def world_size_for(devices: int, device: str = "auto") -> int:
     return devices
 
 
+class FollowerNodeDone(Exception):
+    """On a node other than node 0 of a multi-node run, :func:`launch` ends with this once the
+    node's processes have finished: node 0 reports the run and publishes the stage's dataset."""
+
+
+def follower_node() -> bool:
+    """Whether this is a node other than node 0 of a multi-node run (``REFINERY_NNODES`` > 1)."""
+    return num_nodes() > 1 and int(os.environ.get("REFINERY_NODE_RANK", "0")) > 0
+
+
 def num_nodes() -> int:
     """Nodes of a multi-node run (``REFINERY_NNODES``; 1 when unset)."""
     return int(os.environ.get("REFINERY_NNODES", "1"))
@@ -163,7 +173,7 @@ def launch(spec: dict, nproc: int, workdir: str | Path, timeout: float | None = 
             proc.kill()
         raise
     if proc.returncode == 0 and node_rank > 0:   # rank 0 (on node 0) reports; this node's part is done
-        return {"status": "node_done", "node_rank": node_rank}
+        raise FollowerNodeDone(f"node {node_rank}: its {nproc} processes finished; node 0 reports the run")
     if proc.returncode != 0 or not result_path.exists():
         tail = "".join(lines[-40:])
         raise RuntimeError(f"torchrun with {nproc} processes failed (exit {proc.returncode}):\n{tail}")
@@ -253,4 +263,4 @@ def worker_main(argv: list[str] | None, module: str, body, sharded=lambda spec: 
     return 0
 
 
-__all__ = ["env", "init", "wrap", "worker_main", "unwrap", "gather_trainable", "load_trainable", "write_json_atomic", "shutdown", "mean", "any_true", "broadcast_object", "barrier", "world_size_for", "launch"]
+__all__ = ["env", "init", "wrap", "worker_main", "FollowerNodeDone", "follower_node", "num_nodes", "unwrap", "gather_trainable", "load_trainable", "write_json_atomic", "shutdown", "mean", "any_true", "broadcast_object", "barrier", "world_size_for", "launch"]

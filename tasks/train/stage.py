@@ -56,7 +56,7 @@ def export_folder(ckpt: str | Path, dest: str | Path, log_dir: str | Path | None
     return dest
 
 
-@stage("pretrain", version="1")
+@stage("pretrain", version="1", multi_node=True)
 def pretrain(b: Builder, inputs: list[Dataset], cfg: TrainConfig) -> StageOutput:
     """Pretrain a model from config on the input token datasets (mixed by ``cfg.weights``)."""
     from refinery.tasks.train.loop import run_training

@@ -4,6 +4,7 @@ order differs), the trained weights come back into the published model, and PPO 
 (DDP) with its figures averaged over the ranks."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -42,17 +43,22 @@ def test_shares_add_up_to_the_micro_batch_mean():
     assert lonely.idx == [3] and lonely.weight == [0.0] and lonely.count([7]) == 0
 
 
+def _dpo_config(model, data, **kw):
+    from refinery.tasks.align.dpo import DPOConfig
+    from refinery.tasks.align.stage import DPOStageConfig
+
+    return DPOStageConfig(model=str(model), data=str(data), max_pairs=32, val_fraction=0.25,
+                          train=DPOConfig(lr=1e-3, batch_size=6, max_steps=4, eval_every=2, max_prompt_len=32,
+                                          max_len=64, device="cpu", **kw))
+
+
 @pytest.mark.slow
 def test_dpo_ddp_and_fsdp_on_two_processes_match_one(tmp_path, tiny_causal_lm_dir, dpo_en_path):
-    from refinery.tasks.align.dpo import DPOConfig
-    from refinery.tasks.align.stage import DPOStageConfig, dpo_stage
+    from refinery.tasks.align.stage import dpo_stage
     from refinery.tasks.store import Store
 
     def run(name, **kw):
-        cfg = DPOStageConfig(model=str(tiny_causal_lm_dir), data=str(dpo_en_path), max_pairs=32, val_fraction=0.25,
-                             train=DPOConfig(lr=1e-3, batch_size=6, max_steps=4, eval_every=2, max_prompt_len=32,
-                                             max_len=64, device="cpu", **kw))
-        return dpo_stage.run(Store(tmp_path / name), [], cfg)
+        return dpo_stage.run(Store(tmp_path / name), [], _dpo_config(tiny_causal_lm_dir, dpo_en_path, **kw))
 
     one, ddp, fsdp = run("one"), run("ddp", devices=2), run("fsdp", devices=2, strategy="fsdp")
     ref = _train_rows(one)
@@ -146,3 +152,51 @@ def test_trainers_without_several_processes_reject_devices():
     for cls in (KTOConfig, GRPOConfig):
         with pytest.raises(ValidationError, match="devices"):
             cls(devices=2)
+
+
+_NODE = r"""
+import json, sys
+import torch
+torch.set_num_threads(1)
+from refinery.tasks.align.stage import DPOStageConfig, dpo_stage
+from refinery.tasks.store import Store
+ds = dpo_stage.run(Store(sys.argv[1]), [], DPOStageConfig.model_validate_json(sys.argv[2]))
+print("DATASET " + ds.path)
+"""
+
+
+@pytest.mark.slow
+def test_two_nodes_run_one_dpo_stage(tmp_path, tiny_causal_lm_dir, dpo_en_path):
+    """Two `dpo` stages started with REFINERY_NNODES=2 on one shared workdir act as two nodes of one
+    process each (c10d rendezvous on loopback): node 1 runs without the writer lock that node 0
+    holds while training, joins the launch, then returns the dataset node 0 published; the curve is
+    the one-process curve with the same global batch."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from refinery.tasks.align.stage import config_json, dpo_stage
+    from refinery.tasks.store import Store
+
+    one = dpo_stage.run(Store(tmp_path / "one"), [], _dpo_config(tiny_causal_lm_dir, dpo_en_path))
+    cfg = _dpo_config(tiny_causal_lm_dir, dpo_en_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", _NODE, str(tmp_path / "shared"), json.dumps(config_json(cfg))],
+                              env=dict(os.environ, OMP_NUM_THREADS="1", REFINERY_NNODES="2",
+                                       REFINERY_NODE_RANK=str(node), REFINERY_RDZV_ENDPOINT=f"127.0.0.1:{port}"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    paths = [out.split("DATASET ", 1)[1].strip() for out, _ in outs]
+    assert paths[0] == paths[1]   # one dataset, published once, by node 0
+    from refinery.tasks.store import Dataset
+
+    two = Dataset.open(paths[0])
+    assert two.manifest["stats"]["world_size"] == 2
+    ref, rows = _train_rows(one), _train_rows(two)
+    for key in ("loss", "accuracy", "grad_norm"):
+        assert _close([r[key] for r in ref], [r[key] for r in rows]), key

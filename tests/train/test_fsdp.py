@@ -75,7 +75,11 @@ torch.set_num_threads(1)
 from refinery.tasks.train.config import TrainConfig
 from refinery.tasks.train.loop import run_training
 cfg = TrainConfig.model_validate_json(sys.argv[1])
-res = run_training(cfg, json.loads(sys.argv[2]), sys.argv[3], log=lambda m: None, progress=False)
+from refinery.tasks.train.distributed import FollowerNodeDone
+try:
+    res = run_training(cfg, json.loads(sys.argv[2]), sys.argv[3], log=lambda m: None, progress=False)
+except FollowerNodeDone:   # node 1: its processes finished; node 0 reports
+    res = {"status": "node_done"}
 print("RESULT " + json.dumps({k: res.get(k) for k in ("status", "steps", "world_size", "history")}))
 """
 
