@@ -20,7 +20,7 @@ One process: :meth:`Parallel.setup` returns the model unchanged and a share is t
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 
@@ -56,7 +56,6 @@ class Parallel:
     world: int = 1
     train: Any = None
     sharded: bool = False
-    _ddp: bool = field(default=False, repr=False)
 
     @classmethod
     def setup(cls, model, cfg, device, find_unused: bool = False) -> "Parallel":
@@ -72,7 +71,7 @@ class Parallel:
         compute = next(model.parameters()).dtype
         wrapped = dist.wrap(model, "fsdp" if sharded else "ddp", device, compute,
                             getattr(cfg, "fsdp_cpu_offload", False), find_unused=find_unused)
-        return cls(rank, world, wrapped, sharded, not sharded)
+        return cls(rank, world, wrapped, sharded)
 
     def share(self, idx: Sequence[int]) -> Share:
         idx = list(idx)
@@ -132,16 +131,4 @@ class Parallel:
         return to_float(x)
 
 
-def check_processes(cfg, *, fsdp: bool = True, divisible: Sequence[str] = ("batch_size",)) -> None:
-    """Config-time checks of a multi-process align run (``devices`` > 1)."""
-    if cfg.devices <= 1:
-        return
-    if cfg.strategy == "fsdp" and not fsdp:
-        raise ValueError("strategy=fsdp is not available for this trainer; use strategy=ddp (or auto)")
-    for name in divisible:
-        if getattr(cfg, name) % cfg.devices:
-            raise ValueError(f"{name}={getattr(cfg, name)} must be a multiple of devices={cfg.devices} "
-                             "(each process takes an equal part of it)")
-
-
-__all__ = ["Share", "Parallel", "check_processes"]
+__all__ = ["Share", "Parallel"]

@@ -39,7 +39,7 @@ from pydantic import Field, model_validator
 
 from refinery.tasks.align.common import (LoraSettings, count_params, pad,
                                 pick_device, position_ids, seed_everything, step_metrics)
-from refinery.tasks.align.parallel import Parallel, check_processes
+from refinery.tasks.align.parallel import Parallel
 from refinery.tasks.align.practice import EarlyStopping, make_optimisation, restore_best
 from refinery.tasks.train.config import ParallelParams, ScheduleParams
 
@@ -80,7 +80,12 @@ class PPOConfig(ScheduleParams, ParallelParams):
     def _processes(self):
         # every rank samples batch_size/devices prompts and takes mini_batch_size/devices of them per
         # update, so the ranks run the same number of synchronised backward passes
-        check_processes(self, fsdp=False, divisible=("batch_size", "mini_batch_size"))
+        if self.devices > 1 and self.strategy == "fsdp":
+            raise ValueError("strategy=fsdp is not available for this trainer; use strategy=ddp (or auto)")
+        for name in ("batch_size", "mini_batch_size"):
+            if self.devices > 1 and getattr(self, name) % self.devices:
+                raise ValueError(f"{name}={getattr(self, name)} must be a multiple of devices={self.devices} "
+                                 "(each process takes an equal part of it)")
         return self
 
 
