@@ -271,7 +271,7 @@ def _train(b, cfg, method: str):
     if not cfg.train.launches():
         return run(cfg, _metrics_dir(b), True)
     strategy = "fsdp" if cfg.train.strategy == "fsdp" else "ddp"
-    world = nproc * num_nodes()
+    world = cfg.train.world_size()
     print(f"{method}: launching {strategy} on {nproc} processes (torchrun)"
           + (f" on each of {num_nodes()} nodes" if num_nodes() > 1 else ""), flush=True)
     folder = checkpoint_dir(b)

@@ -157,6 +157,12 @@ class ParallelParams(_Defaults):
 
         return world_size_for(self.devices, getattr(self, "device", "auto"))
 
+    def world_size(self) -> int:
+        """Processes in the whole run: :meth:`processes` on each of ``REFINERY_NNODES`` nodes."""
+        from refinery.tasks.train.distributed import num_nodes
+
+        return self.processes() * num_nodes()
+
     def launches(self) -> bool:
         """Whether the run goes through torchrun: several processes here, or several nodes
         (``REFINERY_NNODES`` > 1, every node starting the same run)."""

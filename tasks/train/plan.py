@@ -367,7 +367,6 @@ def report(plan: MemoryPlan, log=print, check: bool = True) -> dict:
 def plan_pretrain(cfg, inputs: list[str], strategy: str | None = None) -> MemoryPlan:
     """The plan of a pretrain run (TrainConfig ``cfg`` on token datasets ``inputs``)."""
     from refinery.tasks.train.common import compute_dtype, pick_device
-    from refinery.tasks.train.distributed import world_size_for
     from refinery.tasks.train.models import model_config, padded_vocab
 
     if cfg.init_from:
@@ -380,7 +379,7 @@ def plan_pretrain(cfg, inputs: list[str], strategy: str | None = None) -> Memory
                             {"eos": 0, "pad": 1, "bos": 0, "mask": 2}, cfg.model)
         shape = model_shape(conf, cfg.objective)
     device = pick_device(cfg.device)
-    world = world_size_for(cfg.devices, cfg.device)
+    world = cfg.world_size()
     s = Setup(flow="pretrain", method="full", compute_dtype=str(compute_dtype(cfg.dtype, device)).split(".")[-1],
               weights_dtype="float32", strategy=strategy or getattr(cfg, "strategy", "ddp") or "ddp",
               world_size=world, micro_batch=cfg.batch_size, seq_len=cfg.seq_len + (cfg.seq_len if cfg.objective == "span" else 0),
@@ -410,12 +409,8 @@ def plan_finetune(cfg) -> MemoryPlan:
     device = M.resolve_device(cfg)
     compute, weights = M.resolve_dtypes(cfg, device)
     name = lambda d: str(d).split(".")[-1]  # noqa: E731
-    world = 1
-    strategy = getattr(cfg, "strategy", "auto")
-    if getattr(cfg, "devices", 0):
-        from refinery.tasks.train.distributed import world_size_for
-
-        world = world_size_for(cfg.devices, cfg.device)
+    world = cfg.world_size()
+    strategy = cfg.strategy
     opt = cfg.optimizer
     if opt == "auto":
         opt = "paged_adamw_8bit" if cfg.method == "qlora" and device.type == "cuda" else "adamw"
@@ -465,7 +460,7 @@ def plan_align(method: str, cfg, reward_dir: str | None = None) -> MemoryPlan:
     shape = model_shape(model_dir, "clm")
     device = pick_device(t.device)
     dtype = _saved_dtype(model_dir) if t.dtype == "auto" else t.dtype
-    world = t.processes() if hasattr(t, "devices") else 1
+    world = t.world_size() if hasattr(t, "devices") else 1   # KTO, ORPO, GRPO: one process
     strategy = "fsdp" if getattr(t, "strategy", "auto") == "fsdp" else "ddp"
     if method in ("ppo", "grpo"):
         seqs, seq_len = max(1, t.mini_batch_size // world), t.max_prompt_len + t.max_new_tokens
