@@ -149,9 +149,7 @@ def launch(spec: dict, nproc: int, workdir: str | Path, timeout: float | None = 
     if node_rank == 0:
         result_path.unlink(missing_ok=True)
     # atomically: nodes sharing the folder (tests run two "nodes" on one machine) write the same spec
-    tmp = spec_path.with_name(f".launch.{os.getpid()}.json")
-    tmp.write_text(json.dumps(spec, indent=2, default=str))
-    os.replace(tmp, spec_path)
+    write_json_atomic(spec_path, spec)
     cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous_args(workdir.name),
            f"--nproc_per_node={nproc}", "-m", module, str(spec_path)]
     env_ = dict(os.environ)
