@@ -347,12 +347,18 @@ class Stage:
             results = None
         storage = result_storage(store)
         key = _stage_key(None, {"stage_ref": self.ref, "fp": fp, "root": store.root})
-        check_stored_result(storage, key)   # a planted record is refused here, with its file named
+        expect = RecordIdentity(store.dataset_path(self.name, fp), self.name, fp)
+        # A planted record is refused here, with its file named; one naming another dataset is moved aside.
+        check_stored_result(storage, key, expect)
         task = _prefect_stage_task().with_options(name=self.name, task_run_name=f"{self.name}:{fp}",
                                                   refresh_cache=not exists, result_storage=storage)
         manifest = task(stage_ref=self.ref, root=store.root, fp=fp, input_paths=input_paths, cfg=cfg,
                         shard_results=results, failed_shards=failed)
-        return _mark(Dataset.open(manifest["path"]), cached=exists)
+        # Belt and braces: whatever Prefect returned, only this stage's own dataset is the output.
+        wrong = expect.mismatch(manifest)
+        if wrong:
+            raise UnsafeResultRecord(f"{storage.basepath}/{key}: the stage result {wrong}; refusing it")
+        return _mark(Dataset.open(expect.path), cached=exists)
 
     def _engine_shards(self, store: Store, fp: str, items: list[dict], cfg: Any, runner: Any) -> list:
         """Each shard's outcome (result or :class:`ShardFailure`), in ``items`` order: one Prefect
@@ -539,6 +545,29 @@ def shard_retry_policy(cfg: Any) -> tuple[int, float]:
     return max(0, int(retries)), max(0.0, float(backoff))
 
 
+# Errors another attempt cannot change: the input's content (an empty file, a format or schema
+# error, bad UTF-8), a missing or forbidden path, a bug. Retrying them only delays the report.
+_PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, TypeError, LookupError, AttributeError, NotImplementedError, AssertionError,
+    FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def is_permanent(e: BaseException) -> bool:
+    """Whether a shard's error cannot go away on another attempt: an error that says so itself
+    (``permanent`` attribute), else one of :data:`_PERMANENT_ERRORS`, or one raised from such an
+    error (a stage's wrapper naming the file, e.g. ``IngestFileError(...) from NotAnArchive``).
+    Everything else (I/O errors, timeouts, a worker's memory error) is worth another attempt."""
+    seen = 0
+    while e is not None and seen < 8:   # the cause chain, bounded (a cycle cannot hang us)
+        said = getattr(e, "permanent", None)
+        if said is not None:
+            return bool(said)
+        if isinstance(e, _PERMANENT_ERRORS):
+            return True
+        e, seen = e.__cause__, seen + 1   # type: ignore[assignment]
+    return False
+
+
 def backoff_delay(first: float, attempt: int) -> float:
     """Seconds to wait before retry ``attempt + 1``: exponential, capped, jittered (so shards that
     failed together, e.g. on a store outage, do not all come back at once)."""
@@ -577,7 +606,8 @@ def _job(job: ShardJob | bytes) -> ShardJob:
 def run_engine_shard(item: dict, job: ShardJob | bytes) -> dict | ShardFailure:
     """One shard on an engine worker: its result (recorded as done by :meth:`Stage._shard`, which
     also returns an earlier run's record without redoing it), or, once ``retries`` more attempts
-    with backoff failed too, a :class:`ShardFailure` with the last error (never recorded as done)."""
+    with backoff failed too, a :class:`ShardFailure` with the last error (never recorded as done).
+    An error that cannot go away (:func:`is_permanent`) fails the shard at once."""
     j = _job(job)
     st = resolve(j.stage_ref)
     store = _STORES.get(j.root) or _STORES.setdefault(j.root, Store(j.root))
@@ -586,7 +616,7 @@ def run_engine_shard(item: dict, job: ShardJob | bytes) -> dict | ShardFailure:
         try:
             return st._shard(b, item, j.cfg)
         except Exception as e:  # noqa: BLE001 - retried, then reported by name with the others
-            if attempt == j.retries:
+            if attempt == j.retries or is_permanent(e):
                 return ShardFailure(item["name"], error_text(e))
             delay = backoff_delay(j.backoff, attempt)
             log.warning("%s: shard %s failed (attempt %d of %d): %s; retrying in %.1f s",
@@ -1052,16 +1082,47 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def check_stored_result(storage: Any, key: str) -> None:
+@dataclasses.dataclass(frozen=True)
+class RecordIdentity:
+    """What a stage's result record must name: its own dataset (path, stage, fingerprint).
+
+    Why: a record is plain JSON, so anyone who can write the result store could also plant a
+    well-formed one whose manifest names another dataset (another fingerprint, a folder outside
+    the workdir); Prefect would hand it back as the stage's output."""
+    path: str
+    stage: str
+    fingerprint: str
+
+    def mismatch(self, manifest: Any) -> str | None:
+        """Why ``manifest`` (a record's payload) is not this stage's result; None when it is."""
+        if not isinstance(manifest, dict):
+            return f"is a {type(manifest).__name__}, not a manifest"
+        for field, want in (("path", self.path), ("stage", self.stage), ("fingerprint", self.fingerprint)):
+            have = manifest.get(field)
+            if have != want:
+                return f"names {field} {str(have)[:200]!r}, not {want!r}"
+        return None
+
+
+def check_stored_result(storage: Any, key: str, expect: RecordIdentity | None = None) -> None:
     """Raise :class:`UnsafeResultRecord` (naming the file) when the record Prefect would read for
     ``key`` exists and is not JSON; a missing record is fine (the task will write one), and so is a
-    torn one: the read moves it aside (:class:`TornResultRecord`) and the task writes a new one."""
+    torn one: the read moves it aside (:class:`TornResultRecord`) and the task writes a new one.
+    With ``expect``, a plain JSON record whose manifest is not that stage's own dataset is moved
+    aside the same way (logged), so the task rebuilds the record from the dataset."""
     try:
-        storage.read_path(key, _sync=True)
+        content = storage.read_path(key, _sync=True)
     except UnsafeResultRecord:
         raise
     except Exception:  # noqa: BLE001 - no record yet (LocalFileSystem says ValueError, fsspec OSError)
         return
+    if expect is None:
+        return
+    payload = json.loads(content).get("result")
+    wrong = expect.mismatch(json.loads(payload) if isinstance(payload, str) else payload)
+    if wrong:
+        where = str(storage._resolve_path(key))
+        _set_aside(storage, TornResultRecord(where, f"result record {wrong}"))
 
 
 def result_storage_location(store: Store) -> str:

@@ -300,3 +300,48 @@ def test_local_records_are_written_whole(tmp_path, monkeypatch):
         storage.write_path("rec", json_record({"path": "new"}))
     assert path.read_bytes() == old
     assert sorted(p.name for p in path.parent.iterdir()) == ["rec", "rec2"]
+
+
+def swap_payload(record: bytes, manifest: dict) -> bytes:
+    """``record`` (a genuine one) with its payload replaced by ``manifest``: plain JSON throughout."""
+    rec = json.loads(record)
+    rec["result"] = json.dumps(manifest)
+    return json.dumps(rec).encode()
+
+
+@pytest.mark.parametrize("other", ["another fingerprint", "outside the workdir"])
+def test_a_record_naming_another_dataset_is_set_aside(tmp_path, monkeypatch, exec_log, other):
+    """A well-formed JSON record whose manifest names another dataset (another stage run's, or one
+    outside the workdir) is not the stage's output: it is moved aside, logged, and the stage
+    returns its own dataset (reused, not rebuilt)."""
+    from prefect import flow
+
+    from refinery.tasks.store import Dataset
+
+    monkeypatch.delenv("REFINERY_RESULT_STORAGE", raising=False)
+    root = tmp_path / "w"
+    first = run_toy(root)
+    path = record_path(root)
+
+    @flow
+    def elsewhere(where: str, shards: int) -> str:
+        return Toy.call(where, [], ToyConfig(shards=shards)).path
+
+    foreign = elsewhere(str(root), 3) if other == "another fingerprint" else elsewhere(str(tmp_path / "outside"), 2)
+    assert foreign != first
+    path.write_bytes(swap_payload(path.read_bytes(), {"path": foreign, **Dataset.open(foreign).manifest}))
+    built = exec_log.read_text()
+    seen: list[logging.LogRecord] = []   # our own handler: Prefect's first run may reset pytest's
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = seen.append   # type: ignore[method-assign]
+    logging.getLogger("refinery.runtime").addHandler(handler)
+    try:
+        assert run_toy(root) == first
+    finally:
+        logging.getLogger("refinery.runtime").removeHandler(handler)
+    assert exec_log.read_text() == built
+    kept = aside(path)
+    assert len(kept) == 1 and foreign in kept[0].read_text()
+    moved = [r.getMessage() for r in seen if "moved aside to" in r.getMessage()]
+    assert len(moved) == 1 and str(path) in moved[0] and foreign in moved[0]
+    assert foreign not in path.read_text()   # rebuilt: the record names the stage's own dataset again

@@ -194,3 +194,46 @@ def test_sharded_stage_failures_through_prefect(tmp_path, monkeypatch):
     ds = Dataset.open(toy_flow(str(tmp_path / "w"), 1))
     assert ds.counts["docs_out"] == 12 and ds.manifest["stats"]["failed_shards"][0]["name"] == "s1"
     assert ShardFailure("s1", "x").name == "s1"
+
+
+@pytest.mark.parametrize("error,attempts", [
+    (ValueError("not a WARC file"), 1),                       # a format error: the same on every try
+    (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), 1),
+    (FileNotFoundError("gone"), 1),
+    (RuntimeError("x.warc.gz: NotAnArchive: empty file"), 3),  # says nothing: retried like I/O ...
+    (ConnectionResetError("peer reset"), 3),                  # ... and transient I/O is retried
+])
+def test_only_errors_that_can_go_away_are_retried(tmp_path, monkeypatch, error, attempts):
+    """A shard whose error cannot change on another attempt (bad content, a missing path) fails
+    at once; I/O errors are retried with backoff (here 2 retries)."""
+    from refinery.tasks.runtime import ShardJob, run_engine_shard
+
+    calls = []
+
+    def fails(b, item, c):
+        calls.append(item["name"])
+        raise error
+
+    monkeypatch.setattr(Toy.obj, "shard", staticmethod(fails))
+    job = ShardJob(Toy.ref, str(Store(tmp_path / "w").root), "fp0", ToyConfig(), retries=2, backoff=0.0)
+    out = run_engine_shard({"name": "s0", "i": 0}, job)
+    assert isinstance(out, ShardFailure) and type(error).__name__ in out.error
+    assert len(calls) == attempts
+
+
+def test_a_wrapped_error_is_judged_by_its_cause():
+    """A stage's wrapper that names the file (``raise IngestFileError(...) from e``) is permanent
+    when its cause is; an error may also say so itself (``permanent``)."""
+    from refinery.tasks.runtime import is_permanent
+
+    def wrapped(cause: BaseException) -> RuntimeError:
+        try:
+            raise RuntimeError("in.warc.gz: read failed") from cause
+        except RuntimeError as e:
+            return e
+
+    assert is_permanent(wrapped(ValueError("empty file")))
+    assert not is_permanent(wrapped(TimeoutError("read timed out")))
+    flagged = RuntimeError("quota")
+    flagged.permanent = True   # type: ignore[attr-defined]
+    assert is_permanent(flagged) and not is_permanent(RuntimeError("?"))
