@@ -57,7 +57,7 @@ class FlowParams(StrictModel):
 
     @model_validator(mode="after")
     def _no_secrets(self):
-        # before any run starts or Prefect stores the parameters: no user:password@ URL anywhere
+        # before any run starts or Prefect stores the parameters: no URL with credentials (user:password@, token@) anywhere
         # (input, data, workdir, nested sections), no secret-looking storage option
         check_no_secrets(self.model_dump(mode="json"))
         return self

@@ -23,7 +23,9 @@ class StrictModel(BaseModel):
 _SECRET_NAME = re.compile(r"key|secret|token|passw|pwd|credential|auth|cookie|session|signature|"
                           r"connection_?string|private|sas\b", re.I)
 _SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|-----BEGIN [A-Z ]*PRIVATE KEY-----")
-_URL_PASSWORD = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/@?#\s]*:[^/@?#\s]*@")
+# Any user info in a URL's authority (``user:password@``, or a bare ``TOKEN@`` as git hosts and
+# some APIs take): it would travel into fingerprints, manifests and Prefect's database.
+_URL_USERINFO = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#\s]*@")
 SECRET_HINT = ("put credentials in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
                "AWS_SESSION_TOKEN or AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*) "
                "or in a Prefect credentials block, never in a config")
@@ -52,14 +54,16 @@ def check_storage_options(options: dict, what: str = "storage_options") -> dict:
 
 
 def check_url(url: str, what: str = "path") -> str:
-    """``url`` unchanged, or ValueError when it carries a password (``scheme://user:pass@host``)."""
-    if _URL_PASSWORD.match(url):
-        raise ValueError(f"{what}: the URL carries a password (user:password@); {SECRET_HINT}")
+    """``url`` unchanged, or ValueError when it carries credentials: any user info before the host
+    (``scheme://user:pass@host``, ``scheme://TOKEN@host``). The error never quotes the URL."""
+    if _URL_USERINFO.match(url):
+        raise ValueError(f"{what}: the URL carries credentials (user:password@ or token@ before the host); "
+                         f"{SECRET_HINT}")
     return url
 
 
 def check_no_secrets(value: Any, where: str = "") -> None:
-    """Walk a config's values (after validation): a URL that carries a password anywhere, or a
+    """Walk a config's values (after validation): a URL that carries credentials anywhere, or a
     secret-looking storage option, is refused before anything runs or is stored."""
     if isinstance(value, str):
         for part in value.split(","):

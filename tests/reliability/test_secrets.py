@@ -110,13 +110,16 @@ def test_a_credential_in_the_config_is_refused_without_echoing_it(tmp_path, sett
     ("curate", ["input=https://alice:{pw}@crawl.example/x.warc.gz"]),
     ("curate", ["input=data/a.jsonl", "workdir=s3://bob:{pw}@bucket/refinery"]),
     ("finetune", ["input=m", "data=https://carol:{pw}@files.example/sft.json"]),
+    ("curate", ["input=https://{pw}@crawl.example/x.warc.gz"]),          # a bare token, no password
+    ("finetune", ["input=m", "data=s3://{pw}@bucket/sft.json"]),
 ])
 def test_a_password_in_any_flow_parameter_is_refused_before_anything_runs(flow, sets):
-    """Every flow's parameters (FlowParams) refuse user:password@ URLs in any field, nested
-    sections included, at validation: before a server starts or Prefect stores the parameters."""
+    """Every flow's parameters (FlowParams) refuse URLs with credentials (user:password@, or a bare
+    token@) in any field, nested sections included, at validation: before a server starts or
+    Prefect stores the parameters."""
     from refinery.flows.cli import build_params, load_flow
 
     pw = "hush-" + uuid.uuid4().hex
     with pytest.raises(SystemExit) as e:
         build_params(load_flow(flow), None, [s.format(pw=pw) for s in sets], None)
-    assert "carries a password" in str(e.value) and pw not in str(e.value)
+    assert "carries credentials" in str(e.value) and pw not in str(e.value)
