@@ -79,6 +79,9 @@ def load_task_file(path: str, data_files: dict[str, str] | None = None) -> TaskS
         raise ValueError(f"task file {path}: expected a mapping with a 'task' name (lm-eval's task format)")
     if "include" in config:
         raise ValueError(f"task file {path}: 'include' is not supported; inline the included settings")
+    problem = task_code_problem(config)
+    if problem:
+        raise ValueError(f"task file {path}: {problem}; a task file may hold data and templates, never code")
     name = config["task"]
     override = (data_files or {}).get(name)
     kwargs = dict(config.get("dataset_kwargs") or {})
@@ -94,6 +97,78 @@ def load_task_file(path: str, data_files: dict[str, str] | None = None) -> TaskS
             sha[f] = _sha256(f)
         config["dataset_kwargs"] = kwargs
     return TaskSpec(name=name, source=str(path), config=config, data_sha256=sha)
+
+
+# --------------------------------------------------------------------------- nothing in a task file runs
+# A task file is data that anyone may hand us (a shared folder, a colleague's benchmark), yet
+# lm-eval would run code from it three ways: a Jinja template reaching Python internals
+# (``{{ cycler.__init__.__globals__.os.system(...) }}``), a metric name that is not in its
+# registry (handed to ``evaluate.load``, which imports a local script of that name), and
+# ``!function`` tags (``yaml.safe_load`` already refuses those). Templates are checked here, when
+# the file is read, and rendered in jinja2's sandbox at run time (:func:`sandbox_templates`).
+
+def _template_problem(text: str) -> str | None:
+    """Why a Jinja template is unsafe (an attribute whose name starts with ``_``, or a string
+    starting with ``__`` as an item or ``attr`` name: the ways out of the template's values into
+    Python's internals), else None."""
+    from jinja2 import nodes
+    from jinja2.exceptions import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        tree = ImmutableSandboxedEnvironment().parse(text)
+    except TemplateSyntaxError as e:
+        return f"template {text[:80]!r} does not parse: {e.message}"
+    for node in tree.find_all((nodes.Getattr, nodes.Const)):   # x.__y, x['__y'], x|attr('__y')
+        key = node.attr if isinstance(node, nodes.Getattr) else node.value
+        if isinstance(key, str) and key.startswith("_" if isinstance(node, nodes.Getattr) else "__"):
+            return f"template {text[:80]!r} reaches the internal attribute {key!r}"
+    return None
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def task_code_problem(config: dict) -> str | None:
+    """Why a task config would run code (see above), else None."""
+    for text in _strings(config):
+        if "{{" in text or "{%" in text:
+            problem = _template_problem(text)
+            if problem:
+                return problem
+    from lm_eval.api.registry import metric_registry
+
+    if not metric_registry:
+        import lm_eval.api.metrics  # noqa: F401  (fills the registry)
+    for entry in config.get("metric_list") or []:
+        metric = entry.get("metric") if isinstance(entry, dict) else entry
+        if isinstance(entry, dict) and entry.get("hf_evaluate"):
+            return f"metric {metric!r} asks for hf_evaluate (a metric script is code)"
+        if not isinstance(metric, str) or metric not in metric_registry:
+            return (f"metric {str(metric)[:80]!r} is not one of lm-eval's registered metrics "
+                    "(lm-eval would load it as a script)")
+    return None
+
+
+def sandbox_templates() -> None:
+    """Make lm-eval render every task template in jinja2's ``ImmutableSandboxedEnvironment`` (same
+    filters and settings as its own environment), so a template that slipped past
+    :func:`task_code_problem` raises ``SecurityError`` instead of running code."""
+    import lm_eval.utils as lm_utils
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    current = lm_utils.env
+    if isinstance(current, ImmutableSandboxedEnvironment):
+        return
+    env = ImmutableSandboxedEnvironment(loader=current.loader, undefined=current.undefined,
+                                        keep_trailing_newline=current.keep_trailing_newline)
+    env.filters.update({k: v for k, v in current.filters.items() if k not in env.filters})
+    lm_utils.env = env
 
 
 def resolve_tasks(entries: list[str], data_files: dict[str, str] | None = None) -> list[TaskSpec]:
@@ -121,6 +196,8 @@ def run_harness(model_path: str, specs: list[TaskSpec], *, limit: int | float | 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    sandbox_templates()
 
     kwargs: dict[str, Any] = {"pretrained": model_path, "batch_size": batch_size, "device": device}
     if max_length:
@@ -183,5 +260,5 @@ def sample_rows(label: str, out: dict) -> list[dict]:
     return rows
 
 
-__all__ = ["TaskSpec", "resolve_tasks", "load_task_file", "lm_eval_tasks", "run_harness", "result_rows",
+__all__ = ["TaskSpec", "resolve_tasks", "load_task_file", "task_code_problem", "sandbox_templates", "lm_eval_tasks", "run_harness", "result_rows",
            "sample_rows"]
