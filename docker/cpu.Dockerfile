@@ -1,5 +1,7 @@
 # Refinery CPU worker: data flows (curate, tokenize) on the `cpu` process work pool.
-FROM python:3.11-slim
+# The base image pinned by digest (a tag can be re-pointed); refresh deliberately with
+# `docker buildx imagetools inspect python:3.11-slim`.
+FROM python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
     REFINERY_PROJECT_DIR=/opt/refinery REFINERY_WORKDIR=/data/refinery

@@ -1,5 +1,7 @@
 # Refinery GPU worker: training flows on the `gpu` work pool (CUDA build of the pinned torch).
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# The base image pinned by digest (a tag can be re-pointed); refresh deliberately with
+# `docker buildx imagetools inspect nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04`.
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04@sha256:ac55d124da4882b497f732d8dfd9a702d5447a5f29d08d56da6f64f0a1eb34bc
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
     REFINERY_PROJECT_DIR=/opt/refinery REFINERY_WORKDIR=/data/refinery

@@ -109,3 +109,51 @@ def test_compose_services_keep_the_image_user():
     for name, svc in compose()["services"].items():
         assert svc.get("user") in (None,) or str(svc["user"]) not in ("root", "0"), name
         assert not svc.get("privileged"), name
+
+
+def test_every_container_is_locked_down():
+    """No capabilities beyond what a service's entrypoint needs, no privilege gain (setuid binaries),
+    a read-only root filesystem with a tmpfs /tmp, and the writable places (HOME, Prefect's home)
+    there or on the data volume."""
+    services = compose()["services"]
+    for name, svc in services.items():
+        assert svc["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in svc["security_opt"], name
+        assert svc["read_only"] is True and "/tmp" in svc["tmpfs"], name
+    assert set(services["postgres"].get("cap_add", [])) <= {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETGID", "SETUID"}
+    assert not any(svc.get("cap_add") for name, svc in services.items() if name != "postgres")
+    for name in ("server", "cpu-worker", "gpu-worker"):
+        env = services[name]["environment"]
+        assert env["HOME"].startswith("/tmp/") and env["PREFECT_HOME"].startswith(env["HOME"]), name
+
+
+def test_base_images_are_pinned_by_digest():
+    digest = re.compile(r"@sha256:[0-9a-f]{64}$")
+    for name in ("cpu.Dockerfile", "gpu.Dockerfile"):
+        froms = [rest.split()[0] for w, rest in dockerfile_instructions(DOCKER / name) if w == "FROM"]
+        assert froms and all(digest.search(f) for f in froms), (name, froms)
+    for name, svc in compose()["services"].items():
+        if "build" not in svc and not svc["image"].startswith("refinery-"):   # pulled, not built here
+            assert digest.search(svc["image"]), name
+
+
+def test_kubernetes_jobs_do_not_carry_the_auth_string():
+    """Prefect writes its worker's settings into every flow run's Job (readable by whoever can read
+    Jobs); the template drops the auth string there and the pod reads it from a Secret."""
+    import json
+    import uuid
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
+    from prefect.workers.base import BaseJobConfiguration
+
+    k8s = json.loads((ROOT / "deployments" / "k8s-gpu-job-template.json").read_text())
+    assert k8s["job_configuration"]["env"] == "{{ env }}"   # the Job's env is the variable's value
+    default_env = k8s["variables"]["properties"]["env"]["default"]
+    with temporary_settings(updates={PREFECT_API_AUTH_STRING: "refinery:hush"}):
+        assert "PREFECT_API_AUTH_STRING" in BaseJobConfiguration._base_environment()   # the worker has it
+        cfg = BaseJobConfiguration(env=default_env, command=None)
+        cfg.prepare_for_flow_run(FlowRun(id=uuid.uuid4(), name="run", flow_id=uuid.uuid4()))
+    assert "PREFECT_API_AUTH_STRING" not in cfg.env and "hush" not in json.dumps(cfg.env)
+    container = k8s["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["envFrom"] == [{"secretRef": {"name": "{{ auth_secret }}"}}]
