@@ -7,18 +7,25 @@
             trainer_state.pt    optimizer, scheduler, step, RNG (torch, CUDA, numpy, python), reader
                                 position, metric history, best so far   (torch.load(weights_only=True))
             trainer_state.json  the same small facts, readable
-            files.json          every file's size, written last: what resume checks
+            files.json          every file's size and sha256, written last: what resume checks
+                                (checkpoints of older versions: sizes only, or no files.json)
         checkpoints.json        {"latest": ..., "best": ..., "steps": [...]} for humans and tools
 
-A checkpoint is written into a temporary folder, fsynced and renamed into place, so a crash while
-saving leaves the previous checkpoints intact. The last ``keep_last`` checkpoints and the best one
-are kept. Resume (:func:`latest_checkpoint`) takes the newest *intact* checkpoint: one whose files
-are all there with their recorded sizes and whose state and weights files are structurally whole;
-a damaged newer one (a truncated copy, a full disk) is moved aside to ``.damaged-step-*`` with a
-warning, and training resumes from the one before.
+A checkpoint is written into a temporary folder, fsynced, hashed and renamed into place, so a crash
+while saving leaves the previous checkpoints intact; a full disk is a :class:`CheckpointDiskFullError`
+naming the checkpoint, with the temporary folder removed. The last ``keep_last`` checkpoints and the
+best one are kept. Resume (:func:`latest_checkpoint`) takes the newest *intact* checkpoint: one whose
+files are all there with their recorded sizes and checksums and whose state and weights files are
+structurally whole; a damaged newer one (a truncated copy, a block flipped in place) is moved aside
+to ``.damaged-step-*`` with a warning, and training resumes from the one before. What a checkpoint
+holds can still be non-finite (written before checksums, or by a run that diverged at its last
+step): :func:`nonfinite_tensors` and :class:`NonFiniteCheckpointError` are what the loop checks after
+loading it and after its first step.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +36,7 @@ import struct
 import time
 import uuid
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +52,29 @@ log = logging.getLogger("refinery.train.checkpoint")
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|"
                               r".*\.model|chat_template.*)$")
+# how a full disk reaches us from torch.save (its zip writer's enforce message: a short write shows as
+# "unexpected pos", a failed stream as "file write failed") and from safetensors (an IoError's text)
+_DISK_FULL = re.compile(r"inline_container\.cc.*(unexpected pos|file write failed)|No space left on device|"
+                        r"os error 28\b|Disk quota exceeded|os error 122\b", re.S)
+_HASH_THREADS = 4   # hashlib releases the GIL: the weights and the optimizer state hash side by side
+
+
+class CheckpointDiskFullError(OSError):
+    """The disk filled up while a checkpoint was written (errno ENOSPC). The partial checkpoint was
+    removed; the previous ones are intact and a re-run resumes from the newest of them."""
+
+
+class NonFiniteCheckpointError(FloatingPointError):
+    """A checkpoint that passed the file checks holds NaN or infinite numbers (weights, optimizer
+    state, or a first loss after resume that is not finite)."""
+
+    @classmethod
+    def of(cls, ckpt: str | Path, what: list[str]) -> NonFiniteCheckpointError:
+        ckpt = Path(ckpt)
+        shown = ", ".join(what[:5]) + (f" and {len(what) - 5} more" if len(what) > 5 else "")
+        return cls(f"checkpoint {ckpt} is not finite after resume: {shown}. It was damaged, or saved by a run "
+                   f"that had diverged: delete it or move it aside (e.g. to {ckpt.parent / ('.damaged-' + ckpt.name)}) "
+                   f"and run again to resume from the previous checkpoint")
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -63,17 +94,19 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def checkpoint_problems(ckpt: str | Path) -> list[str]:
+def checkpoint_problems(ckpt: str | Path, *, checksums: bool = False) -> list[str]:
     """Why a checkpoint cannot be resumed from (empty when it looks intact). Cheap: sizes from
     ``files.json`` (absent in checkpoints of older versions), the training state's zip directory,
-    and the safetensors header against the file's length; no tensor is read."""
+    and the safetensors header against the file's length; no tensor is read. ``checksums``: also
+    read every file and compare its sha256 with ``files.json`` (in place damage keeps the size)."""
     ckpt = Path(ckpt)
     problems = []
     try:
-        sizes = json.loads((ckpt / FILES).read_text())["files"]
+        manifest = json.loads((ckpt / FILES).read_text())
+        sizes, digests = manifest["files"], manifest.get("sha256", {})   # no "sha256": an older version
     except FileNotFoundError:
-        sizes = {}
-    except (ValueError, KeyError, TypeError) as e:
+        sizes, digests = {}, {}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         return [f"{FILES}: unreadable ({e})"]
     for name, want in sizes.items():
         try:
@@ -83,6 +116,8 @@ def checkpoint_problems(ckpt: str | Path) -> list[str]:
             continue
         if have != want:
             problems.append(f"{name}: {have} bytes, {FILES} says {want}")
+    if checksums and not problems:
+        problems += _checksum_problems(ckpt, digests)
     if not zipfile.is_zipfile(ckpt / STATE):   # torch.save writes a zip; truncation loses its directory
         problems.append(f"{STATE}: not a complete torch file")
     if (ckpt / WEIGHTS).exists() or WEIGHTS in sizes:
@@ -108,13 +143,27 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def _checksum_problems(ckpt: Path, digests: dict[str, str]) -> list[str]:
+    names = sorted(digests)
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:
+        have = list(pool.map(lambda n: _sha256(ckpt / n), names))
+    return [f"{n}: sha256 {h[:12]}..., {FILES} says {digests[n][:12]}... (damaged in place)"
+            for n, h in zip(names, have) if h != digests[n]]
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest intact checkpoint. Damaged newer ones are moved aside (``.damaged-step-*``, kept
-    for inspection, out of the way of :func:`prune` and of the next save of that step) with a
-    warning that names the checkpoint resumed from instead."""
+    """The newest intact checkpoint, checksums verified (every file is read: it is the checkpoint
+    about to be loaded, so the read also warms the page cache for the load). Damaged newer ones are
+    moved aside (``.damaged-step-*``, kept for inspection, out of the way of :func:`prune` and of the
+    next save of that step) with a warning that names the checkpoint resumed from instead."""
     root = Path(root)
     for step, path in reversed(list_checkpoints(root)):
-        problems = checkpoint_problems(path)
+        problems = checkpoint_problems(path, checksums=True)
         if not problems:
             return path
         dest = root / f".damaged-{path.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:4]}"
@@ -200,6 +249,30 @@ def save_checkpoint(root: str | Path, step: int, model, tokenizer_path: str | No
     final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
+    try:
+        _write(tmp, step, model, tokenizer_path, state, summary, state_dict, extra_dirs)
+        _seal(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)   # half a checkpoint would only take the space a retry needs
+        if _disk_full(e):
+            raise CheckpointDiskFullError(errno.ENOSPC, f"No space left on device while writing checkpoint {final}: "
+                                                        "free space and run again, the previous checkpoints are "
+                                                        "intact and the run resumes from the newest") from e
+        raise
+    if final.exists():  # the same step saved again (e.g. the final save right after an eval save)
+        trash = root / f".trash-{final.name}-{uuid.uuid4().hex[:6]}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync(root)
+    return final
+
+
+def _write(tmp: Path, step: int, model, tokenizer_path: str | None, state: dict, summary: dict | None,
+           state_dict: dict | None, extra_dirs: dict[str, Path] | None) -> None:
+    """Every file of a checkpoint, into its temporary folder."""
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
@@ -217,16 +290,12 @@ def save_checkpoint(root: str | Path, step: int, model, tokenizer_path: str | No
         os.rename(folder, tmp / name)
     torch.save(state, tmp / STATE)
     (tmp / STATE_JSON).write_text(json.dumps(summary or {"step": step}, indent=2, sort_keys=True, default=str))
-    _seal(tmp)
-    if final.exists():  # the same step saved again (e.g. the final save right after an eval save)
-        trash = root / f".trash-{final.name}-{uuid.uuid4().hex[:6]}"
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync(root)
-    return final
+
+
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, Exception) and bool(_DISK_FULL.search(str(e)))
 
 
 def _fsync(path: Path) -> None:
@@ -238,16 +307,23 @@ def _fsync(path: Path) -> None:
 
 
 def _seal(folder: Path) -> None:
-    """fsync every file of a checkpoint being written, then record their sizes in ``files.json``
-    (written last, fsynced too), so what the rename publishes is on disk and checkable."""
-    sizes = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            _fsync(p)
-            sizes[p.relative_to(folder).as_posix()] = p.stat().st_size
-    (folder / FILES).write_text(json.dumps({"files": sizes}, indent=2, sort_keys=True))
+    """fsync and hash every file of a checkpoint being written (read back right after writing, from
+    the page cache), then record their sizes and sha256 in ``files.json`` (written last, fsynced
+    too), so what the rename publishes is on disk and checkable. "files" keeps its meaning (sizes)
+    so older versions still read the manifest."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    names = [p.relative_to(folder).as_posix() for p in files]
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:
+        digests = list(pool.map(_fsync_and_hash, files))
+    manifest = {"files": {n: p.stat().st_size for n, p in zip(names, files)}, "sha256": dict(zip(names, digests))}
+    (folder / FILES).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     _fsync(folder / FILES)
     _fsync(folder)
+
+
+def _fsync_and_hash(path: Path) -> str:
+    _fsync(path)
+    return _sha256(path)
 
 
 def load_state(ckpt: str | Path) -> dict:
@@ -268,6 +344,26 @@ def load_weights(model, ckpt: str | Path) -> None:
     missing = [k for k in res.missing_keys if own[k].data_ptr() not in loaded]
     if missing:
         raise ValueError(f"{path}: missing weights {missing[:5]}")
+
+
+def nonfinite_tensors(model, optimizer=None) -> list[str]:
+    """The names of the floating point weights (and optimizer state tensors) that hold a NaN or an
+    infinity: a loaded checkpoint must have none. Sharded (FSDP) tensors: this rank's shards."""
+    named = list(model.state_dict().items())
+    if optimizer is not None:
+        named += [(f"optimizer {key} of parameter {i}", t) for i, per in optimizer.state_dict()["state"].items()
+                  for key, t in per.items()]
+    return [name for name, t in named if _floating(t) and not bool(torch.isfinite(_local(t)).all())]
+
+
+def _floating(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+def _local(t):
+    """A DTensor's shard on this rank (a plain tensor as it is)."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
 
 
 def write_index(root: str | Path, latest: int | None, best: int | None) -> None:
@@ -299,6 +395,6 @@ def prune(root: str | Path, keep_last: int, keep: frozenset[int] | set[int] = fr
 
 
 __all__ = ["save_checkpoint", "load_state", "load_weights", "latest_checkpoint", "list_checkpoints", "prune",
-           "checkpoint_problems",
+           "checkpoint_problems", "nonfinite_tensors", "CheckpointDiskFullError", "NonFiniteCheckpointError",
            "step_dir", "rng_state", "set_rng_state", "to_safe", "from_safe", "copy_tokenizer", "write_index",
            "STATE"]

@@ -169,6 +169,7 @@ class Run:
     peak_flops: float | None = None
     t_start: float = field(default_factory=time.perf_counter)
     shards: list[dict] | None = None      # fsdp: what each rank holds (elements), from its local tensors
+    resumed_from: Path | None = None      # the checkpoint resumed from, until the first step's loss proves it finite
 
     @property
     def master(self) -> bool:
@@ -278,10 +279,14 @@ def _shard_stats(run: Run) -> None:
 
 
 def _resume(run: Run) -> TrainState:
-    """The latest checkpoint's weights, optimizer, schedule, reader position and RNG, or a fresh state."""
+    """The latest checkpoint's weights, optimizer, schedule, reader position and RNG, or a fresh state.
+    Rank 0 picks (and verifies) the checkpoint, so ranks neither race to move a damaged one aside
+    nor each read every file to hash it; non-finite weights or optimizer state are an error that
+    names the checkpoint."""
     from refinery.tasks.train import checkpoint as ckpt
+    from refinery.tasks.train import distributed as dist
 
-    last = ckpt.latest_checkpoint(run.ckpt_dir)
+    last = dist.broadcast_object(ckpt.latest_checkpoint(run.ckpt_dir) if run.master else None)
     if last is None:
         return TrainState()
     saved = ckpt.load_state(last)
@@ -292,6 +297,10 @@ def _resume(run: Run) -> TrainState:
     else:
         ckpt.load_weights(run.model, last)
         run.optimizer.load_state_dict(saved["optimizer"])
+    bad = ckpt.nonfinite_tensors(run.model, run.optimizer)
+    if dist.any_true(bool(bad), run.device):   # every rank raises, none waits in a collective
+        raise ckpt.NonFiniteCheckpointError.of(last, bad or ["another rank's shards"])
+    run.resumed_from = last
     run.scheduler.load_state_dict(saved["scheduler"])
     run.reader.load_state_dict(ckpt.from_safe(saved["reader"]))
     ckpt.set_rng_state(saved["rng"])
@@ -492,7 +501,13 @@ def _train_step(run: Run, st: TrainState) -> dict:
         extra = f" | mfu {row['mfu'] * 100:.1f}%" if row["mfu"] is not None else ""
         run.log(f"step {st.step} | loss {loss_val:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s{extra}")
     if not math.isfinite(loss_val):
+        if run.resumed_from is not None:   # the first step after resume: the checkpoint is the suspect
+            from refinery.tasks.train.checkpoint import NonFiniteCheckpointError
+
+            raise NonFiniteCheckpointError.of(run.resumed_from,
+                                              [f"the first loss after resume is {loss_val} (step {st.step})"])
         raise FloatingPointError(f"loss is {loss_val} at step {st.step}: lower lr or check the data")
+    run.resumed_from = None
     return row
 
 

@@ -74,6 +74,12 @@ def pretrain(b: Builder, inputs: list[Dataset], cfg: TrainConfig) -> StageOutput
         raise TrainingInterrupted(f"pretraining stopped at step {result['steps']} ({result['status']}); "
                                   f"checkpoint kept in {ckpt_dir}: run again to resume")
     chosen = result["best_checkpoint"] if cfg.export == "best" and result["best_checkpoint"] else result["final_checkpoint"]
+    from refinery.tasks.train.checkpoint import checkpoint_problems
+
+    damaged = checkpoint_problems(chosen, checksums=True)   # resume verified only the newest one
+    if damaged:
+        raise ValueError(f"checkpoint {chosen} to export is damaged: {'; '.join(damaged)}; "
+                         "set export=final, or move it aside and train again")
     folder = export_folder(chosen, Path(b.tmpdir()) / "model", ckpt_dir / "metrics")
     finalize_model_dir(folder)   # use_cache: true + generation_config.json (training saved use_cache: false)
     b.put_dir(folder)
