@@ -20,6 +20,7 @@ from pydantic import Field
 from refinery.flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow, result, stage_seconds
 from refinery.tasks.config import StrictModel
 from refinery.tasks.align.common import is_dataset_dir
+from refinery.tasks.align.data import MIN_VALID_FRACTION
 from refinery.tasks.align.dpo import DPOConfig
 from refinery.tasks.align.grpo import GRPOConfig
 from refinery.tasks.align.kto import KTOConfig
@@ -46,6 +47,9 @@ class AlignSettings(StrictModel):
     max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs (grpo: prompt records; kto: examples).")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs held out for evaluation.")
     seed: int = Field(0, description="Seed of the split, initialisation, shuffling and sampling.")
+    min_valid_fraction: float = Field(MIN_VALID_FRACTION, ge=0, le=1, description=(
+        "Fail when fewer than this share of the data file's records are usable (bad JSON, empty prompt or reply, "
+        "unknown format ...); the error gives the counts by reason. 0 turns the check off."))
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward-model training (method=ppo without reward_model).")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO settings (method=ppo).")
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO settings (method=dpo).")
@@ -66,7 +70,8 @@ class AlignParams(AlignSettings, _Inputs):
 
 
 def _common(p: AlignParams) -> dict:
-    return dict(model=p.input, data=p.data, max_pairs=p.max_pairs, val_fraction=p.val_fraction, seed=p.seed)
+    return dict(model=p.input, data=p.data, max_pairs=p.max_pairs, val_fraction=p.val_fraction, seed=p.seed,
+                min_valid_fraction=p.min_valid_fraction)
 
 
 def dpo_config(p: AlignParams) -> DPOStageConfig:
@@ -87,7 +92,8 @@ def ppo_config(p: AlignParams, reward_model: str) -> PPOStageConfig:
 def grpo_config(p: AlignParams) -> GRPOStageConfig:
     """The grpo stage config of a run."""
     return GRPOStageConfig(model=p.input, data=p.data, max_prompts=p.max_pairs, val_fraction=p.val_fraction,
-                           seed=p.seed, reward_model=p.reward_model, train=p.grpo)
+                           seed=p.seed, min_valid_fraction=p.min_valid_fraction, reward_model=p.reward_model,
+                           train=p.grpo)
 
 
 def orpo_config(p: AlignParams) -> ORPOStageConfig:
@@ -98,7 +104,7 @@ def orpo_config(p: AlignParams) -> ORPOStageConfig:
 def kto_config(p: AlignParams) -> KTOStageConfig:
     """The kto stage config of a run."""
     return KTOStageConfig(model=p.input, data=p.data, max_examples=p.max_pairs, val_fraction=p.val_fraction,
-                          seed=p.seed, train=p.kto)
+                          seed=p.seed, min_valid_fraction=p.min_valid_fraction, train=p.kto)
 
 
 def _lineage(*paths: str | None) -> list[str]:

@@ -13,8 +13,12 @@ Formats (detected per record, so a file may mix them):
   "rejected": str | messages}``.
 
 Files: ``.json`` (a list, or an object with a ``data``/``train`` list), ``.jsonl``, and either
-gzipped. A record that cannot be understood is counted by reason and skipped; a file that cannot
-be read raises an error naming it. Light module: no torch.
+gzipped. A record that cannot be understood is counted by reason and skipped (an empty prompt,
+chosen, rejected or completion is such a record); a file that cannot be read raises an error naming
+it. The loaders take a ``min_valid_fraction`` (the stages pass :data:`MIN_VALID_FRACTION` unless
+configured otherwise): a file where fewer of the records read are usable raises
+:class:`TooManyBadRecords` with the counts, rather than training on the few that are left.
+Light module: no torch.
 """
 from __future__ import annotations
 
@@ -59,6 +63,15 @@ class BadRecord(ValueError):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+# A file that is mostly bad records is the wrong file or a broken export: training on the rest
+# would succeed on a sliver of the data. Half is far below any real file's share (HH-RLHF: 98%).
+MIN_VALID_FRACTION = 0.5
+
+
+class TooManyBadRecords(ValueError):
+    """Fewer of a file's records are usable than the configured minimum share."""
 
 
 # --------------------------------------------------------------------------- parsing records
@@ -134,15 +147,21 @@ def parse_record(rec: Any) -> PreferencePair:
         prompt, chosen, rejected = c[:-1], _reply(c), _reply(r)
     else:
         raise BadRecord("unknown_format", "no conversations/messages/prompt and not HH transcripts")
-    if not prompt:
-        raise BadRecord("empty_prompt")
-    if prompt[-1][0] == "assistant":
+    if prompt and prompt[-1][0] == "assistant":
         raise BadRecord("prompt_ends_with_assistant")
+    _check_prompt(prompt)
     if not chosen.strip() or not rejected.strip():
         raise BadRecord("empty_reply")
     if chosen == rejected:
         raise BadRecord("identical_replies")
     return PreferencePair(tuple(prompt), chosen, rejected)
+
+
+def _check_prompt(prompt: list[tuple[str, str]]) -> None:
+    """The turn a reply answers (the prompt's last) must say something: a blank one is
+    ``empty_prompt`` (``{"prompt": ""}``, ``Human:`` with nothing after it)."""
+    if not prompt or not str(prompt[-1][1]).strip():
+        raise BadRecord("empty_prompt")
 
 
 # --------------------------------------------------------------------------- reading files
@@ -188,9 +207,11 @@ def iter_records(path: str | os.PathLike, counts: Counter | None = None) -> Iter
 _T = TypeVar("_T")
 
 
-def _load(path: str | os.PathLike, parse: Callable[[Any], _T], limit: int | None) -> tuple[list[_T], int, dict]:
+def _load(path: str | os.PathLike, parse: Callable[[Any], _T], limit: int | None,
+          min_valid_fraction: float | None = None) -> tuple[list[_T], int, dict]:
     """The records of a file that ``parse`` accepts (the first ``limit`` of them when given), how
-    many records were read (unparseable JSON lines included), and the skip reasons counted."""
+    many records were read (unparseable JSON lines included), and the skip reasons counted.
+    Raises :class:`TooManyBadRecords` when the accepted share is below ``min_valid_fraction``."""
     counts: Counter = Counter()
     out: list[_T] = []
     n = 0
@@ -202,13 +223,30 @@ def _load(path: str | os.PathLike, parse: Callable[[Any], _T], limit: int | None
             counts[e.reason] += 1
         if limit is not None and len(out) >= limit:
             break
-    return out, n + counts.get("bad_json", 0), dict(sorted(counts.items()))
+    n += counts.get("bad_json", 0)
+    skipped = dict(sorted(counts.items()))
+    if min_valid_fraction is not None:
+        check_valid_fraction(path, n, len(out), skipped, min_valid_fraction)
+    return out, n, skipped
 
 
-def load_pairs(path: str | os.PathLike, max_pairs: int | None = None) -> tuple[list[PreferencePair], dict]:
+def check_valid_fraction(path: str | os.PathLike, read: int, valid: int, skipped: dict,
+                         min_fraction: float = MIN_VALID_FRACTION) -> None:
+    """Raise :class:`TooManyBadRecords` naming the counts when fewer than ``min_fraction`` of the
+    ``read`` records are ``valid``. An empty file is left to the caller (it has its own message)."""
+    if read and valid < min_fraction * read:
+        reasons = ", ".join(f"{k}={v}" for k, v in skipped.items())
+        raise TooManyBadRecords(
+            f"{os.fspath(path)}: only {valid} of the {read} records read are usable ({read - valid} bad: {reasons}), "
+            f"below the minimum share of {min_fraction:g} (min_valid_fraction); fix the file, or lower "
+            "min_valid_fraction if that many bad records is expected")
+
+
+def load_pairs(path: str | os.PathLike, max_pairs: int | None = None,
+               min_valid_fraction: float | None = None) -> tuple[list[PreferencePair], dict]:
     """All valid pairs of a file (the first ``max_pairs`` valid ones when given) and counts
-    ``{"records", "pairs", "skipped": {reason: n}}``."""
-    pairs, n, skipped = _load(path, parse_record, max_pairs)
+    ``{"records", "pairs", "skipped": {reason: n}}``; see :func:`check_valid_fraction`."""
+    pairs, n, skipped = _load(path, parse_record, max_pairs, min_valid_fraction)
     return pairs, {"records": n, "pairs": len(pairs), "skipped": skipped}
 
 
@@ -301,9 +339,10 @@ def parse_prompt_record(rec: Any) -> PromptRecord:
     return PromptRecord(tuple(prompt), tuple(sorted((k, v) for k, v in rest.items() if isinstance(k, str))))
 
 
-def load_prompts(path: str | os.PathLike, max_prompts: int | None = None) -> tuple[list[PromptRecord], dict]:
+def load_prompts(path: str | os.PathLike, max_prompts: int | None = None,
+                 min_valid_fraction: float | None = None) -> tuple[list[PromptRecord], dict]:
     """The prompt records of a file (.json/.jsonl, optionally .gz) and counts like :func:`load_pairs`."""
-    out, n, skipped = _load(path, parse_prompt_record, max_prompts)
+    out, n, skipped = _load(path, parse_prompt_record, max_prompts, min_valid_fraction)
     return out, {"records": n, "prompts": len(out), "skipped": skipped}
 
 
@@ -349,12 +388,14 @@ def parse_unpaired(rec: Any) -> UnpairedExample:
         prompt, completion = msgs[:-1], msgs[-1][1]
     if not prompt or prompt[-1][0] != "user":
         raise BadRecord("prompt_not_from_user")
+    _check_prompt(prompt)
     if not str(completion).strip():
         raise BadRecord("empty_reply")
     return UnpairedExample(tuple(prompt), str(completion), label)
 
 
-def load_unpaired(path: str | os.PathLike, max_examples: int | None = None) -> tuple[list[UnpairedExample], dict]:
+def load_unpaired(path: str | os.PathLike, max_examples: int | None = None,
+                  min_valid_fraction: float | None = None) -> tuple[list[UnpairedExample], dict]:
     """The labelled examples of a file and counts ``{"records", "examples", "desirable", "skipped"}``."""
-    out, n, skipped = _load(path, parse_unpaired, max_examples)
+    out, n, skipped = _load(path, parse_unpaired, max_examples, min_valid_fraction)
     return out, {"records": n, "examples": len(out), "desirable": sum(e.label for e in out), "skipped": skipped}

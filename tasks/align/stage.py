@@ -19,7 +19,7 @@ from pydantic import Field, computed_field
 from refinery.tasks.config import StrictModel
 
 from refinery.tasks.align.common import model_identity
-from refinery.tasks.align.data import file_identity
+from refinery.tasks.align.data import MIN_VALID_FRACTION, file_identity
 from refinery.tasks.align.dpo import DPOConfig
 from refinery.tasks.align.grpo import GRPOConfig
 from refinery.tasks.align.kto import KTOConfig
@@ -35,6 +35,9 @@ class _ModelAndData(StrictModel):
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs held out for evaluation.")
     max_val_examples: int | None = Field(256, ge=1, description="At most this many held-out pairs.")
     seed: int = Field(0, description="Seed of the split, initialisation, shuffling and sampling.")
+    min_valid_fraction: float = Field(MIN_VALID_FRACTION, ge=0, le=1, description=(
+        "Fail when fewer than this share of the data file's records are usable (bad JSON, empty prompt or reply, "
+        "unknown format ...); the error gives the counts by reason. 0 turns the check off."))
 
     @computed_field  # type: ignore[prop-decorator]  # pydantic's documented computed_field pattern
     @property
@@ -119,7 +122,7 @@ HELD_OUT_PROMPTS = 32
 def _load_split(cfg: _AlignInputs):
     from refinery.tasks.align.data import load_pairs, split_pairs
 
-    pairs, counts = load_pairs(cfg.data, cfg.max_pairs)
+    pairs, counts = load_pairs(cfg.data, cfg.max_pairs, min_valid_fraction=cfg.min_valid_fraction)
     if not pairs:
         raise ValueError(f"{cfg.data}: no valid preference pairs (skipped: {counts['skipped']})")
     train, held_out = split_pairs(pairs, cfg.val_fraction, cfg.seed, cfg.max_val_examples)
@@ -378,7 +381,7 @@ def kto_stage(b, inputs, cfg: KTOStageConfig) -> StageOutput:
     from refinery.tasks.align.kto import train_kto
 
     model_dir = resolve_model_dir(cfg.model)
-    examples, counts = load_unpaired(cfg.data, cfg.max_examples)
+    examples, counts = load_unpaired(cfg.data, cfg.max_examples, min_valid_fraction=cfg.min_valid_fraction)
     if len(examples) < 2:
         raise ValueError(f"{cfg.data}: fewer than 2 valid labelled examples (skipped: {counts['skipped']})")
     train, held_out = split_pairs(examples, cfg.val_fraction, cfg.seed, cfg.max_val_examples)
@@ -405,7 +408,7 @@ def grpo_stage(b, inputs, cfg: GRPOStageConfig) -> StageOutput:
     from refinery.tasks.align.rewards import resolve_reward_func
 
     model_dir = resolve_model_dir(cfg.model)
-    records, counts = load_prompts(cfg.data, cfg.max_prompts)
+    records, counts = load_prompts(cfg.data, cfg.max_prompts, min_valid_fraction=cfg.min_valid_fraction)
     if not records:
         raise ValueError(f"{cfg.data}: no valid prompt records (skipped: {counts['skipped']})")
     train, held_out = split_pairs(records, cfg.val_fraction, cfg.seed, min(cfg.max_val_examples or HELD_OUT_PROMPTS,

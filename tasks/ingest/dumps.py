@@ -5,12 +5,17 @@ missing or not a string are reported as errors (counted, skipped). Records are n
 line number in a JSONL file (blank lines count), the row number in a Parquet file. A Parquet file
 whose text column is not a string column is rejected as a whole (every row would be an error). Other scalar fields travel to the
 document's ``metadata`` (minus the text, id, url and date fields).
+
+JSONL lines are read in bounded chunks (:func:`iter_lines`): a line longer than the record size cap
+is read past, never held whole, and reported as ``too_large``. Each line is decoded as UTF-8; a line
+that is not UTF-8 (a Latin-1 or GBK dump, a damaged byte) is decoded with the charset detected for
+it, or, when none decodes it, as UTF-8 with U+FFFD replacement characters; the record says which
+(:attr:`DumpRecord.decoded`), so the stage counts it rather than passing altered text silently.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import io
 import json
 from typing import IO, Any, Iterator
 
@@ -23,6 +28,7 @@ class DumpRecord:
     date: _dt.datetime | None
     offset: int                 # line number (JSONL) or row number (Parquet), 1-based
     fields: dict
+    decoded: str | None = None  # JSONL line not UTF-8: the charset that decoded it, or REPLACED
 
 
 @dataclasses.dataclass
@@ -80,18 +86,87 @@ def _record(row: dict, offset: int, text_field: str, id_field: str | None, url_f
                       date, offset, fields)
 
 
+REPLACED = "replaced"   # DumpRecord.decoded of a line no charset decodes: invalid bytes became U+FFFD
+_BOM = b"\xef\xbb\xbf"
+
+
+def iter_lines(f: IO[bytes], max_bytes: int | None = None,
+               chunk: int = 1 << 20) -> Iterator[tuple[int, bytes | None]]:
+    """``(line number, line)`` of a binary stream split at ``\\n``, numbered from 1. A line over
+    ``max_bytes`` is ``None``: it is read past chunk by chunk, so memory stays about ``chunk +
+    max_bytes`` whatever the line's length (a 100 MB line would otherwise be held, then parsed)."""
+    n = 0
+    parts: list[bytes] = []     # the line so far, when it spans chunks
+    held = 0                    # its length
+    too_long = False            # the current line went over max_bytes: its bytes are dropped
+    while block := f.read(chunk):
+        start = 0
+        while (end := block.find(b"\n", start)) >= 0:
+            n += 1
+            if too_long or (max_bytes is not None and held + end - start > max_bytes):
+                yield n, None
+            else:
+                piece = block[start:end]
+                yield n, b"".join([*parts, piece]) if parts else piece
+            parts, held, too_long, start = [], 0, False, end + 1
+        if not too_long and start < len(block):
+            parts.append(block[start:])
+            held += len(block) - start
+            if max_bytes is not None and held > max_bytes:
+                parts, held, too_long = [], 0, True
+    if too_long or parts:
+        yield n + 1, None if too_long else b"".join(parts)
+
+
+def decode_line(line: bytes) -> tuple[str, str | None]:
+    """``(text, decoded)``: UTF-8 when the line is (``decoded`` None); UTF-8 with U+FFFD for the
+    invalid bytes when it mostly is (a damaged byte: ``decoded`` = :data:`REPLACED`); else the
+    charset detected for this line (Latin-1, GBK ... dumps; per line, as files mix them)."""
+    try:
+        return line.decode("utf-8"), None
+    except UnicodeDecodeError:
+        pass
+    replaced = line.decode("utf-8", "replace")
+    bad = replaced.count("\ufffd")
+    non_ascii = len(replaced) - len(replaced.encode("ascii", "ignore"))
+    if non_ascii - bad > bad:
+        # more valid multi-byte UTF-8 characters than broken ones: damaged UTF-8, where a detector
+        # would pick a single-byte charset and turn every correct character into mojibake
+        return replaced, REPLACED
+    from refinery.tasks.ingest.extract import detect_charset
+
+    charset = detect_charset(line)
+    if charset and charset != "utf-8":
+        try:
+            return line.decode(charset), charset
+        except UnicodeDecodeError:
+            pass
+    return replaced, REPLACED
+
+
 def iter_jsonl(f: IO[bytes], text_field: str = "text", id_field: str | None = "id",
-               url_field: str | None = "url", date_field: str | None = None) -> Iterator[DumpRecord | DumpError]:
-    """Rows of a JSONL stream (already decompressed). A bad line is one error, not the end."""
-    for n, line in enumerate(io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="\n"), 1):
+               url_field: str | None = "url", date_field: str | None = None,
+               max_line_bytes: int | None = None) -> Iterator[DumpRecord | DumpError]:
+    """Rows of a JSONL stream (already decompressed). A bad line is one error, not the end; a line
+    over ``max_line_bytes`` is a ``too_large`` error, skipped unread."""
+    for n, line in iter_lines(f, max_line_bytes):
+        if line is None:
+            yield DumpError("too_large", n, f"line {n} is over the {max_line_bytes}-byte limit")
+            continue
+        if n == 1 and line.startswith(_BOM):
+            line = line[len(_BOM):]
         if not line.strip():
             continue
+        text, decoded = decode_line(line)
         try:
-            row = json.loads(line)
+            row = json.loads(text)
         except json.JSONDecodeError as e:
             yield DumpError("bad_json", n, f"line {n}: {e}")
             continue
-        yield _record(row, n, text_field, id_field, url_field, date_field)
+        rec = _record(row, n, text_field, id_field, url_field, date_field)
+        if isinstance(rec, DumpRecord):
+            rec.decoded = decoded
+        yield rec
 
 
 def iter_parquet(f: IO[bytes], text_field: str = "text", id_field: str | None = "id",

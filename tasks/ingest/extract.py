@@ -80,15 +80,21 @@ def decode_html(data: bytes, http_charset: str | None = None) -> tuple[str, str,
                 return data.decode(codec), codec, how
             except (UnicodeDecodeError, LookupError):
                 pass
-    from resiliparse.parse.encoding import detect_encoding
-
-    codec = _html5_name(detect_encoding(data[:65536]))
+    codec = detect_charset(data)
     if codec:
         try:
             return data.decode(codec), codec, "detected"
         except (UnicodeDecodeError, LookupError):
             pass
     return data.decode("utf-8", "replace"), "utf-8", "fallback"
+
+
+def detect_charset(data: bytes) -> str | None:
+    """The charset statistical detection finds for ``data`` (its first 64 KB), as a Python codec
+    name (WHATWG superset), or None."""
+    from resiliparse.parse.encoding import detect_encoding
+
+    return _html5_name(detect_encoding(data[:65536]))
 
 
 def decode_text(data: bytes, declared: str | None = "utf-8") -> str:

@@ -6,11 +6,13 @@ Sharded: ``plan`` makes one shard per resolved input file (sorted, so names and 
 none), ``reduce`` adds the counts up.
 
 Bad input: a corrupt or truncated record is counted (``counts.record_errors[reason]``) and skipped,
-the rest of the file is read; a record over ``max_record_bytes`` is skipped unread
-(``dropped.too_large``). A file that cannot be read (missing, not an archive, broken compression,
-or rows but no usable text column) does not stop the other files, but its shard is never recorded as
-finished: transient I/O errors are retried with backoff first (``sources.with_retries``), the
-failure is logged with the file's name, and once every other file is done the stage fails naming
+the rest of the file is read; a record over ``max_record_bytes`` (a JSONL line: its bytes) is skipped
+unread (``dropped.too_large``). A JSONL line that is not UTF-8 is decoded with the charset detected
+for it (``counts.decoded_as[charset]``) or, when none fits, with U+FFFD replacement characters
+(``counts.decode_errors``). A file that cannot be read (missing, not an archive, broken compression,
+cut short, or rows but no usable text column) does not stop the other files, but its shard is never
+recorded as finished: transient I/O errors are retried with backoff first (``sources.with_retries``),
+the failure is logged with the file's name, and once every other file is done the stage fails naming
 each failed file, unless ``max_failed_files`` tolerates them; tolerated failures are listed in the
 manifest (``file_errors``, ``counts.files_failed``). A rerun redoes only the failed files.
 
@@ -33,14 +35,15 @@ from refinery.tasks.config import StrictModel
 from refinery.tasks.ingest.langid import LangIdConfig
 from refinery.tasks.runtime import ShardedStage, StageOutput, stage
 
-STAGE_VERSION = "3"  # 2: failed files never recorded as finished, rows numbered from 1, record size cap;
-# 3: parts named part-<file#>-<k>.train.parquet (they load with Hugging Face datasets), no empty part
+STAGE_VERSION = "4"  # 2: failed files never recorded as finished, rows numbered from 1, record size cap;
+# 3: parts named part-<file#>-<k>.train.parquet (they load with Hugging Face datasets), no empty part;
+# 4: archives cut short fail as files, non-UTF-8 JSONL lines decoded with their detected charset
 
 
 class InputSpec(StrictModel):
 
     path: str = Field(description="file, glob (local or fsspec) or URL (http(s)://, s3://, file://, memory://); "
-                                  "no user:password@ in it")
+                                  "no credentials (user:password@, token@) in it")
     source: str = Field(description="source name stored in every document, e.g. cc-main-2024-22, books, code")
     format: Literal["auto", "warc", "wet", "arc", "jsonl", "parquet"] = Field(
         "auto", description="auto = detect from the content (magic bytes)")
@@ -68,8 +71,8 @@ class IngestConfig(StrictModel):
     min_text_chars: int = Field(0, ge=0, description="drop documents with fewer characters (empty ones always)")
     max_html_bytes: int = Field(5_000_000, ge=1024, description="drop HTML payloads larger than this")
     max_record_bytes: int = Field(5_000_000, ge=1024, description=(
-        "skip any record (HTML, plain text, WET, ARC; decoded HTTP body; dump text) larger than this "
-        "without holding it in memory; counted as dropped.too_large"))
+        "skip any record (HTML, plain text, WET, ARC; decoded HTTP body; a JSONL line; Parquet text) larger "
+        "than this without holding it in memory; counted as dropped.too_large"))
     max_failed_files: int = Field(0, ge=0, description=(
         "input files that may fail (after retries) with the stage still published, listing them; "
         "0: any failed file fails the stage once the other files are done"))
@@ -168,9 +171,11 @@ class _FileReader:
 
         # an item from a plan has every InputSpec field; a hand-made one gets the defaults
         item = {**InputSpec(path=item["path"], source=item["source"]).model_dump(), **item}
-        for key, empty in (("dropped", Counter), ("record_errors", Counter), ("error_samples", list)):
+        for key, empty in (("dropped", Counter), ("record_errors", Counter), ("error_samples", list),
+                           ("decoded_as", Counter)):
             stats.setdefault(key, empty())
         stats.setdefault("docs_in", 0)
+        stats.setdefault("decode_errors", 0)
         return cls(item, cfg, stats, get_extractor(cfg.extractor), LanguageIdentifier(cfg.langid))
 
     @property
@@ -184,10 +189,25 @@ class _FileReader:
         if len(self.stats["error_samples"]) < self.cfg.max_error_samples:
             self.stats["error_samples"].append(message)
 
-    def record_error(self, e) -> None:
-        """A corrupt or truncated record: counted and sampled, and the file goes on."""
+    def skipped(self, e) -> None:
+        """A record the reader skipped: one over the size cap or an HTTP error counts as read and
+        dropped; a corrupt or truncated one as a record error (counted, sampled). The file goes on."""
+        if e.reason in ("http_status", "too_large"):
+            self.stats["docs_in"] += 1
+            self.drop(e.reason)
+            return
         self.stats["record_errors"][e.reason] += 1
         self.sample(f"@{e.offset}: {e.message}")
+
+    def decoded(self, how: str | None) -> None:
+        """A dump line that was not UTF-8: decoded as ``how`` (a charset), or with replacement
+        characters (``dumps.REPLACED``)."""
+        from refinery.tasks.ingest.dumps import REPLACED
+
+        if how == REPLACED:
+            self.stats["decode_errors"] += 1
+        elif how is not None:
+            self.stats["decoded_as"][how] += 1
 
     def document(self, text: str, key: str, rec, meta: dict) -> dict | None:
         """The document of a record's text, or None when the text is empty, too short or too
@@ -252,14 +272,17 @@ def _dump_documents(r: _FileReader, raw, fmt: str, comp: str | None) -> Iterator
             if comp not in compr or compr[comp] is None:
                 raise UnknownFormat(f"{r.path}: {comp}-compressed JSONL needs the {comp} codec installed")
             stream = compr[comp](raw, mode="rb")
-        records = dumps.iter_jsonl(stream, **kw)
+        records = dumps.iter_jsonl(stream, **kw, max_line_bytes=r.cfg.max_record_bytes)
     base = os.path.basename(r.path)
     for rec in records:
         if isinstance(rec, dumps.DumpError):
-            r.record_error(rec)
+            r.skipped(rec)
             continue
         r.stats["docs_in"] += 1
+        r.decoded(rec.decoded)
         meta = {"file": r.path, "row": rec.offset, "format": fmt}
+        if rec.decoded:
+            meta["decoded"] = rec.decoded   # not UTF-8: the charset it was decoded with, or "replaced"
         if rec.fields:
             meta["fields"] = rec.fields
         doc = r.document(rec.text, rec.record_id or rec.url or f"{base}:{rec.offset}", rec, meta)
@@ -304,11 +327,7 @@ def _archive_documents(r: _FileReader, raw, fmt: str) -> Iterator[dict]:
         records = warc.iter_warc(raw, record_types=types, max_record_bytes=cfg.max_record_bytes)
     for rec in records:
         if isinstance(rec, warc.RecordError):
-            if rec.reason in ("http_status", "too_large"):
-                r.stats["docs_in"] += 1
-                r.drop(rec.reason)
-            else:
-                r.record_error(rec)
+            r.skipped(rec)
             continue
         r.stats["docs_in"] += 1
         got = _record_text(r, rec)
@@ -330,7 +349,7 @@ def iter_documents(item: dict, cfg: IngestConfig, stats: dict) -> Iterator[dict]
     """Documents of one input file (dicts with the schema's columns); counts go into ``stats``.
 
     ``stats`` gets ``docs_in``, ``dropped[reason]``, ``record_errors[reason]``, ``error_samples``,
-    ``format``. File-level problems raise (the shard turns them into a file error). Phases: open
+    ``decoded_as[charset]``, ``decode_errors``, ``format``. File-level problems raise (the shard turns them into a file error). Phases: open
     the file, detect its format, then read it as a dump (:func:`_dump_documents`) or an archive
     (:func:`_archive_documents`); both hand each text to :meth:`_FileReader.document`.
     """
@@ -387,6 +406,8 @@ def ingest_file(item: dict, cfg: IngestConfig, write_part) -> dict:
         "docs_in": stats.get("docs_in", 0), "docs_out": docs_out, "repaired": stats.get("repaired", 0),
         "dropped": dict(sorted(stats.get("dropped", {}).items())),
         "record_errors": dict(sorted(stats.get("record_errors", {}).items())),
+        "decoded_as": dict(sorted(stats.get("decoded_as", {}).items())),
+        "decode_errors": stats.get("decode_errors", 0),
         "error_samples": stats.get("error_samples", []),
         "langs": dict(sorted(langs.items())), "parts": parts,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -457,7 +478,7 @@ class Ingest(ShardedStage):
         """The result reduce sees for a file that failed (when ``max_failed_files`` tolerates it)."""
         return {"file": item["path"], "source": item["source"], "format": None, "files": 1, "files_failed": 1,
                 "error": error, "docs_in": 0, "docs_out": 0, "dropped": {}, "record_errors": {},
-                "error_samples": [], "langs": {}, "parts": [], "seconds": 0.0}
+                "decoded_as": {}, "decode_errors": 0, "error_samples": [], "langs": {}, "parts": [], "seconds": 0.0}
 
     @staticmethod
     def reduce(b, results: list[dict], cfg: IngestConfig, inputs) -> StageOutput:
@@ -467,11 +488,13 @@ class Ingest(ShardedStage):
                               "\n".join(f"  {f['error']}" for f in failed))
         dropped: Counter = Counter()
         rec_err: Counter = Counter()
+        decoded_as: Counter = Counter()
         langs: Counter = Counter()
         sources: Counter = Counter()
         for r in results:
             dropped.update(r["dropped"])
             rec_err.update(r["record_errors"])
+            decoded_as.update(r.get("decoded_as", {}))
             langs.update(r["langs"])
             sources[r["source"]] += r["docs_out"]
         # no documents at all: no parts either (a zero-row part would trip readers that infer schemas)
@@ -482,9 +505,12 @@ class Ingest(ShardedStage):
             "repaired": sum(r.get("repaired", 0) for r in results),
             "dropped": dict(sorted(dropped.items())), "record_errors": dict(sorted(rec_err.items())),
             "record_errors_total": sum(rec_err.values()),
+            "decoded_as": dict(sorted(decoded_as.items())),
+            "decode_errors": sum(r.get("decode_errors", 0) for r in results),
         }
         per_file = [{k: r.get(k) for k in ("file", "source", "format", "docs_in", "docs_out", "dropped",
-                                           "record_errors", "error", "error_samples", "seconds")}
+                                           "record_errors", "decoded_as", "decode_errors", "error",
+                                           "error_samples", "seconds")}
                     for r in results]
         stats = {"langs": dict(langs.most_common()), "sources": dict(sorted(sources.items())),
                  "per_file": per_file}   # shard_seconds: the runtime's, which times every shard

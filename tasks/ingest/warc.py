@@ -9,9 +9,17 @@ WARC/WET parsing is fastwarc 2.x (``ArchiveIterator`` over a Python file object;
 first unparsable header (``OSError: Invalid WARC header``). We then re-synchronise: scan forward from
 the last good record for the next gzip member (``1f 8b 08``, compressed files) or the next
 ``WARC/1.`` line (plain files), and start a fresh iterator there, so one bad record costs one record.
-A record whose block is shorter than its ``Content-Length`` (a file cut mid-record) is reported as
-``truncated`` and skipped. ARC (the Internet Archive's pre-WARC format, v1 and v2) has its own small
-parser below: fastwarc does not read ARC.
+A record whose block is shorter than its ``Content-Length`` is reported as ``truncated`` and
+skipped. ARC (the Internet Archive's pre-WARC format, v1 and v2) has its own small parser below:
+fastwarc does not read ARC.
+
+A file cut short (an interrupted download or copy) is a file error, :class:`TruncatedArchive`, not
+a record error: fastwarc ends quietly at a cut inside a header or inside a record it skips (a
+request), which would lose the rest of the file without a word. So once the records are read,
+:func:`_unfinished_end` reads the file again from its last record to its end and checks that it
+ends right after a complete record and, compressed, at the end of a complete gzip member. That
+costs one record per file (a whole-file gzip, whose records do not start members: the file again).
+ARC files are read as one stream, so a cut shows up as a short record or gzip's ``EOFError``.
 
 Memory per record is bounded: with ``max_record_bytes`` a record whose block (WARC
 ``Content-Length``, ARC length) or decoded HTTP body is larger is skipped without being read into
@@ -59,6 +67,11 @@ class RecordError:
 
 class NotAnArchive(ValueError):
     """The file is not a WARC/WET/ARC archive at all."""
+
+
+class TruncatedArchive(ValueError):
+    """The file ends inside a record or a gzip member: what followed the cut is lost, so the file
+    fails as a whole (a ``ValueError``: reading it again gives the same bytes)."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -132,25 +145,26 @@ def iter_warc(f: IO[bytes], record_types: tuple[str, ...] = ("response", "conver
     ``f`` must be a seekable binary file object positioned at 0 (local file or fsspec file).
     Yields :class:`RawRecord` for ``response`` records with an HTTP payload and ``conversion``
     records (WET), :class:`RecordError` for each unreadable stretch. Raises :class:`NotAnArchive`
-    when not a single record could be read.
+    when not a single record could be read, :class:`TruncatedArchive` (after the records before
+    the cut) when the file is cut short.
     """
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
     head = f.read(4)
     f.seek(0)
     gz = head[:3] == GZIP_MAGIC
-    mask = None
+    wanted = 0
     for t in record_types:
-        mask = getattr(WarcRecordType, t) if mask is None else mask | getattr(WarcRecordType, t)
+        wanted |= getattr(WarcRecordType, t)
     base = 0
-    last_good = -1
+    last_good = -1   # offset of the last record of any type: where the check of the file's end starts
     n_records = 0
     n_errors = 0
     pending: RecordError | None = None  # one error per contiguous unreadable stretch
     while True:
         f.seek(base)
-        it = ArchiveIterator(f, record_types=mask if mask is not None else WarcRecordType.any_type,
-                             parse_http=False, fsspec_args=False)
+        # every record type, filtered here: the last record read must be known, whatever its type
+        it = ArchiveIterator(f, record_types=WarcRecordType.any_type, parse_http=False, fsspec_args=False)
         failed_at = None
         try:
             for rec in it:
@@ -160,7 +174,8 @@ def iter_warc(f: IO[bytes], record_types: tuple[str, ...] = ("response", "conver
                 if pending is not None:
                     yield pending
                     pending = None
-                yield _convert_warc(rec, offset, max_record_bytes)
+                if rec.record_type & wanted:
+                    yield _convert_warc(rec, offset, max_record_bytes)
         except OSError as e:  # unparsable header / broken compression: skip ahead
             failed_at = e
         if failed_at is None:
@@ -178,6 +193,138 @@ def iter_warc(f: IO[bytes], record_types: tuple[str, ...] = ("response", "conver
         raise NotAnArchive(f"no readable WARC record ({pending.message})")
     if pending is not None:
         yield pending
+    cut = _unfinished_end(f, (last_good, base), gz)
+    if cut is not None:
+        raise _cut_short(cut)
+
+
+def _cut_short(where: str) -> TruncatedArchive:
+    return TruncatedArchive(f"the file is cut short: it ends inside {where}, so whatever followed is lost (an "
+                            "interrupted download or copy?); fetch the file again, or let "
+                            "ingest.max_failed_files tolerate it")
+
+
+# --------------------------------------------------------------------------- is the file complete?
+_MAX_HEADER_LINE = 1 << 16   # longer is not a WARC header line: the check gives up rather than guess
+
+
+class _Unaligned(Exception):
+    """The check did not start at a record (e.g. a gzip member that begins inside a record)."""
+
+
+class _Raw(io.RawIOBase):
+    """The bytes of ``f`` from ``start`` on, as a raw stream: a BufferedReader over it has
+    ``readline(limit)``, which fsspec's files lack."""
+
+    def __init__(self, f: IO[bytes], start: int):
+        f.seek(start)
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+class _Members(_Raw):
+    """The decompressed bytes of the gzip members from ``start`` on, member after member;
+    ``cut`` is set when the file ends inside a member."""
+
+    def __init__(self, f: IO[bytes], start: int, chunk: int = 1 << 16):
+        super().__init__(f, start)
+        self.chunk = chunk
+        self.d: Any = None          # the member being inflated
+        self.rest = b""             # bytes after the last member that ended
+        self.cut = False
+
+    def readinto(self, b) -> int:
+        while True:
+            if self.d is None:
+                data, self.rest = self.rest or self.f.read(self.chunk), b""
+                if not data:
+                    return 0                       # the end of the file, between members
+                self.d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            else:
+                data = self.d.unconsumed_tail or self.f.read(self.chunk)
+                if not data:
+                    self.cut = True                # the end of the file, inside a member
+                    return 0
+            out = self.d.decompress(data, len(b))
+            if self.d.eof:
+                self.rest, self.d = self.d.unused_data, None
+            if out:
+                b[:len(out)] = out
+                return len(out)
+
+
+def _unfinished_end(f: IO[bytes], starts: tuple[int, ...], gz: bool) -> str | None:
+    """What the file ends inside of (a record header, a record, a gzip member), or None when it
+    ends cleanly. Read from the first of ``starts`` that begins a record (and a gzip member): the
+    last record read, else where the last reading pass began."""
+    for start in dict.fromkeys(s for s in starts if s >= 0):
+        try:
+            if not gz:
+                return _record_end(io.BufferedReader(_Raw(f, start)), start)
+            f.seek(start)
+            if f.read(3) != GZIP_MAGIC:
+                continue                           # whole-file gzip: records do not start members
+            members = _Members(f, start)
+            cut = _record_end(io.BufferedReader(members), start)
+            return cut or (f"a gzip member after offset {start}" if members.cut else None)
+        except _Unaligned:
+            continue
+        except zlib.error:
+            return None   # damaged rather than cut: the reading pass has counted it as a bad record
+    return None
+
+
+def _record_end(r, start: int) -> str | None:
+    """Walk the records of ``r`` (decompressed bytes from ``start``, the start of a record) by
+    their Content-Length: None when the bytes end between two records, else where they end."""
+    first = True
+    while True:
+        line = r.readline(_MAX_HEADER_LINE)
+        if not line:
+            return None
+        if not line.strip():
+            continue                               # the blank lines that close a record
+        if not line.endswith(b"\n"):
+            if len(line) >= _MAX_HEADER_LINE:
+                return None                        # not a header: the reading pass judged these bytes
+            return f"a record header after offset {start}"
+        if not line.startswith(WARC_MAGIC):
+            if first:
+                raise _Unaligned
+            return None                            # junk between records: counted as a bad record
+        first = False
+        length = _content_length(r)
+        if length is None:
+            return f"a record header after offset {start}"
+        if length < 0:
+            return None                            # no usable Content-Length: fastwarc's call
+        if _skip(r, length) < length:
+            return f"a record after offset {start} (shorter than its Content-Length of {length} bytes)"
+
+
+def _content_length(r) -> int | None:
+    """The Content-Length of the header being read (its lines up to the blank one); -1 when the
+    header has none that parses, None when the bytes end inside the header."""
+    length = -1
+    while True:
+        line = r.readline(_MAX_HEADER_LINE)
+        if not line.endswith(b"\n") and len(line) < _MAX_HEADER_LINE:
+            return None
+        if not line.strip():
+            return length
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            try:
+                length = int(value.strip())
+            except ValueError:
+                length = -1
 
 
 def _too_large(rtype: str, offset: int, size: int, limit: int) -> RecordError:
@@ -231,10 +378,14 @@ def _convert_warc(rec, offset: int, max_bytes: int | None = None) -> RawRecord |
 
 # --------------------------------------------------------------------------- ARC
 _ARC_DATE = "%Y%m%d%H%M%S"
+# Damaged compressed data: counted as a bad record. Other OSErrors are I/O errors: they propagate,
+# so the file is read again (``sources.with_retries``) rather than silently cut short.
+_ARC_DAMAGE = (gzip.BadGzipFile, zlib.error)
 
 
 def iter_arc(f: IO[bytes], max_record_bytes: int | None = None) -> Iterator[RawRecord | RecordError]:
-    """Records of an ARC file (v1 or v2; plain or gzip, one member per record or whole file)."""
+    """Records of an ARC file (v1 or v2; plain or gzip, one member per record or whole file).
+    A file that ends inside a record or a gzip member raises :class:`TruncatedArchive`."""
     head = f.read(3)
     f.seek(0)
     stream: Any = gzip.GzipFile(fileobj=f) if head == GZIP_MAGIC else f
@@ -244,7 +395,9 @@ def iter_arc(f: IO[bytes], max_record_bytes: int | None = None) -> Iterator[RawR
     while True:
         try:
             line = reader.readline()
-        except (OSError, EOFError, zlib.error) as e:
+        except EOFError:   # gzip's word for a member cut short
+            raise _cut_short(f"a gzip member after offset {offset}") from None
+        except _ARC_DAMAGE as e:
             yield RecordError("bad_record", offset, f"ARC: {e}")
             return
         if not line:
@@ -252,6 +405,8 @@ def iter_arc(f: IO[bytes], max_record_bytes: int | None = None) -> Iterator[RawR
         offset += len(line)
         if not line.strip():
             continue
+        if not line.endswith(b"\n"):
+            raise _cut_short(f"a record header after offset {offset - len(line)}")
         parts = line.decode("latin-1").strip().split(" ")
         if first:
             if not parts[0].startswith("filedesc://"):
@@ -266,24 +421,26 @@ def iter_arc(f: IO[bytes], max_record_bytes: int | None = None) -> Iterator[RawR
         if max_record_bytes is not None and length > max_record_bytes and not first:
             try:
                 skipped = _skip(reader, length)
-            except (OSError, EOFError, zlib.error) as e:
-                yield RecordError("truncated", offset, f"ARC: {e}")
+            except _ARC_DAMAGE as e:
+                yield RecordError("bad_record", offset, f"ARC: {e}")
                 return
-            offset += skipped
+            except EOFError:
+                skipped = -1
             if skipped < length:
-                yield RecordError("truncated", rec_offset, f"ARC record has {skipped} of its {length} bytes")
-                return
+                raise _cut_short(f"a record of {length} bytes at offset {rec_offset}")
+            offset += skipped
             yield _too_large("arc", rec_offset, length, max_record_bytes)
             continue
         try:
             body = reader.read(length)
-        except (OSError, EOFError, zlib.error) as e:
-            yield RecordError("truncated", offset, f"ARC: {e}")
+        except _ARC_DAMAGE as e:
+            yield RecordError("bad_record", offset, f"ARC: {e}")
             return
+        except EOFError:
+            body = b""
         offset += len(body)
         if len(body) < length:
-            yield RecordError("truncated", rec_offset, f"ARC record has {len(body)} of its {length} bytes")
-            return
+            raise _cut_short(f"a record of {length} bytes at offset {rec_offset}")
         if first:
             first = False
             continue  # the filedesc (version block) record

@@ -65,22 +65,24 @@ def test_bad_files_do_not_stop_the_others(warcs, shared_data, tmp_path, exec_log
              {"path": str(shared_data / "warc" / "LICENSE.warcio"), "source": "cc"},
              {"path": str(shared_data / "warc" / "clipped.warc.gz"), "source": "cc"}]
     # default max_failed_files=0: the good files are read, then the stage fails naming the bad ones
-    with pytest.raises(ShardsFailed, match=r"(?s)2 input file\(s\) failed.*missing\.warc\.gz.*LICENSE\.warcio"):
+    # (clipped.warc.gz is cut short: a file error, tests/reliability/test_damaged_inputs.py)
+    with pytest.raises(ShardsFailed, match=r"(?s)3 input file\(s\) failed.*missing\.warc\.gz.*LICENSE\.warcio"
+                                           r".*clipped\.warc\.gz"):
         Ingest.run(Store(tmp_path / "strict"), [], _cfg(*specs))
     assert len(read_exec_log(exec_log)) == 4          # every file tried, no reduce
     logged = caplog.text
     assert "missing.warc.gz" in logged and "LICENSE.warcio" in logged
-    cfg = _cfg(*specs, max_failed_files=2)
+    cfg = _cfg(*specs, max_failed_files=3)
     ds = Ingest.run(Store(tmp_path / "store"), [], cfg)
-    assert ds.counts["docs_out"] == 1 and ds.counts["files_failed"] == 2
-    assert ds.counts["record_errors"] == {"truncated": 1}
+    assert ds.counts["docs_out"] == 1 and ds.counts["files_failed"] == 3
+    assert ds.counts["record_errors"] == {}
     errs = {os.path.basename(e["file"]): e["error"] for e in ds.manifest["file_errors"]}
-    assert set(errs) == {"missing.warc.gz", "LICENSE.warcio"}
+    assert set(errs) == {"missing.warc.gz", "LICENSE.warcio", "clipped.warc.gz"}
+    assert "TruncatedArchive" in errs["clipped.warc.gz"] and "cut short" in errs["clipped.warc.gz"]
     assert "missing.warc.gz" in errs["missing.warc.gz"] and "FileNotFoundError" in errs["missing.warc.gz"]
     assert "not a WARC/WET/ARC/JSONL/Parquet file" in errs["LICENSE.warcio"]
     rows = ingest_report_rows(ds)
-    assert [bool(r["error"]) for r in rows] == [False, True, True, False]
-    assert rows[3]["record_errors"] == "truncated=1"
+    assert [bool(r["error"]) for r in rows] == [False, True, True, True]
 
 
 def test_all_files_failing_raises_naming_them(shared_data, tmp_path):
