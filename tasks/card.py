@@ -61,16 +61,19 @@ def _front_matter(pattern: str | None) -> str:
 
 
 def _count_lines(counts: dict) -> list[str]:
-    """Integer counts (one level of nesting flattened); floats and timings stay in the manifest,
-    so the card does not change between two builds of one fingerprint."""
+    """Integer counts (one level of nesting flattened), sorted by name; floats and timings stay in
+    the manifest, so the card does not change between two builds of one fingerprint. Sorted, since
+    the order of a stage's counts is not data: a resumed build reads its finished shards' counts
+    back from their records (JSON with sorted keys) and sums them in another order than the
+    uninterrupted build that keeps each shard's own order."""
     out = []
-    for k, v in counts.items():
+    for k, v in sorted(counts.items()):
         if isinstance(v, bool):
             continue
         if isinstance(v, int):
             out.append(f"| {k} | {v:,} |")
         elif isinstance(v, dict):
-            out += [f"| {k}.{k2} | {v2:,} |" for k2, v2 in v.items()
+            out += [f"| {k}.{k2} | {v2:,} |" for k2, v2 in sorted(v.items())
                     if isinstance(v2, int) and not isinstance(v2, bool)]
     return out
 
@@ -115,20 +118,17 @@ def card_text(*, stage: str, fingerprint: str, code_version: str, inputs: list[d
     return "\n".join(parts)
 
 
-def write_card(b: Any, *, version: str, inputs: list[dict], counts: dict) -> dict | None:
+def write_card(b: Any, *, code_version: str, inputs: list[dict], counts: dict) -> dict | None:
     """Write ``README.md`` into the dataset ``b`` (a Builder) is building, as a record.
 
     A stage that wrote its own top-level ``README.md`` (a model card, say) keeps it; a card left
     by an earlier, interrupted publish of this fingerprint is rewritten.
     """
-    from refinery.tasks.store import REFINERY_VERSION
-
     records = [r for r in b.records() if r["path"] != CARD]
     own = b.done(CARD)
     if own is not None and not own.get("card"):
         return None
-    text = card_text(stage=b.stage, fingerprint=b.fingerprint,
-                     code_version=f"refinery-{REFINERY_VERSION}/{b.stage}-v{version}",
+    text = card_text(stage=b.stage, fingerprint=b.fingerprint, code_version=code_version,
                      inputs=inputs, counts=counts, records=records)
     return b.write_bytes(CARD, text.encode(), card=True)
 

@@ -22,11 +22,17 @@ Trust (see the README's "Reliability" section):
   object stores (``.lease-<fp>/<generation>.json`` created with a conditional write, so two
   writers never both win). A second run waits, then reuses what the first published.
 * **Verify on open.** :meth:`Dataset.open` checks that every file of the manifest exists with the
-  manifest's size and that no manifest path leaves the dataset folder; :meth:`Dataset.verify`
-  also checks sha256s (``refinery verify PATH``). :meth:`Store.recover`, called by the lock
+  manifest's size, that no manifest path leaves the dataset folder, that the file list still has
+  the count and rows recorded at publish (``totals``) and that no data part (``part-*``) on disk is
+  missing from it (one folder listing, no data read); :meth:`Dataset.verify` also checks sha256s
+  and each part's own row count (``refinery verify PATH``). :meth:`Store.recover`, called by the lock
   holder, moves a damaged dataset (or a folder without a manifest, or a staging folder whose
   files do not match their records) aside to ``<stage>/.quarantine-<fp>-<time>`` with a warning.
 * Parts are fsynced before their rename; ``*.tmp-*`` files never reach a published folder.
+* **No links in the store's own folders** (local disks): a stage folder, staging folder, its
+  record folders, a lock file or a dataset folder that is a symbolic link is refused
+  (:class:`UnsafeLink`), since a build would write into, and delete from, the link's target. The
+  root itself may be a link: that is the user's choice of where the store lives.
 """
 from __future__ import annotations
 
@@ -44,10 +50,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from refinery.tasks.card import DATA_PREFIX, write_card   # the card never imports the store
 
 REFINERY_VERSION = "0.1.0"
 MANIFEST = "manifest.json"
@@ -65,6 +73,19 @@ class DatasetNotFound(FileNotFoundError):
 class DatasetCorrupt(DatasetNotFound):
     """A dataset whose files do not match its manifest (missing or resized file, path outside
     the folder, unreadable manifest). A subclass of DatasetNotFound: it is not a usable dataset."""
+
+
+class UnsafeLink(RuntimeError):
+    """A symbolic link where the store keeps one of its own folders or files (local disks)."""
+
+
+def _refuse_link(path: str) -> None:
+    """Raise :class:`UnsafeLink` when ``path`` is a symbolic link: the store renames, writes and
+    deletes inside its folders, which through a link would happen to the link's target."""
+    if os.path.islink(path):
+        raise UnsafeLink(f"{path}: is a symbolic link (to {os.readlink(path)}); refinery follows no link in "
+                         "its own folders, since a build would write into and delete from the link's target: "
+                         "remove the link (keep the store's folders real; the root may be a link) and run again")
 
 
 def canonical_json(obj: Any) -> str:
@@ -160,8 +181,33 @@ def path_problem(rel: Any) -> str | None:
     return None
 
 
-def manifest_problems(manifest: Any) -> list[str]:
-    """Structural problems of a manifest: its shape and its file paths (no file is read)."""
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def totals(files: list[dict]) -> dict:
+    """What publish records of a file list (manifest key ``totals``) so that a list emptied or cut
+    short later is noticed: how many files, and the rows of those that have rows (data parts and
+    side tables). Not ``counts``: what a stage counts there is its own business (documents in,
+    tokens, training steps), not always rows."""
+    return {"files": len(files), "rows": sum(f["rows"] for f in files if _is_count(f.get("rows")))}
+
+
+def _totals_problems(want: Any, files: list[dict]) -> list[str]:
+    """The file list against the totals recorded at publish (older manifests have none)."""
+    if want is None:
+        return []
+    if not isinstance(want, dict):
+        return ["manifest 'totals' is not an object"]
+    have = totals(files)
+    if have == want:
+        return []
+    return [f"manifest lists {have['files']} files with {have['rows']} rows, but the dataset was published with "
+            f"{want.get('files')} files, {want.get('rows')} rows (its file list was edited or cut short)"]
+
+
+def _list_problems(manifest: Any) -> list[str]:
+    """Problems of a manifest's shape and file paths: with any, no file may be looked up."""
     if not isinstance(manifest, dict):
         return ["manifest is not a JSON object"]
     missing = [k for k in ("stage", "fingerprint", "files") if k not in manifest]
@@ -175,6 +221,12 @@ def manifest_problems(manifest: Any) -> list[str]:
     if len(set(seen)) != len(seen):
         out.append("manifest lists a file twice")
     return out
+
+
+def manifest_problems(manifest: Any) -> list[str]:
+    """Problems of a manifest on its own (no file is read): its shape, its file paths, and its
+    file list against the totals recorded at publish."""
+    return _list_problems(manifest) or _totals_problems(manifest.get("totals"), manifest["files"])
 
 
 def _sizes(fs, root: str, rels: list[str]) -> dict[str, int | None]:
@@ -213,6 +265,66 @@ def size_problems(fs, root: str, files: list[dict]) -> list[str]:
     return out
 
 
+def _top_names(fs, root: str) -> list[str]:
+    """Names directly inside ``root`` (one listing; none when it does not exist)."""
+    if _is_local(fs):
+        try:
+            return os.listdir(root)
+        except OSError:
+            return []
+    fs.invalidate_cache(root)
+    try:
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def _unrecorded_parts(fs, root: str, files: list[dict]) -> list[str]:
+    """Data parts (top-level ``part-*``, side tables live in subfolders) in ``root`` that ``files``
+    does not list."""
+    listed = {f["path"] for f in files}
+    return sorted(n for n in _top_names(fs, root) if n.startswith(DATA_PREFIX) and n not in listed)
+
+
+def _content_problems(fs, path: str, f: dict) -> list[str]:
+    """One file of a manifest against its sha256 and, for a table, its own row count (reads it)."""
+    if f.get("sha256"):
+        digest, _ = sha256_file(fs, path)
+        if digest != f["sha256"]:
+            return [f"{f['path']}: sha256 {digest[:16]}..., manifest says {f['sha256'][:16]}..."]
+    if not (_is_count(f.get("rows")) and f["path"].endswith((".parquet", ".arrow"))):
+        return []
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open(path, "rb") as fh:
+            rows = (pq.ParquetFile(fh).metadata.num_rows if f["path"].endswith(".parquet")
+                    else pa.ipc.open_file(fh).count_rows())
+    except (pa.ArrowException, OSError) as e:
+        return [f"{f['path']}: unreadable table ({e})"]
+    return [] if rows == f["rows"] else [f"{f['path']}: {rows} rows, manifest says {f['rows']}"]
+
+
+def dataset_problems(fs, root: str, manifest: Any, *, check: bool = True, content: bool = False) -> list[str]:
+    """Every problem of a published dataset at ``root`` against its ``manifest``: the manifest's
+    shape and paths; with ``check`` (cheap: a stat per file, one folder listing, no data read) its
+    files missing or of another size, data parts on disk that it does not list and its file list
+    against the totals recorded at publish; with ``content`` too (reads every byte) each file's
+    sha256 and each table's own row count. Empty when the dataset is intact."""
+    out = _list_problems(manifest)
+    if out or not check:
+        return out   # with a path that may leave the folder, nothing is looked up
+    files = manifest["files"]
+    out = size_problems(fs, root, files)
+    if content:
+        bad = {p.split(": ", 1)[0] for p in out}
+        out += [p for f in files if f["path"] not in bad for p in _content_problems(fs, _join(root, f["path"]), f)]
+    out += [f"{n}: on disk but not in the manifest (its file list was edited or cut short)"
+            for n in _unrecorded_parts(fs, root, files)]
+    return out + _totals_problems(manifest.get("totals"), files)
+
+
 def _summary(problems: list[str]) -> str:
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
     return "; ".join(problems[:3]) + more
@@ -231,8 +343,10 @@ class Dataset:
     def open(cls, path: str | os.PathLike, check: bool = True) -> "Dataset":
         """Open a published dataset. Its manifest must be readable with every path inside the
         folder (always checked); with ``check`` (the default, cheap: a stat per file or one
-        listing) every file must exist with the manifest's size. Raises DatasetNotFound when there
-        is no manifest, DatasetCorrupt (a subclass) when the files do not match it."""
+        listing, and one listing of the folder, no data read) every file must exist with the
+        manifest's size, every data part on disk must be listed and the file list must match the
+        totals recorded at publish. Raises DatasetNotFound when there is no manifest,
+        DatasetCorrupt (a subclass) when the files do not match it (see :func:`dataset_problems`)."""
         where = str(path)
         fs, fs_path = fsspec.core.url_to_fs(where)
         if _is_local(fs):
@@ -245,29 +359,15 @@ class Dataset:
             raise DatasetNotFound(f"{where}: no {MANIFEST}, so not a complete refinery dataset") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DatasetCorrupt(f"{where}: unreadable {MANIFEST}: {e}") from None
-        problems = manifest_problems(manifest)
-        if not problems and check:
-            problems = size_problems(fs, fs_path, manifest["files"])
+        problems = dataset_problems(fs, fs_path, manifest, check=check)
         if problems:
             raise DatasetCorrupt(f"{where}: damaged dataset: {_summary(problems)}")
         return cls(where, manifest, fs)
 
     def verify(self) -> list[str]:
-        """Every problem of the dataset: files missing, of the wrong size, or whose sha256
-        differs from the manifest's (reads every byte). Empty when the dataset is intact."""
-        problems = manifest_problems(self.manifest)
-        if problems:
-            return problems
-        files = self.manifest["files"]
-        problems = size_problems(self.fs, self._fs_path, files)
-        bad = {p.split(": ", 1)[0] for p in problems}
-        for f in files:
-            if f["path"] in bad or not f.get("sha256"):
-                continue
-            digest, _ = sha256_file(self.fs, _join(self._fs_path, f["path"]))
-            if digest != f["sha256"]:
-                problems.append(f"{f['path']}: sha256 {digest[:16]}..., manifest says {f['sha256'][:16]}...")
-        return problems
+        """Every problem of the dataset (reads every byte): what :meth:`open` checks, and files
+        whose sha256 or row count differs from the manifest's. Empty when the dataset is intact."""
+        return dataset_problems(self.fs, self._fs_path, self.manifest, content=True)
 
     # -- manifest accessors
     @property
@@ -359,11 +459,22 @@ class Store:
     def dataset_path(self, stage: str, fp: str) -> str:
         return _url(self.fs, _join(self._root, stage, fp))
 
+    def own(self, *rels: str) -> str:
+        """The path of one of the store's own folders or files below the root (``own(stage,
+        ".staging-" + fp, ".records")``); on local disks every level below the root that is a
+        symbolic link is refused (:class:`UnsafeLink`)."""
+        path = self._root
+        for part in "/".join(rels).split("/"):
+            path = _join(path, part)
+            if self.local:
+                _refuse_link(path)
+        return path
+
     def get(self, stage: str, fp: str) -> Dataset | None:
         """The published dataset, or None when there is none or it fails the open check (the
         writer that takes the lock then moves it aside: see :meth:`recover`)."""
         try:
-            return Dataset.open(self.dataset_path(stage, fp))
+            return Dataset.open(_url(self.fs, self.own(stage, fp)))
         except DatasetNotFound:
             return None
 
@@ -381,9 +492,9 @@ class Store:
         None, after moving aside (with a warning) a damaged dataset, a final folder without a
         manifest, and a staging folder whose files do not match their records, so the build
         starts from a clean place instead of failing on every run."""
-        final = _join(self._root, stage, fp)
+        final = self.own(stage, fp)
         try:
-            return Dataset.open(self.dataset_path(stage, fp))
+            return Dataset.open(_url(self.fs, final))
         except DatasetCorrupt as e:
             self.quarantine(stage, fp, final, str(e))
         except DatasetNotFound:
@@ -391,7 +502,7 @@ class Store:
             # there are a build to resume. On local disks they are debris.
             if self.local and os.path.lexists(final):
                 self.quarantine(stage, fp, final, f"{final}: folder without {MANIFEST}")
-        staging = _join(self._root, stage, f".staging-{fp}") if self.local else final
+        staging = self.own(stage, f".staging-{fp}") if self.local else final
         problems = _staging_problems(self.fs, staging)
         if problems:
             self.quarantine(stage, fp, staging, f"{staging}: staged files do not match their records: "
@@ -411,6 +522,38 @@ class Store:
         log.warning("%s; moved aside to %s (kept for inspection); it will be rebuilt", reason,
                     _url(self.fs, dest))
         return _url(self.fs, dest)
+
+
+def quarantine_published(path: str, problems: Callable[[], list[str]], timeout: float = 10.0) -> str | None:
+    """For a reader that found a published local dataset damaged in a way the cheap open check
+    cannot see (a model's weights file cut short, say): move it aside as :meth:`Store.recover`
+    would, so that the stage which built it rebuilds it on its next run. Only a folder laid out by
+    a store (``<root>/<stage>/<fingerprint>`` whose manifest names that stage and fingerprint), and
+    only while ``problems()``, checked again under the writer lock, still finds any (a writer may
+    have rebuilt it meanwhile). Returns where it went, or None when it stays (not a store's
+    folder, remote, its writer busy for ``timeout`` seconds, or intact after all)."""
+    if "://" in path:
+        return None
+    folder = Path(os.path.abspath(path))
+    try:
+        manifest = json.loads((folder / MANIFEST).read_bytes())
+    except (OSError, ValueError):   # no manifest: nothing published to move aside
+        return None
+    stage, fp = folder.parent.name, folder.name
+    if not isinstance(manifest, dict) or (manifest.get("stage"), manifest.get("fingerprint")) != (stage, fp):
+        return None
+    store = Store(str(folder.parent.parent))
+    try:
+        with store.lock(stage, fp, timeout=timeout):
+            found = problems() if (folder / MANIFEST).is_file() else []
+            if not found:
+                return None
+            return store.quarantine(stage, fp, store.own(stage, fp), f"{folder}: damaged dataset: {_summary(found)}")
+    except TimeoutError:
+        log.warning("%s: damaged, but its writer is busy; left in place", path)
+    except OSError as e:   # a read-only copy, say: the caller's error still names the damage
+        log.warning("%s: damaged, but could not be moved aside (%s); left in place", path, e)
+    return None
 
 
 def _staging_problems(fs, staging: str) -> list[str]:
@@ -507,11 +650,11 @@ class WriterLock:
         return bool(getattr(self._impl, "lost", False))
 
     def _new_impl(self):
-        base = _join(self.store._root, self.stage)
+        base = self.store.own(self.stage)
         if self.store.local:
             os.makedirs(base, exist_ok=True)
-            return _Flock(_join(base, f".lock-{self.fingerprint}"))
-        return _Lease(self.store.fs, _join(base, f".lease-{self.fingerprint}"), self.lease_seconds)
+            return _Flock(self.store.own(self.stage, f".lock-{self.fingerprint}"))
+        return _Lease(self.store.fs, self.store.own(self.stage, f".lease-{self.fingerprint}"), self.lease_seconds)
 
     def acquire(self) -> None:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -545,7 +688,7 @@ class WriterLock:
                 if not isinstance(self._impl, _Flock) or e.errno not in _NO_FLOCK:
                     raise
                 log.warning("%s: no flock on this volume (%s); using a lease file instead", self._impl.path, e)
-                self._impl = _Lease(self.store.fs, self._impl.path.replace("/.lock-", "/.lease-"),
+                self._impl = _Lease(self.store.fs, self.store.own(self.stage, f".lease-{self.fingerprint}"),
                                     self.lease_seconds)
                 continue
             if got is True:
@@ -585,7 +728,12 @@ class _Flock:
         """True once held; else who holds it ("" to retry at once)."""
         import fcntl
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:   # O_NOFOLLOW: a link put there while we wait must not have its target truncated
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                _refuse_link(self.path)
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -741,10 +889,11 @@ class Builder:
     def __init__(self, store: Store, stage: str, fp: str):
         self.store, self.stage, self.fingerprint = store, stage, fp
         self.fs = store.fs
-        self.final = _join(store._root, stage, fp)
-        self.dir = _join(store._root, stage, f".staging-{fp}") if store.local else self.final
-        self.fs.makedirs(_join(self.dir, _RECORDS), exist_ok=True)
-        self.fs.makedirs(_join(self.dir, _SHARDS), exist_ok=True)
+        self.final = store.own(stage, fp)
+        self._staging = (stage, f".staging-{fp}" if store.local else fp)   # below the store's root
+        self.dir = store.own(*self._staging)
+        for sub in (_RECORDS, _SHARDS):
+            self.fs.makedirs(store.own(*self._staging, sub), exist_ok=True)
         self._tmpdirs: list[str] = []
 
     # -- paths
@@ -784,7 +933,7 @@ class Builder:
         problem = path_problem(rel)
         if problem:
             raise ValueError(f"{self.stage}: cannot write {problem}")
-        dest = _join(self.dir, rel)
+        dest = self.store.own(*self._staging, rel)
         self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
         return dest
 
@@ -884,18 +1033,19 @@ class Builder:
     # -- publish
     def publish(self, *, version: str, config: dict, inputs: Iterable[dict], counts: dict | None = None,
                 stats: dict | None = None, extra: dict | None = None) -> Dataset:
-        from refinery.tasks.card import write_card
-
         inputs = list(inputs)  # the card (a record, so the manifest lists it) and the manifest both read them
-        write_card(self, version=version, inputs=inputs, counts=counts or {})
+        code_version = f"refinery-{REFINERY_VERSION}/{self.stage}-v{version}"
+        write_card(self, code_version=code_version, inputs=inputs, counts=counts or {})
+        files = self.records()
         manifest = {
             "stage": self.stage,
             "fingerprint": self.fingerprint,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "code_version": f"refinery-{REFINERY_VERSION}/{self.stage}-v{version}",
+            "code_version": code_version,
             "inputs": list(inputs),
             "config": config,
-            "files": self.records(),
+            "files": files,
+            "totals": totals(files),
             "counts": counts or {},
             "stats": stats or {},
         }
@@ -933,8 +1083,8 @@ class Builder:
     def _check_before_publish(self, manifest: dict) -> None:
         """Nothing damaged or temporary gets published: every recorded file must be there with its
         recorded size (else the staging folder is moved aside and the stage fails: a rerun
-        rebuilds it), and leftover ``*.tmp-*`` files (a write interrupted by a full disk, a kill)
-        are deleted."""
+        rebuilds it); data parts without a record and leftover ``*.tmp-*`` files (a write
+        interrupted by a full disk, a kill) are deleted, since an open refuses unlisted parts."""
         held = _HELD.get(WriterLock.key_of(self.store, self.stage, self.fingerprint))
         if held is not None and held.lost:
             raise RuntimeError(f"{self.stage} {self.fingerprint}: the writer lease expired while building "
@@ -946,6 +1096,11 @@ class Builder:
                                           + _summary(problems))
             raise DatasetCorrupt(f"{self.stage} {self.fingerprint}: staged files are damaged "
                                  f"({_summary(problems)}); moved aside to {where}; a rerun rebuilds them")
+        for name in _unrecorded_parts(self.fs, self.dir, manifest["files"]):
+            if _TMP_MARK not in name:   # temporary files: below
+                log.warning("%s: %s has no record (its writer stopped before recording it), so it is "
+                            "not data; removing it before publishing", self.stage, name)
+                self.fs.rm(self.store.own(*self._staging, name), recursive=True)
         if self.store.local:
             for folder, _, names in os.walk(self.dir):
                 for name in names:
