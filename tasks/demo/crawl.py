@@ -15,8 +15,9 @@ to do. Planted for the curation stages to find, and listed in ``ground_truth.jso
 - pages on a blocklistable domain,
 - foreign-language pages (de, fr, es; zh served as gb2312, ru as windows-1251),
 - HTTP errors and redirects, a ``robots.txt`` (text/plain),
-- one corrupt record: the last response record of one file is a truncated gzip member, so a
-  reader gets every record before it and then a decompression error.
+- one corrupt record: the last response record of one file is a damaged gzip member (whole, but
+  its data turns invalid halfway), so a reader gets every record before it and then a
+  decompression error; the file itself ends where it should (a file cut short is a file error).
 
 Output is byte-identical for the same (seed, n_pages, n_files) on one Python installation:
 fixed dates, seeded record ids, gzip mtime 0, sorted iteration everywhere.
@@ -34,6 +35,7 @@ import json
 import os
 import random
 import re
+import struct
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -43,7 +45,7 @@ from typing import Sequence
 from refinery.tasks.demo import texts as T
 from refinery.tasks.demo.prose import Passage, stdlib_prose
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 BASE_DATE = _dt.datetime(2024, 5, 20, 6, 0, 0, tzinfo=_dt.timezone.utc)
 MIN_PAGES = 30
 FILE_PATTERN = "demo-{:05d}.warc.gz"
@@ -427,6 +429,16 @@ def _gz(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=6, mtime=0)
 
 
+def _damaged_gz(data: bytes) -> tuple[bytes, bytes]:
+    """A whole gzip member of ``data`` (header, deflate data, CRC and size trailer) whose deflate
+    data turns invalid after the first half (a block of the reserved type 3), and that half: what
+    a reader inflates before the error."""
+    half = data[: len(data) // 2]
+    c = zlib.compressobj(6, zlib.DEFLATED, 31)   # gzip wrapper, mtime 0
+    body = c.compress(half) + c.flush(zlib.Z_FULL_FLUSH)
+    return body + b"\x07" + struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF), half
+
+
 def _reason(status: int) -> str:
     return {200: "OK", 301: "Moved Permanently", 404: "Not Found", 410: "Gone"}[status]
 
@@ -624,7 +636,7 @@ def _plant_pages(rng: random.Random, plan: dict, seed: int) -> _Crawl:
     _plant_spam(b, crawl, plan["spam"])
     _plant_http_errors(b, crawl, plan["http_error"])
     _plant_non_html(b, crawl, plan["non_html"])
-    # the corrupt record: normal content, written as a truncated gzip member (see _WarcWriter)
+    # the corrupt record: normal content, written as a damaged gzip member (see _WarcWriter)
     m, ps = next(articles)
     crawl.corrupt_page = b.article_page(m, ps, "corrupt")
     crawl.corrupt_page.corrupt = True
@@ -714,14 +726,14 @@ class _WarcWriter:
             ("Content-Type", "application/http; msgtype=response")], resp_block)
         response = _gz(raw)
         if page.corrupt:
-            # the crawler died mid-write: the gzip member is cut, the record's block comes up short
-            response = response[: len(response) // 2]
-            partial = zlib.decompressobj(wbits=31).decompress(response)
+            # bit rot in storage: the gzip member is whole but its data turns invalid halfway, so
+            # the record's block comes up short (a damaged record, not a file cut short)
+            response, partial = _damaged_gz(raw)
             self.corrupt_info.append({
-                "file": name, "url": page.url, "record_id": resp_id, "kind": "truncated_gzip_member",
+                "file": name, "url": page.url, "record_id": resp_id, "kind": "damaged_gzip_member",
                 "position": "last record of the file", "content_length": len(resp_block),
                 "block_bytes_present": len(partial) - (raw.index(b"\r\n\r\n") + 4),
-                "detect": "block shorter than its Content-Length; WARC-Payload-Digest mismatch"})
+                "detect": "invalid deflate data; block shorter than its Content-Length; WARC-Payload-Digest mismatch"})
         self.gt_pages[page.url] = {"kind": page.kind, "file": name, "status": page.status,
                                    "content_type": page.content_type, "record_id": resp_id,
                                    "date": _warc_date(date), "title": page.title, **page.info}

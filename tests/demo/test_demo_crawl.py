@@ -7,13 +7,12 @@ import os
 import re
 import subprocess
 import sys
-import zlib
 from collections import Counter
 from html import escape
 from pathlib import Path
 
 import pytest
-from demo_testlib import N_FILES, N_PAGES
+from demo_testlib import N_FILES, N_PAGES, gzip_members
 
 from refinery.tasks.demo import texts as T
 from refinery.tasks.demo.crawl import BASE_DATE, MIN_PAGES, make_demo_crawl
@@ -84,10 +83,15 @@ def test_warc_structure_with_fastwarc(demo_crawl):
     assert sum(truth["kinds"].values()) == N_PAGES
     ids: set[str] = set()
     concurrent: dict[str, str] = {}
+    damaged = {c["file"] for c in truth["corrupt"]}
     for f in files:
         counts: Counter = Counter()
+        records = []
         with open(f, "rb") as fh:
-            records = list(ArchiveIterator(fh, parse_http=False))
+            try:
+                records.extend(ArchiveIterator(fh, parse_http=False))
+            except OSError:   # the planted damaged member, the last record of its file
+                assert f.name in damaged
         assert records[0].headers["WARC-Type"] == "warcinfo"
         assert records[0].headers["WARC-Filename"] == f.name
         for r in records:
@@ -102,25 +106,21 @@ def test_warc_structure_with_fastwarc(demo_crawl):
             if h["WARC-Type"] == "response":
                 assert h["Content-Type"] == "application/http; msgtype=response"
                 assert concurrent.get(h["WARC-Record-ID"]) == h["WARC-Target-URI"]
+        counts["response"] += f.name in damaged
         assert dict(counts) == truth["records"][f.name]
         assert records[0].headers.get("WARC-Date") <= records[-1].headers.get("WARC-Date")
 
 
 def test_one_gzip_member_per_record(demo_crawl):
     files, truth = demo_crawl
+    damaged = {c["file"] for c in truth["corrupt"]}
     for f in files:
         data = f.read_bytes()
-        members, pos = [], 0
-        while pos < len(data):
-            d = zlib.decompressobj(wbits=31)
-            out = d.decompress(data[pos:])
-            members.append(out)
-            if not d.eof:                       # the deliberately truncated last member
-                break
-            pos = len(data) - len(d.unused_data)
-        assert all(m.startswith(b"WARC/1.1\r\n") for m in members)
-        assert len(members) == sum(truth["records"][f.name].values())
-        for m in members[:-1] if any(c["file"] == f.name for c in truth["corrupt"]) else members:
+        members, partial = gzip_members(data)
+        assert (partial is not None) == (f.name in damaged)   # only the planted member is damaged
+        assert all(m.startswith(b"WARC/1.1\r\n") for m in members + ([partial] if partial else []))
+        assert len(members) + (partial is not None) == sum(truth["records"][f.name].values())
+        for m in members:
             head, _, rest = m.partition(b"\r\n\r\n")
             length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
             assert len(rest) == length + 4 and rest.endswith(b"\r\n\r\n")   # exact Content-Length
@@ -128,13 +128,17 @@ def test_one_gzip_member_per_record(demo_crawl):
 
 
 def test_corrupt_record_is_visible(demo_crawl, responses):
+    """The damaged record is the last of its file: its header and the first part of its block
+    inflate, then the data is invalid (readers see every record before it)."""
     files, truth = demo_crawl
     (bad,) = truth["corrupt"]
-    r = responses[bad["url"]]
-    assert bad["file"] == files[-1].name == r["file"]
-    assert r["index"] == truth["records"][bad["file"]]["response"] - 1       # the last record of its file
-    assert not r["digest_ok"] and len(r["body"]) < r["http_length"]
-    good = [u for u, x in responses.items() if u != bad["url"]]
+    assert bad["file"] == files[-1].name and bad["kind"] == "damaged_gzip_member"
+    _, partial = gzip_members(files[-1].read_bytes())
+    head, _, block = partial.partition(b"\r\n\r\n")
+    assert bad["url"].encode() in head and bad["record_id"].encode() in head
+    assert len(block) == bad["block_bytes_present"] < bad["content_length"]
+    assert bad["url"] not in responses
+    good = list(responses)
     assert len(good) == truth["totals"]["complete_responses"] == N_PAGES - 1
     assert all(responses[u]["digest_ok"] and len(responses[u]["body"]) == responses[u]["http_length"] for u in good)
 
