@@ -704,9 +704,12 @@ def _identity(x: Any) -> Any:
 
 
 class RayRunner:
-    """Ray as the engine: ``ray[:N]`` starts a local Ray cluster of N CPUs (N shards at once),
-    ``ray://HOST:PORT`` connects to an existing one through the Ray client. A context manager like
-    Prefect's task runners; shards are Ray tasks (``max_retries``: a killed worker's shard reruns)."""
+    """Ray as the engine: ``ray[:N]`` starts a local Ray cluster of N CPUs (N shards at once) whose
+    every process listens on 127.0.0.1 only (:meth:`_start_local`); ``ray://HOST:PORT`` connects
+    through the Ray client to a cluster someone started, listening where they bound it (on several
+    machines: ``ray start --head --node-ip-address=ADDR`` on the address the nodes share). A context
+    manager like Prefect's task runners; shards are Ray tasks (``max_retries``: a killed worker's
+    shard reruns)."""
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None):
         self.address, self.num_cpus = address, num_cpus
@@ -717,11 +720,36 @@ class RayRunner:
         import ray
 
         if not ray.is_initialized():
-            kw: dict[str, Any] = {"address": self.address} if self.address else \
-                {"num_cpus": self.num_cpus, "include_dashboard": False}
-            ray.init(**kw, log_to_driver=False, configure_logging=False)
+            if self.address:
+                ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+            else:
+                self._start_local()
             self._started = True
         return self
+
+    def _start_local(self) -> None:
+        """Start a local cluster (no dashboard) whose GCS, raylet (object manager included), workers'
+        gRPC servers, runtime env agent and autoscaler monitor all listen on 127.0.0.1 (whoever
+        reaches a Ray cluster can run code in it). Ray binds them to its node address, which
+        ``ray._private.services.get_node_ip_address`` resolves to the machine's outward address,
+        ``ray.init(_node_ip_address="127.0.0.1")`` included, unless clusters are off
+        (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, what Ray does on macOS and Windows): then loopback.
+        The variable reaches the processes the cluster starts; Ray read it into ``ray_constants``
+        when it was imported, so this process's copy is switched too, both only while it starts."""
+        import ray
+        from ray._private import ray_constants
+
+        var = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+        saved = os.environ.get(var), ray_constants.ENABLE_RAY_CLUSTER
+        os.environ[var], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+        try:
+            ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+            if saved[0] is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = saved[0]
 
     def __exit__(self, *exc: Any) -> None:
         if self._started:
@@ -1193,7 +1221,13 @@ def make_runner(spec: str | None):
     """A task runner from a config string: ``threads[:N]``, ``processes[:N]``, ``dask[:N]`` (a
     local cluster), ``dask://HOST:PORT`` / ``tcp://HOST:PORT`` (an existing one), ``ray[:N]`` (a
     local Ray cluster of N CPUs) or ``ray://HOST:PORT`` (an existing one, through the Ray client).
-    A sharded stage runs its shards on the runner's engine (see :func:`shard_engine`)."""
+    A sharded stage runs its shards on the runner's engine (see :func:`shard_engine`).
+
+    The clusters started here listen on 127.0.0.1 only (Dask's scheduler, workers, nannies and
+    dashboard, on http://127.0.0.1:8787 or the next free port; Ray: :class:`RayRunner`). A cluster
+    spanning machines is started by its user, bound to the address the machines share (e.g.
+    ``dask scheduler --host ADDR``, ``ray start --head --node-ip-address=ADDR``), and named here by
+    that address."""
     spec = (spec or "threads").strip()
     kind, _, arg = spec.partition(":")
     if kind == "threads":
@@ -1208,8 +1242,11 @@ def make_runner(spec: str | None):
             return DaskTaskRunner(address=spec)
         if arg.startswith("//"):
             return DaskTaskRunner(address="tcp:" + arg)
+        # host: the scheduler, workers and nannies; the dashboard has its own address (':8787' by
+        # default, which binds every interface)
         return DaskTaskRunner(cluster_kwargs={"n_workers": int(arg) if arg else 2, "processes": True,
-                                              "threads_per_worker": 1})
+                                              "threads_per_worker": 1, "host": "127.0.0.1",
+                                              "dashboard_address": "127.0.0.1:8787"})
     if kind == "ray":
         if arg.startswith("//"):
             return RayRunner(address=spec)

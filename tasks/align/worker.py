@@ -1,7 +1,7 @@
 """One process of a multi-process align run (``reward``/``dpo``/``ppo`` with ``devices`` > 1), started
-by torchrun through :func:`refinery.tasks.train.distributed.launch`:
+by :func:`refinery.tasks.train.distributed.launch` (through torchrun on several nodes):
 
-    python -m torch.distributed.run --standalone --nproc_per_node=N -m refinery.tasks.align.worker launch.json
+    python -m refinery.tasks.align.worker launch.json
 
 ``launch.json`` names the method, its stage config and the metrics folder. Every rank runs the
 stage's own training (:data:`refinery.tasks.align.stage.RUNS`); the trainer wraps the model (DDP or

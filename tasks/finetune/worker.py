@@ -1,7 +1,7 @@
-"""One fine-tuning process of a multi-process run (``finetune --set devices=N``), started by torchrun
-through :func:`refinery.tasks.train.distributed.launch`:
+"""One fine-tuning process of a multi-process run (``finetune --set devices=N``), started by
+:func:`refinery.tasks.train.distributed.launch` (through torchrun on several nodes):
 
-    python -m torch.distributed.run --standalone --nproc_per_node=N -m refinery.tasks.finetune.worker launch.json
+    python -m refinery.tasks.finetune.worker launch.json
 
 Every rank rebuilds what the stage built (tokenizer, the same encoded examples from the same seed,
 the base model and its adapter from the same seed), wraps the model (DDP, or FSDP2 ``fully_shard``

@@ -1,10 +1,13 @@
-"""Data-parallel training (DDP): process-group helpers and the torchrun launcher.
+"""Data-parallel training (DDP, FSDP): process-group helpers and the launcher.
 
-When a run asks for more than one process, :func:`launch` starts ``torchrun`` (``python -m
-torch.distributed.run``) on this machine with :mod:`refinery.tasks.train.worker` as the program; every
-worker runs the same loop (``refinery.tasks.train.loop.train``) and rank 0 writes the result JSON. On GPUs
-the backend is NCCL (one process per GPU); on CPU it is gloo, which is how the tests exercise the
-very same code path with two processes.
+When a run asks for more than one process, :func:`launch` starts them with
+:mod:`refinery.tasks.train.worker` (or finetune's, align's worker) as the program; every worker runs
+the same loop (``refinery.tasks.train.loop.train``) and rank 0 writes the result JSON. On one node
+the launcher starts the processes itself and they meet through a file (:func:`local_worker_env`), so
+nothing they start listens beyond loopback; several nodes meet through torchrun's c10d rendezvous
+at the address the user names (:func:`rendezvous_args`). On GPUs the backend is NCCL (one process
+per GPU); on CPU it is gloo, which is how the tests exercise the very same code path with two
+processes.
 """
 from __future__ import annotations
 
@@ -12,7 +15,20 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+from collections import deque
 from pathlib import Path
+
+# The file store that the processes of one node meet through (set by launch for each of them).
+RDZV_FILE_ENV = "REFINERY_RDZV_FILE"
+# The loopback interface, which gloo and NCCL use between the processes of one node.
+LOOPBACK_IF = "lo0" if sys.platform == "darwin" else "lo"
+# SIGTERM then this long for the processes to checkpoint and exit, before SIGKILL.
+STOP_GRACE_S = 120
+# After one process failed, the others (waiting in a collective for it) get torchrun's 30 s.
+PEER_GRACE_S = 30
 
 
 def env() -> tuple[int, int, int]:
@@ -27,8 +43,10 @@ def is_initialized() -> bool:
 
 
 def init(backend: str | None = None, force: bool = False) -> None:
-    """Join the process group (torchrun set MASTER_ADDR/PORT, RANK, WORLD_SIZE); a single process
-    joins a group of one only when ``force`` (FSDP on one GPU still needs a device mesh)."""
+    """Join the process group: through the file store that :func:`launch` names in
+    ``REFINERY_RDZV_FILE`` (one node), else torchrun's ``env://`` (MASTER_ADDR/PORT: several nodes,
+    or torchrun started by hand); RANK and WORLD_SIZE from either. A single process joins a group of
+    one only when ``force`` (FSDP on one GPU still needs a device mesh)."""
     import torch
     import torch.distributed as dist
 
@@ -39,7 +57,11 @@ def init(backend: str | None = None, force: bool = False) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
-    dist.init_process_group(backend=backend)
+    store = os.environ.get(RDZV_FILE_ENV)
+    if store:
+        dist.init_process_group(backend=backend, store=dist.FileStore(store, world), rank=rank, world_size=world)
+    else:
+        dist.init_process_group(backend=backend)
 
 
 def shutdown() -> None:
@@ -125,9 +147,14 @@ def num_nodes() -> int:
 
 
 def rendezvous_args(run_id: str) -> list[str]:
-    """torchrun's rendezvous: one node (``--standalone``) unless ``REFINERY_NNODES`` > 1, when every
-    node runs the same flow with ``REFINERY_NODE_RANK`` and ``REFINERY_RDZV_ENDPOINT`` (host:port of
-    node 0) set, e.g. by a Kubernetes indexed job, and they meet there (c10d backend)."""
+    """torchrun's rendezvous. Several nodes (``REFINERY_NNODES`` > 1): every node runs the same flow
+    with ``REFINERY_NODE_RANK`` and ``REFINERY_RDZV_ENDPOINT`` set (host:port of node 0, e.g. by a
+    Kubernetes indexed job) and they meet there (c10d backend). Node 0's TCP store listens on that
+    port on every interface (torch's store binds the wildcard address, whatever host it is given),
+    and gloo / NCCL between the nodes use the interface named by ``GLOO_SOCKET_IFNAME`` /
+    ``NCCL_SOCKET_IFNAME``: name the nodes' private network there. One node: ``--standalone``, for
+    torchrun started by hand; :func:`launch` starts one node's processes without torchrun, whose
+    standalone store would listen on every interface too."""
     nnodes = int(os.environ.get("REFINERY_NNODES", "1"))
     if nnodes <= 1:
         return ["--standalone"]
@@ -138,10 +165,27 @@ def rendezvous_args(run_id: str) -> list[str]:
             "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={run_id}"]
 
 
+def local_worker_env(rank: int, nproc: int, store: str | Path) -> dict[str, str]:
+    """The variables of process ``rank`` of ``nproc`` on one node: torchrun's (RANK, LOCAL_RANK,
+    WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK...), the file they meet through instead of torchrun's
+    TCP store (``REFINERY_RDZV_FILE``, read by :func:`init`), and the loopback interface for gloo's
+    and NCCL's own sockets (by default they take the host name's address, reachable from outside)."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+            "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "ROLE_RANK": str(rank), "ROLE_WORLD_SIZE": str(nproc),
+            RDZV_FILE_ENV: str(store), "GLOO_SOCKET_IFNAME": LOOPBACK_IF, "NCCL_SOCKET_IFNAME": LOOPBACK_IF}
+
+
 def launch(spec: dict, nproc: int, workdir: str | Path, timeout: float | None = None,
            module: str = "refinery.tasks.train.worker") -> dict:
-    """Run the training spec on ``nproc`` processes with torchrun (``module``: the worker program,
-    pretrain's by default, finetune's ``refinery.tasks.finetune.worker``) and return rank 0's result."""
+    """Run the training spec on ``nproc`` processes of this node (``python -m MODULE launch.json``;
+    ``module``: the worker program, pretrain's by default, finetune's
+    ``refinery.tasks.finetune.worker``) and return rank 0's result.
+
+    One node: the processes are started here (:func:`local_worker_env`) and nothing listens beyond
+    127.0.0.1. Several nodes: through torchrun (:func:`rendezvous_args`). One process failing stops
+    the others, as torchrun does; an exception here (SIGTERM, Ctrl-C, ``timeout`` seconds) sends
+    SIGTERM to every process (on several nodes to torchrun, which forwards it): the workers
+    checkpoint and exit."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, result_path = workdir / "launch.json", workdir / "result.json"
@@ -150,32 +194,101 @@ def launch(spec: dict, nproc: int, workdir: str | Path, timeout: float | None = 
         result_path.unlink(missing_ok=True)
     # atomically: nodes sharing the folder (tests run two "nodes" on one machine) write the same spec
     write_json_atomic(spec_path, spec)
-    cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous_args(workdir.name),
-           f"--nproc_per_node={nproc}", "-m", module, str(spec_path)]
-    env_ = dict(os.environ)
+    with tempfile.TemporaryDirectory(prefix="refinery-rdzv-") as rdzv:   # local disk: the store locks it
+        code, tail = _run_group(_commands(module, spec_path, nproc, Path(rdzv) / "store"), _launch_env(), timeout)
+    if code == 0 and node_rank > 0:   # rank 0 (on node 0) reports; this node's part is done
+        raise FollowerNodeDone(f"node {node_rank}: its {nproc} processes finished; node 0 reports the run")
+    if code != 0 or not result_path.exists():
+        raise RuntimeError(f"the {nproc} training processes failed (exit {code}):\n{''.join(tail)}")
+    return json.loads(result_path.read_text())
+
+
+def _commands(module: str, spec_path: Path, nproc: int, store: Path) -> list[tuple[list[str], dict[str, str]]]:
+    """What :func:`launch` starts: torchrun on several nodes (it starts this node's ``nproc``
+    processes, its rendezvous id is the run folder's name), else the ``nproc`` processes, which
+    meet through ``store``."""
+    if num_nodes() > 1:
+        return [([sys.executable, "-m", "torch.distributed.run", *rendezvous_args(spec_path.parent.name),
+                  f"--nproc_per_node={nproc}", "-m", module, str(spec_path)], {})]
+    program = [sys.executable, "-u", "-m", module, str(spec_path)]
+    return [(program, local_worker_env(rank, nproc, store)) for rank in range(nproc)]
+
+
+def _launch_env() -> dict[str, str]:
+    env_ = {k: v for k, v in os.environ.items() if k != RDZV_FILE_ENV}
     env_.setdefault("OMP_NUM_THREADS", "1")
     root = str(Path(__file__).resolve().parents[2])
     env_["PYTHONPATH"] = root + (os.pathsep + env_["PYTHONPATH"] if env_.get("PYTHONPATH") else "")
-    proc = subprocess.Popen(cmd, env=env_, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
+    return env_
+
+
+def _run_group(commands: list[tuple[list[str], dict[str, str]]], env: dict[str, str],
+              timeout: float | None = None) -> tuple[int, deque[str]]:
+    """Start every ``(argv, variables)`` of ``commands`` (over ``env``) on one shared output pipe,
+    stream their lines through to stderr (rank 0 prints progress) and wait for them all. Returns
+    the group's exit code (0, or the first failure's: the others are then stopped) and the last 40
+    lines. On an exception (KeyboardInterrupt, a SIGTERM turned into one, ``timeout``) every process
+    gets SIGTERM, then SIGKILL after :data:`STOP_GRACE_S`, and the exception goes on."""
+    tail: deque[str] = deque(maxlen=40)
+    read_fd, write_fd = os.pipe()
+    procs: list[subprocess.Popen] = []
     try:
-        for line in proc.stdout or ():   # stream the workers' output through (rank 0 prints progress)
-            lines.append(line)
-            print(line, end="", file=sys.stderr)
-        proc.wait(timeout=timeout)
+        for argv, variables in commands:
+            procs.append(subprocess.Popen(argv, env={**env, **variables}, stdout=write_fd, stderr=subprocess.STDOUT))
     except BaseException:
-        proc.terminate()   # SIGTERM: torchrun forwards it, the workers checkpoint and exit
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        os.close(read_fd)
+        _stop(procs, STOP_GRACE_S)
         raise
-    if proc.returncode == 0 and node_rank > 0:   # rank 0 (on node 0) reports; this node's part is done
-        raise FollowerNodeDone(f"node {node_rank}: its {nproc} processes finished; node 0 reports the run")
-    if proc.returncode != 0 or not result_path.exists():
-        tail = "".join(lines[-40:])
-        raise RuntimeError(f"torchrun with {nproc} processes failed (exit {proc.returncode}):\n{tail}")
-    return json.loads(result_path.read_text())
+    finally:
+        os.close(write_fd)   # the processes hold it now: the pipe ends when the last of them does
+    relay = threading.Thread(target=_relay, args=(read_fd, tail), daemon=True)
+    relay.start()
+    try:
+        code = _wait_all(procs, timeout)
+    except BaseException:
+        _stop(procs, STOP_GRACE_S)
+        raise
+    relay.join(timeout=5)   # a grandchild still holding the pipe must not hold the launch
+    return code, tail
+
+
+def _relay(fd: int, tail: deque[str]) -> None:
+    with open(fd, errors="replace") as out:
+        for line in out:
+            tail.append(line)
+            print(line, end="", file=sys.stderr)
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float | None) -> int:
+    """0 once every process exited 0; the exit code of the first that failed, once the others are
+    stopped (they would wait in their next collective for it until the group's timeout)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed:
+            _stop(procs, PEER_GRACE_S)
+            return failed[0]
+        if None not in codes:
+            return 0
+        if deadline is not None and time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(procs[0].args, timeout or 0)
+        time.sleep(0.2)
+
+
+def _stop(procs: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM to every process still running (the training loops checkpoint at the end of their
+    step and exit), SIGKILL to those still running ``grace`` seconds later."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def wrap(model, strategy: str, device, compute_dtype, cpu_offload: bool = False, find_unused: bool = False):
@@ -232,7 +345,7 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def worker_main(argv: list[str] | None, module: str, body, sharded=lambda spec: False) -> int:
-    """What every torchrun worker program does around its training (``python -m MODULE launch.json``):
+    """What every worker program does around its training (``python -m MODULE launch.json``):
     read the launch spec, join the process group (a group of one too when ``sharded(spec)``: FSDP
     on one GPU), run ``body(spec, rank)`` and, on rank 0, write what it returns, ``(result,
     trained)``: ``trained.pt`` (the trained tensors, when not None) and then ``result.json`` beside
@@ -261,4 +374,5 @@ def worker_main(argv: list[str] | None, module: str, body, sharded=lambda spec: 
     return 0
 
 
-__all__ = ["env", "init", "wrap", "worker_main", "FollowerNodeDone", "follower_node", "num_nodes", "unwrap", "gather_trainable", "load_trainable", "write_json_atomic", "shutdown", "mean", "any_true", "broadcast_object", "barrier", "world_size_for", "launch"]
+__all__ = ["env", "init", "wrap", "worker_main", "FollowerNodeDone", "follower_node", "num_nodes", "unwrap", "gather_trainable", "load_trainable", "write_json_atomic", "shutdown", "mean", "any_true", "broadcast_object", "barrier", "world_size_for", "launch",
+           "local_worker_env", "rendezvous_args"]

@@ -1,6 +1,7 @@
-"""One DDP process, started by torchrun (see :func:`refinery.tasks.train.distributed.launch`).
+"""One DDP/FSDP process, started by :func:`refinery.tasks.train.distributed.launch` (N of them on one
+node, each with torchrun's RANK, LOCAL_RANK, WORLD_SIZE...; through torchrun on several nodes):
 
-    python -m torch.distributed.run --standalone --nproc_per_node=N -m refinery.tasks.train.worker launch.json
+    python -m refinery.tasks.train.worker launch.json
 
 ``launch.json`` holds the TrainConfig, the reader spec, the checkpoint folder and an optional
 ``stop_after``; rank 0 writes ``result.json`` beside it.
