@@ -68,6 +68,15 @@ class _Inputs(FlowParams):
 class AlignParams(AlignSettings, _Inputs):
     """Flow parameters: the storage root, the two inputs, then the alignment settings."""
 
+    def memory_plan(self):
+        """The memory estimate per device of this run's training stage (``refinery plan align``)."""
+        from refinery.tasks.train.plan import plan_align
+
+        if self.method == "ppo":   # without reward_model the reward model is trained from the policy first
+            return plan_align("ppo", ppo_config(self, self.reward_model or self.input))
+        stage_config = {"dpo": dpo_config, "orpo": orpo_config, "kto": kto_config, "grpo": grpo_config}[self.method]
+        return plan_align(self.method, stage_config(self))
+
 
 def _common(p: AlignParams) -> dict:
     return dict(model=p.input, data=p.data, max_pairs=p.max_pairs, val_fraction=p.val_fraction, seed=p.seed,

@@ -141,6 +141,9 @@ def _run_flow(name: str, args) -> int:
     flow = load_flow(name)  # imports Prefect; starts nothing
     # Validation first: a bad parameter must fail before Prefect starts a server (flow.run_params).
     params = build_params(flow, args.config, args.set or [], args.workdir)
+    from refinery.flows.server import start_temporary_server
+
+    start_temporary_server()   # guarded: it ends with this process, however that ends
     out = flow.run_params(params)
     emit(out, args.json)
     return 0
@@ -214,10 +217,12 @@ def cmd_plan(args) -> int:
     # the training data is not read by the plan: finetune and align need not name it here
     unread = {"data": "(not read by refinery plan)"} if "data" in flow.params_cls.model_fields else {}
     params = build_params(flow, args.config, args.set or [], args.workdir, defaults=unread)
-    from refinery.tasks.train.plan import plan_flow
-
+    if not hasattr(params, "memory_plan"):
+        print(f"refinery plan: no memory plan for flow {args.flow!r}: it takes pretrain, finetune or align",
+              file=sys.stderr)
+        return 2
     try:
-        plan = plan_flow(args.flow, params)
+        plan = params.memory_plan()
     except (ValueError, OSError) as e:
         print(f"refinery plan: {e}", file=sys.stderr)
         return 2

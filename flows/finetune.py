@@ -39,6 +39,12 @@ class FinetuneParams(FinetuneSettings, _Inputs):
         settings = self.model_dump(include=set(FinetuneSettings.model_fields))
         return FinetuneConfig.model_validate({**settings, "model": local(self.input), "data": local(self.data)})
 
+    def memory_plan(self):
+        """The memory estimate per device of this run (``refinery plan finetune``)."""
+        from refinery.tasks.train.plan import plan_finetune
+
+        return plan_finetune(self.stage_config())
+
 
 @refinery_flow("finetune", FinetuneParams)
 def finetune_flow(p: FinetuneParams) -> dict:

@@ -37,6 +37,12 @@ class PretrainParams(TrainConfig, _Inputs):
     def inputs(self) -> list[str]:
         return [s.strip() for s in self.input.split(",") if s.strip()]
 
+    def memory_plan(self):
+        """The memory estimate per device of this run (``refinery plan pretrain``)."""
+        from refinery.tasks.train.plan import plan_pretrain
+
+        return plan_pretrain(self.train_config(), self.inputs())
+
 
 def _report(ds) -> None:
     m = ds.manifest

@@ -155,8 +155,8 @@ def sum_counts(results: Sequence[dict]) -> dict:
 
 
 class Stage:
-    def __init__(self, name: str, version: str, obj: Any, sharded: bool, multi_node: bool = False):
-        self.name, self.version, self.sharded, self.multi_node = name, version, sharded, multi_node
+    def __init__(self, name: str, version: str, obj: Any, sharded: bool):
+        self.name, self.version, self.sharded = name, version, sharded
         self.obj = obj
         self.ref = f"{obj.__module__}:{obj.__name__}"
         self.__doc__ = obj.__doc__
@@ -258,8 +258,9 @@ class Stage:
         store = store if isinstance(store, Store) else Store(store)
         inputs = _open_inputs(inputs)
         fp = self.fingerprint(inputs, cfg)
-        if self._follows(store, fp):
-            return self._follow(store, inputs, fp, cfg)
+        elsewhere = self._without_lock(store, inputs, fp, cfg)
+        if elsewhere is not None:
+            return elsewhere
         found = store.get(self.name, fp)
         if found is not None:
             return _mark(found, cached=True)
@@ -269,31 +270,11 @@ class Stage:
                 return _mark(found, cached=True)
             return _mark(self._build(store, fp, inputs, cfg, map_fn), cached=False)
 
-    def _follows(self, store: Store, fp: str) -> bool:
-        from refinery.tasks.train.distributed import follower_node
-
-        return self.multi_node and follower_node() and store.get(self.name, fp) is None
-
-    def _follow(self, store: Store, inputs: list[Dataset], fp: str, cfg: Any) -> Dataset:
-        """A node other than node 0 of a multi-node training run (``REFINERY_NNODES`` > 1): node 0
-        holds the writer lock while training, so this node must not wait for it first. It runs the
-        body, which launches this node's torchrun processes into the same rendezvous, until the
-        launcher says this node's part is done; then it waits on the lock for node 0 to publish and
-        returns that dataset. Nothing is published from here."""
-        from refinery.tasks.train.distributed import FollowerNodeDone
-
-        try:
-            self._body(store.builder(self.name, fp), inputs, cfg)
-        except FollowerNodeDone as done:
-            log.info("%s:%s: %s; waiting for node 0 to publish", self.name, fp, done)
-        else:
-            raise RuntimeError(f"{self.name}: a follower node ran the stage without joining a multi-node launch")
-        with store.lock(self.name, fp):   # node 0 publishes under the lock
-            found = store.recover(self.name, fp)
-        if found is None:
-            raise RuntimeError(f"{self.name}:{fp}: this node's part finished but node 0 published no dataset "
-                               "(see node 0's log)")
-        return _mark(found, cached=True)
+    def _without_lock(self, store: Store, inputs: list[Dataset], fp: str, cfg: Any) -> Dataset | None:
+        """A hook for stages whose dataset this process must not build or wait for under the
+        writer lock (a multi-node training stage on a node other than node 0: see
+        ``refinery.tasks.train.multinode``); the dataset, or None to take the ordinary path."""
+        return None
 
     def _build(self, store: Store, fp: str, inputs: list[Dataset], cfg: Any, map_fn: Callable | None) -> Dataset:
         t0 = time.perf_counter()
@@ -317,8 +298,9 @@ class Stage:
         store = Store(root)
         inputs = _open_inputs(inputs)
         fp = self.fingerprint(inputs, cfg)
-        if self._follows(store, fp):
-            return self._follow(store, inputs, fp, cfg)
+        elsewhere = self._without_lock(store, inputs, fp, cfg)
+        if elsewhere is not None:
+            return elsewhere
         # One writer per fingerprint: the others wait, then reuse its dataset. Taken even when the
         # dataset exists: the writer publishes before Prefect writes its result record, which a
         # reader must not see half-written.
@@ -436,15 +418,15 @@ class ShardedStage:
         fingerprint: ClassVar[Callable[..., str]]
 
 
-def stage(name: str, version: str = "1", sharded: bool = False, multi_node: bool = False) -> Callable[[Any], Stage]:
-    """Declare a stage. ``multi_node``: its body may launch torchrun across nodes (training), so on
-    a node other than node 0 it runs without the writer lock and waits for node 0's dataset."""
+def stage(name: str, version: str = "1", sharded: bool = False, kind: type[Stage] = Stage) -> Callable[[Any], Stage]:
+    """Declare a stage. ``kind``: a subclass of :class:`Stage` for stages with their own path
+    around the writer lock (``refinery.tasks.train.multinode.MultiNodeStage``)."""
     def wrap(obj: Any) -> Stage:
         if sharded:
             for attr in ("plan", "shard"):
                 if not callable(getattr(obj, attr, None)):
                     raise TypeError(f"sharded stage {name} needs a static {attr}()")
-        return Stage(name, version, obj, sharded, multi_node)
+        return kind(name, version, obj, sharded)
     return wrap
 
 

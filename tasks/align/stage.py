@@ -27,6 +27,7 @@ from refinery.tasks.align.orpo import ORPOConfig
 from refinery.tasks.align.ppo import PPOConfig
 from refinery.tasks.align.reward import RewardConfig
 from refinery.tasks.runtime import StageOutput, stage
+from refinery.tasks.train.multinode import MultiNodeStage
 
 
 class _ModelAndData(StrictModel):
@@ -290,7 +291,7 @@ def _train(b, cfg, method: str):
 
 
 # --------------------------------------------------------------------------- stages
-@stage("reward", version="1", multi_node=True)
+@stage("reward", version="1", kind=MultiNodeStage)
 def reward_stage(b, inputs, cfg: RewardStageConfig) -> StageOutput:
     """Train a reward model (scalar head on the starting model) on preference pairs."""
     memory_plan = _memory_plan("reward", cfg)
@@ -307,7 +308,7 @@ def reward_stage(b, inputs, cfg: RewardStageConfig) -> StageOutput:
                               "kind": "reward_model", "metrics": metrics})
 
 
-@stage("dpo", version="1", multi_node=True)
+@stage("dpo", version="1", kind=MultiNodeStage)
 def dpo_stage(b, inputs, cfg: DPOStageConfig) -> StageOutput:
     """Direct preference optimisation of the starting model on preference pairs."""
     memory_plan = _memory_plan("dpo", cfg)
@@ -348,7 +349,7 @@ def orpo_stage(b, inputs, cfg: ORPOStageConfig) -> StageOutput:
                               "kind": "policy", "method": "orpo", "metrics": metrics})
 
 
-@stage("ppo", version="1", multi_node=True)
+@stage("ppo", version="1", kind=MultiNodeStage)
 def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
     """PPO of the starting model against a reward model, on the prompts of the preference pairs."""
     memory_plan = _memory_plan("ppo", cfg)

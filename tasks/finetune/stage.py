@@ -22,6 +22,7 @@ import sys
 
 from refinery.tasks.finetune.config import FinetuneConfig
 from refinery.tasks.runtime import StageOutput, stage
+from refinery.tasks.train.multinode import MultiNodeStage
 from refinery.tasks.store import Builder, Dataset
 
 
@@ -44,7 +45,7 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-@stage("finetune", version="1", multi_node=True)
+@stage("finetune", version="1", kind=MultiNodeStage)
 def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOutput:
     """Supervised fine-tuning of a causal LM by full / LoRA / QLoRA / IA3 / LLaMA-Adapter / prompt /
     prefix tuning, with response-only loss, optional packing and early stopping."""

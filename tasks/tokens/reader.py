@@ -271,11 +271,4 @@ class TokenReader:
                            "weights": self.weights, "vocab_size": self.vocab_size})
 
 
-def iterable_dataset(datasets, seq_len: int, **kwargs):
-    """A ``torch.utils.data.IterableDataset`` of windows (see :mod:`refinery.tasks.tokens.torch_data`)."""
-    from refinery.tasks.tokens.torch_data import TokenIterableDataset
-
-    return TokenIterableDataset(datasets, seq_len, **kwargs)
-
-
-__all__ = ["TokenReader", "split_windows", "iterable_dataset"]
+__all__ = ["TokenReader", "split_windows"]

@@ -481,21 +481,6 @@ def plan_align(method: str, cfg, reward_dir: str | None = None) -> MemoryPlan:
     return device_budget(estimate(shape, s), t.device)
 
 
-def plan_flow(name: str, params) -> MemoryPlan:
-    """The plan of flow ``name`` from its validated flow parameters (``refinery plan FLOW``)."""
-    if name == "pretrain":
-        return plan_pretrain(params.train_config(), params.inputs())
-    if name == "finetune":
-        return plan_finetune(params.stage_config())
-    if name == "align":
-        from refinery.flows import align as A
-
-        if params.method == "ppo":   # without reward_model the reward model is trained from the policy first
-            return plan_align("ppo", A.ppo_config(params, params.reward_model or params.input))
-        return plan_align(params.method, getattr(A, f"{params.method}_config")(params))
-    raise ValueError(f"no memory plan for flow {name!r}: refinery plan takes pretrain, finetune or align")
-
-
 def plan_or_note(make, log=print) -> dict | None:
     """A stage's pre-training step: print the plan and stop (MemoryError) when it does not fit.
     A model the planner cannot describe is a note in the log, not a failed run."""
@@ -510,4 +495,4 @@ def plan_or_note(make, log=print) -> dict | None:
 
 
 __all__ = ["ModelShape", "Setup", "MemoryPlan", "model_shape", "lora_targets", "estimate", "device_budget",
-           "report", "plan_pretrain", "plan_finetune", "plan_align", "plan_flow", "plan_or_note"]
+           "report", "plan_pretrain", "plan_finetune", "plan_align", "plan_or_note"]

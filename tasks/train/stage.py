@@ -23,6 +23,7 @@ from pathlib import Path
 
 from refinery.tasks.export import finalize_model_dir
 from refinery.tasks.runtime import StageOutput, stage
+from refinery.tasks.train.multinode import MultiNodeStage
 from refinery.tasks.store import Builder, Dataset
 from refinery.tasks.train.config import TrainConfig
 
@@ -56,7 +57,7 @@ def export_folder(ckpt: str | Path, dest: str | Path, log_dir: str | Path | None
     return dest
 
 
-@stage("pretrain", version="1", multi_node=True)
+@stage("pretrain", version="1", kind=MultiNodeStage)
 def pretrain(b: Builder, inputs: list[Dataset], cfg: TrainConfig) -> StageOutput:
     """Pretrain a model from config on the input token datasets (mixed by ``cfg.weights``)."""
     from refinery.tasks.train.loop import run_training

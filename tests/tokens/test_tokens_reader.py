@@ -184,13 +184,13 @@ def test_dataloader_workers_split_disjointly(stream_ds):
     import torch
     from torch.utils.data import DataLoader
 
-    from refinery.tasks.tokens.reader import iterable_dataset
+    from refinery.tasks.tokens.torch_data import TokenIterableDataset
 
     ds, _ = stream_ds
     n = TokenReader(ds.path, L).num_windows
     per_rank = []
     for rank in range(2):
-        it = iterable_dataset(ds.path, L, seed=3, chunk=8, rank=rank, world_size=2)
+        it = TokenIterableDataset(ds.path, L, seed=3, chunk=8, rank=rank, world_size=2)
         rows = []
         for b in DataLoader(it, batch_size=16, num_workers=2):
             assert b.dtype == torch.int64 and b.shape[1] == L + 1
@@ -200,7 +200,7 @@ def test_dataloader_workers_split_disjointly(stream_ds):
         assert len(set(rows)) == len(rows)
         per_rank.append(set(rows))
     assert not per_rank[0] & per_rank[1]
-    val = iterable_dataset([ds.path], L, split="val")
+    val = TokenIterableDataset([ds.path], L, split="val")
     got = [k for b in DataLoader(val, batch_size=4, num_workers=2) for k in keys(b.numpy())]
     expect = [k for b in TokenReader(ds.path, L, split="val").eval_batches(64) for k in keys(b)]
     assert sorted(got) == sorted(expect)  # finite: every validation window exactly once
