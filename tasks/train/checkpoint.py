@@ -24,6 +24,7 @@ loading it and after its first step.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -38,7 +39,7 @@ import uuid
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -249,16 +250,9 @@ def save_checkpoint(root: str | Path, step: int, model, tokenizer_path: str | No
     final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
-    try:
+    with naming_a_full_disk(final, cleanup=tmp):
         _write(tmp, step, model, tokenizer_path, state, summary, state_dict, extra_dirs)
         _seal(tmp)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)   # half a checkpoint would only take the space a retry needs
-        if _disk_full(e):
-            raise CheckpointDiskFullError(errno.ENOSPC, f"No space left on device while writing checkpoint {final}: "
-                                                        "free space and run again, the previous checkpoints are "
-                                                        "intact and the run resumes from the newest") from e
-        raise
     if final.exists():  # the same step saved again (e.g. the final save right after an eval save)
         trash = root / f".trash-{final.name}-{uuid.uuid4().hex[:6]}"
         os.rename(final, trash)
@@ -290,6 +284,23 @@ def _write(tmp: Path, step: int, model, tokenizer_path: str | None, state: dict,
         os.rename(folder, tmp / name)
     torch.save(state, tmp / STATE)
     (tmp / STATE_JSON).write_text(json.dumps(summary or {"step": step}, indent=2, sort_keys=True, default=str))
+
+
+@contextlib.contextmanager
+def naming_a_full_disk(final: Path, cleanup: Path | None = None) -> Iterator[None]:
+    """Around the writing of checkpoint ``final``: on any error, ``cleanup`` (its temporary folder)
+    is removed, since half a checkpoint would only take the space a retry needs; a full disk, in
+    whatever words torch, safetensors or the OS put it, becomes :class:`CheckpointDiskFullError`."""
+    try:
+        yield
+    except BaseException as e:
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        if _disk_full(e):
+            raise CheckpointDiskFullError(errno.ENOSPC, f"No space left on device while writing checkpoint {final}: "
+                                                        "free space and run again, the previous checkpoints are "
+                                                        "intact and the run resumes from the newest") from e
+        raise
 
 
 def _disk_full(e: BaseException) -> bool:

@@ -429,7 +429,8 @@ def _save(run: Run, st: TrainState, status: str) -> None:
 
             shutil.rmtree(staged, ignore_errors=True)
         dist.barrier()
-        with_optim = save_sharded(run.model, run.optimizer, staged)
+        with ckpt.naming_a_full_disk(ckpt.step_dir(run.ckpt_dir, st.step), cleanup=staged):
+            with_optim = save_sharded(run.model, run.optimizer, staged)
         dist.barrier()
     if run.master:
         cfg = run.cfg

@@ -157,6 +157,20 @@ def test_other_write_errors_are_not_called_a_full_disk(three_checkpoints, tiny_m
     assert not [p.name for p in three_checkpoints.iterdir() if p.name.startswith(".tmp")]
 
 
+def test_a_full_disk_in_the_sharded_save_is_named_too(tmp_path):
+    """FSDP's shards are written by torch.distributed.checkpoint outside save_checkpoint; the loop
+    wraps that write the same way: the staged shards go, the error names the checkpoint."""
+    from refinery.tasks.train import checkpoint as ckpt
+
+    staged = tmp_path / ".dcp-step-00000040"
+    staged.mkdir()
+    (staged / "__0_0.distcp").write_bytes(b"x" * 10)
+    with pytest.raises(ckpt.CheckpointDiskFullError, match="while writing checkpoint .*step-00000040"):
+        with ckpt.naming_a_full_disk(ckpt.step_dir(tmp_path, 40), cleanup=staged):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662")
+    assert not staged.exists()
+
+
 # ----------------------------------------------------------------------------- the training loop
 CFG = dict(objective="clm", max_steps=8, eval_every=4, batch_size=4)
 _CLEAN: dict = {}
