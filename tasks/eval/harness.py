@@ -120,8 +120,13 @@ def _template_problem(text: str) -> str | None:
     except TemplateSyntaxError as e:
         return f"template {text[:80]!r} does not parse: {e.message}"
     for node in tree.find_all((nodes.Getattr, nodes.Const)):   # x.__y, x['__y'], x|attr('__y')
-        key = node.attr if isinstance(node, nodes.Getattr) else node.value
-        if isinstance(key, str) and key.startswith("_" if isinstance(node, nodes.Getattr) else "__"):
+        key: Any
+        if isinstance(node, nodes.Getattr):
+            key, internal = node.attr, node.attr.startswith("_")
+        else:
+            key = getattr(node, "value", None)
+            internal = isinstance(key, str) and key.startswith("__")
+        if internal:
             return f"template {text[:80]!r} reaches the internal attribute {key!r}"
     return None
 
