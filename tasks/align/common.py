@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from pydantic import Field
 
-from refinery.tasks.train.config import LoraParams
+from refinery.tasks.train.config import LoraParams, ParallelParams, ScheduleParams, _Defaults
 
 from refinery.tasks.export import finalize_model_dir
 from refinery.tasks.modelref import MANIFEST, MODEL_KEYS, model_identity, resolve_model  # noqa: F401 (re-exported)
@@ -56,6 +56,29 @@ def step_metrics(log_dir, cfg, total: int, desc: str, progress: bool, on_step=No
 
 
 # --------------------------------------------------------------------------- settings
+class PromptParams(_Defaults):
+    """How much of a prompt a trainer keeps (every align trainer)."""
+
+    max_prompt_len: int = Field(64, ge=1, description="Prompt tokens kept (the end of the prompt).")
+
+
+class OfflineParams(ScheduleParams, ParallelParams, PromptParams):
+    """The trainers that learn from a fixed set of pairs or examples (reward, DPO, KTO, ORPO)."""
+
+    epochs: int = Field(1, ge=1, description="Passes over the training examples (max_steps, when > 0, caps the steps).")
+    max_len: int = Field(160, ge=2, description="Prompt + reply tokens kept.")
+    eval_batch_size: int = Field(16, ge=1, description="Examples (pairs) per forward pass when scoring.")
+
+
+class SamplingParams(PromptParams):
+    """How the online trainers (PPO, GRPO) sample replies from the policy."""
+
+    max_new_tokens: int = Field(32, ge=1, description="Longest sampled reply.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use the same scaling).")
+    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens (0: all).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
+
+
 class LoraSettings(LoraParams):
     """LoRA adapters instead of full fine-tuning (``enabled=false``: train all weights)."""
 

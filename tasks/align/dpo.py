@@ -18,17 +18,16 @@ from typing import Callable, Sequence
 
 from pydantic import Field
 
-from refinery.tasks.align.common import (LoraSettings, TrainResult, count_params, encode_reply, load_policy,
+from refinery.tasks.align.common import (OfflineParams, LoraSettings, TrainResult, count_params, encode_reply, load_policy,
                                          model_device, pad, position_ids, step_metrics, token_logprobs)
 from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
-from refinery.tasks.align.parallel import Parallel
+from refinery.tasks.engine.parallel import Parallel
 from refinery.tasks.align.practice import EarlyStopping, make_optimisation, micro_batches, run_loop, total_steps
-from refinery.tasks.train.config import ParallelParams, ScheduleParams
 
 TRAIN_EVAL_PAIRS = 128
 
 
-class DPOConfig(ScheduleParams, ParallelParams):
+class DPOConfig(OfflineParams):
     """DPO settings (the shared training knobs, spelled as in every trainer, plus DPO's own).
     ``lr`` 5e-6: preference optimisation of a whole pretrained policy takes a step below
     fine-tuning's (DPO's authors used 1e-6 to 5e-6); there is no new layer, so ``head_lr`` is
@@ -38,10 +37,6 @@ class DPOConfig(ScheduleParams, ParallelParams):
 
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint (higher: stay closer to the reference).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed label noise (conservative DPO); 0: plain DPO.")
-    epochs: int = Field(1, ge=1, description="Passes over the training pairs (max_steps, when > 0, caps the steps).")
-    max_prompt_len: int = Field(64, ge=1, description="Prompt tokens kept (the end of the prompt).")
-    max_len: int = Field(160, ge=2, description="Prompt + reply tokens kept.")
-    eval_batch_size: int = Field(16, ge=1, description="Pairs per forward pass when scoring.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters for the policy (lora.enabled).")
 
 

@@ -36,27 +36,22 @@ from typing import Any, Callable, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
-from refinery.tasks.align.common import (LoraSettings, apply_lora, count_params, load_tokenizer, pad, pick_device,
+from refinery.tasks.align.common import (SamplingParams, LoraSettings, apply_lora, count_params, load_tokenizer, pad, pick_device,
                                          position_ids, seed_everything, step_metrics, torch_dtype)
 from refinery.tasks.align.practice import EarlyStopping, make_optimisation, restore_best
-from refinery.tasks.train.config import ScheduleParams
+from refinery.tasks.train.config import ParallelParams, ScheduleParams
 
 
-class GRPOConfig(ScheduleParams):
+class GRPOConfig(ScheduleParams, ParallelParams, SamplingParams):
     """GRPO settings. ``max_steps`` counts optimizer steps, each over ``grad_accum`` sampled batches
     of ``batch_size`` prompts times ``num_generations`` completions; ``lr`` 1e-5 (a pretrained
     policy; no new layer, so ``head_lr`` is unused)."""
 
-    field_defaults = dict(max_steps=20, lr=1e-5, batch_size=4, dtype="float32")
+    field_defaults = dict(max_steps=20, lr=1e-5, batch_size=4, dtype="float32", max_prompt_len=128, max_new_tokens=64)
 
     num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
     mini_batch_size: int = Field(16, ge=1, description="Completions per forward/backward pass.")
     num_iterations: int = Field(1, ge=1, description="Optimisation passes over each sampled batch (>1: the ratio clip acts).")
-    max_prompt_len: int = Field(128, ge=1, description="Prompt tokens kept (the end of the prompt).")
-    max_new_tokens: int = Field(64, ge=1, description="Longest sampled completion.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use the same scaling).")
-    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens (0: all).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
     beta: float = Field(0.04, ge=0, description="Weight of the per-token KL to the reference (0: no reference kept).")
     clip_range: float = Field(0.2, gt=0, description="Policy ratio clip (epsilon).")
     scale_rewards: bool = Field(True, description="Divide advantages by the group's reward std (Dr. GRPO: false).")

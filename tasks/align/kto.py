@@ -23,15 +23,14 @@ from typing import Callable, Sequence
 
 from pydantic import Field
 
-from refinery.tasks.align.common import (LoraSettings, TrainResult, count_params, encode_reply, load_policy,
+from refinery.tasks.align.common import (OfflineParams, LoraSettings, TrainResult, count_params, encode_reply, load_policy,
                                          step_metrics)
 from refinery.tasks.align.data import UnpairedExample, render_prompt, render_reply
 from refinery.tasks.align.dpo import reply_logps
 from refinery.tasks.align.practice import EarlyStopping, make_optimisation, micro_batches, run_loop, total_steps
-from refinery.tasks.train.config import ScheduleParams
 
 
-class KTOConfig(ScheduleParams):
+class KTOConfig(OfflineParams):
     """KTO settings. ``lr`` 5e-6 as for DPO (a whole pretrained policy, no new layer, so ``head_lr``
     is unused); ``batch_size`` examples per micro-batch (at least 2: the KL reference point is
     estimated from mismatched pairs)."""
@@ -41,10 +40,6 @@ class KTOConfig(ScheduleParams):
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint (higher: stay closer to the reference).")
     desirable_weight: float = Field(1.0, gt=0, description="Weight of desirable examples' losses (raise it when they are the fewer).")
     undesirable_weight: float = Field(1.0, gt=0, description="Weight of undesirable examples' losses.")
-    epochs: int = Field(1, ge=1, description="Passes over the training examples (max_steps, when > 0, caps the steps).")
-    max_prompt_len: int = Field(64, ge=1, description="Prompt tokens kept (the end of the prompt).")
-    max_len: int = Field(160, ge=2, description="Prompt + reply tokens kept.")
-    eval_batch_size: int = Field(16, ge=1, description="Examples per forward pass when scoring.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters for the policy (lora.enabled).")
 
 

@@ -19,25 +19,20 @@ from typing import Callable, Sequence
 
 from pydantic import Field
 
-from refinery.tasks.align.common import (LoraSettings, TrainResult, count_params, load_policy, model_device,
+from refinery.tasks.align.common import (OfflineParams, LoraSettings, TrainResult, count_params, load_policy, model_device,
                                          pad, position_ids, step_metrics, token_logprobs)
 from refinery.tasks.align.data import PreferencePair
 from refinery.tasks.align.dpo import encode_pairs
 from refinery.tasks.align.practice import EarlyStopping, make_optimisation, micro_batches, run_loop, total_steps
-from refinery.tasks.train.config import ScheduleParams
 
 
-class ORPOConfig(ScheduleParams):
+class ORPOConfig(OfflineParams):
     """ORPO settings. ``lr`` 8e-6 (the ORPO paper's rate for full fine-tuning of a pretrained
     model; no new layer, so ``head_lr`` is unused)."""
 
     field_defaults = dict(max_steps=0, lr=8e-6, batch_size=8, dtype="float32")
 
     beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term against the chosen reply's NLL (the paper's lambda).")
-    epochs: int = Field(1, ge=1, description="Passes over the training pairs (max_steps, when > 0, caps the steps).")
-    max_prompt_len: int = Field(64, ge=1, description="Prompt tokens kept (the end of the prompt).")
-    max_len: int = Field(160, ge=2, description="Prompt + reply tokens kept.")
-    eval_batch_size: int = Field(16, ge=1, description="Pairs per forward pass when scoring.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters for the policy (lora.enabled).")
 
 

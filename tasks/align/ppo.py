@@ -37,16 +37,16 @@ from typing import Any, Callable, Sequence
 
 from pydantic import Field, model_validator
 
-from refinery.tasks.align.common import (LoraSettings, count_params, pad,
+from refinery.tasks.align.common import (SamplingParams, LoraSettings, count_params, pad,
                                 pick_device, position_ids, seed_everything, step_metrics)
-from refinery.tasks.align.parallel import Parallel
+from refinery.tasks.engine.parallel import Parallel
 from refinery.tasks.align.practice import EarlyStopping, make_optimisation, restore_best
 from refinery.tasks.train.config import ParallelParams, ScheduleParams
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[Sequence[int]]], "object"]
 
 
-class PPOConfig(ScheduleParams, ParallelParams):
+class PPOConfig(ScheduleParams, ParallelParams, SamplingParams):
     """PPO settings: generation, the KL penalty, clipping and batch sizes. ``max_steps`` counts PPO
     steps (one rollout of ``batch_size`` prompts, then ``ppo_epochs`` passes over it); ``lr`` is
     the policy's (1e-5), ``head_lr`` the new value head's (1e-4); ``grad_accum`` minibatches make
@@ -57,11 +57,6 @@ class PPOConfig(ScheduleParams, ParallelParams):
 
     mini_batch_size: int = Field(8, ge=1, description="Replies per gradient step.")
     ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
-    max_prompt_len: int = Field(64, ge=1, description="Prompt tokens kept (the end of the prompt).")
-    max_new_tokens: int = Field(32, ge=1, description="Longest sampled reply.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use the same scaling).")
-    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens (0: all).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: off).")
     kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty coefficient (beta); with kl_target, its starting value.")
     kl_target: float | None = Field(None, gt=0, description="Adaptive KL controller: the KL per reply (nats) to steer "
                                     "towards by adjusting kl_coef after every step; empty = fixed kl_coef.")

@@ -51,7 +51,7 @@ class Optimisation:
     grad_accum: int
     grad_clip: float
     steps: int = 0
-    parallel: Any = None   # refinery.tasks.align.parallel.Parallel of a multi-process run
+    parallel: Any = None   # refinery.tasks.engine.parallel.Parallel of a multi-process run
 
     def backward(self, loss) -> None:
         (loss / self.grad_accum).backward()

@@ -19,26 +19,21 @@ from typing import Callable, Sequence
 
 from pydantic import Field
 
-from refinery.tasks.align.common import (LoraSettings, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
+from refinery.tasks.align.common import (OfflineParams, LoraSettings, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
                                 model_device, pad, pick_device, seed_everything, step_metrics, torch_dtype)
 from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
-from refinery.tasks.align.parallel import Parallel
+from refinery.tasks.engine.parallel import Parallel
 from refinery.tasks.align.practice import EarlyStopping, make_optimisation, micro_batches, run_loop, total_steps
-from refinery.tasks.train.config import ParallelParams, ScheduleParams
 
 
-class RewardConfig(ScheduleParams, ParallelParams):
+class RewardConfig(OfflineParams):
     """Reward-model training settings (the shared training knobs plus the reward model's own).
     Defaults follow practice for a pretrained backbone: ``lr`` 2e-5 for its weights, ``head_lr``
     1e-4 for the freshly initialised score head; early stopping watches held-out pair accuracy."""
 
-    field_defaults = dict(max_steps=0, lr=2e-5, head_lr=1e-4, batch_size=16, dtype="float32")
+    field_defaults = dict(max_steps=0, lr=2e-5, head_lr=1e-4, batch_size=16, dtype="float32", eval_batch_size=32)
 
-    epochs: int = Field(1, ge=1, description="Passes over the training pairs (max_steps, when > 0, caps the steps).")
-    max_prompt_len: int = Field(64, ge=1, description="Prompt tokens kept (the end of the prompt).")
-    max_len: int = Field(160, ge=2, description="Prompt + reply tokens kept.")
     center_coef: float = Field(0.01, ge=0, description="Weight of the (r_c + r_r)^2 centring penalty.")
-    eval_batch_size: int = Field(32, ge=1, description="Pairs per forward pass when scoring.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters for the reward model (lora.enabled).")
 
 

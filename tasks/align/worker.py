@@ -5,7 +5,7 @@ by :func:`refinery.tasks.train.distributed.launch` (through torchrun on several 
 
 ``launch.json`` names the method, its stage config and the metrics folder. Every rank runs the
 stage's own training (:data:`refinery.tasks.align.stage.RUNS`); the trainer wraps the model (DDP or
-FSDP2, :mod:`refinery.tasks.align.parallel`). Rank 0 writes the metrics, the trained tensors
+FSDP2, :mod:`refinery.tasks.engine.parallel`). Rank 0 writes the metrics, the trained tensors
 (``trained.pt``, gathered from the shards under FSDP) and ``result.json`` (figures and counts).
 """
 from __future__ import annotations

@@ -243,7 +243,8 @@ def save_checkpoint(root: str | Path, step: int, model, tokenizer_path: str | No
                     summary: dict | None = None, *, state_dict: dict | None = None,
                     extra_dirs: dict[str, Path] | None = None) -> Path:
     """Write ``step-XXXXXXXX`` atomically and return its path. ``state`` goes to trainer_state.pt.
-    ``state_dict``: the weights to save (an FSDP run's gathered full state); ``extra_dirs``: folders
+    ``state_dict``: the weights to save (an FSDP run's gathered full state; with ``model`` None, the
+    named tensors that make up model.safetensors on their own); ``extra_dirs``: folders
     moved in under the given names before the checkpoint is sealed (an FSDP run's shards)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -267,23 +268,32 @@ def save_checkpoint(root: str | Path, step: int, model, tokenizer_path: str | No
 def _write(tmp: Path, step: int, model, tokenizer_path: str | None, state: dict, summary: dict | None,
            state_dict: dict | None, extra_dirs: dict[str, Path] | None) -> None:
     """Every file of a checkpoint, into its temporary folder."""
+    if model is None:   # a trainer's trainable tensors (adapters, heads), not a Hugging Face folder
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in (state_dict or {}).items()}, str(tmp / WEIGHTS))
+    else:
+        _save_pretrained(model, tmp, state_dict)
+    copy_tokenizer(tokenizer_path, tmp)
+    for name, folder in (extra_dirs or {}).items():
+        os.rename(folder, tmp / name)
+    torch.save(state, tmp / STATE)
+    (tmp / STATE_JSON).write_text(json.dumps(summary or {"step": step}, indent=2, sort_keys=True, default=str))
+
+
+def _save_pretrained(model, folder: Path, state_dict: dict | None) -> None:
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()   # no "Writing model shards" bar at every checkpoint
     try:
         if state_dict is not None:
-            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
         else:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(folder, safe_serialization=True)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    copy_tokenizer(tokenizer_path, tmp)
-    for name, folder in (extra_dirs or {}).items():
-        os.rename(folder, tmp / name)
-    torch.save(state, tmp / STATE)
-    (tmp / STATE_JSON).write_text(json.dumps(summary or {"step": step}, indent=2, sort_keys=True, default=str))
 
 
 @contextlib.contextmanager

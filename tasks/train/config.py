@@ -93,6 +93,10 @@ class ScheduleParams(TrainingParams):
     early_stopping_patience: int = Field(0, ge=0, description="Stop after this many validations without improvement (0: never).")
     early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest improvement of the validated metric that counts "
                                             "(pretrain, finetune: validation loss; align: the trainer's held-out metric).")
+    checkpoint_every: int | None = Field(None, ge=1, description="Checkpoint every N steps, so that a rerun of the "
+                                         "same command after a crash or SIGTERM resumes from there (a SIGTERM always "
+                                         "checkpoints); empty = pretrain: eval_every, other trainers: only on SIGTERM.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best one.")
 
     def resolved_warmup(self, total: int | None = None) -> int:
         """Warm-up steps of a run of ``total`` steps (default ``max_steps``)."""
@@ -104,6 +108,10 @@ class ScheduleParams(TrainingParams):
     def resolved_eval_every(self, total: int | None = None) -> int:
         total = self.max_steps if total is None else total
         return self.eval_every or max(1, total // 5)
+
+    def resolved_checkpoint_every(self, total: int | None = None) -> int:
+        """Steps between checkpoints (0: none but the one a SIGTERM writes)."""
+        return self.checkpoint_every or 0
 
 
 class LMTrainingParams(ScheduleParams):
@@ -204,8 +212,6 @@ class TrainConfig(LMTrainingParams, ParallelParams):
     beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2.")
     # -- evaluation, checkpoints
     eval_batches: int = Field(20, ge=1, description="Validation batches per evaluation.")
-    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: eval_every).")
-    keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best one.")
     log_every: int = Field(10, ge=1, description="Print/log training metrics every N steps.")
     export: Literal["last", "best"] = Field("last", description="Which checkpoint becomes the stage output.")
     # -- objectives
@@ -259,9 +265,9 @@ class TrainConfig(LMTrainingParams, ParallelParams):
                              "set loss_chunk_tokens=0")
         return self
 
-    @property
-    def checkpoint_every(self) -> int:
-        return self.save_every or self.resolved_eval_every()
+    def resolved_checkpoint_every(self, total: int | None = None) -> int:
+        """Pretraining checkpoints every ``eval_every`` steps unless told otherwise."""
+        return self.checkpoint_every or self.resolved_eval_every(total)
 
 
 __all__ = ["TrainingParams", "ScheduleParams", "LMTrainingParams", "LoraParams", "ParallelParams", "TrainConfig", "Objective", "DType", "Scheduler"]

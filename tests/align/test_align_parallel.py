@@ -31,7 +31,7 @@ def _weights(folder):
 def test_shares_add_up_to_the_micro_batch_mean():
     import torch
 
-    from refinery.tasks.align.parallel import Parallel
+    from refinery.tasks.engine.parallel import Parallel
 
     values = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0])
     for idx in ([0, 1, 2, 3, 4], [3]):   # uneven shares; a rank left without an example

@@ -1,12 +1,11 @@
-"""Several processes for the align trainers: the reward model and DPO (``strategy`` ddp or fsdp),
-PPO (ddp), with ``<method>.devices=N``.
+"""Several processes for a trainer (``devices=N``, ``strategy`` ddp or fsdp), as the engine runs them.
 
 How a multi-process run goes:
 
-- The stage launches torchrun with :mod:`refinery.tasks.align.worker` (the launcher pretrain and
-  finetune use). Every rank runs the stage's own trainer on the same data, from the same seed.
-- The trainer wraps its model once with :meth:`Parallel.setup` (DDP, or FSDP2 ``fully_shard`` per
-  block, from :mod:`refinery.tasks.train.distributed`) and builds its optimizer over it.
+- The stage starts the processes (:func:`refinery.tasks.train.distributed.launch`) with its worker
+  module. Every rank runs the stage's own trainer on the same data, from the same seed.
+- The engine wraps the model once with :meth:`Parallel.setup` (DDP, or FSDP2 ``fully_shard`` per
+  block, from :mod:`refinery.tasks.train.distributed`) and builds the optimizer over it.
 - Each micro-batch is drawn from the same seeded order on every rank and split between the ranks
   (:meth:`Parallel.share`), so the global batch stays ``batch_size`` examples. A rank's loss is
   its part of the whole micro-batch's mean, scaled by the world size: DDP and FSDP average
@@ -58,17 +57,19 @@ class Parallel:
     sharded: bool = False
 
     @classmethod
-    def setup(cls, model, cfg, device, find_unused: bool = False) -> "Parallel":
-        """Join the run's process group (when torchrun started this process) and wrap ``model`` for
-        ``cfg.strategy``. Build the optimizer after this: FSDP replaces the parameters by shards."""
+    def setup(cls, model, cfg, device, find_unused: bool = False, compute_dtype=None) -> "Parallel":
+        """Join the run's process group (when the launcher started this process) and wrap ``model``
+        for ``cfg.strategy`` (FSDP computes in ``compute_dtype``, default the weights' dtype). Build
+        the optimizer after this: FSDP replaces the parameters by shards."""
         from refinery.tasks.train import distributed as dist
 
         rank, world, _ = dist.env()
-        if world <= 1:
+        strategy = getattr(cfg, "strategy", "auto")
+        if world <= 1 and not (strategy == "fsdp" and dist.is_initialized()):   # FSDP on one GPU: a group of one
             return cls(train=model)
         dist.init()
-        sharded = cfg.strategy == "fsdp"
-        compute = next(model.parameters()).dtype
+        sharded = strategy == "fsdp"
+        compute = compute_dtype or next(model.parameters()).dtype
         wrapped = dist.wrap(model, "fsdp" if sharded else "ddp", device, compute,
                             getattr(cfg, "fsdp_cpu_offload", False), find_unused=find_unused)
         return cls(rank, world, wrapped, sharded)
