@@ -41,12 +41,12 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.patience > 0 and self.bad >= self.patience
 
-    def restore(self, model, step: int) -> int | None:
-        """Put the best weights back when they are not the last ones already (early stopping on:
-        ``patience`` > 0); the step restored, else None."""
+    def restore(self, model, step: int, always: bool = False) -> int | None:
+        """Put the best weights back when they are not the last ones already (with early stopping
+        on, ``patience`` > 0, or ``always``); the step restored, else None."""
         import torch
 
-        if self.patience <= 0 or not self.weights or self.best_step is None or self.best_step == step:
+        if (self.patience <= 0 and not always) or not self.weights or self.best_step is None or self.best_step == step:
             return None
         with torch.no_grad():
             for n, p in model.named_parameters():

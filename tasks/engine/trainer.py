@@ -130,7 +130,8 @@ class Engine:
     rows in memory). ``device`` and ``dtype`` (autocast; float16 on CUDA adds loss scaling).
     ``hf_weights``: checkpoints hold the whole model as a Hugging Face folder (with the tokenizer at
     ``tokenizer_path``) that can be exported as it is; otherwise the trainable tensors. ``keep_best``
-    keeps the best validated weights to restore; ``save_on_best``/``save_final`` checkpoint on a new
+    keeps the best validated weights, restored at the end with early stopping on (or always, with
+    ``restore_best``); ``save_on_best``/``save_final`` checkpoint on a new
     best and at the end (pretrain, which exports a checkpoint). ``optimizer`` builds the optimizer
     from the (wrapped) model when the default AdamW over parameter groups does not fit."""
 
@@ -138,7 +139,7 @@ class Engine:
                  metrics_dir: str | Path | None = None, log: Callable[[str], Any] = print, progress: bool = False,
                  on_row: Callable[[dict], None] | None = None, stop_after: int | None = None,
                  hf_weights: bool = False, tokenizer_path: str | None = None, keep_best: bool = True,
-                 save_on_best: bool = False, save_final: bool = False, optimizer: Callable | None = None,
+                 restore_best: bool = False, save_on_best: bool = False, save_final: bool = False, optimizer: Callable | None = None,
                  compute_dtype_fsdp=None, find_unused: bool = False, info: Callable[[], dict] | None = None,
                  log_every: int = 0, title: str = "", baseline: Callable[[], float | None] | None = None):
         from refinery.tasks.engine.parallel import Parallel
@@ -151,7 +152,7 @@ class Engine:
         self.hf_weights, self.tokenizer_path, self.save_on_best, self.save_final = (hf_weights, tokenizer_path,
                                                                                    save_on_best, save_final)
         self.make_optimizer, self.info, self.log_every, self.title = optimizer, info, log_every, title
-        self.baseline = baseline
+        self.baseline, self.restore_best = baseline, restore_best
         self.stopper = EarlyStopping(method.metric, method.mode, cfg.early_stopping_patience,
                                      cfg.early_stopping_min_delta, keep_best=keep_best)
         method.engine = self
@@ -351,7 +352,7 @@ class Engine:
         self._prepare()
         st = resume(self) if self.ckpt_dir is not None else EngineState()
         if st.status in FINISHED:   # finished earlier: the weights it ended with, nothing to train
-            restored = self.stopper.restore(self.model, st.step)
+            restored = self.stopper.restore(self.model, st.step, self.restore_best)
             return self._result(st, st.status, _last_val(st.history), restored)
         self._open_metrics(st)
         last_val = None
@@ -367,7 +368,7 @@ class Engine:
             last_val = val or last_val or _last_val(st.history)
         finally:
             self.metrics.close()
-        restored = None if status in INTERRUPTED else self.stopper.restore(self.model, st.step)
+        restored = None if status in INTERRUPTED else self.stopper.restore(self.model, st.step, self.restore_best)
         if self.master and status not in INTERRUPTED:
             self.metrics.plot(self.title or self.method.desc, baseline=self.baseline() if self.baseline else None,
                               panels=self.method.panels)
