@@ -11,8 +11,8 @@ def build_optimizer(model, cfg, device, *, lr: float | None = None, head_prefixe
                     kind: str = "adamw", betas: tuple[float, float] = (0.9, 0.999), fused: bool | None = None):
     """The optimizer of ``model``'s trainable parameters (``model`` unwrapped or FSDP-sharded, so
     the head names match). ``lr`` defaults to ``cfg.lr``; ``cfg.head_lr`` (empty: ``lr``) applies to
-    parameters under ``head_prefixes``. ``fused`` (default: on CUDA and CPU) is off for sharded
-    (DTensor) parameters on CPU."""
+    parameters under ``head_prefixes``. ``fused`` (default: on CUDA, and on CPU for unsharded
+    parameters) is torch's single-kernel AdamW; ``device`` is where the optimizer state lives."""
     import torch
 
     from refinery.tasks.train.common import param_groups
@@ -31,8 +31,8 @@ def build_optimizer(model, cfg, device, *, lr: float | None = None, head_prefixe
         return cls(groups, lr=lr, betas=betas)
     if kind != "adamw":
         raise ValueError(f"optimizer={kind}: one of {', '.join(OPTIMIZERS)}")
-    if fused is None:
-        fused = device.type in ("cuda", "cpu") and not _sharded(groups)
+    if fused is None:   # torch's fused CPU AdamW takes no DTensor
+        fused = device.type == "cuda" or (device.type == "cpu" and not _sharded(groups))
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=fused)
 
 

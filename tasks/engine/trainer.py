@@ -70,6 +70,9 @@ class Method:
         """After the model is wrapped and before a checkpoint is loaded: what the run computes from
         the starting weights (a reference model's log-probs)."""
 
+    def started(self) -> None:
+        """After a checkpoint was loaded (or none was found), before the first step of this process."""
+
     def micro_step(self, micro: int) -> Micro:
         """The loss of the step's ``micro``-th micro-batch (forward only: the engine runs backward)."""
         raise NotImplementedError
@@ -166,6 +169,7 @@ class Engine:
         self.metrics: Any = None
         self.resumed_from: Path | None = None        # until the first step's loss proves the checkpoint finite
         self.resumed_checkpoint: Path | None = None
+        self.state = EngineState()                    # the run's state (``state.step``: steps done so far)
         self.t_start = time.perf_counter()
 
     # ------------------------------------------------------------------ small helpers
@@ -350,10 +354,11 @@ class Engine:
         from refinery.tasks.engine.state import resume
 
         self._prepare()
-        st = resume(self) if self.ckpt_dir is not None else EngineState()
+        st = self.state = resume(self) if self.ckpt_dir is not None else EngineState()
         if st.status in FINISHED:   # finished earlier: the weights it ended with, nothing to train
             restored = self.stopper.restore(self.model, st.step, self.restore_best)
             return self._result(st, st.status, _last_val(st.history), restored)
+        self.method.started()
         self._open_metrics(st)
         last_val = None
         try:

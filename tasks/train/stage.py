@@ -21,6 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from refinery.tasks.engine.trainer import TrainingInterrupted
 from refinery.tasks.export import finalize_model_dir
 from refinery.tasks.runtime import StageOutput, stage
 from refinery.tasks.train.multinode import MultiNodeStage
@@ -28,10 +29,6 @@ from refinery.tasks.store import Builder, Dataset
 from refinery.tasks.train.config import TrainConfig
 
 _HF_SKIP = {"trainer_state.pt", "trainer_state.json"}
-
-
-class TrainingInterrupted(RuntimeError):
-    """Training stopped before the end (SIGTERM); its checkpoint is kept and a re-run resumes from it."""
 
 
 def checkpoint_dir(b: Builder) -> Path:

@@ -66,7 +66,7 @@ def test_early_stopping_and_checkpoints(readers, tmp_path):
         assert any("embed_tokens" in k for k in f.keys())
     st = load_state(ck)
     assert st["step"] == res["steps"] and st["status"] == "early_stopped"
-    assert set(st["rng"]) >= {"torch", "numpy", "python"} and "epoch" in st["reader"]
+    assert set(st["rng"]) >= {"torch", "numpy", "python"} and "epoch" in st["method"]["reader"]
     mdir = tmp_path / "ck" / "metrics"   # the common metrics folder (refinery.tasks.train.metrics)
     for name in ("metrics.jsonl", "loss.png"):
         assert (mdir / name).exists()

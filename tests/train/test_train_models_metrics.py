@@ -158,7 +158,7 @@ def test_config_accepts_model_overrides_as_json_and_checks_them():
     from refinery.tasks.train.config import TrainConfig
 
     assert TrainConfig(model='{"hidden_size": 64}').model == {"hidden_size": 64}
-    assert TrainConfig(preset="124m").checkpoint_every == 50
+    assert TrainConfig(preset="124m").resolved_checkpoint_every() == 50
     with pytest.raises(ValidationError, match="JSON"):
         TrainConfig(model="{hidden_size: 64")
     with pytest.raises(ValidationError):
