@@ -81,7 +81,7 @@ def run_ours(args, make_reader, work: Path) -> dict:
 
     cfg = TrainConfig(objective="clm", preset=args.preset, model=json.loads(args.model), seq_len=args.seq_len,
                       batch_size=args.batch_size, max_steps=args.steps, lr=args.lr, warmup_steps=args.warmup_lr,
-                      eval_every=10 ** 9, eval_batches=1, save_every=10 ** 9, log_every=10 ** 9, seed=args.seed,
+                      eval_every=10 ** 9, eval_batches=1, checkpoint_every=10 ** 9, log_every=10 ** 9, seed=args.seed,
                       device=args.device, compile=args.compile, unigram_max_tokens=1000, strategy=args.strategy,
                       grad_checkpointing=args.grad_checkpointing or None, loss_chunk_tokens=args.loss_chunk_tokens)
     if args.strategy == "fsdp":   # FSDP on this one device: a process group of one (as torchrun would make)
@@ -110,32 +110,32 @@ def run_ours(args, make_reader, work: Path) -> dict:
 @contextlib.contextmanager
 def profiled(args):
     """With ``--profile FILE``: torch.profiler over 5 training steps of our loop after ``--warmup``
-    (the loop's own steps: every step of ``tasks.train.loop._train_step`` advances the profiler's
-    schedule), and the top kernels by self device time (CPU: self CPU time) written to FILE."""
+    (the engine's own steps: every step of ``tasks.engine.trainer.Engine._train_step`` advances the
+    profiler's schedule), and the top kernels by self device time (CPU: self CPU time) written to FILE."""
     if not args.profile:
         yield
         return
     import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from refinery.tasks.train import loop
+    from refinery.tasks.engine.trainer import Engine
 
     cuda = args.device.startswith("cuda")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    step = loop._train_step
+    step = Engine._train_step
     with profile(activities=acts, schedule=schedule(wait=max(args.warmup - 2, 0), warmup=2, active=5, repeat=1)) as prof:
-        def stepped(run, st):
-            out = step(run, st)
+        def stepped(engine, st):
+            out = step(engine, st)
             if cuda:
                 torch.cuda.synchronize()
             prof.step()
             return out
 
-        loop._train_step = stepped
+        Engine._train_step = stepped  # type: ignore[method-assign]
         try:
             yield
         finally:
-            loop._train_step = step
+            Engine._train_step = step  # type: ignore[method-assign]
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=70)
     Path(args.profile).write_text(table)

@@ -112,7 +112,7 @@ def test_subclass_defaults_keep_the_field():
 
 
 def test_pretrain_warmup_defaults_to_a_fraction_of_max_steps():
-    from refinery.tasks.train.loop import WarmupCosine
+    from refinery.tasks.engine.schedule import WarmupCosine
 
     assert TrainConfig(max_steps=20).resolved_warmup() == 1  # not all warm-up
     assert TrainConfig(max_steps=300).resolved_warmup() == 15

@@ -9,6 +9,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"flows": "refinery.flows", "tasks": "refinery.tasks"}
 CORE = ("refinery.tasks.runtime", "refinery.tasks.store", "refinery.tasks.config")
+ENGINE = "refinery.tasks.engine"
+# what the engine may build on besides itself: the shared training helpers below every trainer
+ENGINE_BASE = ("refinery.tasks.config", "refinery.tasks.train.config", "refinery.tasks.train.common",
+               "refinery.tasks.train.checkpoint", "refinery.tasks.train.metrics", "refinery.tasks.train.fsdp",
+               "refinery.tasks.train.distributed")
 
 
 def module_files() -> dict[str, Path]:
@@ -112,6 +117,28 @@ def test_the_core_imports_no_stage_package():
     bad = sorted(f"{m} -> {d}" for m, deps in import_graph().items() if m in CORE for d in deps
                  if any(d == p or d.startswith(p + ".") for p in stage_packages))
     assert not bad, bad
+
+
+def test_the_engine_imports_no_trainer():
+    """The training engine sits below every trainer: it imports itself and the shared helpers only."""
+    graph = import_graph()
+    assert any(m.startswith(ENGINE + ".") for m in graph)
+    bad = sorted(f"{m} -> {d}" for m, deps in graph.items() if m == ENGINE or m.startswith(ENGINE + ".")
+                 for d in deps if not (d == ENGINE or d.startswith(ENGINE + ".") or d in ENGINE_BASE))
+    assert not bad, bad
+
+
+def test_only_the_engine_steps_an_optimizer():
+    """One loop: ``optimizer.step()`` (any spelling of an optimizer) appears in the engine only."""
+    import re
+
+    pattern = re.compile(r"\b\w*optim\w*\.step\(\)", re.I)
+    hits = sorted(f"{p.relative_to(ROOT)}:{n}" for p in (ROOT / "tasks").rglob("*.py")
+                  if "engine" not in p.relative_to(ROOT / "tasks").parts
+                  for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line))
+    assert not hits, hits
+    engine = "\n".join(p.read_text() for p in (ROOT / "tasks" / "engine").glob("*.py"))
+    assert pattern.search(engine)
 
 
 def test_no_import_cycles():
