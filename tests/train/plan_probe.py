@@ -5,7 +5,7 @@
     python tests/train/plan_probe.py MODEL_DIR dpo-full|dpo-lora PAIRS SEQ
 
 Loads the model as the finetune stage does (refinery.tasks.finetune.methods: dtypes, 4-bit
-quantisation, PEFT wrapping, optimizer), runs two optimizer steps on random tokens, and prints
+quantisation, PEFT wrapping; the engine's optimizer), runs two optimizer steps on random tokens, and prints
 ``{"measured_mb": peak RSS - RSS before loading, "estimate_mb": the planner's total}`` as JSON."""
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def main(model_dir: str, method: str, batch: int, seq: int, ckpt: bool | None) -
     if method == "qlora":
         import bitsandbytes  # noqa: F401
     from refinery.tasks.finetune import methods as M
+    from refinery.tasks.engine.optim import build_optimizer
     from refinery.tasks.finetune.config import FinetuneConfig
     from refinery.tasks.train.common import peak_rss_mb, rss_mb
     from refinery.tasks.train.plan import plan_finetune
@@ -38,8 +39,7 @@ def main(model_dir: str, method: str, batch: int, seq: int, ckpt: bool | None) -
     model = M.load_base_model(cfg, model_dir, device, compute, weights)
     model = M.wrap_model(cfg, model, model_dir)
     model.train()   # as the finetune loop: dropout and activation checkpointing are training-mode only
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, _ = M.make_optimizer(cfg, params, device, cfg.resolved_lr())
+    opt = build_optimizer(model, cfg, device, lr=cfg.resolved_lr(), kind=M.optimizer_kind(cfg, device))
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size if hasattr(model, "config") else 512
     for _ in range(2):
@@ -67,7 +67,7 @@ def main_dpo(model_dir: str, lora: bool, pairs: int, seq: int) -> dict:
     import peft  # noqa: F401
     from refinery.tasks.align.common import load_policy
     from refinery.tasks.align.dpo import DPOConfig, dpo_loss, reply_logps
-    from refinery.tasks.align.practice import make_optimisation
+    from refinery.tasks.engine.optim import build_optimizer
     from refinery.tasks.align.stage import DPOStageConfig
     from refinery.tasks.train.common import peak_rss_mb, rss_mb
     from refinery.tasks.train.plan import plan_align
@@ -81,14 +81,15 @@ def main_dpo(model_dir: str, lora: bool, pairs: int, seq: int) -> dict:
     gc.collect()
     rss0 = rss_mb()
     tok, model, _, _ = load_policy(model_dir, train, 0)
-    optim = make_optimisation(model, train, 2)
+    optim = build_optimizer(model, train, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     for _ in range(2):
         seqs = torch.randint(2, model.config.vocab_size, (2 * pairs, seq), generator=g).tolist()
         lp, _ = reply_logps(model, seqs, [seq // 2] * (2 * pairs), tok.pad_token_id)
         loss, _, _ = dpo_loss(lp[:pairs], lp[pairs:], lp[:pairs].detach(), lp[pairs:].detach(), 0.1)
-        optim.backward(loss.mean())
+        loss.mean().backward()
         optim.step()
+        optim.zero_grad(set_to_none=True)
     measured = peak_rss_mb() - rss0
     return {"method": f"dpo-{'lora' if lora else 'full'}", "measured_mb": round(measured, 1),
             "estimate_mb": round(plan.total / 2**20, 1), "rows_mb": plan.to_dict()["mib"]}

@@ -292,30 +292,6 @@ def test_pretrain_run_follows_the_plain_loss_curve(grad_checkpointing, readers, 
         assert abs(va[step] - vb[step]) < 1e-4, (step, va[step], vb[step])
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_follow_the_single_process_curve(strategy, corpus_tokens, tmp_path):
-    """DDP (the loss's forward goes through the wrapper, so its gradient hooks fire; the head's
-    gradient from the chunked loss is all-reduced with the rest) and FSDP2 (the root unit keeps the
-    head gathered after a training forward, its gradient is reduce-scattered; after validation's
-    forward without gradients it may be resharded, and is gathered again for the loss) on 2 CPU
-    processes: the same
-    curve as one plain process with the same global batch, within 1e-4 (test_fsdp.py's tolerance)."""
-    from refinery.tasks.train.loop import run_training
-
-    common = dict(max_steps=4, eval_every=2, grad_accum=2, warmup_steps=2)
-    single = run_training(cfg_for(batch_size=8, **common), corpus_tokens, tmp_path / "one", log=lambda m: None,
-                          progress=False)
-    two = run_training(cfg_for(batch_size=4, devices=2, strategy=strategy, loss_chunk_tokens=96, **common),
-                       corpus_tokens, tmp_path / "two", log=lambda m: None, progress=False)
-    assert two["world_size"] == 2 and two["strategy"] == strategy
-    a, b = losses(single), losses(two)
-    assert sorted(a) == sorted(b) == list(range(1, 5))
-    for step in a:
-        assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
-    for step, v in val_losses(single).items():
-        assert abs(v - val_losses(two)[step]) < 1e-4, (step, v, val_losses(two)[step])
-
-
 def test_memory_plan_counts_one_chunk_of_logits():
     """`refinery plan`: with loss_chunk_tokens the logits term is one chunk (workspace) and the kept
     gradients (activations), not micro-batch x seq_len x vocab."""

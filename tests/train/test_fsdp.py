@@ -1,7 +1,8 @@
-"""FSDP (strategy=fsdp: FSDP2 fully_shard) on 2 CPU processes (gloo, through the torchrun launcher):
-the loss curve equals the single-process one (same global batch) within 1e-4; each rank holds
-about half of the parameters and optimizer state (counted from the sharded tensors); a run
-stopped mid-way resumes from its sharded checkpoint onto the same curve."""
+"""FSDP (strategy=fsdp: FSDP2 fully_shard) on 2 CPU processes (gloo, through our launcher), the one
+end-to-end FSDP launch of pretraining: the loss curve (chunked loss) equals the single-process one
+(same global batch) within 1e-4; each rank holds about half of the parameters and optimizer state
+(counted from the sharded tensors); a SIGTERM mid-run checkpoints the shards and the rerun resumes
+onto the same curve; two launchers act as two nodes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,10 @@ def curves(corpus_tokens, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     single = run_training(cfg_for(batch_size=8, **common), corpus_tokens, root / "one", log=lambda m: None,
                           progress=False)
-    fsdp = run_training(cfg_for(batch_size=4, devices=2, strategy="fsdp", **common), corpus_tokens, root / "two",
-                        log=lambda m: None, progress=False)
+    # the chunked loss too (refinery.tasks.train.chunked_ce): FSDP2 keeps the root unit (the tied head)
+    # gathered after a training forward and reshards it after validation's; the curve must not notice
+    fsdp = run_training(cfg_for(batch_size=4, devices=2, strategy="fsdp", loss_chunk_tokens=96, **common),
+                        corpus_tokens, root / "two", log=lambda m: None, progress=False)
     return single, fsdp, common, root
 
 
@@ -52,20 +55,6 @@ def test_each_rank_holds_half(curves):
         assert abs(s["param_numel_local"] / total - 0.5) < 0.05, shards
         # AdamW's two moments per parameter element this rank holds
         assert abs(s["optim_numel_local"] - 2 * s["param_numel_local"]) <= 2 * 64, shards
-
-
-def test_stopped_fsdp_run_resumes_onto_the_same_curve(curves, corpus_tokens):
-    from refinery.tasks.train.loop import run_training
-
-    _, fsdp, common, root = curves
-    cfg = cfg_for(batch_size=4, devices=2, strategy="fsdp", **common)
-    stopped = run_training(cfg, corpus_tokens, root / "resume", stop_after=4, log=lambda m: None, progress=False)
-    assert stopped["status"] == "stopped" and stopped["steps"] == 4
-    resumed = run_training(cfg, corpus_tokens, root / "resume", log=lambda m: None, progress=False)
-    assert resumed["status"] == "done"
-    a, b = losses(fsdp), losses(resumed)
-    for step in (5, 6):
-        assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
 
 
 LAUNCHER = r"""
@@ -100,16 +89,16 @@ def _python_env(**extra) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_launchers_as_two_nodes_match_one_node(curves, corpus_tokens, tmp_path, strategy):
+def test_two_launchers_as_two_nodes_match_one_node(curves, corpus_tokens, tmp_path):
     """Two launchers on this machine act as two nodes of one process each (c10d rendezvous on
-    loopback, gloo): the curve is the one-process curve with the same global batch."""
+    loopback, gloo): the curve is the one-process curve with the same global batch. (DDP: the
+    multi-node path is the same for FSDP, whose sharding the 2-process launch above covers.)"""
     import json
     import subprocess
     import sys
 
     single, _, common, _ = curves
-    cfg = cfg_for(batch_size=4, devices=1, strategy=strategy, **common)
+    cfg = cfg_for(batch_size=4, devices=1, strategy="ddp", **common)
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, "-c", LAUNCHER, cfg.model_dump_json(), json.dumps(corpus_tokens),
                                str(tmp_path / "ck")], env=_python_env(
@@ -141,7 +130,7 @@ def test_sigterm_fsdp_run_resumes_onto_the_same_curve(curves, corpus_tokens, tmp
     from refinery.tasks.train.loop import run_training
 
     _, fsdp, common, _ = curves
-    cfg = cfg_for(batch_size=4, devices=2, strategy="fsdp", **common)
+    cfg = cfg_for(batch_size=4, devices=2, strategy="fsdp", loss_chunk_tokens=96, **common)
     ck = tmp_path / "ck"
     ck.mkdir()
     (ck / "launch.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), "reader": corpus_tokens,
