@@ -89,8 +89,9 @@ def worker(args) -> dict:
 
     from refinery.tasks.finetune.config import FinetuneConfig
     from refinery.tasks.finetune.data import Batch
-    from refinery.tasks.finetune.methods import (load_base_model, make_optimizer, memory_footprint, resolve_device,
-                                        resolve_dtypes, trainable_summary, wrap_model)
+    from refinery.tasks.engine.optim import build_optimizer
+    from refinery.tasks.finetune.methods import (load_base_model, memory_footprint, optimizer_kind, resolve_device,
+                                                 resolve_dtypes, trainable_summary, wrap_model)
     from refinery.tasks.finetune.train import autocast_ctx, rss_mb, token_loss_sum
 
     torch.set_num_threads(max(1, args.threads))
@@ -123,8 +124,8 @@ def worker(args) -> dict:
         peak_load = _vmhwm_mb() - base_rss
         after_load = rss_mb() - base_rss
         _reset_hwm()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, opt_name = make_optimizer(cfg, params, device, cfg.resolved_lr())
+    opt_name = optimizer_kind(cfg, device)
+    opt = build_optimizer(model, cfg, device, lr=cfg.resolved_lr(), kind=opt_name)
     vocab = model.config.vocab_size if hasattr(model, "config") else 32000
     g = torch.Generator().manual_seed(0)
     model.train()

@@ -228,7 +228,7 @@ class Engine:
         self.log(f"step {st.step} | " + " | ".join(f"val {k} {_fmt(v)}" for k, v in figs.items()) + f" | {note}")
         return figs, improved
 
-    def _update(self, rows: list[dict], loss_acc) -> float | None:
+    def _update(self, rows: list[dict], loss_acc) -> float:
         """One optimizer update: ``accum`` micro-batches (backward of each, gradients synchronised
         on the last), clip, step the optimizer and the schedule. Returns the gradient norm."""
         import torch

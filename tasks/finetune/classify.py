@@ -7,6 +7,11 @@ head (``AutoModelForSequenceClassification``: the new ``classifier`` layer train
 the pretrained weights at ``lr``, through the shared ``param_groups``); ``method`` full or lora
 (LoRA on the attention projections, the head trained in full). Validation: loss and accuracy.
 
+Training runs on the engine (refinery.tasks.engine, :class:`ClassifyMethod`): gradient
+accumulation, the schedule, early stopping on the validation loss (``load_best``: the best weights
+back), metrics (``metrics/`` in the output, as SFT's), checkpoints and resume, and several
+processes (``devices``, through refinery.tasks.finetune.worker).
+
 Output dataset: the classifier at its top (lora: merged), with ``id2label`` in its config; the
 manifest's stats hold accuracy and loss before and after.
 """
@@ -15,7 +20,10 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
+
+from refinery.tasks.engine.trainer import Method, Micro
 
 HEAD_PREFIXES = ("classifier", "score")
 
@@ -49,17 +57,20 @@ def read_labelled(path: str, max_records: int | None = None) -> tuple[list[Label
     return [Labelled(t, index[lab], n) for t, lab, n in raw], classes, bad
 
 
-def _batches(tok, items: list[Labelled], batch_size: int, seq_len: int, seed: int | None):
-    import torch
-
-    order = list(range(len(items)))
+def _chunks(n: int, batch_size: int, seed: int | None) -> list[list[int]]:
+    """Indices ``0..n-1`` in batches of ``batch_size``, shuffled by ``seed`` (None: in order)."""
+    order = list(range(n))
     if seed is not None:
         random.Random(seed).shuffle(order)
-    for i in range(0, len(order), batch_size):
-        chunk = [items[j] for j in order[i: i + batch_size]]
-        enc = tok([e.text for e in chunk], truncation=True, max_length=seq_len, padding=True, return_tensors="pt")
-        yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-               "labels": torch.tensor([e.label for e in chunk])}
+    return [order[i: i + batch_size] for i in range(0, n, batch_size)]
+
+
+def _encode(tok, chunk: list[Labelled], seq_len: int) -> dict:
+    import torch
+
+    enc = tok([e.text for e in chunk], truncation=True, max_length=seq_len, padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "labels": torch.tensor([e.label for e in chunk])}
 
 
 def evaluate(model, tok, items, cfg, seq_len: int, device) -> dict:
@@ -70,8 +81,8 @@ def evaluate(model, tok, items, cfg, seq_len: int, device) -> dict:
     model.eval()
     loss, right, n = 0.0, 0, 0
     with torch.no_grad():
-        for b in _batches(tok, items, cfg.batch_size, seq_len, None):
-            b = {k: v.to(device) for k, v in b.items()}
+        for idx in _chunks(len(items), cfg.batch_size, None):
+            b = {k: v.to(device) for k, v in _encode(tok, [items[j] for j in idx], seq_len).items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
             loss += float(F.cross_entropy(logits, b["labels"], reduction="sum"))
             right += int((logits.argmax(-1) == b["labels"]).sum())
@@ -112,53 +123,149 @@ def _model(cfg, source: str, classes: list[str], device, tok):
     return get_peft_model(model, pc)
 
 
-def run(b, cfg, source: str, log: Callable[[str], Any], memory_plan: dict | None):
-    """The whole stage for an encoder: data, model, training with validation, the classifier out."""
-    import torch
+def split(items: list[Labelled], cfg) -> tuple[list[Labelled], list[Labelled]]:
+    """(train, validation): a seeded shuffle, ``val_fraction`` of it (at least one text) held out."""
+    order = list(range(len(items)))
+    random.Random(cfg.seed).shuffle(order)
+    n_val = max(1, min(cfg.max_val_examples, int(round(len(items) * cfg.val_fraction))))
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 
-    from refinery.tasks.finetune.methods import load_tokenizer, lr_lambda
-    from refinery.tasks.runtime import StageOutput
-    from refinery.tasks.train.common import PeakMemory, param_groups, pick_device, seed_everything
+
+class ClassifyMethod(Method):
+    """Classification on the engine: the cross-entropy of one micro-batch of texts.
+
+    Each step draws the global window of ``grad_accum * world`` micro-batches from the seeded
+    per-epoch order (its position is checkpointed); this process takes ``window[rank::world]``. A
+    micro-batch's loss is its summed cross-entropy over the texts of the whole window, times the
+    world size, so accumulation and processes equal one bigger batch. Validation: loss (early
+    stopping's metric) and accuracy."""
+
+    head_prefixes = HEAD_PREFIXES
+    show = ("loss", "accuracy")
+
+    def __init__(self, cfg, model, tok, train: list[Labelled], val: list[Labelled], seq_len: int, device):
+        from refinery.tasks.finetune.train import BatchStream
+
+        if not train:
+            raise ValueError("classification: no training texts left after the validation split")
+        self.desc = f"finetune[classify/{cfg.method}]"
+        self.cfg, self.model, self.tok, self.train, self.val = cfg, model, tok, train, val
+        self.seq_len, self.device = seq_len, device
+        self.stream = BatchStream(lambda epoch: _chunks(len(train), cfg.batch_size, cfg.seed * 1000 + epoch))
+        self.window: Any = None
+        self.n_window = 0
+
+    def micro_step(self, micro: int) -> Micro:
+        import torch.nn.functional as F
+
+        from refinery.tasks.finetune.train import Window
+
+        par = self.engine.par
+        if micro == 0:
+            self.window = Window(self.stream, self.accum(), par.rank, par.world)
+            self.n_window = sum(len(c) for c in self.window.all)
+        b = {k: v.to(self.device) for k, v in _encode(self.tok, [self.train[j] for j in self.window.mine[micro]],
+                                                        self.seq_len).items()}
+        logits = self.engine.train_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+        loss = F.cross_entropy(logits, b["labels"], reduction="sum") / max(self.n_window, 1) * par.world
+        accuracy = float((logits.detach().argmax(-1) == b["labels"]).float().mean())
+        return Micro(loss, {"tokens": int(b["attention_mask"].sum()), "accuracy": accuracy}, weight=1.0)
+
+    def after_step(self, figures: dict) -> None:
+        figures["epoch"] = self.window.epoch
+
+    def validate(self) -> dict | None:
+        return evaluate(self.model, self.tok, self.val, self.cfg, self.seq_len, self.device)
+
+    def stateful(self) -> dict[str, Any]:
+        return {"data": self.stream}
+
+
+def train_classifier(cfg, model, tok, train: list[Labelled], val: list[Labelled], seq_len: int, device, *,
+                     ckpt_dir=None, metrics_dir=None, log: Callable[[str], Any] = print, progress: bool = False,
+                     stop_after: int | None = None, title: str | None = None):
+    """Train ``model`` in place on the engine (accumulation, schedule, early stopping on the
+    validation loss and ``load_best``, metrics, checkpoints and resume in ``ckpt_dir``); returns
+    ``(engine, result)``."""
+    from refinery.tasks.engine.optim import build_optimizer
+    from refinery.tasks.engine.trainer import Engine
+
+    method = ClassifyMethod(cfg, model, tok, train, val, seq_len, device)
+    engine = Engine(method, cfg, total=cfg.max_steps, device=device, ckpt_dir=ckpt_dir, metrics_dir=metrics_dir,
+                    log=log, progress=progress, stop_after=stop_after, keep_best=cfg.load_best,
+                    restore_best=cfg.load_best,
+                    optimizer=lambda m: build_optimizer(m, cfg, device, lr=cfg.resolved_lr(), head_prefixes=HEAD_PREFIXES),
+                    title=title or f"finetune classify {cfg.method}")
+    return engine, engine.fit()
+
+
+def summary(result) -> dict:
+    """The run's figures for the stage (JSON-serialisable: a multi-process run's rank 0 writes them)."""
+    train = result.train_rows()
+    return {"status": result.status, "steps": result.steps,
+            "epochs": int(train[-1].get("epoch", 0)) + 1 if train else 0,
+            "val_history": [{"step": r["step"], **{k[4:]: v for k, v in r.items() if k.startswith("val_")}}
+                            for r in result.val_rows() if r["step"] > 0],
+            "train_loss_first": train[0]["loss"] if train else None,
+            "train_loss_last": train[-1]["loss"] if train else None,
+            "best_val_loss": result.stopper.best, "best_step": result.stopper.best_step,
+            "stopped_early": result.status == "early_stopped", "restored_best": result.restored_step is not None,
+            "train_tokens": result.tokens, "train_seconds": round(result.seconds, 3),
+            "resumed_from": result.resumed_from}
+
+
+def _data(cfg, source: str):
+    """(texts, classes, bad records, train, validation, tokenizer): the same in the stage and every worker."""
+    from refinery.tasks.finetune.methods import load_tokenizer
 
     items, classes, bad = read_labelled(cfg.data, cfg.max_records)
-    rng = random.Random(cfg.seed)
-    order = list(range(len(items)))
-    rng.shuffle(order)
-    n_val = max(1, min(cfg.max_val_examples, int(round(len(items) * cfg.val_fraction))))
-    val = [items[i] for i in order[:n_val]]
-    train = [items[i] for i in order[n_val:]]
-    tok = load_tokenizer(cfg, source)
+    train, val = split(items, cfg)
+    return items, classes, bad, train, val, load_tokenizer(cfg, source)
+
+
+def train_worker(cfg, local_rank: int, ckpt_dir, metrics_dir, log, title: str):
+    """One process of a multi-process classification run (refinery.tasks.finetune.worker)."""
+    from refinery.tasks.finetune.methods import resolve_model_source
+    from refinery.tasks.train.common import pick_device, seed_everything
+
+    source = resolve_model_source(cfg.model)
+    _, classes, _, train, val, tok = _data(cfg, source)
+    device = pick_device(cfg.device, local_rank)
+    seed_everything(cfg.seed)
+    model = _model(cfg, source, classes, device, tok)
+    engine, result = train_classifier(cfg, model, tok, train, val, cfg.seq_len, device, ckpt_dir=ckpt_dir,
+                                      metrics_dir=metrics_dir, log=log, title=title)
+    return engine, result, summary(result)
+
+
+def run(b, cfg, source: str, log: Callable[[str], Any], memory_plan: dict | None, ckpt_dir=None):
+    """The whole stage for an encoder: data, model, training on the engine (checkpoints and the live
+    metrics in ``ckpt_dir``: a rerun resumes), the classifier and its metrics out."""
+    from refinery.tasks.runtime import StageOutput
+    from refinery.tasks.train.common import PeakMemory, pick_device, seed_everything
+    from refinery.tasks.train.metrics import METRICS_DIR, publish_metrics
+
+    items, classes, bad, train, val, tok = _data(cfg, source)
     seq_len = cfg.seq_len
     device = pick_device(cfg.device)
+    metrics_dir = Path(ckpt_dir) / METRICS_DIR if ckpt_dir is not None else None
     log(f"finetune[classify/{cfg.method}]: {len(train)} train / {len(val)} validation texts, {len(classes)} classes")
     with PeakMemory(device) as mem:
         seed_everything(cfg.seed)
         model = _model(cfg, source, classes, device, tok)
         before = evaluate(model, tok, val, cfg, seq_len, device)
-        groups = param_groups(model, cfg.resolved_lr(), cfg.head_lr, HEAD_PREFIXES, cfg.weight_decay)
-        opt = torch.optim.AdamW(groups, lr=cfg.resolved_lr(), betas=(0.9, 0.999))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-        losses, history, step, epoch = [], [], 0, 0
-        model.train()
-        while step < cfg.max_steps:
-            for batch in _batches(tok, train, cfg.batch_size, seq_len, cfg.seed * 1000 + epoch):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                loss = torch.nn.functional.cross_entropy(
-                    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float(),
-                    batch["labels"])
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                losses.append(float(loss.detach()))
-                if step % cfg.resolved_eval_every() == 0 or step == cfg.max_steps:
-                    history.append({"step": step, **evaluate(model, tok, val, cfg, seq_len, device)})
-                if step >= cfg.max_steps:
-                    break
-            epoch += 1
+        if cfg.launches():   # worker processes train; their weights come back into this model
+            from refinery.tasks.finetune.stage import train_on_processes
+
+            if ckpt_dir is None:
+                raise ValueError("several processes need a checkpoint folder")
+            run_ = train_on_processes(cfg, model, Path(ckpt_dir), metrics_dir, log, task="classify")
+        else:
+            engine, result = train_classifier(cfg, model, tok, train, val, seq_len, device, ckpt_dir=ckpt_dir,
+                                              metrics_dir=metrics_dir, log=log, progress=True)
+            result.raise_if_interrupted(ckpt_dir)   # never publish a half-trained classifier
+            run_ = summary(result)
+            del engine
         after = evaluate(model, tok, val, cfg, seq_len, device)
         memory = mem.stats()
     out = os.path.join(b.tmpdir(), "model")
@@ -166,20 +273,26 @@ def run(b, cfg, source: str, log: Callable[[str], Any], memory_plan: dict | None
     final.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     b.put_dir(out, "")
+    if metrics_dir is not None and metrics_dir.is_dir():
+        publish_metrics(b, metrics_dir)
     log(f"finetune[classify/{cfg.method}]: accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, "
         f"loss {before['loss']:.4f} -> {after['loss']:.4f}")
     return StageOutput(
         counts={"records": len(items) + bad, "bad_records": bad, "examples": len(items), "train_examples": len(train),
-                "val_examples": len(val), "steps": step},
+                "val_examples": len(val), "steps": run_["steps"]},
         stats={"task": "classification", "classes": classes, "val_loss_before": before["loss"],
                "val_loss_after": after["loss"], "accuracy_before": before["accuracy"],
-               "accuracy_after": after["accuracy"], "val_history": history,
-               "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
+               "accuracy_after": after["accuracy"], "val_history": run_["val_history"],
+               "train_loss_first": run_["train_loss_first"], "train_loss_last": run_["train_loss_last"],
+               "best_val_loss": run_["best_val_loss"], "best_step": run_["best_step"],
+               "stopped_early": run_["stopped_early"], "restored_best": run_["restored_best"],
+               "train_tokens": run_["train_tokens"], "train_seconds": run_["train_seconds"],
+               "resumed_from": run_.get("resumed_from"),
                "lr": cfg.resolved_lr(), "head_lr": cfg.head_lr if cfg.head_lr is not None else cfg.resolved_lr(),
                **memory},
         extra={"method": cfg.method, "task": "classification", "base_model": source, "model": ".",
-               "classes": classes, "memory_plan": memory_plan, "epochs": epoch},
+               "classes": classes, "memory_plan": memory_plan, "epochs": run_["epochs"]},
     )
 
 
-__all__ = ["read_labelled", "evaluate", "run", "HEAD_PREFIXES", "Labelled"]
+__all__ = ["read_labelled", "evaluate", "run", "split", "ClassifyMethod", "train_classifier", "HEAD_PREFIXES", "Labelled"]

@@ -1,6 +1,7 @@
 """The seven fine-tuning methods, all through PEFT (full fine-tuning aside): loading the base model
-(4-bit NF4 for QLoRA), wrapping it, counting trainable parameters, the optimizer, and saving the
-adapter, the merged model or the full model in formats plain transformers / peft load.
+(4-bit NF4 for QLoRA), wrapping it, counting trainable parameters, which optimizer (the optimizer itself and the
+schedule are the training engine's, refinery.tasks.engine), and saving the adapter, the merged
+model or the full model in formats plain transformers / peft load.
 
 Heavy imports (torch, transformers, peft, bitsandbytes) happen inside functions.
 """
@@ -222,42 +223,13 @@ def memory_footprint(model) -> dict:
     return {"weight_bytes": int(weights), "trainable_bytes": int(trainable)}
 
 
-# --------------------------------------------------------------------------- optimizer, schedule
-def make_optimizer(cfg: FinetuneConfig, params: list, device, lr: float):
-    import torch
-
-    kind = cfg.optimizer
-    if kind == "auto":
-        kind = "paged_adamw_8bit" if cfg.method == "qlora" and device.type == "cuda" else "adamw"
-    if kind in ("adamw_8bit", "paged_adamw_8bit"):
-        if device.type != "cuda":
-            raise ValueError(f"optimizer={kind} needs a CUDA device; use optimizer=adamw on CPU")
-        import bitsandbytes as bnb
-
-        cls = bnb.optim.PagedAdamW8bit if kind == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-        return cls(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999)), kind
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-                             foreach=device.type == "cuda"), "adamw"
-
-
-def lr_lambda(cfg: FinetuneConfig):
-    import math
-
-    warm = cfg.resolved_warmup()
-    total = cfg.max_steps
-    floor = cfg.min_lr_ratio
-
-    def f(step: int) -> float:  # step = optimizer steps taken so far
-        if warm and step < warm:
-            return (step + 1) / warm
-        if cfg.scheduler == "constant" or total <= warm:
-            return 1.0
-        t = min(1.0, (step - warm) / max(1, total - warm))
-        if cfg.scheduler == "linear":
-            return floor + (1 - floor) * (1 - t)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return f
+# --------------------------------------------------------------------------- optimizer
+def optimizer_kind(cfg: FinetuneConfig, device) -> str:
+    """``cfg.optimizer`` resolved: auto is paged 8-bit AdamW for qlora on CUDA, else AdamW (the
+    optimizer itself: :func:`refinery.tasks.engine.optim.build_optimizer`)."""
+    if cfg.optimizer != "auto":
+        return cfg.optimizer
+    return "paged_adamw_8bit" if cfg.method == "qlora" and device.type == "cuda" else "adamw"
 
 
 # --------------------------------------------------------------------------- saving

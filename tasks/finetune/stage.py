@@ -13,6 +13,11 @@ Output dataset layout::
 The raw inputs are no datasets, so their identities (content hash of the data file; a model
 folder's file names, sizes and mtimes, or a refinery model dataset's fingerprint, or the hub id)
 sit in ``cfg.identity`` and therefore in the fingerprint.
+
+Training runs on the engine (refinery.tasks.engine; refinery.tasks.finetune.train's SFTMethod,
+classify's ClassifyMethod). Checkpoints (every ``checkpoint_every`` steps, and on SIGTERM) and the
+live metrics folder sit in ``<workdir>/checkpoints/<fingerprint>/``: a run that was stopped raises
+and publishes nothing, and running the same stage again resumes it from its newest checkpoint.
 """
 from __future__ import annotations
 
@@ -51,52 +56,42 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
     prefix tuning, with response-only loss, optional packing and early stopping."""
     import pyarrow as pa
 
-    from refinery.tasks.finetune import data as D
     from refinery.tasks.finetune import methods as M
-    from refinery.tasks.finetune.train import evaluate, generate_samples, train_loop
+    from refinery.tasks.finetune import seq2seq as S
+    from refinery.tasks.finetune.train import evaluate, generate_samples, prepare_data, run_summary, train_sft
     from refinery.tasks.train.common import PeakMemory, seed_everything
-    from refinery.tasks.train.metrics import METRICS_DIR, MetricsLog, publish_metrics
+    from refinery.tasks.train.metrics import METRICS_DIR, publish_metrics
+    from refinery.tasks.train.plan import plan_finetune, plan_or_note
     from refinery.tasks.train.stage import checkpoint_dir
 
     log = _logger()
     seed_everything(cfg.seed)
+    # checkpoints (a rerun of the same stage resumes from the newest) and the live metrics folder
+    ckpt_dir = checkpoint_dir(b)
+    metrics_dir = ckpt_dir / METRICS_DIR
 
     # -- data
-    from refinery.tasks.finetune import seq2seq as S
-
     source = M.resolve_model_source(cfg.model)
     kind = S.model_kind(source)   # the model's config decides: chat SFT (causal) or text-to-text (seq2seq)
     if kind == "encoder":   # classification: labelled texts and a new head (refinery.tasks.finetune.classify)
         from refinery.tasks.finetune import classify as C
-        from refinery.tasks.train.plan import plan_finetune, plan_or_note
 
-        return C.run(b, cfg, source, log, plan_or_note(lambda: plan_finetune(cfg), log=log))
+        return C.run(b, cfg, source, log, plan_or_note(lambda: plan_finetune(cfg), log=log), ckpt_dir)
     if kind != "causal" and cfg.launches():
-        raise ValueError(f"devices={cfg.devices}: several processes fine-tune causal LMs only (this model is {kind})")
+        raise ValueError(f"devices={cfg.devices}: several processes fine-tune causal LMs and classifiers only "
+                         f"(this model is {kind})")
     if kind == "seq2seq" and cfg.packing:
         raise ValueError("packing=true is for causal LMs; encoder-decoder models take one example per row")
     tok = M.load_tokenizer(cfg, source)
-    template = D.ensure_chat_template(tok) if kind == "causal" else "none (text-to-text)"
-    seq_len = M.effective_seq_len(cfg, source)
-    encode_all = D.encode_all if kind == "causal" else S.encode_all
-    examples, report = D.read_examples(cfg.data, cfg.data_format, cfg.max_records, log=log)
-    if not examples:
-        raise ValueError(f"{cfg.data}: no valid records ({report.bad} bad: {dict(report.bad_by_reason)})")
-    train_ex, val_ex = D.split_examples(examples, cfg.val_fraction, cfg.seed, cfg.max_val_examples)
-    train_items, train_counts = encode_all(tok, train_ex, seq_len, report, progress=True)
-    val_items, val_counts = encode_all(tok, val_ex, seq_len, report)
-    val_records = {e.record for e in val_items}
-    sample_ex = [e for e in val_ex if e.record in val_records][: cfg.num_samples]
-    pad_id = tok.pad_token_id
-    val_batches = (D.make_batches(val_items, cfg.batch_size, pad_id, packing=False, seq_len=seq_len)
-                   if kind == "causal" else S.make_batches(val_items, cfg.batch_size, pad_id))  # type: ignore[arg-type]  # seq2seq items
+    data = prepare_data(cfg, source, tok, kind, log=log, progress=True)
+    seq_len, report, template = data.seq_len, data.report, data.template
+    train_items, val_items, val_batches, sample_ex = data.train_items, data.val_items, data.val_batches, data.sample_ex
+    train_counts, val_counts = data.train_counts, data.val_counts
     log(f"finetune[{cfg.method}]: {report.records} records ({report.bad} bad), {len(train_items)} train / "
         f"{len(val_items)} validation examples, {train_counts.get('truncated', 0) + val_counts.get('truncated', 0)} "
         f"truncated to {seq_len} tokens, chat template: {template}")
 
     # -- memory: the estimate per device, printed and kept; a run that cannot fit stops here
-    from refinery.tasks.train.plan import plan_finetune, plan_or_note
-
     memory_plan = plan_or_note(lambda: plan_finetune(cfg), log=log)
 
     # -- model, before
@@ -114,19 +109,15 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
         log(f"finetune[{cfg.method}]: {params['trainable_params']:,} trainable of {params['total_params']:,} "
             f"parameters ({params['trainable_pct']}%), lr {cfg.resolved_lr():g}, device {device.type}")
         seed_everything(cfg.seed)
-        # live while training: <workdir>/checkpoints/<fingerprint>/metrics (a rerun starts it afresh)
-        metrics_dir = checkpoint_dir(b) / METRICS_DIR
-        if cfg.launches():   # torchrun workers train; their weights come back into this model
-            run = _train_on_processes(cfg, model, checkpoint_dir(b), metrics_dir, log)
+        if cfg.launches():   # worker processes train; their weights come back into this model
+            run = train_on_processes(cfg, model, ckpt_dir, metrics_dir, log, task="sft")
         else:
-            metrics = MetricsLog(metrics_dir, total_steps=cfg.max_steps, desc=f"finetune[{cfg.method}]", bar=True,
-                                 report_to=cfg.report_to, run_config=cfg.model_dump(mode="json"), fresh=True)
-            try:
-                run = train_loop(cfg, model, train_items, val_batches, pad_id, device, compute_dtype, log, seq_len,
-                                 metrics=metrics)
-            finally:
-                metrics.close()
-            metrics.plot(f"finetune {cfg.method}")
+            engine, result = train_sft(cfg, model, train_items, val_batches, data.pad_id, device, compute_dtype,
+                                       seq_len=seq_len, ckpt_dir=ckpt_dir, metrics_dir=metrics_dir, log=log,
+                                       progress=True)
+            result.raise_if_interrupted(ckpt_dir)   # never publish a half-trained model
+            run = run_summary(cfg, engine, result)
+            del engine
         val_after = evaluate(model, val_batches, device, compute_dtype)
         samples_after = generate_samples(model, tok, sample_ex, device, cfg.sample_max_new_tokens,
                                          no_cache=cfg.method == "prefix_tuning", max_prompt_tokens=seq_len)
@@ -176,7 +167,7 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
         "train_loss_first": run["train_losses"][0] if run["train_losses"] else None,
         "train_loss_last": run["train_losses"][-1] if run["train_losses"] else None,
         "tokens_per_sec": run["tokens_per_sec"], "train_seconds": run["train_seconds"],
-        "train_label_tokens": run["train_label_tokens"],
+        "train_label_tokens": run["train_label_tokens"], "resumed_from": run.get("resumed_from"),
         "data": report.as_dict(), "train_encoding": train_counts, "val_encoding": val_counts,
         "samples_before": samples_before, "samples_after": samples_after,
     }
@@ -184,16 +175,23 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
     return StageOutput(counts=counts, stats=stats, extra=extra)
 
 
-def _train_on_processes(cfg: FinetuneConfig, model, ckpt_dir, metrics_dir, log) -> dict:
-    """Train on ``cfg.devices`` torchrun processes (refinery.tasks.finetune.worker: DDP or FSDP),
-    then load the trained weights they gathered into ``model``."""
+def train_on_processes(cfg: FinetuneConfig, model, ckpt_dir, metrics_dir, log, task: str = "sft") -> dict:
+    """Train on ``cfg.devices`` processes (refinery.tasks.finetune.worker: the same method on the
+    engine, DDP or FSDP; ``task`` sft or classify), then load the trained weights they gathered
+    into ``model``. A run they stopped early (SIGTERM) raises: its checkpoint is kept and the same
+    command resumes it."""
+    from refinery.tasks.engine.trainer import INTERRUPTED, TrainingInterrupted
     from refinery.tasks.train.distributed import launch, load_trainable
 
     nproc = cfg.processes()
     log(f"finetune[{cfg.method}]: launching {cfg.strategy if cfg.strategy != 'auto' else 'ddp'} on "
-        f"{nproc} processes (torchrun)")
-    spec = {"config": cfg.model_dump(mode="json"), "metrics_dir": str(metrics_dir)}
+        f"{nproc} processes")
+    spec = {"config": cfg.model_dump(mode="json"), "metrics_dir": str(metrics_dir), "task": task,
+            "ckpt_dir": str(ckpt_dir)}
     run = launch(spec, nproc, ckpt_dir, module="refinery.tasks.finetune.worker")
+    if run.get("status") in INTERRUPTED:
+        raise TrainingInterrupted(f"training stopped at step {run['steps']} ({run['status']}); checkpoint kept in "
+                                  f"{ckpt_dir}: run the same command again to resume")
     load_trainable(model, ckpt_dir / "trained.pt")
     return run
 

@@ -1,18 +1,19 @@
-"""The SFT training loop: response-only token loss, gradient accumulation (loss normalised by the
-response tokens of the whole accumulated batch), warm-up + cosine/linear/constant schedule,
-validation with early stopping (restoring the best trainable weights), sample generations, and
-throughput measurement. :func:`train_loop` is a short sequence of named phases over a
-:class:`LoopState`; per-step rows go through the common :class:`refinery.tasks.train.metrics.MetricsLog`.
-Device, dtype, seeding and peak memory come from :mod:`refinery.tasks.train.common`. Heavy imports
-inside functions.
+"""SFT on the training engine (refinery.tasks.engine): :class:`SFTMethod` gives the response-only
+token loss of one micro-batch (normalised by the response tokens of the step's whole window, so
+accumulation and processes equal one bigger batch) and the validation loss; the engine does the
+rest (schedule, clipping, mixed precision, early stopping and the best weights, metrics,
+checkpoints and resume). The data position (:class:`BatchStream`: epoch and index of seeded
+per-epoch batches) is part of every checkpoint. Also: the token loss, evaluation and sample
+generations the stage uses. Device, dtype, seeding and peak memory come from
+:mod:`refinery.tasks.train.common`. Heavy imports inside functions.
 """
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence, cast
 
+from refinery.tasks.engine.trainer import Method, Micro
 from refinery.tasks.finetune.config import FinetuneConfig
 from refinery.tasks.finetune.data import IGNORE, Batch, Encoded, make_batches, prompt_and_reference, render
 # one copy of device / dtype / memory helpers for every trainer (bench/finetune imports them from here)
@@ -137,181 +138,197 @@ def generate_samples(model, tokenizer, examples: Sequence, device, max_new_token
     return out
 
 
-# --------------------------------------------------------------------------- training
+# --------------------------------------------------------------------------- data
 @dataclass
-class LoopState:
-    """What the SFT loop carries from step to step."""
+class SFTData:
+    """The encoded examples of a run, as the stage and every worker process build them."""
 
-    step: int = 0
-    epoch: int = 0
-    tokens: int = 0
-    label_tokens: int = 0
-    seconds: float = 0.0                 # time in optimizer steps (validation excluded)
-    losses: list[float] = field(default_factory=list)
-    lrs: list[float] = field(default_factory=list)
-    val_history: list[dict] = field(default_factory=list)
-    best_loss: float = math.inf
-    best_step: int = 0
-    best_snapshot: dict | None = None    # the trainable weights at the best validation loss
-    bad_evals: int = 0
-    stopped_early: bool = False
+    template: str
+    seq_len: int
+    pad_id: int
+    report: Any
+    train_items: list
+    val_items: list
+    train_counts: dict
+    val_counts: dict
+    val_batches: list
+    sample_ex: list
 
 
-def _snapshot(model) -> dict:
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _restore(model, snap: dict) -> None:
-    import torch
-
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in snap:
-                p.copy_(snap[n].to(p.device))
-
-
-def _micro_batches(cfg: FinetuneConfig, train_items: Sequence[Encoded], pad_id: int, seq_len: int):
-    """(epoch, batch) forever: each epoch reshuffles with its own seed, so a run is reproducible."""
+def prepare_data(cfg: FinetuneConfig, source: str, tok, kind: str, log: Callable[[str], Any] | None = None,
+                 progress: bool = False) -> SFTData:
+    """Read, split and encode ``cfg.data`` for a causal LM (chat template, response-only labels) or
+    an encoder-decoder (``kind`` seq2seq: source and answer); the validation batches and the
+    held-out examples the samples are generated from."""
+    from refinery.tasks.finetune import data as D
+    from refinery.tasks.finetune import methods as M
     from refinery.tasks.finetune import seq2seq as S
 
-    epoch = 0
-    while True:
+    template = D.ensure_chat_template(tok) if kind == "causal" else "none (text-to-text)"
+    seq_len = M.effective_seq_len(cfg, source)
+    encode_all = D.encode_all if kind == "causal" else S.encode_all
+    examples, report = D.read_examples(cfg.data, cfg.data_format, cfg.max_records, log=log)
+    if not examples:
+        raise ValueError(f"{cfg.data}: no valid records ({report.bad} bad: {dict(report.bad_by_reason)})")
+    train_ex, val_ex = D.split_examples(examples, cfg.val_fraction, cfg.seed, cfg.max_val_examples)
+    train_items, train_counts = encode_all(tok, train_ex, seq_len, report, progress=progress)
+    val_items, val_counts = encode_all(tok, val_ex, seq_len, report)
+    val_records = {e.record for e in val_items}
+    sample_ex = [e for e in val_ex if e.record in val_records][: cfg.num_samples]
+    pad_id = tok.pad_token_id
+    val_batches = (D.make_batches(val_items, cfg.batch_size, pad_id, packing=False, seq_len=seq_len)
+                   if kind == "causal" else S.make_batches(cast(list[S.S2SEncoded], val_items), cfg.batch_size, pad_id))
+    return SFTData(template, seq_len, pad_id, report, train_items, val_items, train_counts, val_counts,
+                   val_batches, sample_ex)
+
+
+# --------------------------------------------------------------------------- training
+class BatchStream:
+    """The training micro-batches, epoch after epoch, whose position is part of a checkpoint.
+
+    ``build(epoch)`` makes an epoch's batches in its seeded order (the same list for the same
+    epoch), so ``(epoch, index)`` rebuilds any position; ``totals`` are running counts kept with it
+    (response tokens seen)."""
+
+    def __init__(self, build: Callable[[int], Sequence]):
+        self.build = build
+        self.epoch, self.index = 0, 0
+        self.totals: dict[str, int] = {}
+        self._batches: Sequence | None = None
+
+    def _current(self) -> Sequence:
+        if self._batches is None:
+            self._batches = self.build(self.epoch)
+            if not self._batches:
+                raise ValueError("no training batches")
+        return self._batches
+
+    def next(self) -> tuple[int, Any]:
+        """(epoch, batch): the next micro-batch, running on into the next epoch."""
+        if self.index >= len(self._current()):
+            self.epoch, self.index, self._batches = self.epoch + 1, 0, None
+        batch = self._current()[self.index]
+        self.index += 1
+        return self.epoch, batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "totals": dict(self.totals)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index, self._batches = int(state["epoch"]), int(state["index"]), None
+        self.totals = {k: int(v) for k, v in (state.get("totals") or {}).items()}
+
+
+class Window:
+    """One step's global window of ``accum * world`` micro-batches (every process draws all of it
+    from the same seeded stream) and this process's micro-batches of it, ``window[rank::world]``."""
+
+    def __init__(self, stream: BatchStream, accum: int, rank: int, world: int):
+        drawn = [stream.next() for _ in range(accum * world)]
+        self.epoch = drawn[-1][0]
+        self.all = [b for _, b in drawn]
+        self.mine = self.all[rank::world]
+
+
+def sft_batches(cfg: FinetuneConfig, train_items: Sequence[Encoded], pad_id: int, seq_len: int) -> BatchStream:
+    """The SFT stream: each epoch reshuffled with its own seed (``seed * 1000 + epoch``)."""
+    from refinery.tasks.finetune import seq2seq as S
+
+    def build(epoch: int) -> list[Batch]:
         seed = cfg.seed * 1000 + epoch
-        batches = (S.make_batches(cast(Sequence[S.S2SEncoded], train_items), cfg.batch_size, pad_id, seed=seed)
-                   if train_items and isinstance(train_items[0], S.S2SEncoded)
-                   else make_batches(train_items, cfg.batch_size, pad_id, cfg.packing, seq_len, seed=seed))
-        for b in batches:
-            yield epoch, b
-        epoch += 1
+        if train_items and isinstance(train_items[0], S.S2SEncoded):
+            return S.make_batches(cast(Sequence[S.S2SEncoded], train_items), cfg.batch_size, pad_id, seed=seed)
+        return make_batches(train_items, cfg.batch_size, pad_id, cfg.packing, seq_len, seed=seed)
+
+    return BatchStream(build)
 
 
-def _optimizer_step(cfg: FinetuneConfig, model, window: list[Batch], st: LoopState, opt, device,
-                    compute_dtype) -> float | None:
-    """Backward over the ``grad_accum`` micro-batches of one step, each loss divided by the response
-    tokens of the *whole* window (so accumulation equals one bigger batch), then clip and step.
-    Returns the gradient norm (None without clipping)."""
-    import torch
+class SFTMethod(Method):
+    """Supervised fine-tuning on the engine: the response-token loss of one micro-batch.
 
-    import contextlib
+    Each step draws the global window of ``grad_accum * world`` micro-batches; this process takes
+    ``window[rank::world]``. A micro-batch's loss is its summed token loss over the response tokens
+    of the *whole* window, times the world size (DDP and FSDP average gradients over processes), so
+    accumulation and processes equal one bigger batch and the logged ``loss`` is the window's token
+    mean."""
 
-    from refinery.tasks.train import distributed as dist
-    from refinery.tasks.train.fsdp import is_sharded, to_float
+    def __init__(self, cfg: FinetuneConfig, model, train_items: Sequence[Encoded], val_batches: Sequence[Batch],
+                 pad_id: int, device, compute_dtype, seq_len: int | None = None):
+        if not train_items:
+            raise ValueError("no training examples left after validation split and encoding")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise RuntimeError(f"method {cfg.method}: the model has no trainable parameters")
+        self.desc = f"finetune[{cfg.method}]"
+        self.cfg, self.model, self.val_batches = cfg, model, val_batches
+        self.device, self.compute_dtype = device, compute_dtype
+        self.stream = sft_batches(cfg, train_items, pad_id, seq_len or cfg.seq_len)
+        self.window: Window | None = None
+        self.n_window = 0
 
-    optimizer, scheduler, scaler, params = opt
-    rank, world, _ = dist.env()
-    n_window = sum(b.n_labels for b in window)      # the *global* window: every rank sees all of it
-    mine = window[rank::world]                       # this rank's micro-batches
-    sharded = world > 1 and is_sharded(model)
-    step_loss = 0.0
-    for i, b in enumerate(mine):
-        b = b.to(device)
-        last = i == len(mine) - 1
-        if sharded:
-            model.set_requires_gradient_sync(last)
-        sync = contextlib.nullcontext() if last or world == 1 or sharded else model.no_sync()
-        with sync:
-            with autocast_ctx(device, compute_dtype):
-                loss_sum, _ = token_loss_sum(model, b)
-            # DDP and FSDP average gradients over ranks: times world makes it the window's token mean
-            loss = loss_sum / max(n_window, 1) * world
-            (scaler.scale(loss) if scaler else loss).backward()
-        step_loss += float(loss_sum.detach())
-    if world > 1:   # the window's loss: every rank's share summed
-        step_loss = float(dist.mean(torch.tensor(step_loss, dtype=torch.float64))) * world
-    st.tokens += sum(b.n_tokens for b in window)
-    st.label_tokens += n_window
-    if scaler:
-        scaler.unscale_(optimizer)
-    grad_norm = to_float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else None
-    st.lrs.append(optimizer.param_groups[0]["lr"])
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    st.losses.append(step_loss / max(n_window, 1))
-    return grad_norm
+    def micro_step(self, micro: int) -> Micro:
+        par = self.engine.par
+        if micro == 0:
+            self.window = Window(self.stream, self.accum(), par.rank, par.world)
+            self.n_window = sum(b.n_labels for b in self.window.all)
+            self.stream.totals["label_tokens"] = self.stream.totals.get("label_tokens", 0) + self.n_window
+        assert self.window is not None
+        b = self.window.mine[micro].to(self.device)
+        loss_sum, _ = token_loss_sum(self.engine.train_model, b)
+        return Micro(loss_sum / max(self.n_window, 1) * par.world, {"tokens": b.n_tokens}, weight=1.0)
+
+    def after_step(self, figures: dict) -> None:
+        assert self.window is not None
+        figures["epoch"] = self.window.epoch
+        figures["label_tokens"] = self.stream.totals.get("label_tokens", 0)
+
+    def validate(self) -> dict | None:
+        v = evaluate(self.model, self.val_batches, self.device, self.compute_dtype)
+        return None if v is None else {"loss": v}
+
+    def stateful(self) -> dict[str, Any]:
+        return {"data": self.stream}
 
 
-def _validate(cfg: FinetuneConfig, model, val_batches, st: LoopState, device, compute_dtype, metrics,
-              log: Callable[[str], Any]) -> None:
-    """Validation loss; a new best keeps a snapshot (``load_best``), ``early_stopping_patience``
-    validations without one stop the run."""
-    v = evaluate(model, val_batches, device, compute_dtype)
-    st.val_history.append({"step": st.step, "val_loss": v})
-    metrics.val(st.step, tokens=st.tokens, loss=v)
-    if v is not None and v < st.best_loss - cfg.early_stopping_min_delta:
-        st.best_loss, st.best_step, st.bad_evals = v, st.step, 0
-        if cfg.load_best:
-            st.best_snapshot = _snapshot(model)
-        return
-    st.bad_evals += 1
-    if cfg.early_stopping_patience and st.bad_evals >= cfg.early_stopping_patience:
-        st.stopped_early = True
-        log(f"early stopping at step {st.step}: no validation improvement in {st.bad_evals} evaluations "
-            f"(best {st.best_loss:.4f} at step {st.best_step})")
+def train_sft(cfg: FinetuneConfig, model, train_items: Sequence[Encoded], val_batches: Sequence[Batch], pad_id: int,
+              device, compute_dtype, *, seq_len: int | None = None, ckpt_dir: str | Path | None = None,
+              metrics_dir: str | Path | None = None, log: Callable[[str], Any] = print, progress: bool = False,
+              stop_after: int | None = None, title: str | None = None):
+    """Train ``model`` in place on the engine for ``cfg.max_steps`` steps (or until early stopping),
+    checkpointing into ``ckpt_dir`` and resuming from it. Returns ``(engine, result)``: the engine
+    holds the (possibly wrapped) training model, :func:`run_summary` the stage's figures."""
+    from refinery.tasks.engine.optim import build_optimizer
+    from refinery.tasks.engine.trainer import Engine
+    from refinery.tasks.finetune.methods import optimizer_kind
+
+    method = SFTMethod(cfg, model, train_items, val_batches, pad_id, device, compute_dtype, seq_len)
+    kind = optimizer_kind(cfg, device)
+    engine = Engine(method, cfg, total=cfg.max_steps, device=device, dtype=compute_dtype, ckpt_dir=ckpt_dir,
+                    metrics_dir=metrics_dir, log=log, progress=progress, stop_after=stop_after,
+                    keep_best=cfg.load_best, restore_best=cfg.load_best, compute_dtype_fsdp=compute_dtype,
+                    optimizer=lambda m: build_optimizer(m, cfg, device, lr=cfg.resolved_lr(), kind=kind),
+                    title=title or f"finetune {cfg.method}")
+    return engine, engine.fit()
 
 
-def train_loop(cfg: FinetuneConfig, model, train_items: Sequence[Encoded], val_batches: Sequence[Batch],
-               pad_id: int, device, compute_dtype, log: Callable[[str], Any] = print,
-               seq_len: int | None = None, metrics=None) -> dict:
-    """Train ``model`` in place for ``cfg.max_steps`` optimizer steps (or until early stopping).
+def run_summary(cfg: FinetuneConfig, engine, result) -> dict:
+    """The figures the stage publishes, from the engine's result and history (JSON-serialisable:
+    a multi-process run's rank 0 writes them)."""
+    from refinery.tasks.finetune.methods import optimizer_kind
 
-    Every step's row goes to ``metrics`` (a :class:`refinery.tasks.train.metrics.MetricsLog`; an
-    in-memory one with a progress bar when None). Returns the loss curve, validation history,
-    throughput and early-stopping facts."""
-    import torch
-
-    from refinery.tasks.finetune.methods import lr_lambda, make_optimizer
-    from refinery.tasks.train.metrics import MetricsLog
-
-    if not train_items:
-        raise ValueError("no training examples left after validation split and encoding")
-    lr = cfg.resolved_lr()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise RuntimeError(f"method {cfg.method}: the model has no trainable parameters")
-    optimizer, opt_name = make_optimizer(cfg, params, device, lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    # float16 needs loss scaling; bfloat16 and float32 do not
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and compute_dtype == torch.float16 else None
-    opt = (optimizer, scheduler, scaler, params)
-    eval_every = cfg.resolved_eval_every()
-    stream = _micro_batches(cfg, train_items, pad_id, seq_len or cfg.seq_len)
-    if metrics is None:
-        metrics = MetricsLog(None, total_steps=cfg.max_steps, desc=f"finetune[{cfg.method}]", bar=True)
-    from refinery.tasks.train import distributed as dist
-
-    world = dist.env()[1]
-    st = LoopState()
-    model.train()
-    for st.step in range(1, cfg.max_steps + 1):
-        t0 = time.perf_counter()
-        window = [next(stream) for _ in range(cfg.grad_accum * world)]   # the global window
-        st.epoch = window[-1][0]
-        grad_norm = _optimizer_step(cfg, model, [b for _, b in window], st, opt, device, compute_dtype)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        st.seconds += time.perf_counter() - t0
-        metrics.train(st.step, tokens=st.tokens, loss=st.losses[-1], lr=st.lrs[-1], grad_norm=grad_norm,
-                      epoch=st.epoch, label_tokens=st.label_tokens)
-        if val_batches and (st.step % eval_every == 0 or st.step == cfg.max_steps):
-            _validate(cfg, model, val_batches, st, device, compute_dtype, metrics, log)
-            if st.stopped_early:
-                break
-    # the best weights back, unless the last step was the best
-    restored = False
-    if cfg.load_best and st.best_snapshot is not None and st.best_step != st.step:
-        _restore(model, st.best_snapshot)
-        restored = True
-    del optimizer, opt
+    train = result.train_rows()
+    stream = getattr(engine.method, "stream", None)
+    stopper = result.stopper
     return {
-        "steps": st.step, "epochs": st.epoch + 1, "optimizer": opt_name, "lr": lr,
-        "train_losses": st.losses, "lrs": st.lrs, "val_history": st.val_history,
-        "best_val_loss": None if st.best_loss == math.inf else st.best_loss, "best_step": st.best_step,
-        "stopped_early": st.stopped_early, "restored_best": restored,
-        "train_tokens": st.tokens, "train_label_tokens": st.label_tokens, "train_seconds": round(st.seconds, 3),
-        "tokens_per_sec": round(st.tokens / st.seconds, 1) if st.seconds > 0 else None,
+        "status": result.status, "steps": result.steps,
+        "epochs": (stream.epoch + 1) if stream is not None else None,
+        "optimizer": optimizer_kind(cfg, engine.device), "lr": cfg.resolved_lr(),
+        "train_losses": [r["loss"] for r in train], "lrs": [r.get("lr") for r in train],
+        "val_history": [{"step": r["step"], "val_loss": r.get("val_loss")} for r in result.val_rows() if r["step"] > 0],
+        "best_val_loss": stopper.best, "best_step": stopper.best_step,
+        "stopped_early": result.status == "early_stopped", "restored_best": result.restored_step is not None,
+        "train_tokens": result.tokens,
+        "train_label_tokens": stream.totals.get("label_tokens", 0) if stream is not None else None,
+        "train_seconds": round(result.seconds, 3),
+        "tokens_per_sec": round(result.tokens / result.seconds, 1) if result.seconds > 0 else None,
+        "resumed_from": result.resumed_from,
     }

@@ -4,66 +4,63 @@
     python -m refinery.tasks.finetune.worker launch.json
 
 Every rank rebuilds what the stage built (tokenizer, the same encoded examples from the same seed,
-the base model and its adapter from the same seed), wraps the model (DDP, or FSDP2 ``fully_shard``
-per block with ``strategy=fsdp``), and runs the stage's own loop (refinery.tasks.finetune.train),
-each rank taking its share of the global window of micro-batches. Rank 0 writes the metrics, the
-trained weights (``trained.pt``: the trainable tensors, gathered) and ``result.json``; the stage
-loads the weights into its own copy of the model and goes on (validation, samples, saving).
+the base model and its adapter or classification head from the same seed) and runs the stage's
+own method on the engine (refinery.tasks.engine: ``SFTMethod`` of refinery.tasks.finetune.train, or
+``ClassifyMethod`` of refinery.tasks.finetune.classify with ``task: classify``). The engine wraps
+the model (DDP, or FSDP2 ``fully_shard`` per block with ``strategy=fsdp``); each rank takes its
+share of the global window of micro-batches. Rank 0 writes the checkpoints and metrics (in the
+stage's folders, so a rerun resumes), the trained weights (``trained.pt``: the trainable tensors,
+gathered) and ``result.json``; the stage loads the weights into its own copy of the model and goes
+on (validation, samples, saving).
 """
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 
-def _prepare(cfg, local_rank: int):
+def _sft(cfg, local_rank: int):
     """Data and model exactly as the stage makes them (same seeds, same order)."""
-    from refinery.tasks.finetune import data as D
     from refinery.tasks.finetune import methods as M
+    from refinery.tasks.finetune import seq2seq as S
+    from refinery.tasks.finetune.train import prepare_data
     from refinery.tasks.train.common import pick_device, seed_everything
 
     seed_everything(cfg.seed)
     source = M.resolve_model_source(cfg.model)
     tok = M.load_tokenizer(cfg, source)
-    D.ensure_chat_template(tok)
-    seq_len = M.effective_seq_len(cfg, source)
-    examples, report = D.read_examples(cfg.data, cfg.data_format, cfg.max_records)
-    train_ex, val_ex = D.split_examples(examples, cfg.val_fraction, cfg.seed, cfg.max_val_examples)
-    train_items, _ = D.encode_all(tok, train_ex, seq_len, report)
-    val_items, _ = D.encode_all(tok, val_ex, seq_len, report)
-    pad_id = tok.pad_token_id
-    val_batches = D.make_batches(val_items, cfg.batch_size, pad_id, packing=False, seq_len=seq_len)
+    data = prepare_data(cfg, source, tok, S.model_kind(source))
     device = pick_device(cfg.device, local_rank)
     compute, weights = M.resolve_dtypes(cfg, device)
     model = M.load_base_model(cfg, source, device, compute, weights)
     seed_everything(cfg.seed)
     model = M.wrap_model(cfg, model, source)
     seed_everything(cfg.seed)
-    return model, train_items, val_batches, pad_id, device, compute, seq_len
+    return model, data, device, compute
 
 
 def _train(spec: dict, rank: int):
+    from refinery.tasks.engine.trainer import INTERRUPTED
     from refinery.tasks.finetune.config import FinetuneConfig
-    from refinery.tasks.finetune.train import train_loop
     from refinery.tasks.train import distributed as dist
-    from refinery.tasks.train.metrics import MetricsLog
 
     cfg = FinetuneConfig.model_validate(spec["config"])
     _, world, local = dist.env()
-    model, train_items, val_batches, pad_id, device, compute, seq_len = _prepare(cfg, local)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    model = dist.wrap(model, cfg.strategy, device, compute, cfg.fsdp_cpu_offload)
-    metrics = MetricsLog(Path(spec["metrics_dir"]) if rank == 0 else None, total_steps=cfg.max_steps,
-                         desc=f"finetune[{cfg.method}]", bar=False, fresh=True)
     log = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
-    try:
-        run = train_loop(cfg, model, train_items, val_batches, pad_id, device, compute, log, seq_len,
-                         metrics=metrics)
-    finally:
-        metrics.close()
-    state = dist.gather_trainable(model, trainable)   # collective under FSDP
-    if rank == 0:
-        metrics.plot(f"finetune {cfg.method} ({cfg.strategy} x {world})")
+    title = f"finetune {cfg.method} ({cfg.strategy} x {world})"
+    if spec.get("task") == "classify":
+        from refinery.tasks.finetune import classify as C
+
+        engine, result, run = C.train_worker(cfg, local, spec["ckpt_dir"], spec["metrics_dir"], log, title)
+    else:
+        from refinery.tasks.finetune.train import run_summary, train_sft
+
+        model, data, device, compute = _sft(cfg, local)
+        engine, result = train_sft(cfg, model, data.train_items, data.val_batches, data.pad_id, device, compute,
+                                   seq_len=data.seq_len, ckpt_dir=spec.get("ckpt_dir"),
+                                   metrics_dir=spec["metrics_dir"], log=log, title=title)
+        run = run_summary(cfg, engine, result)
+    # every rank agrees on the status; an interrupted run's weights stay in its checkpoint
+    state = None if run["status"] in INTERRUPTED else dist.gather_trainable(engine.train_model, engine.trainable)
     return {**run, "world_size": world, "strategy": cfg.strategy}, state
 
 

@@ -97,3 +97,103 @@ def test_classification_finetune_of_the_mlm_encoder(mlm_model, sft_file, tmp_pat
     assert s["accuracy_after"] >= 0.9 and s["val_loss_after"] < s["val_loss_before"], (s["val_history"], s["train_loss_first"], s["train_loss_last"], s["val_loss_before"])
     model = AutoModelForSequenceClassification.from_pretrained(ds.path)
     assert model.config.id2label == {0: "repeat", 1: "reverse"}
+
+
+# --------------------------------------------------------------------------- on the engine: resume
+def _train_seq2seq(cfg, ckpt, stop_after=None):
+    from tests.finetune.test_finetune_resume import _train
+
+    return _train(cfg, ckpt, stop_after)
+
+
+def test_seq2seq_resumes_to_the_uninterrupted_run(span_model, sft_file, tmp_path):
+    from refinery.tasks.finetune.config import FinetuneConfig
+    from tests.finetune.test_finetune_resume import COMMON, check_resume
+
+    cfg = FinetuneConfig(model=span_model, data=str(sft_file), method="lora", lr=1e-2, lora={"dropout": 0.1},
+                         **{**COMMON, "seq_len": 32})
+    check_resume(cfg, tmp_path, _train_seq2seq)
+
+
+def _labels_file(sft_file, tmp_path):
+    recs = json.loads(sft_file.read_text())
+    data = tmp_path / "labels.jsonl"
+    rows = [{"text": f"{r['instruction']} {r['input']}", "label": r["instruction"].split()[0].lower()} for r in recs]
+    data.write_text("\n".join(json.dumps(x) for x in rows * 3) + "\n")
+    return data
+
+
+def _train_classifier(cfg, ckpt, stop_after=None):
+    import torch
+
+    from refinery.tasks.finetune import classify as C
+    from refinery.tasks.train.common import seed_everything
+
+    torch.set_num_threads(1)
+    _, classes, _, train, val, tok = C._data(cfg, cfg.model)
+    seed_everything(cfg.seed)
+    model = C._model(cfg, cfg.model, classes, torch.device("cpu"), tok)
+    _, result = C.train_classifier(cfg, model, tok, train, val, cfg.seq_len, torch.device("cpu"), ckpt_dir=ckpt,
+                                   log=lambda m: None, stop_after=stop_after)
+    return result, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_classification_resumes_to_the_uninterrupted_run(mlm_model, sft_file, tmp_path):
+    from refinery.tasks.finetune.config import FinetuneConfig
+    from tests.finetune.test_finetune_resume import COMMON, check_resume
+
+    cfg = FinetuneConfig(model=mlm_model, data=str(_labels_file(sft_file, tmp_path)), method="lora", lr=1e-3,
+                         head_lr=1e-2, **{**COMMON, "seq_len": 32, "batch_size": 4})
+    whole = check_resume(cfg, tmp_path, _train_classifier)
+    assert {"val_loss", "val_accuracy"} <= set(whole.val_rows()[-1])
+    assert {"loss", "accuracy", "lr", "head_lr", "epoch"} <= set(whole.train_rows()[0])
+
+
+def test_classification_accumulates_stops_early_and_writes_metrics(mlm_model, sft_file, tmp_path):
+    """grad_accum equals a bigger batch; early stopping stops and brings the best weights back;
+    the stage publishes metrics/ as SFT does."""
+    from refinery.tasks.finetune.config import FinetuneConfig
+    from refinery.tasks.finetune.stage import finetune
+    from refinery.tasks.train.metrics import read_metrics
+
+    data = str(_labels_file(sft_file, tmp_path))
+    common = dict(model=mlm_model, data=data, method="full", lr=1e-3, head_lr=1e-2, max_steps=3, device="cpu",
+                  seq_len=32, val_fraction=0.25, warmup_steps=1, eval_every=3, load_best=False)
+    big, _ = _train_classifier(FinetuneConfig(batch_size=8, grad_accum=1, **common), None)
+    acc, _ = _train_classifier(FinetuneConfig(batch_size=4, grad_accum=2, **common), None)
+    assert [r["loss"] for r in big.train_rows()] == pytest.approx([r["loss"] for r in acc.train_rows()], abs=1e-5)
+    assert big.last_val["loss"] == pytest.approx(acc.last_val["loss"], abs=1e-5)
+
+    # min_delta so large that only the starting point counts: two validations later it stops
+    cfg = FinetuneConfig(**{**common, "max_steps": 20, "eval_every": 1, "early_stopping_patience": 2,
+                            "early_stopping_min_delta": 100.0, "load_best": True, "batch_size": 8})
+    ds = finetune.run(tmp_path / "s", cfg=cfg)
+    s = ds.manifest["stats"]
+    assert ds.counts["steps"] == 2 and s["stopped_early"] and s["best_step"] == 0 and s["restored_best"]
+    assert s["val_loss_after"] == pytest.approx(s["val_loss_before"], abs=1e-6)
+    rows = read_metrics(ds.file("metrics"))
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
+    assert [r["step"] for r in rows if r["split"] == "val"] == [0, 1, 2]
+    assert {"metrics/metrics.jsonl", "metrics/loss.png"} <= {f["path"] for f in ds.manifest["files"]}
+
+
+def test_classification_on_two_processes_matches_one(mlm_model, sft_file, tmp_path):
+    """devices=2 (DDP, gloo on CPU) through the finetune worker: the same global batch as one
+    process, the same curve (within 1e-4); rank 0's metrics are published."""
+    from refinery.tasks.finetune.config import FinetuneConfig
+    from refinery.tasks.finetune.stage import finetune
+    from refinery.tasks.train.metrics import read_metrics
+
+    common = dict(model=mlm_model, data=str(_labels_file(sft_file, tmp_path)), method="full", lr=1e-3, head_lr=1e-2,
+                  max_steps=3, device="cpu", seq_len=32, val_fraction=0.25, warmup_steps=1, eval_every=3,
+                  load_best=False)
+    one = finetune.run(tmp_path / "one", cfg=FinetuneConfig(batch_size=8, **common))
+    two = finetune.run(tmp_path / "two", cfg=FinetuneConfig(batch_size=4, devices=2, strategy="ddp", **common))
+    ra, rb = read_metrics(one.file("metrics")), read_metrics(two.file("metrics"))
+    assert [(r["step"], r["split"]) for r in ra] == [(r["step"], r["split"]) for r in rb]
+    for x, y in zip(ra, rb):
+        for k in ("loss", "val_loss", "val_accuracy"):
+            if k in x:
+                assert abs(x[k] - y[k]) < 1e-4, (k, x, y)
+    a, b = one.manifest["stats"], two.manifest["stats"]
+    assert abs(a["val_loss_after"] - b["val_loss_after"]) < 1e-4

@@ -44,7 +44,8 @@ def test_cached_deterministic_and_input_identity(tiny_causal_lm_dir, sft_file, t
     assert tensorboard == {""}, "TensorBoard events once, at the top (each run listed once)"
     rows = read_metrics(a.file("metrics"))
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
-    assert [r["step"] for r in rows if r["split"] == "val"] == [3] and rows[-1]["val_loss"] > 0
+    # the engine validates the starting point (step 0) too
+    assert [r["step"] for r in rows if r["split"] == "val"] == [0, 3] and rows[-1]["val_loss"] > 0
     assert all({"step", "split", "seconds", "tokens"} <= set(r) for r in rows)
     assert a.manifest["stats"]["val_loss_after"] == b.manifest["stats"]["val_loss_after"]
 
@@ -82,14 +83,18 @@ def test_learns_and_reports(tiny_causal_lm_dir, sft_file, tmp_path):
 
 
 def test_early_stopping_restores_best(tiny_causal_lm_dir, sft_file, tmp_path):
-    # min_delta so large that nothing after the first validation counts as an improvement
+    # min_delta so large that nothing after the first validation (the starting point, step 0)
+    # counts as an improvement: two validations later training stops, and the starting weights
+    # (the adapter's zero update) come back
     cfg = FinetuneConfig(model=str(tiny_causal_lm_dir), data=str(sft_file), method="lora", max_steps=50, device="cpu",
                          eval_every=1, early_stopping_patience=2, early_stopping_min_delta=100.0, seq_len=64,
                          batch_size=4, val_fraction=0.25, num_samples=0, lr=5e-3)
     ds = finetune.run(tmp_path / "s", cfg=cfg)
     s = ds.manifest["stats"]
-    assert ds.counts["steps"] == 3 and s["stopped_early"] and s["best_step"] == 1 and s["restored_best"]
+    assert ds.counts["steps"] == 2 and s["stopped_early"] and s["best_step"] == 0 and s["restored_best"]
     assert s["val_loss_after"] == pytest.approx(s["best_val_loss"], abs=1e-6)
+    assert s["val_loss_after"] == pytest.approx(s["val_loss_before"], abs=1e-6)
+    assert [h["step"] for h in s["val_history"]] == [1, 2]
     assert s["val_history"][-1]["val_loss"] != pytest.approx(s["best_val_loss"], abs=1e-6)
 
 
