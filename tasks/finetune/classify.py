@@ -255,7 +255,7 @@ def run(b, cfg, source: str, log: Callable[[str], Any], memory_plan: dict | None
         model = _model(cfg, source, classes, device, tok)
         before = evaluate(model, tok, val, cfg, seq_len, device)
         if cfg.launches():   # worker processes train; their weights come back into this model
-            from refinery.tasks.finetune.stage import train_on_processes
+            from refinery.tasks.finetune.processes import train_on_processes
 
             if ckpt_dir is None:
                 raise ValueError("several processes need a checkpoint folder")

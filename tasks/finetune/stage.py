@@ -110,6 +110,8 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
             f"parameters ({params['trainable_pct']}%), lr {cfg.resolved_lr():g}, device {device.type}")
         seed_everything(cfg.seed)
         if cfg.launches():   # worker processes train; their weights come back into this model
+            from refinery.tasks.finetune.processes import train_on_processes
+
             run = train_on_processes(cfg, model, ckpt_dir, metrics_dir, log, task="sft")
         else:
             engine, result = train_sft(cfg, model, train_items, val_batches, data.pad_id, device, compute_dtype,
@@ -173,27 +175,6 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
     }
     _report_artifact(cfg, counts, stats)
     return StageOutput(counts=counts, stats=stats, extra=extra)
-
-
-def train_on_processes(cfg: FinetuneConfig, model, ckpt_dir, metrics_dir, log, task: str = "sft") -> dict:
-    """Train on ``cfg.devices`` processes (refinery.tasks.finetune.worker: the same method on the
-    engine, DDP or FSDP; ``task`` sft or classify), then load the trained weights they gathered
-    into ``model``. A run they stopped early (SIGTERM) raises: its checkpoint is kept and the same
-    command resumes it."""
-    from refinery.tasks.engine.trainer import INTERRUPTED, TrainingInterrupted
-    from refinery.tasks.train.distributed import launch, load_trainable
-
-    nproc = cfg.processes()
-    log(f"finetune[{cfg.method}]: launching {cfg.strategy if cfg.strategy != 'auto' else 'ddp'} on "
-        f"{nproc} processes")
-    spec = {"config": cfg.model_dump(mode="json"), "metrics_dir": str(metrics_dir), "task": task,
-            "ckpt_dir": str(ckpt_dir)}
-    run = launch(spec, nproc, ckpt_dir, module="refinery.tasks.finetune.worker")
-    if run.get("status") in INTERRUPTED:
-        raise TrainingInterrupted(f"training stopped at step {run['steps']} ({run['status']}); checkpoint kept in "
-                                  f"{ckpt_dir}: run the same command again to resume")
-    load_trainable(model, ckpt_dir / "trained.pt")
-    return run
 
 
 def summary_markdown(cfg: FinetuneConfig, counts: dict, stats: dict) -> str:
