@@ -6,9 +6,10 @@ A checkpoint is a ``step-XXXXXXXX`` folder written by :mod:`refinery.tasks.train
     model.safetensors   the trainable tensors (adapters, heads, value head; all weights in full
                         training), or a whole Hugging Face folder (``hf_weights``: pretrain)
     dcp/                with FSDP: every rank's shards of the weights and the optimizer
-    trainer_state.pt    optimizer, schedule, loss scaler, RNG (torch, CUDA, numpy, python), step,
-                        tokens, metric history, early stopping (with the best weights), and each of
-                        the method's stateful objects (the data position), loaded weights_only
+    trainer_state.pt    optimizer, schedule, loss scaler, every process's RNG (torch, CUDA, numpy,
+                        python), step, tokens, metric history, early stopping (with the best
+                        weights), and each of the method's stateful objects (the data position),
+                        loaded weights_only
     trainer_state.json  the same small facts, readable
 
 What a run is rebuilt from instead of copied: the frozen parts (a reference model, a reward model,
@@ -50,6 +51,7 @@ def save(engine: Engine, st: EngineState, status: str) -> None:
 
     assert engine.ckpt_dir is not None
     root = engine.ckpt_dir
+    rngs = dist.gather_objects(ckpt.rng_state())   # each process's own streams (its dropout, its samples)
     full, staged, with_optim = None, None, False
     if engine.par.sharded:   # the gathered weights for rank 0's file, every rank's shards
         from refinery.tasks.train.fsdp import full_state_dict, save_sharded
@@ -68,7 +70,7 @@ def save(engine: Engine, st: EngineState, status: str) -> None:
                  "sharded_optimizer": bool(engine.par.sharded and with_optim),
                  "scheduler": engine.scheduler.state_dict(),
                  "scaler": engine.scaler.state_dict() if engine.scaler is not None else None,
-                 "rng": ckpt.rng_state(), "stopper": engine.stopper.state_dict(), "history": st.history,
+                 "rng": rngs[0], "rng_ranks": rngs, "stopper": engine.stopper.state_dict(), "history": st.history,
                  "method": {k: ckpt.to_safe(v.state_dict()) for k, v in engine.method.stateful().items()},
                  "config": engine.cfg.model_dump(mode="json")}
         info = {"step": st.step, "status": status, "tokens": st.tokens, "best_step": engine.stopper.best_step,
@@ -140,7 +142,8 @@ def resume(engine: Engine) -> EngineState:
     for key, obj in engine.method.stateful().items():
         obj.load_state_dict(ckpt.from_safe(saved["method"][key]))
     engine.stopper.load_state_dict(saved["stopper"])
-    ckpt.set_rng_state(saved["rng"])
+    ranks = saved.get("rng_ranks") or []
+    ckpt.set_rng_state(ranks[engine.par.rank] if len(ranks) == engine.par.world else saved["rng"])
     engine.log(f"{engine.method.desc}: resumed from {last} (step {saved['step']})")
     return EngineState(step=int(saved["step"]), tokens=int(saved["tokens"]), history=list(saved["history"]),
                        status=saved.get("status", "running"), seconds=float(saved.get("seconds", 0.0)))

@@ -104,6 +104,17 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def gather_objects(obj) -> list:
+    """Every process's ``obj``, in rank order, on every process (``[obj]`` when not distributed)."""
+    import torch.distributed as dist
+
+    if not is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
@@ -374,5 +385,5 @@ def worker_main(argv: list[str] | None, module: str, body, sharded=lambda spec: 
     return 0
 
 
-__all__ = ["env", "init", "wrap", "worker_main", "FollowerNodeDone", "follower_node", "num_nodes", "unwrap", "gather_trainable", "load_trainable", "write_json_atomic", "shutdown", "mean", "any_true", "broadcast_object", "barrier", "world_size_for", "launch",
+__all__ = ["env", "init", "wrap", "worker_main", "FollowerNodeDone", "follower_node", "num_nodes", "unwrap", "gather_trainable", "load_trainable", "write_json_atomic", "shutdown", "mean", "any_true", "broadcast_object", "gather_objects", "barrier", "world_size_for", "launch",
            "local_worker_env", "rendezvous_args"]
