@@ -18,9 +18,18 @@ One GRPO step, readable top to bottom:
 
 The reference is a frozen copy of the starting policy (with LoRA: the same model with its
 adapters disabled, no second copy; with ``beta=0`` none is kept). Dropout is off (eval mode).
-Practice as in every align trainer (:mod:`refinery.tasks.align.practice`): ``grad_accum`` sampled
-batches per optimizer step, warm-up + schedule, clipping, and early stopping on the mean reward
-of greedy completions to held-out prompts, the best weights restored.
+
+The run is a :class:`refinery.tasks.engine.trainer.Method` on the one training loop
+(:class:`refinery.tasks.engine.trainer.Engine`): one step samples ``grad_accum`` batches inside its
+first micro-batch, then makes ``num_iterations`` optimizer updates (``updates_per_step``), each a
+pass over the batches' minibatches of ``mini_batch_size`` completions, each weighted by its share
+of its batch. The engine owns warm-up + schedule, clipping, early stopping on the mean reward of
+greedy completions to held-out prompts (the best weights restored), checkpoints and resume (the
+prompt order's position and the rollouts done are in the checkpoint; the sampling of step ``k``
+on process ``r`` is seeded by ``(seed, r, k)``). On several processes (``devices``, DDP) each
+samples and scores whole groups for its part of every batch's prompts, computes their advantages
+itself, and the gradient average over the processes is the one-process update of the whole batch;
+the figures are averaged over the processes.
 
 Our own rather than TRL's ``GRPOTrainer``: it runs inside our stages (cached by fingerprint,
 metrics through :mod:`refinery.tasks.train.metrics`), takes our parameter names, and needs neither
@@ -30,22 +39,26 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
-from refinery.tasks.align.common import (SamplingParams, LoraSettings, apply_lora, count_params, load_tokenizer, pad, pick_device,
-                                         position_ids, seed_everything, step_metrics, torch_dtype)
-from refinery.tasks.align.practice import EarlyStopping, make_optimisation, restore_best
+from refinery.tasks.align.common import (SamplingParams, LoraSettings, apply_lora, load_tokenizer, pad, pick_device,
+                                         position_ids, seed_everything, torch_dtype)
+from refinery.tasks.align.ppo import Rollouts, path_or_none, raise_if_interrupted, reply_mask, rl_stats, seed_rollout
+from refinery.tasks.engine.data import ExampleOrder
+from refinery.tasks.engine.parallel import Parallel
+from refinery.tasks.engine.trainer import Engine, Method, Micro
 from refinery.tasks.train.config import ParallelParams, ScheduleParams
 
 
 class GRPOConfig(ScheduleParams, ParallelParams, SamplingParams):
-    """GRPO settings. ``max_steps`` counts optimizer steps, each over ``grad_accum`` sampled batches
-    of ``batch_size`` prompts times ``num_generations`` completions; ``lr`` 1e-5 (a pretrained
-    policy; no new layer, so ``head_lr`` is unused)."""
+    """GRPO settings. ``max_steps`` counts steps, each over ``grad_accum`` sampled batches of
+    ``batch_size`` prompts times ``num_generations`` completions and ``num_iterations`` optimizer
+    updates (the schedule counts updates); ``lr`` 1e-5 (a pretrained policy; no new layer, so
+    ``head_lr`` is unused). On ``devices`` processes (DDP) each samples the groups of
+    ``batch_size / devices`` prompts of every batch, in passes of ``mini_batch_size`` completions."""
 
     field_defaults = dict(max_steps=20, lr=1e-5, batch_size=4, dtype="float32", max_prompt_len=128, max_new_tokens=64)
 
@@ -84,6 +97,12 @@ class GRPOConfig(ScheduleParams, ParallelParams, SamplingParams):
             raise ValueError(f"reward_weights: {len(self.reward_weights)} weights for {len(self.reward_funcs)} reward_funcs")
         if not self.reward_funcs:
             raise ValueError("reward_funcs: at least one")
+        # every process samples the groups of batch_size/devices prompts (a group is never split)
+        if self.devices > 1 and self.strategy == "fsdp":
+            raise ValueError("strategy=fsdp is not available for this trainer; use strategy=ddp (or auto)")
+        if self.devices > 1 and self.batch_size % self.devices:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of devices={self.devices} "
+                             "(each process samples the groups of an equal part of the prompts)")
         return self
 
 
@@ -130,7 +149,11 @@ class GRPOResult:
     model: Any              # the trained causal LM (a PeftModel with LoRA)
     tokenizer: object
     history: list = field(default_factory=list)
-    stats: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)   # stats["status"]: the engine's (done, early_stopped, preempted, stopped)
+
+    def raise_if_interrupted(self, where: str | os.PathLike | None) -> None:
+        """A stage must not publish a run that stopped early (SIGTERM, ``stop_after``)."""
+        raise_if_interrupted(self.stats, where)
 
 
 @dataclass
@@ -147,20 +170,52 @@ class _Batch:
     advantages: Any
 
 
-class GRPOTrainer:
-    """The policy, the reference (when ``beta`` > 0), the reward functions, and GRPO steps."""
+def micro_weight(n_micro: int, n_batch: int, grad_accum: int) -> float:
+    """The weight of a minibatch of ``n_micro`` completions out of this process's ``n_batch`` of
+    one sampled batch, one of ``grad_accum`` per update: the update's loss is the mean over each
+    batch's completions, averaged over the batches. With every process holding ``n_batch`` of the
+    batch's ``world * n_batch`` completions, gradient averaging over the processes makes it the
+    one-process loss of the whole batch."""
+    return n_micro / n_batch / grad_accum
 
-    def __init__(self, model_dir: str, reward_funcs: dict[str, Callable], cfg: GRPOConfig, seed: int = 0):
+
+class GRPOTrainer(Method):
+    """GRPO as the engine runs it: the policy, the reference (when ``beta`` > 0), the reward
+    functions, the prompts' seeded order, and the buffer of the step's minibatches.
+
+    One engine step: the first micro-batch samples ``grad_accum`` batches (each process the groups
+    of its part of the ``batch_size`` prompts), scores them and computes each group's advantages;
+    then ``num_iterations`` updates, each a pass over every minibatch of ``mini_batch_size``
+    completions, weighted by its share of its batch (:func:`micro_weight`)."""
+
+    desc = "grpo"
+    metric, mode = "reward", "max"          # early stopping on the held-out greedy reward
+    show = ("reward", "kl")
+    panels = ("reward", "kl", "completion_len")
+    train_mode = False                      # no dropout: the same tokens get the same log-probs
+
+    def __init__(self, model_dir: str, prompts: Sequence[str], columns: Sequence[dict],
+                 reward_funcs: dict[str, Callable], cfg: GRPOConfig, seed: int = 0,
+                 held_out: tuple[Sequence[str], Sequence[dict]] = ((), ())):
         from transformers import AutoModelForCausalLM, GenerationConfig
 
+        from refinery.tasks.train.common import PeakMemory
+
+        if not prompts:
+            raise ValueError("GRPO: no prompts")
+        if len(columns) != len(prompts):
+            raise ValueError("GRPO: one columns dict per prompt")
         seed_everything(seed)
         self.cfg, self.seed = cfg, seed
+        self.prompts, self.columns = list(prompts), list(columns)
+        self.held_out = (list(held_out[0]), list(held_out[1]))
         self.reward_funcs = reward_funcs
         self.weights = list(cfg.reward_weights or [1.0] * len(reward_funcs))
         if len(self.weights) != len(reward_funcs):
             raise ValueError(f"{len(self.weights)} reward weights for {len(reward_funcs)} reward functions")
         self.tokenizer = load_tokenizer(model_dir)
         self.device = pick_device(cfg.device)
+        self.mem = PeakMemory(self.device).start()
         lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(cfg.dtype))
         self.ref = None
         if cfg.lora.enabled:
@@ -168,7 +223,10 @@ class GRPOTrainer:
         elif cfg.beta:
             self.ref = copy.deepcopy(lm).eval().requires_grad_(False).to(self.device)
         self.model = lm.to(self.device).eval()   # no dropout: the same tokens get the same log-probs
-        self.optim = make_optimisation(self.model, cfg, cfg.max_steps)
+        self.order = ExampleOrder(len(self.prompts), seed)   # prompts, reshuffled every pass
+        self.rollouts = Rollouts()
+        self.buffer: list = []     # (batch, slice) of the minibatches the step has left
+        self.n_local = cfg.batch_size * cfg.num_generations
         tok = self.tokenizer
         self.eos_id = tok.eos_token_id
         common = dict(pad_token_id=tok.pad_token_id, eos_token_id=self.eos_id, bos_token_id=tok.bos_token_id)
@@ -176,15 +234,53 @@ class GRPOTrainer:
                                               temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, **common)
         self.greedy_config = GenerationConfig(do_sample=False, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
                                               **common)
-        self.step_no = 0
-        self.tokens = 0
+
+    @property
+    def par(self) -> Parallel:
+        return self.engine.par
+
+    # -- what the engine asks
+    def setup(self) -> None:
+        world = self.par.world
+        if self.cfg.batch_size % world:   # several nodes too
+            raise ValueError(f"grpo: batch_size={self.cfg.batch_size} must be a multiple of the {world} processes "
+                             "(each samples the groups of an equal part of the prompts)")
+        self.n_local = self.cfg.batch_size // world * self.cfg.num_generations   # completions per batch here
+
+    def updates_per_step(self) -> int:
+        return self.cfg.num_iterations
+
+    def accum(self) -> int:
+        return self.cfg.grad_accum * -(-self.n_local // self.cfg.mini_batch_size)
+
+    def stateful(self) -> dict[str, Any]:
+        return {"order": self.order, "rollouts": self.rollouts}
+
+    def micro_step(self, micro: int) -> Micro:
+        import torch
+
+        cfg = self.cfg
+        info = self._sample_step() if not self.buffer else {}
+        b, sl = self.buffer.pop(0)
+        logp = _token_logps(self.engine.train_model, b.ids[sl], b.mask[sl], b.P, b.completions[sl], cfg.temperature)
+        old = b.old_logp[sl] if b.old_logp is not None else logp.detach()
+        ref = b.ref_logp[sl] if b.ref_logp is not None else None
+        m = b.c_mask[sl]
+        loss, kl = grpo_loss(logp, old, ref, b.advantages[sl], m, cfg.beta, cfg.clip_range)
+        with torch.no_grad():
+            den = m.sum().clamp(min=1)
+            ratio = torch.exp(logp - old)
+            figs = {"kl": ((kl * m).sum() / den).item() if kl is not None else 0.0,
+                    "clipfrac": (((ratio - 1).abs() > cfg.clip_range).float() * m).sum().item() / den.item()}
+        return Micro(loss, {**info, **figs}, weight=micro_weight(len(logp), len(b.ids), cfg.grad_accum))
+
+    def validate(self) -> dict | None:
+        return self.evaluate(*self.held_out) if self.held_out[0] else None
 
     # -- sampling and scoring
     def generate(self, prompts: Sequence[str], greedy: bool = False):
         """Completions of ``prompts``: (ids, mask, P, completion ids, completion mask, texts)."""
         import torch
-
-        from refinery.tasks.align.ppo import reply_mask
 
         tok = self.tokenizer
         p_ids, p_mask = pad([tok(t)["input_ids"][-self.cfg.max_prompt_len:] for t in prompts], tok.pad_token_id, "left")
@@ -218,8 +314,8 @@ class GRPOTrainer:
         return torch.cat(outs)
 
     def sample(self, prompts: Sequence[str], columns: Sequence[dict]) -> tuple[_Batch, dict]:
-        """Sample the groups of a batch of prompts, score them, compute advantages and the
-        log-probs the loss compares against."""
+        """Sample the groups of a batch of prompts, score them, compute advantages (per group:
+        a group is never split between processes) and the log-probs the loss compares against."""
         import contextlib
 
         import torch
@@ -240,133 +336,67 @@ class GRPOTrainer:
                 ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
                 with ctx:
                     ref = self._logps(lambda: self.model, ids, mask, P, comp)
-        self.tokens += int(mask.sum())
         grouped = r.view(-1, G)
         figs = {"reward": r.mean().item(), "reward_std": grouped.std(dim=1).mean().item(),
                 "zero_std_groups": (grouped.std(dim=1) == 0).float().mean().item(),
                 "completion_len": c_mask.sum(-1).mean().item(),
                 **{f"reward_{n}": sum(v) / len(v) for n, v in parts.items()}}
-        return _Batch(ids, mask, P, comp, c_mask, old, ref, adv), {"figs": figs, "sample": texts[0][:200]}
+        return (_Batch(ids, mask, P, comp, c_mask, old, ref, adv),
+                {"figs": figs, "sample": texts[0][:200], "tokens": int(mask.sum())})
 
-    # -- one optimizer step
-    def step(self, batches: Sequence[tuple[Sequence[str], Sequence[dict]]]) -> dict:
-        """``grad_accum`` (prompts, columns) batches -> one optimizer step (``num_iterations``
-        passes: each pass but the last steps too, as TRL does). Returns the step's figures."""
-        import torch
-
+    def _sample_step(self) -> dict:
+        """Sample this process's groups of the step's ``grad_accum`` batches and fill the buffer
+        with ``num_iterations`` passes over their minibatches; the batches' figures (with their
+        ``tokens`` and a ``sample`` completion)."""
         cfg = self.cfg
-        sampled = [self.sample(p, c) for p, c in batches]
-        agg = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0}
-        n_mb = 0
-        opt_figs: dict = {}
-        for _ in range(cfg.num_iterations):
-            for b, _info in sampled:
-                N = len(b.ids)
-                for i in range(0, N, cfg.mini_batch_size):
-                    sl = slice(i, i + cfg.mini_batch_size)
-                    logp = _token_logps(self.model, b.ids[sl], b.mask[sl], b.P, b.completions[sl], cfg.temperature)
-                    old = b.old_logp[sl] if b.old_logp is not None else logp.detach()
-                    ref = b.ref_logp[sl] if b.ref_logp is not None else None
-                    m = b.c_mask[sl]
-                    loss, kl = grpo_loss(logp, old, ref, b.advantages[sl], m, cfg.beta, cfg.clip_range)
-                    self.optim.backward(loss * (len(logp) / N))
-                    with torch.no_grad():
-                        den = m.sum().clamp(min=1)
-                        agg["loss"] += loss.item()
-                        agg["kl"] += ((kl * m).sum() / den).item() if kl is not None else 0.0
-                        ratio = torch.exp(logp - old)
-                        agg["clipfrac"] += (((ratio - 1).abs() > cfg.clip_range).float() * m).sum().item() / den.item()
-                        n_mb += 1
-            opt_figs = self.optim.step()
-        self.step_no += 1
+        seed_rollout(self.seed, self.par.rank, self.rollouts.done)
+        sampled = []
+        for _ in range(cfg.grad_accum):
+            idx = self.par.part(self.order.take(cfg.batch_size))   # whole groups: this process's prompts
+            sampled.append(self.sample([self.prompts[i] for i in idx], [self.columns[i] for i in idx]))
+        self.rollouts.done += 1
+        passes = [(b, slice(i, i + cfg.mini_batch_size)) for b, _ in sampled
+                  for i in range(0, len(b.ids), cfg.mini_batch_size)]
+        self.buffer = passes * cfg.num_iterations
         figs = {k: sum(info["figs"][k] for _, info in sampled) / len(sampled) for k in sampled[0][1]["figs"]}
-        rec = {"step": self.step_no, **figs, **{k: v / max(n_mb, 1) for k, v in agg.items()}, **opt_figs}
-        rec = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in rec.items()}
-        rec["sample"] = sampled[0][1]["sample"]
-        return rec
+        return {**figs, "tokens": sum(info["tokens"] for _, info in sampled), "sample": sampled[0][1]["sample"]}
 
     def evaluate(self, prompts: Sequence[str], columns: Sequence[dict]) -> dict:
-        """Mean reward of greedy completions to held-out prompts (and each function's)."""
-        total: list[float] = []
-        parts: dict[str, list[float]] = {n: [] for n in self.reward_funcs}
+        """Mean reward of greedy completions to held-out prompts (and each function's); on several
+        processes each completes its part and the means are over all of them."""
+        prompts, columns = self.par.part(prompts), self.par.part(columns)
+        total = 0.0
+        parts: dict[str, float] = {n: 0.0 for n in self.reward_funcs}
         for i in range(0, len(prompts), self.cfg.mini_batch_size):
             ps, cs = list(prompts[i:i + self.cfg.mini_batch_size]), list(columns[i:i + self.cfg.mini_batch_size])
             *_, texts = self.generate(ps, greedy=True)
             t, p = self.rewards(ps, texts, cs)
-            total += t
+            total += sum(t)
             for n in parts:
-                parts[n] += p[n]
-        out = {"reward": round(sum(total) / max(len(total), 1), 6)}
-        out.update({f"reward_{n}": round(sum(v) / max(len(v), 1), 6) for n, v in parts.items()})
+                parts[n] += sum(p[n])
+        sums = self.par.sum([float(len(prompts)), total, *parts.values()])
+        count = max(sums[0], 1.0)
+        out = {"reward": round(sums[1] / count, 6)}
+        out.update({f"reward_{name}": round(v / count, 6) for name, v in zip(parts, sums[2:])})
         return out
 
 
 def train_grpo(model_dir: str, prompts: Sequence[str], columns: Sequence[dict], reward_funcs: dict[str, Callable],
                cfg: GRPOConfig, seed: int = 0, held_out: tuple[Sequence[str], Sequence[dict]] = ((), ()),
                on_step: Callable[[dict], None] | None = None, progress: bool = False,
-               log_dir: str | os.PathLike | None = None) -> GRPOResult:
-    """Run ``cfg.max_steps`` GRPO steps over a seeded shuffle of ``prompts`` (rendered prompt texts;
-    ``columns``: each prompt's other columns, passed to the reward functions). With ``held_out``
-    (prompts, columns), greedy completions are scored every ``eval_every`` steps: validation rows
-    and the early-stopping metric (``reward``)."""
-    import torch
-
-    from refinery.tasks.train.common import PeakMemory
-
-    if not prompts:
-        raise ValueError("GRPO: no prompts")
-    if len(columns) != len(prompts):
-        raise ValueError("GRPO: one columns dict per prompt")
-    trainer = GRPOTrainer(model_dir, reward_funcs, cfg, seed)
-    mem = PeakMemory(trainer.device).start()
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-
-    def next_batch():
-        idx = []
-        nonlocal order
-        while len(idx) < cfg.batch_size:
-            if not order:
-                order = torch.randperm(len(prompts), generator=gen).tolist()
-            idx.append(order.pop(0))
-        return [prompts[i] for i in idx], [columns[i] for i in idx]
-
-    steps = step_metrics(log_dir, cfg, cfg.max_steps, "grpo", progress, on_step, show=("reward", "kl"))
-    stopper = EarlyStopping("reward", "max", cfg.early_stopping_patience, cfg.early_stopping_min_delta)
-    eval_every = cfg.resolved_eval_every(cfg.max_steps)
-    h_prompts, h_cols = held_out
-    t0 = time.perf_counter()
-    if h_prompts:   # the starting policy's held-out reward: what training has to beat
-        val = trainer.evaluate(h_prompts, h_cols)
-        steps.val(0, tokens=0, **val)
-        stopper.update(val["reward"], 0, trainer.model)
-    for _ in range(cfg.max_steps):
-        rec = trainer.step([next_batch() for _ in range(cfg.grad_accum)])
-        step = rec.pop("step")
-        steps.train(step, tokens=trainer.tokens, **rec)
-        if h_prompts and (step % eval_every == 0 or step == cfg.max_steps):
-            val = trainer.evaluate(h_prompts, h_cols)
-            steps.val(step, tokens=trainer.tokens, **val)
-            stopper.update(val["reward"], step, trainer.model)
-            if stopper.should_stop:
-                break
-    restored = restore_best(stopper, trainer.model, cfg, trainer.step_no)
-    steps.close()
-    steps.plot("GRPO", panels=("reward", "kl", "completion_len"))
-    train = [r for r in steps.history if r["split"] == "train"]
-    vals = [r for r in steps.history if r["split"] == "val"]
-    k = max(1, min(3, len(train) // 2))
-    avg = lambda rows, key: round(sum(r[key] for r in rows) / len(rows), 6)  # noqa: E731
-    stats = {"steps": len(train), "reward_first": train[0]["reward"], "reward_last": train[-1]["reward"],
-             "reward_start_avg": avg(train[:k], "reward"), "reward_end_avg": avg(train[-k:], "reward"),
-             "kl_last": train[-1]["kl"], "kl_max": max(r["kl"] for r in train),
-             "held_out_reward_before": vals[0]["val_reward"] if vals else None,
-             # after: the weights kept (the best validation's, when they were restored)
-             "held_out_reward_after": (stopper.best if restored is not None else vals[-1]["val_reward"]) if vals else None,
-             "restored_step": restored, **(stopper.summary() if h_prompts else {}),
-             "train_seconds": round(time.perf_counter() - t0, 3), "train_tokens": trainer.tokens, **mem.stats(),
-             **count_params(trainer.model)}
-    return GRPOResult(model=trainer.model, tokenizer=trainer.tokenizer, history=steps.history, stats=stats)
+               log_dir: str | os.PathLike | None = None, ckpt_dir: str | os.PathLike | None = None,
+               stop_after: int | None = None) -> GRPOResult:
+    """Run ``cfg.max_steps`` GRPO steps on the engine over a seeded shuffle of ``prompts`` (rendered
+    prompt texts; ``columns``: each prompt's other columns, passed to the reward functions). With
+    ``held_out`` (prompts, columns), greedy completions are scored every ``eval_every`` steps:
+    validation rows and the early-stopping metric (``reward``). Metrics go to ``log_dir`` (default
+    ``ckpt_dir/metrics``); with ``ckpt_dir``, checkpoints go there and a rerun resumes from the
+    newest (``stats["status"]``: whether the run finished; ``stop_after``: stop after that step)."""
+    trainer = GRPOTrainer(model_dir, prompts, columns, reward_funcs, cfg, seed, held_out=held_out)
+    res = Engine(trainer, cfg, total=cfg.max_steps, device=trainer.device, ckpt_dir=path_or_none(ckpt_dir),
+                 metrics_dir=path_or_none(log_dir), progress=progress, on_row=on_step, stop_after=stop_after, title="GRPO").fit()
+    stats = rl_stats(res, cfg.max_steps, trainer.mem, trainer.model)
+    return GRPOResult(model=trainer.model, tokenizer=trainer.tokenizer, history=res.history, stats=stats)
 
 
-__all__ = ["GRPOConfig", "GRPOResult", "GRPOTrainer", "group_advantages", "grpo_loss", "train_grpo"]
+__all__ = ["GRPOConfig", "GRPOResult", "GRPOTrainer", "group_advantages", "grpo_loss", "micro_weight", "train_grpo"]

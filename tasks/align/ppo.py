@@ -19,10 +19,21 @@ The value head is a linear layer on the policy's last hidden state (shared backb
 starting policy (with LoRA: the same model with its adapters disabled, so no second copy).
 ``kl_coef`` is fixed, or with ``kl_target`` set it follows the adaptive controller of Ziegler et
 al. 2019: ``kl_coef *= 1 + clip(KL / kl_target - 1, -0.2, 0.2) * batch_size / kl_horizon`` after
-every step, so the measured KL is steered towards the target. The optimisation practice
-(accumulation over minibatches, warm-up + schedule over the optimizer steps, clipping, early
-stopping on the mean reward of held-out prompts with the best weights restored) is that of
-:mod:`refinery.tasks.align.practice`.
+every step, so the measured KL is steered towards the target.
+
+The run is a :class:`refinery.tasks.engine.trainer.Method` on the one training loop
+(:class:`refinery.tasks.engine.trainer.Engine`), as TRL lays PPO out: one engine step is one
+rollout and its ``ppo_epochs`` passes, i.e. ``updates_per_step`` optimizer updates of ``accum``
+minibatches each (``grad_accum`` minibatches per update, the last of a pass takes what is left).
+The rollout happens inside the step's first micro-batch, when the buffer of minibatches is empty;
+every micro-batch then returns the loss of the buffer's next minibatch. The engine owns the rest:
+warm-up + schedule over the optimizer updates, clipping, early stopping on the mean reward of
+held-out prompts with the best weights restored, checkpoints (``checkpoint_every``, SIGTERM) and
+resume. A checkpoint holds the trainable weights (value head and LoRA adapters included), the
+optimizer, the schedule, the prompt order's position, the rollouts done and the adaptive KL
+coefficient; the frozen reference and the reward function come from the run's inputs. Rollout
+``k`` on process ``r`` samples from a generator seeded by ``(seed, r, k)``, so a resumed run
+samples what the uninterrupted one would have.
 Dropout is off throughout (eval mode), so log-probabilities of the same tokens are reproducible.
 Every step reports mean reward, KL to the reference (per reply, summed over tokens), entropy
 (per token), losses, clip fractions and reply length.
@@ -31,16 +42,16 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from pydantic import Field, model_validator
 
 from refinery.tasks.align.common import (SamplingParams, LoraSettings, count_params, pad,
-                                pick_device, position_ids, seed_everything, step_metrics)
+                                         pick_device, position_ids, seed_everything)
+from refinery.tasks.engine.data import ExampleOrder
 from refinery.tasks.engine.parallel import Parallel
-from refinery.tasks.align.practice import EarlyStopping, make_optimisation, restore_best
+from refinery.tasks.engine.trainer import INTERRUPTED, Engine, EngineResult, Method, Micro, TrainingInterrupted
 from refinery.tasks.train.config import ParallelParams, ScheduleParams
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[Sequence[int]]], "object"]
@@ -129,7 +140,20 @@ class PPOResult:
     policy: Any             # PolicyWithValue: .lm is the causal LM (a PeftModel with LoRA)
     tokenizer: object
     history: list = field(default_factory=list)
-    stats: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)   # stats["status"]: the engine's (done, early_stopped, preempted, stopped)
+
+    def raise_if_interrupted(self, where: str | os.PathLike | None) -> None:
+        """A stage must not publish a run that stopped early (SIGTERM, ``stop_after``)."""
+        raise_if_interrupted(self.stats, where)
+
+
+def raise_if_interrupted(stats: dict, where: str | os.PathLike | None) -> None:
+    """:class:`TrainingInterrupted` when a run's ``stats["status"]`` says it stopped before the end
+    (its checkpoint is kept in ``where``; the same command resumes it)."""
+    status = stats.get("status")
+    if status in INTERRUPTED:
+        raise TrainingInterrupted(f"training stopped at step {stats.get('steps')} ({status}); checkpoint kept in "
+                                  f"{where}: run the same command again to resume")
 
 
 # --------------------------------------------------------------------------- pieces of a step
@@ -209,56 +233,166 @@ class AdaptiveKL:
     by at most 20% of ``n / horizon`` per step."""
 
     value: float
-    target: float
+    target: float | None
     horizon: int
 
     def update(self, kl: float, n: int) -> float:
-        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n / self.horizon
+        """The coefficient after a step that measured ``kl`` on ``n`` rollouts (unchanged without a target)."""
+        if self.target:
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * n / self.horizon
         return self.value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class Rollouts:
+    """How many rollouts (sampled batches) a run has done: what seeds the next one (checkpointed)."""
+
+    def __init__(self) -> None:
+        self.done = 0
+
+    def state_dict(self) -> dict:
+        return {"done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.done = int(state["done"])
+
+
+def seed_rollout(seed: int, rank: int, k: int) -> None:
+    """Seed the global generators for rollout ``k`` of process ``rank``: every process samples its
+    own replies, and a resumed run samples what the uninterrupted one would have."""
+    import torch
+
+    torch.manual_seed((seed * 1_000_003 + k) * 8191 + rank)
+
+
+def update_plan(cfg: PPOConfig) -> list[int]:
+    """Minibatches of each optimizer update of one PPO step: every ``grad_accum`` minibatches of
+    each epoch (the last of an epoch takes what is left)."""
+    minibatches = -(-cfg.batch_size // cfg.mini_batch_size)
+    per_epoch = [min(cfg.grad_accum, minibatches - i) for i in range(0, minibatches, cfg.grad_accum)]
+    return per_epoch * cfg.ppo_epochs
 
 
 def updates_per_step(cfg: PPOConfig) -> int:
-    """Optimizer steps per PPO step: every ``grad_accum`` minibatches of each epoch (the last of an
-    epoch flushes what is left)."""
-    minibatches = -(-cfg.batch_size // cfg.mini_batch_size)
-    return cfg.ppo_epochs * -(-minibatches // cfg.grad_accum)
+    """Optimizer updates per PPO step (what the schedule counts)."""
+    return len(update_plan(cfg))
 
 
-class PPOTrainer:
-    """Holds the policy (+value head), the frozen reference, the optimizer, and does PPO steps."""
+class PPOTrainer(Method):
+    """PPO as the engine runs it: the policy (+ value head) that trains, the frozen reference, the
+    prompts' seeded order, the adaptive KL coefficient, and the buffer of one rollout's minibatches.
 
-    def __init__(self, policy_dir: str, reward_fn: RewardFn, cfg: PPOConfig, seed: int = 0):
+    One engine step: the first micro-batch rolls out the next ``batch_size`` prompts (each process
+    its part), scores them, computes advantages and fills the buffer with ``ppo_epochs`` shuffled
+    passes of minibatches; every micro-batch returns the clipped loss of the buffer's next one."""
+
+    desc = "ppo"
+    metric, mode = "reward", "max"          # early stopping on the held-out mean reward
+    head_prefixes = ("v_head",)             # the new value head trains at head_lr
+    show = ("reward", "kl")
+    panels = ("reward", "kl", "entropy")
+    train_mode = False                      # no dropout: the same tokens get the same log-probs
+
+    def __init__(self, policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg: PPOConfig, seed: int = 0,
+                 held_out: Sequence[str] = ()):
         from transformers import GenerationConfig
 
+        from refinery.tasks.train.common import PeakMemory
+
+        if not prompts:
+            raise ValueError("PPO: no prompts")
         seed_everything(seed)
         self.cfg, self.seed, self.reward_fn = cfg, seed, reward_fn
+        self.prompts, self.held_out = list(prompts), list(held_out)
         self.device = pick_device(cfg.device)
+        self.mem = PeakMemory(self.device).start()
         self.tokenizer, self.policy, self.ref = load_ppo_policy(policy_dir, cfg)
         self.policy.to(self.device)
         if self.ref is not None:
             self.ref.to(self.device)
         self.policy.eval()  # no dropout: log-probs of the same tokens must not change between passes
-        # several processes (DDP): training passes go through par.train; sampling uses the policy itself.
-        # A value loss of weight 0 leaves the value head without gradients, which DDP must be told.
-        self.par = Parallel.setup(self.policy, cfg, self.device, find_unused=cfg.vf_coef == 0)
-        if self.par.world > 1:   # each rank samples its own replies
-            seed_everything(seed + 7919 * self.par.rank)
-        if cfg.batch_size % self.par.world or cfg.mini_batch_size % self.par.world:   # several nodes too
-            raise ValueError(f"ppo: batch_size={cfg.batch_size} and mini_batch_size={cfg.mini_batch_size} must be "
-                             f"multiples of the {self.par.world} processes")
-        self.mb = cfg.mini_batch_size // self.par.world   # this rank's replies per update
-        self.optim = make_optimisation(self.policy, cfg, cfg.max_steps * updates_per_step(cfg), parallel=self.par)
-        self.kl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None
-        self.kl_coef = cfg.kl_coef
+        self.model = self.policy
+        self.order = ExampleOrder(len(self.prompts), seed)   # prompts, reshuffled every pass
+        self.rollouts = Rollouts()
+        self.kl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.plan = update_plan(cfg)
+        self.updates = 0          # accum() calls: which update of the step comes next
+        self.buffer: list = []    # the minibatch indices the step has left
+        self.ro: dict = {}        # the step's rollout
+        self.mb = cfg.mini_batch_size
         tok = self.tokenizer
         self.eos_id = tok.eos_token_id
         self.gen_config = GenerationConfig(
             do_sample=True, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             top_k=cfg.top_k, top_p=cfg.top_p, pad_token_id=tok.pad_token_id, eos_token_id=self.eos_id,
             bos_token_id=tok.bos_token_id)
-        self.step_no = 0
-        self.tokens = 0   # prompt + reply tokens of every rollout so far
+
+    @property
+    def par(self) -> Parallel:
+        return self.engine.par
+
+    @property
+    def kl_coef(self) -> float:
+        """The coefficient the next rollout's rewards are shaped with."""
+        return self.kl.value
+
+    # -- what the engine asks
+    def setup(self) -> None:
+        world = self.par.world
+        if self.cfg.batch_size % world or self.cfg.mini_batch_size % world:   # several nodes too
+            raise ValueError(f"ppo: batch_size={self.cfg.batch_size} and mini_batch_size={self.cfg.mini_batch_size} "
+                             f"must be multiples of the {world} processes")
+        self.mb = self.cfg.mini_batch_size // world   # this process's replies per minibatch
+
+    def updates_per_step(self) -> int:
+        return len(self.plan)
+
+    def accum(self) -> int:
+        n = self.plan[self.updates % len(self.plan)]
+        self.updates += 1
+        return n
+
+    def stateful(self) -> dict[str, Any]:
+        return {"order": self.order, "rollouts": self.rollouts, "kl": self.kl}
+
+    def micro_step(self, micro: int) -> Micro:
+        import torch
+
+        cfg = self.cfg
+        info = self._rollout_step() if not self.buffer else {}
+        ro, idx = self.ro, self.buffer.pop(0)
+        P, mb_mask = ro["P"], ro["r_mask"][idx]
+        logits, values = self.engine.train_model(ro["ids"][idx], ro["mask"][idx])
+        logp, entropy = _reply_stats(logits[:, P - 1:-1], ro["replies"][idx], cfg.temperature)
+        values = values[:, P - 1:-1]
+        old_logp, old_v, a, ret = ro["logp"][idx], ro["values"][idx], ro["adv"][idx], ro["returns"][idx]
+        ratio = torch.exp(logp - old_logp)
+        pg = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range))
+        pg_loss = masked_mean(pg, mb_mask)
+        v_clip = old_v + (values - old_v).clamp(-cfg.clip_range_value, cfg.clip_range_value)
+        vf = 0.5 * torch.max((values - ret) ** 2, (v_clip - ret) ** 2)
+        vf_loss = masked_mean(vf, mb_mask)
+        ent = masked_mean(entropy, mb_mask)
+        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent
+        with torch.no_grad():
+            figs = {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(),
+                    "clipfrac": masked_mean(((ratio - 1).abs() > cfg.clip_range).float(), mb_mask).item(),
+                    "vf_clipfrac": masked_mean(((values - old_v).abs() > cfg.clip_range_value).float(), mb_mask).item(),
+                    "approx_kl": masked_mean(0.5 * (logp - old_logp) ** 2, mb_mask).item()}
+        return Micro(loss, {**info, **figs})
+
+    def after_step(self, figures: dict) -> None:
+        # from the KL averaged over the processes, so every one shapes its next rewards alike
+        self.kl.update(figures["kl"], self.cfg.batch_size)
+
+    def validate(self) -> dict | None:
+        return self.evaluate(self.held_out) if self.held_out else None
 
     # -- reference log-probs
     def _ref_logits(self, ids, mask):
@@ -307,81 +441,41 @@ class PPOTrainer:
                 "ref_logp": ref_logp, "values": values, "scores": scores, "rewards": rewards, "kl": kl,
                 "entropy": entropy, "reply_texts": reply_texts}
 
-    # -- optimisation
-    def step(self, prompt_texts: Sequence[str]) -> dict:
+    def _rollout_step(self) -> dict:
+        """Roll out this process's part of the next ``batch_size`` prompts, compute advantages and
+        returns, and fill the buffer with ``ppo_epochs`` shuffled passes of minibatches. Returns the
+        rollout's figures (with its ``tokens`` and a ``sample`` reply)."""
         import torch
 
-        cfg = self.cfg
-        ro = self.rollout(prompt_texts)
+        cfg, k = self.cfg, self.rollouts.done
+        batch = [self.prompts[i] for i in self.order.take(cfg.batch_size)]
+        seed_rollout(self.seed, self.par.rank, k)
+        ro = self.rollout(self.par.part(batch))   # several processes: each rolls out its part
         m = ro["r_mask"]
         adv, returns = gae(ro["rewards"], ro["values"], m, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             adv = whiten(adv, m, parallel=self.par)
-        B, P = len(prompt_texts), ro["P"]
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step_no)
-        self.tokens += int(self.par.sum([float(ro["mask"].sum())])[0])
-        agg = {"loss": 0.0, "pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "vf_clipfrac": 0.0, "approx_kl": 0.0,
-               "updates": 0}
-        grad_norms, rates = [], {}
+        ro["adv"], ro["returns"] = adv, returns
+        B = len(m)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+        self.buffer = []
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=gen).to(self.device)
-            starts = list(range(0, B, self.mb))
-            for k, i in enumerate(starts):
-                idx = order[i:i + self.mb]
-                mb_mask = m[idx]
-                update = (k + 1) % cfg.grad_accum == 0 or k + 1 == len(starts)
-                with self.par.accumulating(last=update):
-                    logits, values = self.par.train(ro["ids"][idx], ro["mask"][idx])
-                    logp, entropy = _reply_stats(logits[:, P - 1:-1], ro["replies"][idx], cfg.temperature)
-                    values = values[:, P - 1:-1]
-                    old_logp, old_v, a, ret = ro["logp"][idx], ro["values"][idx], adv[idx], returns[idx]
-                    ratio = torch.exp(logp - old_logp)
-                    pg = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range))
-                    pg_loss = masked_mean(pg, mb_mask)
-                    v_clip = old_v + (values - old_v).clamp(-cfg.clip_range_value, cfg.clip_range_value)
-                    vf = 0.5 * torch.max((values - ret) ** 2, (v_clip - ret) ** 2)
-                    vf_loss = masked_mean(vf, mb_mask)
-                    ent = masked_mean(entropy, mb_mask)
-                    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent
-                    self.optim.backward(loss)
-                if update:
-                    figs = self.optim.step()
-                    grad_norms.append(figs.pop("grad_norm"))
-                    rates = figs
-                with torch.no_grad():
-                    agg["loss"] += loss.item()
-                    agg["pg_loss"] += pg_loss.item()
-                    agg["vf_loss"] += vf_loss.item()
-                    agg["clipfrac"] += masked_mean(((ratio - 1).abs() > cfg.clip_range).float(), mb_mask).item()
-                    agg["vf_clipfrac"] += masked_mean(((values - old_v).abs() > cfg.clip_range_value).float(), mb_mask).item()
-                    agg["approx_kl"] += masked_mean(0.5 * (logp - old_logp) ** 2, mb_mask).item()
-                    agg["updates"] += 1
-        self.step_no += 1
-        n = max(agg.pop("updates"), 1)
+            self.buffer += [order[i:i + self.mb] for i in range(0, B, self.mb)]
+        self.ro = ro
+        self.rollouts.done += 1
         kl_seq = ro["kl"].sum(-1)
-        kl_coef = self.kl_coef   # the coefficient this step's rewards were shaped with
-        rec = {
-            "step": self.step_no,
-            "kl_coef": kl_coef,
-            "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
-            **rates,
-            "reward": ro["scores"].mean().item(),
-            "reward_std": ro["scores"].std().item() if B > 1 else 0.0,
-            "kl": kl_seq.mean().item(),
-            "entropy": masked_mean(ro["entropy"], m).item(),
-            "non_score_reward": (-kl_coef * kl_seq).mean().item(),
-            "reply_len": m.sum(-1).mean().item(),
-            "advantage_mean": masked_mean(adv, m).item(),
-            "value_mean": masked_mean(ro["values"], m).item(),
-            **{k: v / n for k, v in agg.items()},
-        }
-        # several processes: every rank's figures averaged (the step number is every rank's own)
-        rec = {"step": rec.pop("step"), **self.par.mean(rec, summed=())}
-        if self.kl is not None:   # from the averaged KL, so every rank shapes its rewards alike
-            self.kl_coef = self.kl.update(rec["kl"], B * self.par.world)
-        rec = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in rec.items()}
-        rec["sample"] = ro["reply_texts"][0][:200]
-        return rec
+        return {"kl_coef": self.kl_coef,   # the coefficient this step's rewards were shaped with
+                "reward": ro["scores"].mean().item(),
+                "reward_std": ro["scores"].std().item() if B > 1 else 0.0,
+                "kl": kl_seq.mean().item(),
+                "entropy": masked_mean(ro["entropy"], m).item(),
+                "non_score_reward": (-self.kl_coef * kl_seq).mean().item(),
+                "reply_len": m.sum(-1).mean().item(),
+                "advantage_mean": masked_mean(adv, m).item(),
+                "value_mean": masked_mean(ro["values"], m).item(),
+                "tokens": int(ro["mask"].sum()),
+                "sample": ro["reply_texts"][0][:200]}
 
     def evaluate(self, prompt_texts: Sequence[str]) -> dict:
         """Mean reward and KL (per reply) of sampled replies to ``prompt_texts`` (held out), no update;
@@ -393,66 +487,80 @@ class PPOTrainer:
         return {"reward": round(reward / max(n, 1), 6), "kl": round(kl / max(n, 1), 6)}
 
 
-def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg: PPOConfig, seed: int = 0,
-              on_step: Callable[[dict], None] | None = None, progress: bool = False,
-              log_dir: str | os.PathLike | None = None, held_out: Sequence[str] = ()) -> PPOResult:
-    """Run ``cfg.max_steps`` PPO steps; each step takes the next ``batch_size`` prompts of a
-    seeded shuffle of ``prompts`` (reshuffled each pass). Per-step metrics go to ``log_dir``
-    (refinery.tasks.train.metrics; in memory only when None). With ``held_out`` prompts, every
-    ``eval_every`` steps the mean reward of sampled replies to them is a validation row and the
-    early-stopping metric."""
+def path_or_none(p: str | os.PathLike | None) -> str | None:
+    return os.fspath(p) if p is not None else None
+
+
+def ranks_agree(model, row: dict, device) -> bool | None:
+    """Several processes: whether every one ends with rank 0's trainable weights (a float64
+    checksum) and rank 0's last training row (figures averaged over the processes, timing aside);
+    None in one process. Collective."""
     import torch
 
-    from refinery.tasks.train.common import PeakMemory
+    from refinery.tasks.train import distributed as dist
+    from refinery.tasks.train.metrics import TIMING_KEYS
 
-    if not prompts:
-        raise ValueError("PPO: no prompts")
-    trainer = PPOTrainer(policy_dir, reward_fn, cfg, seed)
-    mem = PeakMemory(trainer.device).start()
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    steps = step_metrics(log_dir, cfg, cfg.max_steps, "ppo", progress, on_step, show=("reward", "kl"))
-    t0 = time.perf_counter()
-    stopper = EarlyStopping("reward", "max", cfg.early_stopping_patience, cfg.early_stopping_min_delta)
-    eval_every = cfg.resolved_eval_every(cfg.max_steps)
-    if held_out:   # the starting policy's held-out reward: what training has to beat
-        val = trainer.evaluate(held_out)
-        steps.val(0, tokens=0, **val)
-        stopper.update(val["reward"], 0, trainer.policy)
-    for _ in range(cfg.max_steps):
-        batch: list[str] = []
-        while len(batch) < cfg.batch_size:
-            if not order:
-                order = torch.randperm(len(prompts), generator=gen).tolist()
-            batch.append(prompts[order.pop(0)])
-        rec = trainer.step(trainer.par.part(batch))   # several processes: each rolls out its part
-        step = rec.pop("step")
-        steps.train(step, tokens=trainer.tokens, **rec)
-        if held_out and (step % eval_every == 0 or step == cfg.max_steps):
-            val = trainer.evaluate(held_out)
-            steps.val(step, tokens=trainer.tokens, **val)
-            stopper.update(val["reward"], step, trainer.policy)
-            if stopper.should_stop:
-                break
-    restored = restore_best(stopper, trainer.policy, cfg, trainer.step_no)
-    steps.close()
-    steps.plot("PPO", panels=("reward", "kl", "entropy"))
-    history = [r for r in steps.history if r["split"] == "train"]
-    first, last = history[0], history[-1]
-    k = max(1, min(3, len(history) // 2))  # averages over the first / last few steps
+    if not dist.is_initialized() or dist.env()[1] <= 1:
+        return None
+    with torch.no_grad():
+        weights = float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad))
+    mine = {"weights": weights, **{k: float(v) for k, v in row.items() if k not in TIMING_KEYS
+                                   and isinstance(v, (int, float)) and not isinstance(v, bool)}}
+    ref = dist.broadcast_object(mine)
+    differs = mine.keys() != ref.keys() or any(abs(mine[k] - ref[k]) > 1e-6 * max(1.0, abs(ref[k])) for k in ref)
+    return not dist.any_true(differs, device)
+
+
+def rl_stats(res: EngineResult, total: int, mem, model, keys: Sequence[str] = ()) -> dict:
+    """The figures of a PPO or GRPO run: the run's status and length, the first/last/averaged
+    reward and KL of its training rows (and the ``keys`` first and last), held-out rewards before
+    and after, early stopping, time, tokens, memory and parameters."""
+    train = res.train_rows()
+    vals = res.val_rows()
+    if not train:
+        raise RuntimeError(f"the run has no training steps (status {res.status})")
+    first, last = train[0], train[-1]
+    k = max(1, min(3, len(train) // 2))  # averages over the first / last few steps
     avg = lambda rows, key: round(sum(r[key] for r in rows) / len(rows), 6)  # noqa: E731
-    stats = {
-        "steps": len(history),
-        "reward_first": first["reward"], "reward_last": last["reward"],
-        "reward_start_avg": avg(history[:k], "reward"), "reward_end_avg": avg(history[-k:], "reward"),
-        "kl_last": last["kl"], "kl_max": max(r["kl"] for r in history), "kl_end_avg": avg(history[-k:], "kl"),
-        "entropy_first": first["entropy"], "entropy_last": last["entropy"],
-        "kl_coef_first": first["kl_coef"], "kl_coef_last": last["kl_coef"],
-        "restored_step": restored, **(stopper.summary() if held_out else {}),
-        "train_seconds": round(time.perf_counter() - t0, 3), "train_tokens": trainer.tokens, **mem.stats(),
-        **count_params(trainer.policy),
-    }
-    return PPOResult(policy=trainer.policy, tokenizer=trainer.tokenizer, history=steps.history, stats=stats)
+    restored = res.restored_step
+    stats = {"steps": len(train), "status": res.status, "total_steps": total,
+             "reward_first": first["reward"], "reward_last": last["reward"],
+             "reward_start_avg": avg(train[:k], "reward"), "reward_end_avg": avg(train[-k:], "reward"),
+             "kl_last": last["kl"], "kl_max": max(r["kl"] for r in train), "kl_end_avg": avg(train[-k:], "kl"),
+             **{f"{key}_first": first[key] for key in keys}, **{f"{key}_last": last[key] for key in keys},
+             "held_out_reward_before": vals[0]["val_reward"] if vals else None,
+             # after: the weights kept (the best validation's, when they were restored)
+             "held_out_reward_after": (res.stopper.best if restored is not None else vals[-1]["val_reward"])
+             if vals else None,
+             "restored_step": restored, **(res.stopper.summary() if vals else {}),
+             "resumed_from": res.resumed_from, "train_seconds": round(res.seconds, 3), "train_tokens": res.tokens,
+             **mem.stats(), **count_params(model)}
+    agree = ranks_agree(model, last, mem.device)
+    if agree is not None:   # several processes: they must have stayed in step
+        stats["ranks_agree"] = agree
+    return stats
+
+
+def train_ppo(policy_dir: str, prompts: Sequence[str], reward_fn: RewardFn, cfg: PPOConfig, seed: int = 0,
+              on_step: Callable[[dict], None] | None = None, progress: bool = False,
+              log_dir: str | os.PathLike | None = None, held_out: Sequence[str] = (),
+              ckpt_dir: str | os.PathLike | None = None, stop_after: int | None = None) -> PPOResult:
+    """Run ``cfg.max_steps`` PPO steps on the engine; each step takes the next ``batch_size``
+    prompts of a seeded shuffle of ``prompts`` (reshuffled each pass). Per-step metrics go to
+    ``log_dir`` (default ``ckpt_dir/metrics``; in memory only when both are None). With ``held_out``
+    prompts, every ``eval_every`` steps the mean reward of sampled replies to them is a validation
+    row and the early-stopping metric. With ``ckpt_dir``, checkpoints go there (every
+    ``checkpoint_every`` steps, on SIGTERM, on ``stop_after``) and a rerun resumes from the newest;
+    ``stats["status"]`` says whether the run finished (see :meth:`PPOResult.raise_if_interrupted`)."""
+    trainer = PPOTrainer(policy_dir, prompts, reward_fn, cfg, seed, held_out=held_out)
+    # A value loss of weight 0 leaves the value head without gradients, which DDP must be told.
+    res = Engine(trainer, cfg, total=cfg.max_steps, device=trainer.device, ckpt_dir=path_or_none(ckpt_dir),
+                 metrics_dir=path_or_none(log_dir), progress=progress, on_row=on_step, stop_after=stop_after,
+                 find_unused=cfg.vf_coef == 0, title="PPO").fit()
+    stats = rl_stats(res, cfg.max_steps, trainer.mem, trainer.policy, keys=("entropy", "kl_coef"))
+    if not held_out:   # PPO reports held-out figures only with held-out prompts
+        stats = {k: v for k, v in stats.items() if not k.startswith("held_out_reward")}
+    return PPOResult(policy=trainer.policy, tokenizer=trainer.tokenizer, history=res.history, stats=stats)
 
 
 def save_value_head(policy, out_dir: str) -> str:

@@ -3,6 +3,7 @@ reward functions, and a mean reward that rises on short arithmetic prompts a tin
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -155,3 +156,103 @@ def test_grpo_stage_on_gsm8k_file(tmp_path, tiny_causal_lm_dir, shared_data, exe
     assert read_exec_log(exec_log) == [f"grpo {ds.fingerprint}"]
     exec_log.unlink()
     assert grpo_stage.run(tmp_path, [], cfg).path == ds.path and read_exec_log(exec_log) == []
+
+
+def test_grpo_stopped_run_resumes_to_the_uninterrupted_curve(tiny_causal_lm_dir, tmp_path):
+    """On the engine: a LoRA run stopped after step 8 (checkpoints every 4) and run again ends with
+    the uninterrupted run's metrics and adapters (two sampled batches and two updates per step)."""
+    from refinery.tasks.train.metrics import read_metrics, without_timing
+
+    data, held = _sums(12), _sums(2, seed=1)
+    cfg = GRPOConfig(max_steps=12, batch_size=2, num_generations=2, mini_batch_size=2, grad_accum=2, num_iterations=2,
+                     max_new_tokens=4, max_prompt_len=16, lr=1e-2, beta=0.04, reward_funcs=["number", "length"],
+                     lora={"enabled": True, "r": 4}, checkpoint_every=4, eval_every=4, warmup_steps=2)
+    funcs = {n: resolve_reward_func(n) for n in cfg.reward_funcs}
+
+    def run(name, **kw):
+        return train_grpo(str(tiny_causal_lm_dir), [p for p, _ in data], [c for _, c in data], funcs, cfg, seed=0,
+                          held_out=([p for p, _ in held], [c for _, c in held]), ckpt_dir=tmp_path / name, **kw)
+
+    whole = run("a")
+    part = run("b", stop_after=8)
+    assert part.stats["status"] == "stopped" and part.stats["steps"] == 8
+    rest = run("b")
+    assert rest.stats["status"] == "done" and rest.stats["resumed_from"].endswith("step-00000008")
+    a = without_timing(read_metrics(tmp_path / "a" / "metrics" / "metrics.jsonl"))
+    b = without_timing(read_metrics(tmp_path / "b" / "metrics" / "metrics.jsonl"))
+    assert len(a) == len(b) == 12 + 4   # validation at 0, 4, 8, 12
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], abs=1e-6), (ra["step"], k)
+            else:
+                assert ra[k] == rb[k], (ra["step"], k)
+    wa, wb = whole.model.state_dict(), rest.model.state_dict()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
+    assert whole.stats["trainable_params"] < whole.stats["params"] / 2   # the adapters
+
+
+def test_minibatch_weights_make_two_processes_one():
+    """The update of two processes (each the whole groups of half the prompts, its own advantages,
+    minibatches weighted by micro_weight, gradients averaged as DDP does) is the one-process update
+    of the whole batch: 2 sampled batches of 4 groups of 2 completions, minibatches of 3."""
+    from refinery.tasks.align.grpo import micro_weight
+
+    g = torch.Generator().manual_seed(0)
+    G, groups, accum, mbs, T = 2, 4, 2, 3, 5
+    feats = [torch.randn(groups * G, T, generator=g) for _ in range(accum)]
+    rewards = [torch.rand(groups * G, generator=g) for _ in range(accum)]
+    old = [-torch.rand(groups * G, T, generator=g) for _ in range(accum)]
+    ref = [o + 0.1 * torch.randn(groups * G, T, generator=g) for o in old]
+    mask = torch.ones(groups * G, T)
+    mask[1, 3:] = 0
+
+    def grad(rank: int, world: int):
+        theta = torch.tensor(0.3, requires_grad=True)
+        for b in range(accum):
+            rows = [i for k in range(rank, groups, world) for i in range(k * G, (k + 1) * G)]   # whole groups
+            adv = group_advantages(rewards[b][rows], G)
+            for s in range(0, len(rows), mbs):
+                sl = rows[s:s + mbs]
+                logp = old[b][sl] + theta * feats[b][sl]
+                loss, _ = grpo_loss(logp, old[b][sl], ref[b][sl], adv[s:s + mbs], mask[sl], 0.04, 0.2)
+                (loss * micro_weight(len(sl), len(rows), accum)).backward()
+        return theta.grad
+
+    one = grad(0, 1)
+    two = (grad(0, 2) + grad(1, 2)) / 2   # DDP averages the processes' gradients
+    assert one.abs() > 1e-4 and torch.allclose(one, two, atol=1e-7), (one, two)
+
+
+@pytest.mark.slow
+def test_grpo_on_two_processes(tmp_path, tiny_causal_lm_dir, shared_data):
+    """grpo.devices=2 (DDP, gloo): the stage launches two processes, each samples and scores the
+    groups of half of every batch's prompts; they end in step (the same weights, the same averaged
+    figures), the held-out reward is over both halves, and the trained weights are published."""
+    from refinery_testlib import shared_file
+
+    from refinery.tasks.align.stage import GRPOStageConfig, grpo_stage
+    from refinery.tasks.store import Store
+    from refinery.tasks.train.metrics import read_metrics
+
+    cfg = GRPOStageConfig(model=str(tiny_causal_lm_dir), data=str(shared_file(shared_data, "eval/gsm8k-test.jsonl")),
+                          max_prompts=16, val_fraction=0.25,
+                          train=GRPOConfig(max_steps=2, batch_size=4, num_generations=2, mini_batch_size=2,
+                                           max_new_tokens=6, max_prompt_len=32, lr=1e-2, device="cpu", devices=2,
+                                           eval_every=2, reward_funcs=["number", "length"]))
+    ds = grpo_stage.run(Store(tmp_path / "grpo"), [], cfg)
+    s = ds.manifest["stats"]
+    assert s["world_size"] == 2 and s["strategy"] == "ddp" and s["steps"] == 2 and s["status"] == "done"
+    assert s["ranks_agree"] is True
+    rows = read_metrics(ds.file("metrics"))
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and train[1]["tokens"] > train[0]["tokens"] > 0
+    assert all(r["reward"] == r["reward"] and r["kl"] >= 0 for r in train)
+    vals = [r for r in rows if r["split"] == "val"]
+    assert [v["step"] for v in vals] == [0, 2] and ds.manifest["counts"]["prompts_held_out"] == 4
+    from safetensors.torch import load_file
+
+    start = load_file(str(tiny_causal_lm_dir / "model.safetensors"))
+    trained = load_file(str(Path(ds.path) / "model" / "model.safetensors"))
+    assert any(float((start[k] - trained[k]).abs().max()) > 0 for k in start)

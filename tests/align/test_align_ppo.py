@@ -146,3 +146,40 @@ def test_ppo_kl_target_adapts_the_coefficient_and_early_stops_on_held_out_reward
     assert s["kl_coef_first"] == 0.05 and s["kl_coef_last"] != 0.05
     # warm-up: the learning rate rises over the first optimizer steps (2 per PPO step here)
     assert train[0]["lr"] < train[1]["lr"]
+
+
+def test_ppo_stopped_run_resumes_to_the_uninterrupted_curve(tiny_causal_lm_dir, toy_prompts, tmp_path):
+    """On the engine: a run stopped after step 8 (checkpoints every 4) and run again ends with the
+    uninterrupted run's metrics: the weights and value head, optimizer, schedule, the prompt order,
+    the rollouts' seeds and the adaptive KL coefficient all come back from the checkpoint."""
+    from refinery.tasks.engine.trainer import TrainingInterrupted
+    from refinery.tasks.train.metrics import read_metrics, without_timing
+
+    cfg = _toy_cfg(max_steps=12, batch_size=4, mini_batch_size=2, grad_accum=2, checkpoint_every=4, eval_every=4,
+                   max_new_tokens=4, kl_target=0.01, kl_horizon=20, scheduler="cosine", warmup_steps=2)
+
+    def run(name, **kw):
+        return train_ppo(str(tiny_causal_lm_dir), toy_prompts[:10], toy_reward, cfg, seed=0,
+                         held_out=toy_prompts[24:26], ckpt_dir=tmp_path / name, **kw)
+
+    whole = run("a")
+    part = run("b", stop_after=8)
+    assert part.stats["status"] == "stopped" and part.stats["steps"] == 8
+    with pytest.raises(TrainingInterrupted, match="step 8"):
+        part.raise_if_interrupted(tmp_path / "b")
+    rest = run("b")
+    assert rest.stats["status"] == "done" and rest.stats["resumed_from"].endswith("step-00000008")
+    a = without_timing(read_metrics(tmp_path / "a" / "metrics" / "metrics.jsonl"))
+    b = without_timing(read_metrics(tmp_path / "b" / "metrics" / "metrics.jsonl"))
+    assert len(a) == len(b) == 12 + 4   # validation at 0, 4, 8, 12
+    assert len({r["kl_coef"] for r in a if r["split"] == "train"}) == 12   # the coefficient moved every step
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], abs=1e-6), (ra["step"], k)
+            else:
+                assert ra[k] == rb[k], (ra["step"], k)
+    assert whole.stats["kl_coef_last"] == pytest.approx(rest.stats["kl_coef_last"], abs=1e-9)
+    wa, wb = whole.policy.state_dict(), rest.policy.state_dict()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
