@@ -463,7 +463,9 @@ def plan_align(method: str, cfg, reward_dir: str | None = None) -> MemoryPlan:
     world = t.world_size() if hasattr(t, "devices") else 1   # KTO, ORPO, GRPO: one process
     strategy = "fsdp" if getattr(t, "strategy", "auto") == "fsdp" else "ddp"
     if method in ("ppo", "grpo"):
-        seqs, seq_len = max(1, t.mini_batch_size // world), t.max_prompt_len + t.max_new_tokens
+        # PPO splits each minibatch between the processes; GRPO's mini_batch_size is per process
+        per_process = t.mini_batch_size if method == "grpo" else max(1, t.mini_batch_size // world)
+        seqs, seq_len = per_process, t.max_prompt_len + t.max_new_tokens
     else:
         per = 1 if method == "kto" else 2
         seqs, seq_len = per * math.ceil(t.batch_size / world), t.max_len
