@@ -1,19 +1,25 @@
 """What the alignment trainers share: finding a model folder, loading tokenizers, tokenizing
-(prompt, reply) pairs, padding, per-token log-probabilities, LoRA, saving in HF format, and the
-per-step metrics log (device, dtype, seeding: :mod:`refinery.tasks.train.common`).
+(prompt, reply) pairs, padding, per-token log-probabilities, LoRA, saving in HF format, the
+settings they have in common, and :class:`OfflineMethod`, the base of the trainers that learn from
+a fixed set of examples (reward, DPO, KTO, ORPO) on the one training loop,
+:class:`refinery.tasks.engine.trainer.Engine` (device, dtype, seeding:
+:mod:`refinery.tasks.train.common`).
 
 Heavy imports (torch, transformers, peft) happen inside functions.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from dataclasses import dataclass, field
 
 from pydantic import Field
 
+from refinery.tasks.engine.data import ExampleOrder
+from refinery.tasks.engine.trainer import INTERRUPTED, EngineResult, Method, TrainingInterrupted
 from refinery.tasks.train.config import LoraParams, ParallelParams, ScheduleParams, _Defaults
 
 from refinery.tasks.export import finalize_model_dir
@@ -36,23 +42,98 @@ def is_dataset_dir(path: str | None) -> bool:
 
 @dataclass
 class TrainResult:
-    """What the reward and DPO trainers return: the trained model, its tokenizer, figures, history."""
+    """What the reward, DPO, KTO and ORPO trainers return: the trained model, its tokenizer, figures,
+    history, and the run's ``status`` (``done``, ``early_stopped``; ``preempted`` or ``stopped``: it
+    stopped early, its checkpoint is kept and the same call resumes it)."""
 
     model: object
     tokenizer: object
     stats: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    status: str = "done"
+
+    def raise_if_interrupted(self, where: str | os.PathLike | None) -> None:
+        """A stage must not publish a run that stopped early (SIGTERM, ``stop_after``)."""
+        raise_if_interrupted(self.stats, where)
 
 
-def step_metrics(log_dir, cfg, total: int, desc: str, progress: bool, on_step=None, show: tuple[str, ...] = ("loss",)):
-    """The trainers' per-step log: the common :class:`refinery.tasks.train.metrics.MetricsLog` in
-    ``log_dir`` (in memory only when None; started afresh, these trainers do not resume), the
-    trackers of ``cfg.report_to``, a progress bar (when ``progress``) with the ``show`` keys as its
-    postfix, and ``on_step`` called with every row."""
-    from refinery.tasks.train.metrics import MetricsLog
+def raise_if_interrupted(stats: dict, where: str | os.PathLike | None) -> None:
+    """:class:`TrainingInterrupted` when a run's ``stats["status"]`` says it stopped before the end."""
+    status = stats.get("status")
+    if status in INTERRUPTED:
+        raise TrainingInterrupted(f"training stopped at step {stats.get('steps')} ({status}); checkpoint kept in "
+                                  f"{where}: run the same command again to resume")
 
-    return MetricsLog(log_dir, total_steps=total, desc=desc, bar=progress, show=show, on_row=on_step,
-                      report_to=cfg.report_to, run_config=cfg.model_dump(mode="json"), fresh=True)
+
+# --------------------------------------------------------------------------- the offline trainers on the engine
+def total_steps(n_examples: int, cfg: ScheduleParams, epochs: int = 1) -> int:
+    """Optimizer steps of a run over ``n_examples`` for ``epochs`` passes, each step taking
+    ``batch_size * grad_accum`` examples; ``max_steps`` (when > 0) caps it."""
+    per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum))
+    total = per_epoch * epochs
+    return min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+class OfflineMethod(Method):
+    """A trainer that learns from a fixed set of examples (reward, DPO, KTO, ORPO), as the engine
+    runs it: every micro-batch is the next ``batch_size`` indices of one seeded order over the
+    training examples (:class:`refinery.tasks.engine.data.ExampleOrder`, whose position is in every
+    checkpoint, so a resumed run takes the examples the uninterrupted one would have), drawn alike
+    on every process and split between them (:meth:`share`).
+
+    A subclass sets ``model`` and gives ``micro_step``; ``setup`` computes what comes from the
+    starting weights (the reference's log-probs, the held-out figures ``before``), ``validate`` the
+    held-out figures (None without held-out examples). The policies train in eval mode (no
+    dropout, so the policy's and the reference's log-probs compare)."""
+
+    train_mode = False
+    title = ""                       # the plots' title
+
+    def __init__(self, cfg: ScheduleParams, model, n_train: int, seed: int):
+        self.cfg, self.model = cfg, model
+        self.order = ExampleOrder(n_train, seed)
+
+    @property
+    def net(self):
+        """The model to call for forwards (the DDP wrapper, the sharded module, or the model)."""
+        return self.engine.train_model
+
+    def share(self):
+        """This process's examples of the next micro-batch (all of them in one process)."""
+        return self.engine.par.share(self.order.batch(self.cfg.batch_size))
+
+    def untouched(self) -> bool:
+        """No optimizer update yet: the weights are the starting ones (validation at step 0 is the
+        ``before`` that :meth:`setup` computed)."""
+        return self.engine.scheduler is None or self.engine.scheduler.last_epoch == 0
+
+    def stateful(self) -> dict[str, Any]:
+        return {"order": self.order}
+
+    def fit(self, total: int, device, *, ckpt_dir=None, log_dir=None, progress: bool = False,
+            on_step: Callable[[dict], None] | None = None, stop_after: int | None = None) -> EngineResult:
+        """Train for ``total`` steps on the engine (resuming from ``ckpt_dir``'s newest checkpoint;
+        metrics in ``log_dir``, default ``ckpt_dir/metrics``)."""
+        from refinery.tasks.engine.trainer import Engine
+
+        return Engine(self, self.cfg, total=total, device=device, ckpt_dir=ckpt_dir, metrics_dir=log_dir,
+                      progress=progress, on_row=on_step, stop_after=stop_after, title=self.title).fit()
+
+
+def run_stats(res: EngineResult, total: int, mem, model) -> dict:
+    """The figures of an engine run every offline trainer reports."""
+    losses = [r["loss"] for r in res.train_rows()]
+    return {"steps": res.steps, "status": res.status, "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None, "train_seconds": round(res.seconds, 3),
+            "train_tokens": res.tokens, "total_steps": total, "restored_step": res.restored_step,
+            "resumed_from": res.resumed_from, **res.stopper.summary(), **mem.stats(), **count_params(model)}
+
+
+def weights_of(share, like):
+    """A share's example weights (1, or 0 for a stand-in) as a tensor beside ``like``."""
+    import torch
+
+    return torch.tensor(share.weight, dtype=torch.float32, device=like.device)
 
 
 # --------------------------------------------------------------------------- settings

@@ -1,4 +1,5 @@
-"""Direct Preference Optimization (Rafailov et al. 2023), our own short loop.
+"""Direct Preference Optimization (Rafailov et al. 2023) on the one training loop
+(:class:`refinery.tasks.engine.trainer.Engine`, as :class:`refinery.tasks.align.common.OfflineMethod`).
 
 For a pair (prompt x, chosen y_c, rejected y_r) and log-ratios against a frozen reference
 ``h(y) = log pi(y|x) - log pi_ref(y|x)`` (summed over reply tokens), the loss is
@@ -7,22 +8,21 @@ For a pair (prompt x, chosen y_c, rejected y_r) and log-ratios against a frozen 
 reported preference accuracy and margins on held-out pairs, before and after training.
 
 The reference is the starting policy; its log-probabilities of every pair are computed once,
-before training, so no second model is held in memory (with LoRA or without).
+before training (and again, from the starting weights, when a run resumes), so no second model
+is held in memory (with LoRA or without).
 """
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from pydantic import Field
 
-from refinery.tasks.align.common import (OfflineParams, LoraSettings, TrainResult, count_params, encode_reply, load_policy,
-                                         model_device, pad, position_ids, step_metrics, token_logprobs)
+from refinery.tasks.align.common import (OfflineMethod, OfflineParams, LoraSettings, TrainResult, encode_reply, load_policy,
+                                         model_device, pad, position_ids, run_stats, token_logprobs, total_steps)
 from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
-from refinery.tasks.engine.parallel import Parallel
-from refinery.tasks.align.practice import EarlyStopping, make_optimisation, micro_batches, run_loop, total_steps
+from refinery.tasks.engine.trainer import INTERRUPTED, Micro
 
 TRAIN_EVAL_PAIRS = 128
 
@@ -121,78 +121,90 @@ def _val_figures(m: dict) -> dict:
     return {k: m[k] for k in ("loss", "accuracy", "margin") if k in m}
 
 
+class DPOMethod(OfflineMethod):
+    """DPO on the engine: the loss of a micro-batch of pairs (chosen and rejected in one forward)
+    against the reference log-probs :meth:`setup` computed from the starting weights; held-out
+    DPO loss (the early-stopping metric), accuracy and margin of the implicit rewards."""
+
+    cfg: DPOConfig
+
+    desc, title = "dpo", "DPO"
+    show, panels = ("loss", "accuracy"), ("loss", "accuracy", "margin")
+
+    def __init__(self, model, tokenizer, train: Sequence[PreferencePair], held_out: Sequence[PreferencePair],
+                 cfg: DPOConfig, seed: int):
+        super().__init__(cfg, model, len(train), seed)
+        self.pad_id = tokenizer.pad_token_id
+        self.enc_tr = encode_pairs(tokenizer, train, cfg.max_prompt_len, cfg.max_len)
+        self.enc_ev = encode_pairs(tokenizer, held_out, cfg.max_prompt_len, cfg.max_len) if held_out else None
+        self.ref_tr: list = []
+        self.ref_ev: list | None = None
+        self.before: dict = {"pairs": 0}
+
+    def scores(self, enc: _Encoded):
+        return _all_logps(self.net, enc, self.pad_id, self.cfg.eval_batch_size)
+
+    def setup(self) -> None:
+        """The reference: the starting model, scored once (every process scores every pair)."""
+        self.ref_tr = self.scores(self.enc_tr)
+        if self.enc_ev is not None:   # before training the policy is the reference
+            ev = self.ref_ev = self.scores(self.enc_ev)
+            self.before = preference_metrics(ev[0], ev[1], ev[0], ev[1], ev[2], ev[3], self.cfg.beta)
+
+    def micro_step(self, micro: int) -> Micro:
+        import torch
+
+        share = self.share()   # this process's pairs of the micro-batch (all of them in one)
+        idx, enc, cfg = share.idx, self.enc_tr, self.cfg
+        n = len(idx)
+        seqs = [enc.chosen[j] for j in idx] + [enc.rejected[j] for j in idx]
+        plens = [enc.p_len_c[j] for j in idx] + [enc.p_len_r[j] for j in idx]
+        lp, _ = reply_logps(self.net, seqs, plens, self.pad_id)
+        t = torch.tensor(idx)
+        ref_c, ref_r = self.ref_tr[0][t].to(lp.device), self.ref_tr[1][t].to(lp.device)
+        per_pair, rew_c, rew_r = dpo_loss(lp[:n], lp[n:], ref_c, ref_r, cfg.beta, cfg.label_smoothing)
+        with torch.no_grad():
+            figures = {"tokens": share.count([len(a) + len(b) for a, b in zip(seqs[:n], seqs[n:])]),
+                       "accuracy": share.mean((rew_c > rew_r).float()).item(),
+                       "margin": share.mean(rew_c - rew_r).item(), "reward_chosen": share.mean(rew_c).item(),
+                       "reward_rejected": share.mean(rew_r).item()}
+        return Micro(share.mean(per_pair), figures)
+
+    def held_out(self) -> dict:
+        """The held-out figures of the current weights."""
+        assert self.enc_ev is not None and self.ref_ev is not None
+        cur, ref = self.scores(self.enc_ev), self.ref_ev
+        return preference_metrics(cur[0], cur[1], ref[0], ref[1], cur[2], cur[3], self.cfg.beta)
+
+    def validate(self) -> dict | None:
+        if self.enc_ev is None:
+            return None
+        return _val_figures(self.before if self.untouched() else self.held_out())
+
+
 def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequence[PreferencePair], cfg: DPOConfig,
               seed: int = 0, on_step: Callable[[dict], None] | None = None, progress: bool = False,
-              log_dir: str | os.PathLike | None = None) -> TrainResult:
+              log_dir: str | os.PathLike | None = None, ckpt_dir: str | os.PathLike | None = None,
+              stop_after: int | None = None) -> TrainResult:
     """DPO of the model in ``model_dir`` on ``train`` pairs; held-out figures before and after.
-    Per-step metrics go to ``log_dir`` (refinery.tasks.train.metrics; in memory only when None),
-    with the held-out figures as validation rows at step 0 and at the last step."""
-    import torch
-
+    Per-step metrics go to ``log_dir`` (default ``ckpt_dir/metrics``; in memory only when both are
+    None), with the held-out figures as validation rows at step 0, every ``eval_every`` steps and at
+    the last step; checkpoints to ``ckpt_dir``, from whose newest one the same call resumes. A run
+    that stopped early (SIGTERM, ``stop_after``) comes back with its ``status`` and no figures after."""
     if not train:
         raise ValueError("DPO: no training pairs")
     tok, model, device, mem = load_policy(model_dir, cfg, seed)
-    par = Parallel.setup(model, cfg, device)   # several processes: DDP or FSDP (par.train); else the model
-    pad_id = tok.pad_token_id
-    enc_tr = encode_pairs(tok, train, cfg.max_prompt_len, cfg.max_len)
-    enc_ev = encode_pairs(tok, held_out, cfg.max_prompt_len, cfg.max_len)
-    # The reference: the starting model, scored once.
-    ref_tr = _all_logps(par.train, enc_tr, pad_id, cfg.eval_batch_size)
-    ref_ev = _all_logps(par.train, enc_ev, pad_id, cfg.eval_batch_size) if held_out else None
-    before: dict = {"pairs": 0}
-    if ref_ev is not None:   # before training the policy is the reference
-        before = preference_metrics(ref_ev[0], ref_ev[1], ref_ev[0], ref_ev[1], ref_ev[2], ref_ev[3], cfg.beta)
     total = total_steps(len(train), cfg, cfg.epochs)
-    optim = make_optimisation(model, cfg, total, parallel=par)
-    batches = micro_batches(len(train), cfg.batch_size, torch.Generator().manual_seed(seed))
-    steps = step_metrics(log_dir, cfg, total, "dpo", progress, on_step)
-    history = steps.history
-    stopper = EarlyStopping("loss", "min", cfg.early_stopping_patience, cfg.early_stopping_min_delta)
-    if held_out:
-        steps.val(0, tokens=0, **_val_figures(before))
-        stopper.update(before["loss"], 0, model)
-
-    def micro_step() -> dict:
-        share = par.share(next(batches))   # this process's pairs of the micro-batch (all of them in one)
-        idx = share.idx
-        n = len(idx)
-        seqs = [enc_tr.chosen[j] for j in idx] + [enc_tr.rejected[j] for j in idx]
-        plens = [enc_tr.p_len_c[j] for j in idx] + [enc_tr.p_len_r[j] for j in idx]
-        lp, _ = reply_logps(par.train, seqs, plens, pad_id)
-        t = torch.tensor(idx)
-        ref_c, ref_r = ref_tr[0][t].to(lp.device), ref_tr[1][t].to(lp.device)
-        per_pair, rew_c, rew_r = dpo_loss(lp[:n], lp[n:], ref_c, ref_r, cfg.beta, cfg.label_smoothing)
-        loss = share.mean(per_pair)
-        optim.backward(loss)
-        with torch.no_grad():
-            return {"tokens": share.count([len(a) + len(b) for a, b in zip(seqs[:n], seqs[n:])]),
-                    "loss": loss.item(), "accuracy": share.mean((rew_c > rew_r).float()).item(),
-                    "margin": share.mean(rew_c - rew_r).item(), "reward_chosen": share.mean(rew_c).item(),
-                    "reward_rejected": share.mean(rew_r).item()}
-
-    def validate() -> dict:
-        assert ref_ev is not None   # only called with held-out pairs
-        cur = _all_logps(par.train, enc_ev, pad_id, cfg.eval_batch_size)
-        return _val_figures(preference_metrics(cur[0], cur[1], ref_ev[0], ref_ev[1], cur[2], cur[3], cfg.beta))
-
-    t0 = time.perf_counter()
-    done = run_loop(model, cfg, total, optim, micro_step, steps, validate if ref_ev is not None else None, stopper)
-    train_seconds = time.perf_counter() - t0
-    step, tokens = done.steps, done.tokens
-    after: dict = {"pairs": 0}
-    if ref_ev is not None:
-        cur = _all_logps(par.train, enc_ev, pad_id, cfg.eval_batch_size)
-        after = preference_metrics(cur[0], cur[1], ref_ev[0], ref_ev[1], cur[2], cur[3], cfg.beta)
-    steps.close()
-    steps.plot("DPO", panels=("loss", "accuracy", "margin"))
-    k = min(len(train), TRAIN_EVAL_PAIRS)  # the same figures on (the first) training pairs
-    sub = _Encoded(enc_tr.chosen[:k], enc_tr.rejected[:k], enc_tr.p_len_c[:k], enc_tr.p_len_r[:k])
-    cur_tr = _all_logps(par.train, sub, pad_id, cfg.eval_batch_size)
-    train_after = preference_metrics(cur_tr[0], cur_tr[1], ref_tr[0][:k], ref_tr[1][:k], cur_tr[2], cur_tr[3], cfg.beta)
-    losses = [r["loss"] for r in history if r["split"] == "train"]
-    stats = {"steps": step, "train_pairs": len(train), "held_out_pairs": len(held_out),
-             "held_out_before": before, "held_out_after": after, "train_after": train_after,
-             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-             "train_seconds": round(train_seconds, 3), "train_tokens": tokens, "total_steps": total,
-             "restored_step": done.restored_step, **stopper.summary(), **mem.stats(), **count_params(model)}
-    return TrainResult(model=model, tokenizer=tok, stats=stats, history=history)
+    method = DPOMethod(model, tok, train, held_out, cfg, seed)
+    done = method.fit(total, device, ckpt_dir=ckpt_dir, log_dir=log_dir, progress=progress, on_step=on_step,
+                      stop_after=stop_after)
+    stats = {"train_pairs": len(train), "held_out_pairs": len(held_out), "held_out_before": method.before,
+             **run_stats(done, total, mem, model)}
+    if done.status not in INTERRUPTED:
+        stats["held_out_after"] = method.held_out() if method.enc_ev is not None else {"pairs": 0}
+        k = min(len(train), TRAIN_EVAL_PAIRS)  # the same figures on (the first) training pairs
+        enc = method.enc_tr
+        cur = method.scores(_Encoded(enc.chosen[:k], enc.rejected[:k], enc.p_len_c[:k], enc.p_len_r[:k]))
+        ref = method.ref_tr
+        stats["train_after"] = preference_metrics(cur[0], cur[1], ref[0][:k], ref[1][:k], cur[2], cur[3], cfg.beta)
+    return TrainResult(model=model, tokenizer=tok, stats=stats, history=done.history, status=done.status)

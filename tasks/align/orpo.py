@@ -1,4 +1,5 @@
-"""Odds Ratio Preference Optimization (Hong et al. 2024), reference-free; our own loop.
+"""Odds Ratio Preference Optimization (Hong et al. 2024), reference-free, on the one training loop
+(:class:`refinery.tasks.engine.trainer.Engine`, as :class:`refinery.tasks.align.common.OfflineMethod`).
 
 ORPO fine-tunes and aligns in one loss, with no reference model: the supervised NLL of the chosen
 sequence (over its prompt and reply tokens, as TRL computes it) minus ``beta`` times
@@ -8,22 +9,24 @@ sequence (over its prompt and reply tokens, as TRL computes it) minus ``beta`` t
 
 Memory: one model and no reference pass at all (DPO needs the reference's log-probs, KTO too).
 Held-out figures: the ORPO loss (the early-stopping metric), the share of pairs whose chosen reply
-has the higher mean log-prob (accuracy) and the mean log odds ratio (margin). Practice as in
-every align trainer (:mod:`refinery.tasks.align.practice`).
+has the higher mean log-prob (accuracy) and the mean log odds ratio (margin).
+
+Several processes (``devices``, ``strategy`` ddp or fsdp): each takes its share of a micro-batch's
+pairs; the NLL term's token count is the whole micro-batch's (summed over the processes), so the
+run follows the one-process run.
 """
 from __future__ import annotations
 
 import os
-import time
 from typing import Callable, Sequence
 
 from pydantic import Field
 
-from refinery.tasks.align.common import (OfflineParams, LoraSettings, TrainResult, count_params, load_policy, model_device,
-                                         pad, position_ids, step_metrics, token_logprobs)
+from refinery.tasks.align.common import (OfflineMethod, OfflineParams, LoraSettings, TrainResult, load_policy, model_device,
+                                         pad, position_ids, run_stats, token_logprobs, total_steps, weights_of)
 from refinery.tasks.align.data import PreferencePair
 from refinery.tasks.align.dpo import encode_pairs
-from refinery.tasks.align.practice import EarlyStopping, make_optimisation, micro_batches, run_loop, total_steps
+from refinery.tasks.engine.trainer import INTERRUPTED, Micro
 
 
 class ORPOConfig(OfflineParams):
@@ -101,53 +104,77 @@ def evaluate_orpo(model, enc, pad_id: int, beta: float, batch_size: int) -> dict
             "margin": round(lo.mean().item(), 6)}
 
 
+FIGURES = ("loss", "accuracy", "margin")   # the held-out figures logged as validation rows
+
+
+class ORPOMethod(OfflineMethod):
+    """ORPO on the engine: the loss of a micro-batch of pairs (chosen and rejected in one forward);
+    held-out ORPO loss (the early-stopping metric), accuracy and margin."""
+
+    cfg: ORPOConfig
+
+    desc, title = "orpo", "ORPO"
+    show, panels = ("loss", "accuracy"), FIGURES
+
+    def __init__(self, model, tokenizer, train: Sequence[PreferencePair], held_out: Sequence[PreferencePair],
+                 cfg: ORPOConfig, seed: int):
+        super().__init__(cfg, model, len(train), seed)
+        self.pad_id = tokenizer.pad_token_id
+        self.enc_tr = encode_pairs(tokenizer, train, cfg.max_prompt_len, cfg.max_len)
+        self.enc_ev = encode_pairs(tokenizer, held_out, cfg.max_prompt_len, cfg.max_len)
+        self.before: dict = {"pairs": 0}
+
+    def held_out(self) -> dict:
+        """The held-out figures of the current weights."""
+        return evaluate_orpo(self.net, self.enc_ev, self.pad_id, self.cfg.beta, self.cfg.eval_batch_size)
+
+    def setup(self) -> None:
+        self.before = self.held_out()
+
+    def micro_step(self, micro: int) -> Micro:
+        share = self.share()   # this process's pairs of the micro-batch (all of them in one)
+        idx, enc = share.idx, self.enc_tr
+        n = len(idx)
+        seqs = [enc.chosen[j] for j in idx] + [enc.rejected[j] for j in idx]
+        plens = [enc.p_len_c[j] for j in idx] + [enc.p_len_r[j] for j in idx]
+        avg, sums, counts = _forward(self.net, seqs, plens, self.pad_id)
+        w = weights_of(share, sums)
+        # the NLL term is a mean over every chosen token of the micro-batch, all processes' together
+        nll_sum, tokens = self.engine.par.sum([float(-(sums[:n].detach() * w).sum()), float((counts[:n] * w).sum())])
+        tokens = max(tokens, 1.0)
+        nll = -(sums[:n] * w).sum() / tokens * share.world
+        ratio, log_odds = odds_ratio_loss(avg[:n], avg[n:], self.cfg.beta)
+        return Micro(nll - share.mean(ratio), {"tokens": share.count([len(a) + len(b) for a, b in zip(seqs[:n], seqs[n:])]),
+                                               "nll": nll_sum / tokens,
+                                               "accuracy": share.mean((log_odds > 0).float()).item(),
+                                               "margin": share.mean(log_odds.detach()).item()})
+
+    def validate(self) -> dict | None:
+        if not self.enc_ev.chosen:
+            return None
+        m = self.before if self.untouched() else self.held_out()
+        return {k: m[k] for k in FIGURES}
+
+
 def train_orpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequence[PreferencePair], cfg: ORPOConfig,
                seed: int = 0, on_step: Callable[[dict], None] | None = None, progress: bool = False,
-               log_dir: str | os.PathLike | None = None) -> TrainResult:
+               log_dir: str | os.PathLike | None = None, ckpt_dir: str | os.PathLike | None = None,
+               stop_after: int | None = None) -> TrainResult:
     """ORPO of the model in ``model_dir`` on ``train`` pairs; held-out figures before, every
-    ``eval_every`` steps, and after."""
-    import torch
-
+    ``eval_every`` steps, and after. Metrics, checkpoints and resume as in
+    :func:`refinery.tasks.align.dpo.train_dpo`."""
     if not train:
         raise ValueError("ORPO: no training pairs")
     tok, model, device, mem = load_policy(model_dir, cfg, seed)
-    pad_id = tok.pad_token_id
-    enc_tr = encode_pairs(tok, train, cfg.max_prompt_len, cfg.max_len)
-    enc_ev = encode_pairs(tok, held_out, cfg.max_prompt_len, cfg.max_len)
-    before = evaluate_orpo(model, enc_ev, pad_id, cfg.beta, cfg.eval_batch_size)
     total = total_steps(len(train), cfg, cfg.epochs)
-    optim = make_optimisation(model, cfg, total)
-    batches = micro_batches(len(train), cfg.batch_size, torch.Generator().manual_seed(seed))
-    steps = step_metrics(log_dir, cfg, total, "orpo", progress, on_step)
-    stopper = EarlyStopping("loss", "min", cfg.early_stopping_patience, cfg.early_stopping_min_delta)
-    fig_keys = ("loss", "accuracy", "margin")
-    if held_out:
-        steps.val(0, tokens=0, **{k: before[k] for k in fig_keys})
-        stopper.update(before["loss"], 0, model)
-
-    def micro_step() -> dict:
-        loss, nll, log_odds, tokens = orpo_batch(model, enc_tr, next(batches), pad_id, cfg.beta)
-        optim.backward(loss)
-        return {"tokens": tokens, "loss": loss.item(), "nll": nll.item(),
-                "accuracy": (log_odds > 0).float().mean().item(), "margin": log_odds.mean().item()}
-
-    def validate() -> dict:
-        m = evaluate_orpo(model, enc_ev, pad_id, cfg.beta, cfg.eval_batch_size)
-        return {k: m[k] for k in fig_keys}
-
-    t0 = time.perf_counter()
-    done = run_loop(model, cfg, total, optim, micro_step, steps, validate if held_out else None, stopper)
-    train_seconds = time.perf_counter() - t0
-    after = evaluate_orpo(model, enc_ev, pad_id, cfg.beta, cfg.eval_batch_size)
-    steps.close()
-    steps.plot("ORPO", panels=("loss", "accuracy", "margin"))
-    losses = [r["loss"] for r in steps.history if r["split"] == "train"]
-    stats = {"steps": done.steps, "train_pairs": len(train), "held_out_pairs": len(held_out),
-             "held_out_before": before, "held_out_after": after,
-             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-             "train_seconds": round(train_seconds, 3), "train_tokens": done.tokens, "total_steps": total,
-             "restored_step": done.restored_step, **stopper.summary(), **mem.stats(), **count_params(model)}
-    return TrainResult(model=model, tokenizer=tok, stats=stats, history=steps.history)
+    method = ORPOMethod(model, tok, train, held_out, cfg, seed)
+    done = method.fit(total, device, ckpt_dir=ckpt_dir, log_dir=log_dir, progress=progress, on_step=on_step,
+                      stop_after=stop_after)
+    stats = {"train_pairs": len(train), "held_out_pairs": len(held_out), "held_out_before": method.before,
+             **run_stats(done, total, mem, model)}
+    if done.status not in INTERRUPTED:
+        stats["held_out_after"] = method.held_out()
+    return TrainResult(model=model, tokenizer=tok, stats=stats, history=done.history, status=done.status)
 
 
-__all__ = ["ORPOConfig", "odds_ratio_loss", "chosen_nll", "orpo_batch", "evaluate_orpo", "train_orpo"]
+__all__ = ["ORPOConfig", "ORPOMethod", "odds_ratio_loss", "chosen_nll", "orpo_batch", "evaluate_orpo", "train_orpo"]

@@ -7,23 +7,24 @@ with a small penalty ``center_coef * (r_c + r_r)^2`` that keeps rewards centred 
 sees rewards of a sane scale). Held-out pairwise accuracy (``r_c > r_r``) is measured before
 training, every ``eval_every`` steps (the early-stopping metric) and after.
 
-The practice of :mod:`refinery.tasks.align.practice`: the backbone at ``lr`` (pretrained weights:
+It runs on the one training loop (:class:`refinery.tasks.engine.trainer.Engine`, as
+:class:`refinery.tasks.align.common.OfflineMethod`): the backbone at ``lr`` (pretrained weights:
 1e-5 to 5e-5) and the new ``score`` head at ``head_lr`` (about 1e-4), gradient accumulation,
-warm-up + cosine schedule, clipping, early stopping with the best weights restored.
+warm-up + cosine schedule, clipping, early stopping with the best weights restored, checkpoints
+and resume, one process or several (DDP, FSDP2).
 """
 from __future__ import annotations
 
 import os
-import time
 from typing import Callable, Sequence
 
 from pydantic import Field
 
-from refinery.tasks.align.common import (OfflineParams, LoraSettings, TrainResult, apply_lora, count_params, encode_reply, load_tokenizer,
-                                model_device, pad, pick_device, seed_everything, step_metrics, torch_dtype)
+from refinery.tasks.align.common import (OfflineMethod, OfflineParams, LoraSettings, TrainResult, apply_lora,
+                                         encode_reply, load_tokenizer, model_device, pad, pick_device, run_stats,
+                                         seed_everything, torch_dtype, total_steps)
 from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
-from refinery.tasks.engine.parallel import Parallel
-from refinery.tasks.align.practice import EarlyStopping, make_optimisation, micro_batches, run_loop, total_steps
+from refinery.tasks.engine.trainer import INTERRUPTED, Micro
 
 
 class RewardConfig(OfflineParams):
@@ -101,14 +102,62 @@ def evaluate_pairs(model, tokenizer, pairs: Sequence[PreferencePair], cfg: Rewar
             "reward_chosen": round(rc.mean().item(), 6), "reward_rejected": round(rr.mean().item(), 6)}
 
 
+class RewardMethod(OfflineMethod):
+    """The reward model on the engine: the pairwise loss of a micro-batch of pairs (chosen and
+    rejected in one forward), held-out pairwise accuracy (the early-stopping metric) and margin."""
+
+    cfg: RewardConfig
+
+    desc, title = "reward", "reward model"
+    metric, mode = "accuracy", "max"
+    head_prefixes = ("score", "classifier")
+    show = panels = ("loss", "accuracy")
+    train_mode = True     # as before the engine: the reward model trains in training mode
+
+    def __init__(self, model, tokenizer, train: Sequence[PreferencePair], held_out: Sequence[PreferencePair],
+                 cfg: RewardConfig, seed: int):
+        super().__init__(cfg, model, len(train), seed)
+        self.tok, self.held_out = tokenizer, held_out
+        prompts, chosen, rejected = _pair_texts(tokenizer, train)   # tokenized once
+        self.enc_c = [sum(encode_reply(tokenizer, p, c, cfg.max_prompt_len, cfg.max_len), []) for p, c in zip(prompts, chosen)]
+        self.enc_r = [sum(encode_reply(tokenizer, p, r, cfg.max_prompt_len, cfg.max_len), []) for p, r in zip(prompts, rejected)]
+        self.before: dict = {"pairs": 0}
+
+    def setup(self) -> None:
+        self.before = evaluate_pairs(self.net, self.tok, self.held_out, self.cfg)
+
+    def micro_step(self, micro: int) -> Micro:
+        import torch.nn.functional as F
+
+        share = self.share()   # this process's pairs of the micro-batch (all of them in one)
+        idx, cfg = share.idx, self.cfg
+        ids, mask = pad([self.enc_c[j] for j in idx] + [self.enc_r[j] for j in idx], self.tok.pad_token_id, "right")
+        dev = model_device(self.model)
+        r = self.net(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, 0].float()
+        rc, rr = r[: len(idx)], r[len(idx):]
+        per_pair = -F.logsigmoid(rc - rr)
+        if cfg.center_coef:
+            per_pair = per_pair + cfg.center_coef * (rc + rr) ** 2
+        lengths = mask.sum(1).tolist()
+        return Micro(share.mean(per_pair), {"tokens": share.count(lengths[: len(idx)]) + share.count(lengths[len(idx):]),
+                                            "accuracy": share.mean((rc > rr).float()).item()})
+
+    def validate(self) -> dict | None:
+        if not self.held_out:
+            return None
+        m = self.before if self.untouched() else evaluate_pairs(self.net, self.tok, self.held_out, self.cfg)
+        return {"accuracy": m["accuracy"], "margin": m["margin"]}
+
+
 def train_reward_model(model_dir: str, train: Sequence[PreferencePair], held_out: Sequence[PreferencePair],
                        cfg: RewardConfig, seed: int = 0, on_step: Callable[[dict], None] | None = None,
-                       progress: bool = False, log_dir: str | os.PathLike | None = None) -> TrainResult:
+                       progress: bool = False, log_dir: str | os.PathLike | None = None,
+                       ckpt_dir: str | os.PathLike | None = None, stop_after: int | None = None) -> TrainResult:
     """Train a reward model from ``model_dir`` on ``train`` pairs; evaluate on ``held_out``.
-    Per-step metrics go to ``log_dir`` (refinery.tasks.train.metrics; in memory only when None)."""
-    import torch
-    import torch.nn.functional as F
-
+    Per-step metrics go to ``log_dir`` (default ``ckpt_dir/metrics``; in memory only when both are
+    None); checkpoints to ``ckpt_dir`` (every ``cfg.checkpoint_every`` steps, on SIGTERM and on
+    ``stop_after``), from whose newest one the same call resumes. A run that stopped early comes
+    back with its ``status`` (``preempted``, ``stopped``) and no held-out figures after."""
     from refinery.tasks.train.common import PeakMemory
 
     if not train:
@@ -118,57 +167,15 @@ def train_reward_model(model_dir: str, train: Sequence[PreferencePair], held_out
     dev = pick_device(cfg.device)
     mem = PeakMemory(dev).start()
     model.to(dev)
-    par = Parallel.setup(model, cfg, dev)   # several processes: DDP or FSDP (par.train); else the model
-    before = evaluate_pairs(par.train, tok, held_out, cfg)
-
-    # Tokenize once.
-    prompts, chosen, rejected = _pair_texts(tok, train)
-    enc_c = [sum(encode_reply(tok, p, c, cfg.max_prompt_len, cfg.max_len), []) for p, c in zip(prompts, chosen)]
-    enc_r = [sum(encode_reply(tok, p, r, cfg.max_prompt_len, cfg.max_len), []) for p, r in zip(prompts, rejected)]
-
     total = total_steps(len(train), cfg, cfg.epochs)
-    optim = make_optimisation(model, cfg, total, parallel=par)
-    batches = micro_batches(len(train), cfg.batch_size, torch.Generator().manual_seed(seed))
-    steps = step_metrics(log_dir, cfg, total, "reward", progress, on_step)
-    history = steps.history
-    stopper = EarlyStopping("accuracy", "max", cfg.early_stopping_patience, cfg.early_stopping_min_delta)
-    if held_out:   # held-out pairwise accuracy and margin as validation rows, before, during and after
-        steps.val(0, tokens=0, accuracy=before["accuracy"], margin=before["margin"])
-        stopper.update(before["accuracy"], 0, model)
-
-    def micro_step() -> dict:
-        share = par.share(next(batches))   # this process's pairs of the micro-batch (all of them in one)
-        idx = share.idx
-        ids, mask = pad([enc_c[j] for j in idx] + [enc_r[j] for j in idx], tok.pad_token_id, "right")
-        r = par.train(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, 0].float()
-        rc, rr = r[: len(idx)], r[len(idx):]
-        per_pair = -F.logsigmoid(rc - rr)
-        if cfg.center_coef:
-            per_pair = per_pair + cfg.center_coef * (rc + rr) ** 2
-        loss = share.mean(per_pair)
-        optim.backward(loss)
-        lengths = mask.sum(1).tolist()
-        return {"tokens": share.count(lengths[: len(idx)]) + share.count(lengths[len(idx):]), "loss": loss.item(),
-                "accuracy": share.mean((rc > rr).float()).item()}
-
-    def validate() -> dict:
-        m = evaluate_pairs(par.train, tok, held_out, cfg)
-        return {"accuracy": m["accuracy"], "margin": m["margin"]}
-
-    t0 = time.perf_counter()
-    model.train()
-    done = run_loop(model, cfg, total, optim, micro_step, steps, validate if held_out else None, stopper)
-    train_seconds = time.perf_counter() - t0
-    step, tokens = done.steps, done.tokens
-    after = evaluate_pairs(par.train, tok, held_out, cfg)
-    steps.close()
-    steps.plot("reward model", panels=("loss", "accuracy"))
-    stats = {"steps": step, "train_pairs": len(train), "held_out_pairs": len(held_out),
-             "held_out_before": before, "held_out_after": after,
-             "final_loss": next((r["loss"] for r in reversed(history) if r["split"] == "train"), None),
-             "train_seconds": round(train_seconds, 3), "train_tokens": tokens, "total_steps": total,
-             "restored_step": done.restored_step, **stopper.summary(), **mem.stats(), **count_params(model)}
-    return TrainResult(model=model, tokenizer=tok, stats=stats, history=history)
+    method = RewardMethod(model, tok, train, held_out, cfg, seed)
+    done = method.fit(total, dev, ckpt_dir=ckpt_dir, log_dir=log_dir, progress=progress, on_step=on_step,
+                      stop_after=stop_after)
+    stats = {"train_pairs": len(train), "held_out_pairs": len(held_out), "held_out_before": method.before,
+             **run_stats(done, total, mem, model)}
+    if done.status not in INTERRUPTED:
+        stats["held_out_after"] = evaluate_pairs(method.net, tok, held_out, cfg)
+    return TrainResult(model=model, tokenizer=tok, stats=stats, history=done.history, status=done.status)
 
 
 class RewardScorer:

@@ -1,4 +1,4 @@
-"""The alignment stages: ``reward``, ``ppo`` and ``dpo``.
+"""The alignment stages: ``reward``, ``dpo``, ``kto``, ``orpo``, ``ppo`` and ``grpo``.
 
 Each takes model folders and a preference file named in its config (their identities, a refinery
 dataset's fingerprint or a folder's file sizes and mtimes, and the data file's path, size and
@@ -70,11 +70,16 @@ class ORPOStageConfig(_AlignInputs):
     train: ORPOConfig = ORPOConfig()
 
 
-class PPOStageConfig(_AlignInputs):
-    reward_model: str = Field(description="Reward model: a HF sequence-classification folder or a `reward` dataset.")
-    max_prompts: int | None = Field(None, ge=1, description="Use at most N distinct training prompts.")
+class _RewardModelLengths(StrictModel):
+    """How much of a prompt and reply the reward model of an RL stage (PPO, GRPO) sees."""
+
     reward_max_prompt_len: int = Field(64, ge=1, description="Prompt tokens the reward model sees.")
     reward_max_len: int = Field(160, ge=2, description="Prompt + reply tokens the reward model sees.")
+
+
+class PPOStageConfig(_RewardModelLengths, _AlignInputs):
+    reward_model: str = Field(description="Reward model: a HF sequence-classification folder or a `reward` dataset.")
+    max_prompts: int | None = Field(None, ge=1, description="Use at most N distinct training prompts.")
     train: PPOConfig = PPOConfig()
 
     @computed_field  # type: ignore[prop-decorator]  # pydantic's documented computed_field pattern
@@ -90,14 +95,12 @@ class KTOStageConfig(_ModelAndData):
     train: KTOConfig = KTOConfig()
 
 
-class GRPOStageConfig(_ModelAndData):
+class GRPOStageConfig(_RewardModelLengths, _ModelAndData):
     data: str = Field(description="Prompts: .json/.jsonl(.gz) records with question (GSM8K: and answer '... #### N'), "
                       "prompt or messages; other keys are passed to the reward functions.")
     max_prompts: int | None = Field(None, ge=1, description="Use only the first N valid prompt records.")
     reward_model: str | None = Field(None, description="A reward model (HF sequence-classification folder or `reward` "
                                      "dataset) whose score is added to the reward functions as 'reward_model'.")
-    reward_max_prompt_len: int = Field(64, ge=1, description="Prompt tokens the reward model sees.")
-    reward_max_len: int = Field(160, ge=2, description="Prompt + reply tokens the reward model sees.")
     train: GRPOConfig = GRPOConfig()
 
     @computed_field  # type: ignore[prop-decorator]  # pydantic's documented computed_field pattern
@@ -174,28 +177,54 @@ def _threads():
 
 # --------------------------------------------------------------------------- training, in one process or several
 # Each run trains from the stage config in this process, and is what every torchrun process of a
-# multi-process run executes (refinery.tasks.align.worker): (result, counts, base model folder).
-def _run_reward(cfg: RewardStageConfig, log_dir, progress: bool):
+# multi-process run executes (refinery.tasks.align.worker): run(cfg, ckpt_dir, progress) ->
+# (result, counts, base model folder). ``ckpt_dir`` (every process gets it) is the stage's
+# checkpoint folder: the engine's checkpoints, resume from them, the metrics in its ``metrics/``.
+def _run_reward(cfg: RewardStageConfig, ckpt_dir, progress: bool):
     from refinery.tasks.align.common import resolve_model_dir
     from refinery.tasks.align.reward import train_reward_model
 
     model_dir = resolve_model_dir(cfg.model)
     train, held_out, counts = _load_split(cfg)
-    res = train_reward_model(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=progress, log_dir=log_dir)
+    res = train_reward_model(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=progress, ckpt_dir=ckpt_dir)
     return res, counts, model_dir
 
 
-def _run_dpo(cfg: DPOStageConfig, log_dir, progress: bool):
+def _run_dpo(cfg: DPOStageConfig, ckpt_dir, progress: bool):
     from refinery.tasks.align.common import resolve_model_dir
     from refinery.tasks.align.dpo import train_dpo
 
     model_dir = resolve_model_dir(cfg.model)
     train, held_out, counts = _load_split(cfg)
-    res = train_dpo(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=progress, log_dir=log_dir)
+    res = train_dpo(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=progress, ckpt_dir=ckpt_dir)
     return res, counts, model_dir
 
 
-def _run_ppo(cfg: PPOStageConfig, log_dir, progress: bool):
+def _run_orpo(cfg: ORPOStageConfig, ckpt_dir, progress: bool):
+    from refinery.tasks.align.common import resolve_model_dir
+    from refinery.tasks.align.orpo import train_orpo
+
+    model_dir = resolve_model_dir(cfg.model)
+    train, held_out, counts = _load_split(cfg)
+    res = train_orpo(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=progress, ckpt_dir=ckpt_dir)
+    return res, counts, model_dir
+
+
+def _run_kto(cfg: KTOStageConfig, ckpt_dir, progress: bool):
+    from refinery.tasks.align.common import resolve_model_dir
+    from refinery.tasks.align.data import load_unpaired, split_pairs
+    from refinery.tasks.align.kto import train_kto
+
+    model_dir = resolve_model_dir(cfg.model)
+    examples, counts = load_unpaired(cfg.data, cfg.max_examples, min_valid_fraction=cfg.min_valid_fraction)
+    if len(examples) < 2:
+        raise ValueError(f"{cfg.data}: fewer than 2 valid labelled examples (skipped: {counts['skipped']})")
+    train, held_out = split_pairs(examples, cfg.val_fraction, cfg.seed, cfg.max_val_examples)
+    res = train_kto(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=progress, ckpt_dir=ckpt_dir)
+    return res, {**counts, "examples_train": len(train), "examples_held_out": len(held_out)}, model_dir
+
+
+def _run_ppo(cfg: PPOStageConfig, ckpt_dir, progress: bool):
     from refinery.tasks.align.common import load_tokenizer, resolve_model_dir
     from refinery.tasks.align.data import render_prompt
     from refinery.tasks.align.ppo import train_ppo
@@ -215,9 +244,46 @@ def _run_ppo(cfg: PPOStageConfig, log_dir, progress: bool):
     held = [p for p in dict.fromkeys(render_prompt(p.prompt, tok) for p in held_out) if p not in seen]
     held = held[:HELD_OUT_PROMPTS]
     res = train_ppo(model_dir, prompts, lambda ps, rs, ids: scorer(ps, rs), cfg.train, seed=cfg.seed,
-                    progress=progress, log_dir=log_dir, held_out=held)
+                    progress=progress, ckpt_dir=ckpt_dir, held_out=held)
     res.stats["reward_model"] = reward_dir
     return res, {**counts, "prompts": len(prompts)}, model_dir
+
+
+def _run_grpo(cfg: GRPOStageConfig, ckpt_dir, progress: bool):
+    from refinery.tasks.align.common import load_tokenizer, resolve_model_dir
+    from refinery.tasks.align.data import load_prompts, render_prompt, split_pairs
+    from refinery.tasks.align.grpo import train_grpo
+    from refinery.tasks.align.rewards import resolve_reward_func
+
+    model_dir = resolve_model_dir(cfg.model)
+    records, counts = load_prompts(cfg.data, cfg.max_prompts, min_valid_fraction=cfg.min_valid_fraction)
+    if not records:
+        raise ValueError(f"{cfg.data}: no valid prompt records (skipped: {counts['skipped']})")
+    train, held_out = split_pairs(records, cfg.val_fraction, cfg.seed, min(cfg.max_val_examples or HELD_OUT_PROMPTS,
+                                                                          HELD_OUT_PROMPTS))
+    funcs = {n: resolve_reward_func(n) for n in cfg.train.reward_funcs}
+    reward_dir = None
+    if cfg.reward_model:
+        from refinery.tasks.align.reward import RewardScorer
+
+        reward_dir = resolve_model_dir(cfg.reward_model)
+        scorer = RewardScorer(reward_dir, cfg.reward_max_prompt_len, cfg.reward_max_len, device=cfg.train.device,
+                              dtype=cfg.train.dtype)
+        funcs["reward_model"] = lambda prompts, completions, **_: scorer(prompts, completions).tolist()
+    train_cfg = cfg.train
+    if cfg.reward_model and train_cfg.reward_weights is not None:   # the model's score weighs 1
+        train_cfg = train_cfg.model_copy(update={"reward_weights": [*train_cfg.reward_weights, 1.0]})
+    elif cfg.reward_model:
+        train_cfg = train_cfg.model_copy(update={"reward_weights": [1.0] * len(funcs)})
+    tok = load_tokenizer(model_dir)
+    texts = lambda rs: [render_prompt(r.prompt, tok) for r in rs]  # noqa: E731
+    res = train_grpo(model_dir, texts(train), [r.column_dict() for r in train], funcs, train_cfg, seed=cfg.seed,
+                     held_out=(texts(held_out), [r.column_dict() for r in held_out]), progress=progress,
+                     ckpt_dir=ckpt_dir)
+    res.stats["reward_model"] = reward_dir
+    counts = {"records": counts["records"], "prompts": counts["prompts"], "prompts_train": len(train),
+              "prompts_held_out": len(held_out), "skipped": counts["skipped"]}
+    return res, counts, model_dir
 
 
 def _rebuild_reward(cfg: RewardStageConfig, model_dir: str):
@@ -243,8 +309,9 @@ def _rebuild_ppo(cfg: PPOStageConfig, model_dir: str):
 
 @dataclass(frozen=True)
 class _Trainer:
-    """A method that trains on several processes: its stage config, the run every process executes,
-    and the rebuild of the untrained model that the workers' trained tensors go into."""
+    """A method that trains in one process or several: its stage config, the run every process
+    executes (``run(cfg, ckpt_dir, progress)``), and the rebuild of the untrained model that the
+    workers' trained tensors go into."""
 
     config: type[StrictModel]
     run: Callable[..., tuple]
@@ -253,7 +320,10 @@ class _Trainer:
 
 RUNS = {"reward": _Trainer(RewardStageConfig, _run_reward, _rebuild_reward),
         "dpo": _Trainer(DPOStageConfig, _run_dpo, _rebuild_policy),
-        "ppo": _Trainer(PPOStageConfig, _run_ppo, _rebuild_ppo)}
+        "kto": _Trainer(KTOStageConfig, _run_kto, _rebuild_policy),
+        "orpo": _Trainer(ORPOStageConfig, _run_orpo, _rebuild_policy),
+        "ppo": _Trainer(PPOStageConfig, _run_ppo, _rebuild_ppo),
+        "grpo": _Trainer(GRPOStageConfig, _run_grpo, _rebuild_policy)}
 
 
 def config_json(cfg) -> dict:
@@ -264,23 +334,29 @@ def config_json(cfg) -> dict:
 def _train(b, cfg, method: str):
     """Train in this process, or on ``cfg.train.devices`` torchrun processes: then rank 0 leaves the
     metrics in this stage's metrics folder and the trained tensors beside the launch spec, and they
-    go into a fresh copy of the starting model here. Returns (result, counts, base model folder)."""
-    from refinery.tasks.align.common import TrainResult, resolve_model_dir
+    go into a fresh copy of the starting model here. Either way the run checkpoints into the stage's
+    checkpoint folder and resumes from it when the same command runs again; a run that stopped early
+    (SIGTERM) raises :class:`refinery.tasks.engine.trainer.TrainingInterrupted` instead of being
+    published. Returns (result, counts, base model folder)."""
+    from refinery.tasks.align.common import TrainResult, raise_if_interrupted, resolve_model_dir
     from refinery.tasks.align.ppo import PPOResult
     from refinery.tasks.train.distributed import launch, load_trainable, num_nodes
     from refinery.tasks.train.stage import checkpoint_dir
 
     run, rebuild = RUNS[method].run, RUNS[method].rebuild
+    folder = checkpoint_dir(b)
     nproc = cfg.train.processes()
     if not cfg.train.launches():
-        return run(cfg, _metrics_dir(b), True)
+        res, counts, model_dir = run(cfg, folder, True)
+        raise_if_interrupted(res.stats, folder)
+        return res, counts, model_dir
     strategy = "fsdp" if cfg.train.strategy == "fsdp" else "ddp"
     world = cfg.train.world_size()
     print(f"{method}: launching {strategy} on {nproc} processes (torchrun)"
           + (f" on each of {num_nodes()} nodes" if num_nodes() > 1 else ""), flush=True)
-    folder = checkpoint_dir(b)
-    spec = {"method": method, "config": config_json(cfg), "log_dir": str(_metrics_dir(b))}
+    spec = {"method": method, "config": config_json(cfg), "ckpt_dir": str(folder)}
     out = launch(spec, nproc, folder, module="refinery.tasks.align.worker")
+    raise_if_interrupted(out["stats"], folder)
     model_dir = resolve_model_dir(cfg.model)
     model, tok = rebuild(cfg, model_dir)
     load_trainable(model, folder / "trained.pt")
@@ -327,16 +403,11 @@ def dpo_stage(b, inputs, cfg: DPOStageConfig) -> StageOutput:
                               "kind": "policy", "method": "dpo", "metrics": metrics})
 
 
-@stage("orpo", version="1")
+@stage("orpo", version="1", kind=MultiNodeStage)
 def orpo_stage(b, inputs, cfg: ORPOStageConfig) -> StageOutput:
     """ORPO (reference-free: supervised NLL plus an odds-ratio preference term) on preference pairs."""
     memory_plan = _memory_plan("orpo", cfg)
-    from refinery.tasks.align.common import resolve_model_dir
-    from refinery.tasks.align.orpo import train_orpo
-
-    model_dir = resolve_model_dir(cfg.model)
-    train, held_out, counts = _load_split(cfg)
-    res = train_orpo(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=True, log_dir=_metrics_dir(b))
+    res, counts, model_dir = _train(b, cfg, "orpo")
     keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
     _write_metrics(b, keys)
     before, after = res.stats["held_out_before"], res.stats["held_out_after"]
@@ -373,74 +444,36 @@ def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
                               "metrics": metrics})
 
 
-@stage("kto", version="1")
+@stage("kto", version="1", kind=MultiNodeStage)
 def kto_stage(b, inputs, cfg: KTOStageConfig) -> StageOutput:
     """KTO of the starting model on unpaired replies labelled desirable or undesirable."""
     memory_plan = _memory_plan("kto", cfg)
-    from refinery.tasks.align.common import resolve_model_dir
-    from refinery.tasks.align.data import load_unpaired, split_pairs
-    from refinery.tasks.align.kto import train_kto
-
-    model_dir = resolve_model_dir(cfg.model)
-    examples, counts = load_unpaired(cfg.data, cfg.max_examples, min_valid_fraction=cfg.min_valid_fraction)
-    if len(examples) < 2:
-        raise ValueError(f"{cfg.data}: fewer than 2 valid labelled examples (skipped: {counts['skipped']})")
-    train, held_out = split_pairs(examples, cfg.val_fraction, cfg.seed, cfg.max_val_examples)
-    res = train_kto(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=True, log_dir=_metrics_dir(b))
+    res, counts, model_dir = _train(b, cfg, "kto")
     keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
     _write_metrics(b, keys)
     before, after = res.stats["held_out_before"], res.stats["held_out_after"]
     metrics = {"held_out_loss_before": before.get("loss"), "held_out_loss": after.get("loss"),
                "held_out_margin": after.get("margin"), "held_out_accuracy": after.get("accuracy"),
                "final_loss": res.stats["final_loss"]}
-    counts = {**counts, "examples_train": len(train), "examples_held_out": len(held_out), "steps": res.stats["steps"]}
+    counts = {**counts, "steps": res.stats["steps"]}
     return StageOutput(counts=counts, stats={**res.stats, "base_model": model_dir, "threads": _threads()},
                        extra={**keys, "memory_plan": memory_plan,
                               "kind": "policy", "method": "kto", "metrics": metrics})
 
 
-@stage("grpo", version="1")
+@stage("grpo", version="1", kind=MultiNodeStage)
 def grpo_stage(b, inputs, cfg: GRPOStageConfig) -> StageOutput:
     """GRPO of the starting model on prompts, rewarded by Python reward functions (and/or a reward model)."""
     memory_plan = _memory_plan("grpo", cfg)
-    from refinery.tasks.align.common import load_tokenizer, resolve_model_dir
-    from refinery.tasks.align.data import load_prompts, render_prompt, split_pairs
-    from refinery.tasks.align.grpo import train_grpo
-    from refinery.tasks.align.rewards import resolve_reward_func
-
-    model_dir = resolve_model_dir(cfg.model)
-    records, counts = load_prompts(cfg.data, cfg.max_prompts, min_valid_fraction=cfg.min_valid_fraction)
-    if not records:
-        raise ValueError(f"{cfg.data}: no valid prompt records (skipped: {counts['skipped']})")
-    train, held_out = split_pairs(records, cfg.val_fraction, cfg.seed, min(cfg.max_val_examples or HELD_OUT_PROMPTS,
-                                                                          HELD_OUT_PROMPTS))
-    funcs = {n: resolve_reward_func(n) for n in cfg.train.reward_funcs}
-    reward_dir = None
-    if cfg.reward_model:
-        from refinery.tasks.align.reward import RewardScorer
-
-        reward_dir = resolve_model_dir(cfg.reward_model)
-        scorer = RewardScorer(reward_dir, cfg.reward_max_prompt_len, cfg.reward_max_len, device=cfg.train.device,
-                              dtype=cfg.train.dtype)
-        funcs["reward_model"] = lambda prompts, completions, **_: scorer(prompts, completions).tolist()
-    train_cfg = cfg.train
-    if cfg.reward_model and train_cfg.reward_weights is not None:   # the model's score weighs 1
-        train_cfg = train_cfg.model_copy(update={"reward_weights": [*train_cfg.reward_weights, 1.0]})
-    elif cfg.reward_model:
-        train_cfg = train_cfg.model_copy(update={"reward_weights": [1.0] * len(funcs)})
-    tok = load_tokenizer(model_dir)
-    texts = lambda rs: [render_prompt(r.prompt, tok) for r in rs]  # noqa: E731
-    res = train_grpo(model_dir, texts(train), [r.column_dict() for r in train], funcs, train_cfg, seed=cfg.seed,
-                     held_out=(texts(held_out), [r.column_dict() for r in held_out]), progress=True,
-                     log_dir=_metrics_dir(b))
+    res, counts, model_dir = _train(b, cfg, "grpo")
+    reward_dir = res.stats.get("reward_model")
     keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
     _write_metrics(b, keys)
     s = res.stats
     metrics = {"reward_start_avg": s["reward_start_avg"], "reward_end_avg": s["reward_end_avg"],
                "held_out_reward_before": s["held_out_reward_before"], "held_out_reward": s["held_out_reward_after"],
                "kl_last": s["kl_last"]}
-    counts = {"records": counts["records"], "prompts": counts["prompts"], "prompts_train": len(train),
-              "prompts_held_out": len(held_out), "skipped": counts["skipped"], "steps": s["steps"]}
+    counts = {**counts, "steps": s["steps"]}
     return StageOutput(counts=counts,
                        stats={**s, "base_model": model_dir, "reward_model": reward_dir, "threads": _threads()},
                        extra={**keys, "memory_plan": memory_plan,

@@ -145,7 +145,7 @@ class LoraParams(_Defaults):
 
 
 class ParallelParams(_Defaults):
-    """How a run spreads over processes: pretrain, finetune, and align's reward model, DPO and PPO."""
+    """How a run spreads over processes: every trainer (pretrain, finetune, and every align method)."""
 
     devices: int = Field(1, ge=0, description="Processes (one per GPU on CUDA; gloo processes on CPU): more than one "
                          "launches torchrun, and the global batch is devices x batch_size x grad_accum; 0 = one per "

@@ -229,7 +229,7 @@ class MemoryPlan:
                     tips.append(f"{s.flow.split('/')[1]}.lora.enabled=true (trains adapters only; no reference copy)")
                 elif s.method == "lora":
                     tips.append("method=qlora (4-bit frozen weights)")
-                if s.strategy != "fsdp" and s.flow in ("pretrain", "finetune", "align/reward", "align/dpo"):
+                if s.strategy != "fsdp" and s.flow in ("pretrain", "finetune", "align/reward", "align/dpo", "align/kto", "align/orpo"):
                     tips.append("strategy=fsdp with more devices (shards weights, gradients and optimizer)")
                 elif s.strategy == "fsdp" and not s.cpu_offload:
                     tips.append("fsdp_cpu_offload=true (keeps shards and optimizer in host memory)")
@@ -460,7 +460,7 @@ def plan_align(method: str, cfg, reward_dir: str | None = None) -> MemoryPlan:
     shape = model_shape(model_dir, "clm")
     device = pick_device(t.device)
     dtype = _saved_dtype(model_dir) if t.dtype == "auto" else t.dtype
-    world = t.world_size() if hasattr(t, "devices") else 1   # KTO, ORPO, GRPO: one process
+    world = t.world_size() if hasattr(t, "devices") else 1
     strategy = "fsdp" if getattr(t, "strategy", "auto") == "fsdp" else "ddp"
     if method in ("ppo", "grpo"):
         # PPO splits each minibatch between the processes; GRPO's mini_batch_size is per process

@@ -1,7 +1,12 @@
-"""The align trainers on 2 CPU processes (torchrun, gloo): the reward model and DPO under DDP and
-FSDP2 follow the one-process curve with the same global batch (within TOL: only float summation
-order differs), the trained weights come back into the published model, and PPO runs data-parallel
-(DDP) with its figures averaged over the ranks."""
+"""The align trainers on several processes. In process: each rank's share of a micro-batch (two
+ranks simulated by two threads that sum their batch statistics) gives the one-process loss and
+gradient, for the reward model, DPO, KTO (whose reference point z0 is the whole micro-batch's) and
+ORPO (whose NLL token count is). End to end, on 2 CPU processes (gloo): KTO under FSDP2 and the
+reward model's LoRA adapters and score head under FSDP2 follow the one-process curve with the same
+global batch (within TOL: only float summation order differs) and the trained weights come back
+into the published model; DPO on two nodes (DDP); PPO data-parallel (DDP) with its figures averaged
+over the ranks.
+"""
 from __future__ import annotations
 
 import json
@@ -43,43 +48,140 @@ def test_shares_add_up_to_the_micro_batch_mean():
     assert lonely.idx == [3] and lonely.weight == [0.0] and lonely.count([7]) == 0
 
 
-def _dpo_config(model, data, **kw):
-    from refinery.tasks.align.dpo import DPOConfig
-    from refinery.tasks.align.stage import DPOStageConfig
+class _ThreadRank:
+    """One simulated rank of a two-rank run inside this process: ``sum`` exchanges the values with the
+    other rank's thread (what the all-reduce does between processes)."""
 
-    return DPOStageConfig(model=str(model), data=str(data), max_pairs=32, val_fraction=0.25,
-                          train=DPOConfig(lr=1e-3, batch_size=6, max_steps=4, eval_every=2, max_prompt_len=32,
-                                          max_len=64, device="cpu", **kw))
+    def __init__(self, rank: int, model, barrier, box: dict):
+        from refinery.tasks.engine.parallel import Parallel
+
+        self.par = Parallel(rank=rank, world=2, train=model)
+        self.barrier, self.box = barrier, box
+        self.par.sum = self.sum   # type: ignore[method-assign]
+
+    def sum(self, values):
+        self.box[self.par.rank] = list(values)
+        self.barrier.wait()
+        out = [a + b for a, b in zip(self.box[0], self.box[1])]
+        self.barrier.wait()
+        return out
+
+
+def _method(name: str, model_dir, dpo_en_path, shared_data, batch_size: int):
+    """A trainer's Method on 12 training examples, its model loaded as the trainer loads it."""
+    from types import SimpleNamespace
+
+    from refinery_testlib import shared_file
+
+    from refinery.tasks.align import data
+    from refinery.tasks.align.common import load_policy
+
+    if name == "kto":
+        from refinery.tasks.align.kto import KTOConfig as Config, KTOMethod as Method
+
+        examples, _ = data.load_unpaired(shared_file(shared_data, "preference/kto_en_demo.json"), 12)
+    else:
+        examples, _ = data.load_pairs(dpo_en_path, 12)
+    kw = dict(batch_size=batch_size, max_prompt_len=32, max_len=64, device="cpu")
+    if name == "reward":
+        from refinery.tasks.align.reward import RewardConfig as Config, RewardMethod as Method, load_reward_model
+
+        cfg = Config(**kw)
+        model, tok = load_reward_model(str(model_dir))
+    else:
+        if name == "dpo":
+            from refinery.tasks.align.dpo import DPOConfig as Config, DPOMethod as Method
+        elif name == "orpo":
+            from refinery.tasks.align.orpo import ORPOConfig as Config, ORPOMethod as Method
+        cfg = Config(**kw)
+        tok, model, _, _ = load_policy(str(model_dir), cfg, 0)
+    method = Method(model, tok, examples, [], cfg, 0)
+    method.engine = SimpleNamespace(train_model=model, par=None, cfg=cfg, scheduler=None)
+    return method
+
+
+@pytest.mark.parametrize("name", ["reward", "dpo", "kto", "orpo"])
+def test_two_ranks_shares_give_the_one_process_loss_and_gradient(name, tiny_causal_lm_dir, dpo_en_path, shared_data):
+    """The ranks' losses averaged (what DDP and FSDP do to their gradients) are the one-process
+    loss, and so are the gradients, for a micro-batch of 5 (shares of 3 and 2) and of 1 (rank 1
+    holds a stand-in of weight 0); the figures each rank logs average to the one-process figures."""
+    import copy
+    import threading
+
+    import torch
+
+    from refinery.tasks.engine.parallel import Parallel
+
+    for batch_size in (5, 1):
+        one = _method(name, tiny_causal_lm_dir, dpo_en_path, shared_data, batch_size)
+        one.engine.par = Parallel(train=one.model)
+        one.setup()
+        ranks = [copy.deepcopy(one) for _ in range(2)]   # the same model, data order and reference on each
+        barrier, box = threading.Barrier(2), {}
+        for r, m in enumerate(ranks):
+            m.engine.train_model = m.model
+            m.engine.par = _ThreadRank(r, m.model, barrier, box).par
+        out: list = [None, None]
+
+        def step(r: int, ranks=ranks, out=out) -> None:
+            out[r] = ranks[r].micro_step(0)
+
+        threads = [threading.Thread(target=step, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ref = one.micro_step(0)
+        assert float(sum(o.loss.detach() for o in out)) / 2 == pytest.approx(float(ref.loss.detach()), abs=1e-6), \
+            (name, batch_size)
+        for k, v in ref.figures.items():
+            mine = [o.figures[k] for o in out]
+            got = sum(mine) if k == "tokens" else sum(mine) / 2
+            assert got == pytest.approx(v, abs=1e-5), (name, batch_size, k)
+        ref.loss.backward()
+        for o in out:
+            o.loss.backward()
+        grads = lambda m: torch.cat([p.grad.flatten() for p in m.model.parameters() if p.grad is not None])  # noqa: E731
+        averaged = (grads(ranks[0]) + grads(ranks[1])) / 2
+        assert torch.allclose(averaged, grads(one), atol=1e-6, rtol=1e-4), (name, batch_size)
 
 
 @pytest.mark.slow
-def test_dpo_ddp_and_fsdp_on_two_processes_match_one(tmp_path, tiny_causal_lm_dir, dpo_en_path):
-    from refinery.tasks.align.stage import dpo_stage
+def test_kto_fsdp_on_two_processes_matches_one(tmp_path, tiny_causal_lm_dir, shared_data):
+    """KTO on 2 processes under FSDP2 (its reference point z0 summed over the ranks) follows the
+    one-process run: the curve, the held-out figures, the published weights."""
+    from refinery_testlib import shared_file
+
+    from refinery.tasks.align.kto import KTOConfig
+    from refinery.tasks.align.stage import KTOStageConfig, kto_stage
     from refinery.tasks.store import Store
 
-    def run(name, **kw):
-        return dpo_stage.run(Store(tmp_path / name), [], _dpo_config(tiny_causal_lm_dir, dpo_en_path, **kw))
+    data = shared_file(shared_data, "preference/kto_en_demo.json")
 
-    one, ddp, fsdp = run("one"), run("ddp", devices=2), run("fsdp", devices=2, strategy="fsdp")
-    ref = _train_rows(one)
+    def run(name, **kw):
+        cfg = KTOStageConfig(model=str(tiny_causal_lm_dir), data=str(data), max_examples=40, val_fraction=0.25,
+                             train=KTOConfig(lr=1e-3, batch_size=6, max_steps=4, eval_every=2, max_prompt_len=32,
+                                             max_len=64, device="cpu", **kw))
+        return kto_stage.run(Store(tmp_path / name), [], cfg)
+
+    one, fsdp = run("one"), run("fsdp", devices=2, strategy="fsdp")
+    ref, rows = _train_rows(one), _train_rows(fsdp)
     assert len(ref) == 4 and min(r["loss"] for r in ref[1:]) < ref[0]["loss"]   # it trains
-    for ds, strategy in ((ddp, "ddp"), (fsdp, "fsdp")):
-        s = ds.manifest["stats"]
-        assert s["world_size"] == 2 and s["strategy"] == strategy
-        plan = ds.manifest["memory_plan"]["setup"]   # the estimate per device, recorded before training
-        assert plan["world_size"] == 2 and plan["strategy"] == strategy and plan["micro_batch"] == 6
-        rows = _train_rows(ds)
-        for key in ("loss", "accuracy", "margin", "grad_norm"):
-            assert _close([r[key] for r in ref], [r[key] for r in rows]), (strategy, key)
-        assert [r["tokens"] for r in rows] == [r["tokens"] for r in ref]   # the same global batches
-        # held-out figures (the reference is scored under FSDP before training, validation between steps)
-        assert s["held_out_after"]["loss"] == pytest.approx(one.manifest["stats"]["held_out_after"]["loss"], abs=TOL)
-        # the workers' trained weights are what the stage published
-        a, b = _weights(Path(one.path) / "model"), _weights(Path(ds.path) / "model")
-        assert max(float((a[k] - b[k]).abs().max()) for k in a) < TOL
+    assert any(r["z0"] > 0 for r in ref)                                          # z0 is not the clamped 0
+    s = fsdp.manifest["stats"]
+    assert s["world_size"] == 2 and s["strategy"] == "fsdp"
+    plan = fsdp.manifest["memory_plan"]["setup"]   # the estimate per device, recorded before training
+    assert plan["world_size"] == 2 and plan["strategy"] == "fsdp" and plan["micro_batch"] == 3
+    for key in ("loss", "z0", "reward_desirable", "reward_undesirable", "grad_norm"):
+        assert _close([r[key] for r in ref], [r[key] for r in rows]), key
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in ref]   # the same global batches
+    # held-out figures (the reference is scored under FSDP before training, validation between steps)
+    for key in ("loss", "margin"):
+        assert s["held_out_after"][key] == pytest.approx(one.manifest["stats"]["held_out_after"][key], abs=TOL)
+    a, b = _weights(Path(one.path) / "model"), _weights(Path(fsdp.path) / "model")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < TOL
     start = _weights(tiny_causal_lm_dir)
-    trained = _weights(Path(fsdp.path) / "model")
-    assert any(float((start[k] - trained[k]).abs().max()) > 1e-3 for k in start)
+    assert any(float((start[k] - b[k]).abs().max()) > 1e-3 for k in start)
 
 
 @pytest.mark.slow
@@ -143,15 +245,24 @@ def test_multi_process_settings_are_checked(section, kw, message):
         PPOConfig(**kw)
 
 
-def test_trainers_without_several_processes_reject_devices():
-    from pydantic import ValidationError
-
-    from refinery.tasks.align.grpo import GRPOConfig
+def test_kto_and_orpo_take_several_devices():
     from refinery.tasks.align.kto import KTOConfig
+    from refinery.tasks.align.orpo import ORPOConfig
+    from refinery.tasks.align.stage import RUNS
 
-    for cls in (KTOConfig, GRPOConfig):
-        with pytest.raises(ValidationError, match="devices"):
-            cls(devices=2)
+    for cls in (KTOConfig, ORPOConfig):
+        cfg = cls(devices=2, strategy="fsdp")
+        assert cfg.strategy == "fsdp" and cfg.processes() == 2 and cfg.launches()
+    assert {"reward", "dpo", "kto", "orpo"} <= set(RUNS)   # what the worker runs on every process
+
+
+def _dpo_config(model, data, **kw):
+    from refinery.tasks.align.dpo import DPOConfig
+    from refinery.tasks.align.stage import DPOStageConfig
+
+    return DPOStageConfig(model=str(model), data=str(data), max_pairs=32, val_fraction=0.25,
+                          train=DPOConfig(lr=1e-3, batch_size=6, max_steps=4, eval_every=2, max_prompt_len=32,
+                                          max_len=64, device="cpu", **kw))
 
 
 _NODE = r"""
@@ -169,8 +280,9 @@ print("DATASET " + ds.path)
 def test_two_nodes_run_one_dpo_stage(tmp_path, tiny_causal_lm_dir, dpo_en_path):
     """Two `dpo` stages started with REFINERY_NNODES=2 on one shared workdir act as two nodes of one
     process each (c10d rendezvous on loopback): node 1 runs without the writer lock that node 0
-    holds while training, joins the launch, then returns the dataset node 0 published; the curve is
-    the one-process curve with the same global batch."""
+    holds while training, joins the launch, then returns the dataset node 0 published. DDP over the
+    two processes: the curve is the one-process curve with the same global batch, the held-out
+    figures and the published weights are the one-process ones."""
     import os
     import socket
     import subprocess
@@ -196,7 +308,13 @@ def test_two_nodes_run_one_dpo_stage(tmp_path, tiny_causal_lm_dir, dpo_en_path):
     from refinery.tasks.store import Dataset
 
     two = Dataset.open(paths[0])
-    assert two.manifest["stats"]["world_size"] == 2
+    s = two.manifest["stats"]
+    assert s["world_size"] == 2 and s["strategy"] == "ddp"
     ref, rows = _train_rows(one), _train_rows(two)
-    for key in ("loss", "accuracy", "grad_norm"):
+    assert len(ref) == 4 and min(r["loss"] for r in ref[1:]) < ref[0]["loss"]   # it trains
+    for key in ("loss", "accuracy", "margin", "grad_norm"):
         assert _close([r[key] for r in ref], [r[key] for r in rows]), key
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in ref]   # the same global batches
+    assert s["held_out_after"]["loss"] == pytest.approx(one.manifest["stats"]["held_out_after"]["loss"], abs=TOL)
+    a, b = _weights(Path(one.path) / "model"), _weights(Path(two.path) / "model")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < TOL
