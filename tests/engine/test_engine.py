@@ -125,3 +125,27 @@ def test_non_finite_loss_stops_before_a_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
         Engine(Bad(), _cfg(checkpoint_every=1), total=4, device=torch.device("cpu"), ckpt_dir=tmp_path).fit()
     assert not list(tmp_path.glob("step-*"))
+
+
+def test_a_stop_requested_from_another_thread_checkpoints_and_stops(tmp_path):
+    """The program's SIGTERM handler (main thread) asks an engine training in a worker thread to stop."""
+    import threading
+
+    from refinery.tasks.engine import signals
+
+    class Asking(Toy):
+        def micro_step(self, micro):
+            if self.engine.state.step == 3:
+                signals.request_stop()
+            return super().micro_step(micro)
+
+    box = {}
+    t = threading.Thread(target=lambda: box.update(res=Engine(Asking(), _cfg(), total=12, device=torch.device("cpu"),
+                                                               ckpt_dir=tmp_path).fit()))
+    try:
+        t.start()
+        t.join()
+    finally:
+        signals._REQUESTED.clear()
+    assert box["res"].status == "preempted" and box["res"].steps == 4
+    assert (tmp_path / "step-00000004").is_dir()
