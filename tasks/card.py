@@ -112,6 +112,9 @@ def card_text(*, stage: str, fingerprint: str, code_version: str, inputs: list[d
     count_lines = _count_lines(counts)
     if count_lines:
         parts += ["## Counts", "", "| count | value |", "| --- | ---: |", *count_lines, ""]
+    images = sorted(r["path"] for r in records if "/" not in r["path"] and r["path"].endswith(".png"))
+    if images:   # charts the stage drew (evaluate's chart.png, filter's drops.png)
+        parts += ["## Charts", "", *[f"![{p}]({p})" for p in images], ""]
     parts += ["## Lineage", ""]
     parts += [f"- input `{i.get('stage')}` `{i.get('fingerprint')}`" for i in inputs] or ["- no dataset inputs"]
     parts += ["", "## Files", "", *_layout_lines(records, pattern), ""]

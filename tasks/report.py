@@ -78,3 +78,66 @@ def markdown_table(rows: Sequence[dict]) -> str:
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(str(_cell(r.get(c, ""))) for c in cols) + " |" for r in rows]
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- curation chart
+def drop_chart(counts: dict, path: str | Path, rules: Sequence[str] | None = None, max_languages: int = 15) -> dict:
+    """A PNG of a filter stage's counts: documents kept and dropped per rule (left) and kept and
+    dropped per language (right), each bar labelled with its count. ``rules`` orders the rules
+    (the chain's order; others follow by name). Returns the numbers drawn, read back from the
+    bars: ``{"rules": {"kept": n, RULE: dropped, ...}, "languages": {LANG: {"kept": n, "dropped": n}}}``;
+    languages beyond ``max_languages`` (by documents in) share one ``other (N)`` bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_rule = {k: int(v) for k, v in (counts.get("dropped_by_rule") or {}).items() if v}
+    order = list(rules or []) + ["input"]
+    rule_names = sorted(by_rule, key=lambda r: (order.index(r) if r in order else len(order), r))
+    rule_bars = [("kept", int(counts.get("docs_out", 0) or 0))] + [(r, by_rule[r]) for r in rule_names]
+    langs = sorted((counts.get("by_language") or {}).items(), key=lambda kv: (-kv[1].get("docs_in", 0), kv[0]))
+    lang_bars = [(lang, int(c.get("docs_out", 0)), int(c.get("docs_in", 0)) - int(c.get("docs_out", 0)))
+                 for lang, c in langs[:max_languages]]
+    rest = langs[max_languages:]
+    if rest:
+        out_ = sum(int(c.get("docs_out", 0)) for _, c in rest)
+        lang_bars.append((f"other ({len(rest)})", out_, sum(int(c.get("docs_in", 0)) for _, c in rest) - out_))
+    docs_in = int(counts.get("docs_in", 0) or 0)
+
+    height = 1.2 + 0.32 * max(len(rule_bars), len(lang_bars), 2)
+    fig, (ax_r, ax_l) = plt.subplots(1, 2, figsize=(11, height))
+    kept_c, drop_c = "#4c9f50", "#d1495b"
+    # rules: the kept bar first (top), then one bar per rule with the documents it dropped
+    y = list(range(len(rule_bars)))
+    bars_r = ax_r.barh(y, [n for _, n in rule_bars], color=[kept_c] + [drop_c] * (len(rule_bars) - 1))
+    ax_r.bar_label(bars_r, labels=[f"{n:,}" + (f" ({100 * n / docs_in:.1f}%)" if docs_in else "") for _, n in rule_bars],
+                   fontsize=7, padding=2)
+    names = {"kept": "kept (passed every rule)", "input": "dropped at input (no text)"}
+    ax_r.set_yticks(y, [names.get(r, f"dropped by {r}") for r, _ in rule_bars], fontsize=7)
+    ax_r.invert_yaxis()
+    ax_r.set_xlabel("documents", fontsize=8)
+    ax_r.set_title(f"per rule ({docs_in:,} documents in)", fontsize=9)
+    ax_r.margins(x=0.25)
+    # languages: kept + dropped, stacked
+    yl = list(range(len(lang_bars)))
+    bars_k = ax_l.barh(yl, [k for _, k, _ in lang_bars], color=kept_c, label="kept")
+    bars_d = ax_l.barh(yl, [d for _, _, d in lang_bars], left=[k for _, k, _ in lang_bars], color=drop_c,
+                       label="dropped")
+    ax_l.bar_label(bars_d, labels=[f"{k:,} kept / {d:,} dropped" for _, k, d in lang_bars], fontsize=7, padding=2)
+    ax_l.set_yticks(yl, [lang for lang, _, _ in lang_bars], fontsize=7)
+    ax_l.invert_yaxis()
+    ax_l.set_xlabel("documents", fontsize=8)
+    ax_l.set_title("per language", fontsize=9)
+    ax_l.margins(x=0.35)
+    if lang_bars:
+        ax_l.legend(fontsize=7, loc="lower right")
+    else:
+        ax_l.text(0.5, 0.5, "no language counts", ha="center", va="center", transform=ax_l.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    # what was drawn, from the bars themselves
+    return {"rules": {r: int(round(p.get_width())) for (r, _), p in zip(rule_bars, bars_r.patches)},
+            "languages": {lang: {"kept": int(round(pk.get_width())), "dropped": int(round(pd.get_width()))}
+                          for (lang, _, _), pk, pd in zip(lang_bars, bars_k.patches, bars_d.patches)}}

@@ -7,6 +7,9 @@ files through ``dataset_kwargs.data_files``: relative paths there are resolved a
 file's folder, and ``data_files`` (task name -> path) overrides them, so the tasks shipped in
 ``configs/eval/`` run offline on any copy of their data. The loaded YAML (with resolved paths) and
 the SHA-256 of its data files make the task's identity, which enters the stage fingerprint.
+lm-eval's own CLI reads ``data_files`` from its working directory instead (it resolves only
+``include`` and ``!function`` against a task file's folder): ``refinery.tasks.eval.taskfile`` writes
+a copy with absolute paths for ``lm_eval --tasks``.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
     samples/heldout.parquet      per model and document: id, source, lang, tokens, bytes, nll, bits_per_byte
     samples/tasks.parquet        per model and benchmark sample: prompt, target, response, metrics
     samples/generations.parquet  per model and prompt: the completion
-    chart.png                    one panel per (task, metric), one bar per model
+    chart.png                    one panel per (task, metric), a dot and a 95% interval per model
 
 Models are no datasets, so their identities (``refinery.tasks.modelref.model_identity``) are part
 of the config, as are the benchmark tasks' YAML and data hashes (see harness.py): a new model or
@@ -17,6 +17,7 @@ metric keys (``exact_match,strict-match``).
 from __future__ import annotations
 
 import gc
+import math
 import time
 
 from pydantic import Field
@@ -124,32 +125,108 @@ def comparison_rows(results: list[dict], labels: list[str]) -> list[dict]:
     return list(table.values())
 
 
-def bar_chart(results: list[dict], labels: list[str], path: str, max_panels: int = 12) -> None:
-    """One panel per (task, metric) (held-out: overall only), one bar per model."""
+CI_Z = 1.96   # error bars: value +- 1.96 x stderr (a normal 95% interval)
+
+
+def _number(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _labels_fmt(values: list[float]) -> str:
+    """The shortest %g format (4 to 8 significant digits) that tells different values apart."""
+    for digits in range(4, 9):
+        fmt = f"%.{digits}g"
+        if len({fmt % v for v in values}) == len(set(values)):
+            return fmt
+    return "%.8g"
+
+
+def fitted_limits(lows: list[float], highs: list[float], pad: float = 0.12) -> tuple[float, float]:
+    """y-limits fitted to the data (lowest interval end to highest, plus ``pad`` of the span on each
+    side), never forced to include zero; one value gets a band of 5% of its size around it."""
+    lo, hi = min(lows), max(highs)
+    span = hi - lo
+    if span <= 0:
+        span = max(abs(hi) * 0.05, 1e-3)
+        return lo - span, hi + span
+    return lo - pad * span, hi + pad * span
+
+
+def chart_panels(results: list[dict], labels: list[str], max_panels: int = 12) -> tuple[list[tuple], list[tuple]]:
+    """(drawn, left out): the (task, metric) panels of the chart. Held-out rows per source/lang are
+    not drawn (the table has them); a panel whose values are all missing or zero is left out."""
+    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in results if not r["task"].startswith("heldout[")))
+    drawn: list[tuple] = []
+    empty: list[tuple] = []
+    for key in keys:
+        vals = [_number(r["value"]) for r in results if (r["task"], r["metric"]) == key and r["model"] in labels]
+        (drawn if any(v for v in vals if v is not None) else empty).append(key)
+    return drawn[:max_panels], empty
+
+
+def bar_chart(results: list[dict], labels: list[str], path: str, max_panels: int = 12) -> list[dict]:
+    """One panel per (task, metric) (held-out: overall only): a dot per model with its interval
+    (value +- 1.96 x stderr where lm-eval gave a stderr), the y-axis fitted to the data, not to
+    zero, so 2.1282 and 2.1277 look different. Panels with no values or only zeros are left out
+    (named under the chart). Returns per drawn panel what was drawn, read back from its axes:
+    task, metric, values, ylim, errorbars (whether intervals were drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
 
-    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in results if not r["task"].startswith("heldout[")))
-    keys = keys[:max_panels] or [("none", "none")]
-    cols = min(3, len(keys))
-    rows = (len(keys) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    keys, empty = chart_panels(results, labels, max_panels)
+    cols = max(1, min(3, len(keys)))
+    rows = max(1, (len(keys) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    drawn: list[dict] = []
     for ax, (task, metric) in zip(axes.flat, keys):
-        vals = {r["model"]: r["value"] for r in results if (r["task"], r["metric"]) == (task, metric)}
-        ys = [vals.get(lab) or 0.0 for lab in labels]
-        bars = ax.bar(range(len(labels)), ys, color=[f"C{i}" for i in range(len(labels))])
-        ax.bar_label(bars, fmt="%.4g", fontsize=7)   # a zero score still shows as a number
-        if not any(ys):
-            ax.set_ylim(0, 1)
+        by_model = {r["model"]: r for r in results if (r["task"], r["metric"]) == (task, metric)}
+        xs, ys, errs, names = [], [], [], []
+        for i, lab in enumerate(labels):
+            r = by_model.get(lab)
+            v = _number(r["value"]) if r else None
+            if r is None or v is None:
+                continue
+            se = _number(r.get("stderr"))
+            xs.append(i)
+            ys.append(v)
+            errs.append(CI_Z * se if se else 0.0)
+            names.append(lab)
+        has_err = any(errs)
+        for x, y, e in zip(xs, ys, errs):
+            ax.errorbar([x], [y], yerr=[e] if e else None, fmt="o", color=f"C{x}", capsize=4, markersize=6)
+        ax.set_ylim(*fitted_limits([y - e for y, e in zip(ys, errs)], [y + e for y, e in zip(ys, errs)]))
+        fmt = _labels_fmt(ys)
+        for x, y in zip(xs, ys):
+            ax.annotate(fmt % y, (x, y), textcoords="offset points", xytext=(7, 0), va="center", fontsize=7)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set_xlim(-0.6, len(labels) - 0.4)
         ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=7)
         ax.set_title(f"{task}\n{metric}", fontsize=8)
+        ax.set_ylabel("value ± 1.96·stderr (95% interval)" if has_err else "value (no stderr; axis fitted to the data)",
+                      fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+        drawn.append({"task": task, "metric": metric, "values": dict(zip(names, ys)),
+                      "ylim": tuple(float(v) for v in ax.get_ylim()),
+                      "errorbars": any(isinstance(c, LineCollection) for c in ax.collections)})
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    if not keys:
+        axes.flat[0].text(0.5, 0.5, "no non-zero results to draw", ha="center", va="center")
+    if empty:
+        left_out = ", ".join(f"{t} {m}" for t, m in empty)
+        fig.text(0.01, 0.005, f"not drawn (no values or all zero): {left_out}"[:300], fontsize=7, ha="left",
+                 va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.04 if empty else 0, 1, 1))
+    fig.savefig(path, dpi=100, metadata={"Software": None})
     plt.close(fig)
+    return drawn
 
 
 def _write(b, rel: str, rows: list[dict], columns: tuple[str, ...] | None = None) -> None:
@@ -220,5 +297,5 @@ def read_results(ds) -> list[dict]:
         return pq.read_table(f).to_pylist()
 
 
-__all__ = ["evaluate", "EvalConfig", "ModelSpec", "read_results", "comparison_rows", "bar_chart",
+__all__ = ["evaluate", "EvalConfig", "ModelSpec", "read_results", "comparison_rows", "bar_chart", "chart_panels", "fitted_limits",
            "DEFAULT_PROMPTS"]

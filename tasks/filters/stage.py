@@ -290,6 +290,7 @@ def _file_digest(paths: Iterable) -> list[str]:
 
 
 EXCLUDED_DIR = "excluded"
+DROP_CHART = "drops.png"   # kept and dropped documents per rule and per language
 
 
 def read_exclusions(ds):
@@ -372,7 +373,12 @@ class Filter(ShardedStage):
         stats = {"filter_seconds": round(seconds, 3),
                  "docs_per_sec": round(counts["docs_in"] / seconds, 1) if seconds else None,
                  "table": rows}
-        return StageOutput(counts=counts, stats=stats, extra={"rules": list(cfg.rules)})
+        # the same counts as a chart (kept and dropped per rule and per language), named in the card
+        from refinery.tasks.report import drop_chart
+        chart = f"{b.tmpdir()}/{DROP_CHART}"
+        drop_chart(counts, chart, cfg.all_rules())
+        b.put_file(chart, DROP_CHART)
+        return StageOutput(counts=counts, stats=stats, extra={"rules": list(cfg.rules), "chart": DROP_CHART})
 
 
 def run_filter(store, inputs: list[Any], cfg: FilterConfig | None = None):
