@@ -26,10 +26,14 @@ pass over the batches' minibatches of ``mini_batch_size`` completions, each weig
 of its batch. The engine owns warm-up + schedule, clipping, early stopping on the mean reward of
 greedy completions to held-out prompts (the best weights restored), checkpoints and resume (the
 prompt order's position and the rollouts done are in the checkpoint; the sampling of step ``k``
-on process ``r`` is seeded by ``(seed, r, k)``). On several processes (``devices``, DDP) each
-samples and scores whole groups for its part of every batch's prompts, computes their advantages
-itself, and the gradient average over the processes is the one-process update of the whole batch;
-the figures are averaged over the processes.
+on process ``r`` is seeded by ``(seed, r, k)``). On several processes (``devices``, DDP or FSDP)
+each samples and scores whole groups for its part of every batch's prompts, computes their
+advantages itself, and the gradient average over the processes is the one-process update of the
+whole batch; the figures are averaged over the processes. Under FSDP every forward is a
+collective, so every process makes the same number of them: equal parts of each batch, ``generate``
+with ``synced_gpus`` (:func:`refinery.tasks.align.ppo.generating`), held-out parts padded to one
+length; the reference is the sharded policy with its adapters off (LoRA) or a whole frozen copy on
+every process.
 
 Our own rather than TRL's ``GRPOTrainer``: it runs inside our stages (cached by fingerprint,
 metrics through :mod:`refinery.tasks.train.metrics`), takes our parameter names, and needs neither
@@ -46,7 +50,8 @@ from pydantic import Field, field_validator, model_validator
 
 from refinery.tasks.align.common import (SamplingParams, LoraSettings, apply_lora, load_tokenizer, pad, pick_device,
                                          position_ids, seed_everything, torch_dtype)
-from refinery.tasks.align.ppo import Rollouts, path_or_none, raise_if_interrupted, reply_mask, rl_stats, seed_rollout
+from refinery.tasks.align.ppo import (Rollouts, generating, padded_part, path_or_none, raise_if_interrupted, reply_mask,
+                                      rl_stats, seed_rollout, warm_root)
 from refinery.tasks.engine.data import ExampleOrder
 from refinery.tasks.engine.parallel import Parallel
 from refinery.tasks.engine.trainer import Engine, Method, Micro
@@ -57,7 +62,7 @@ class GRPOConfig(ScheduleParams, ParallelParams, SamplingParams):
     """GRPO settings. ``max_steps`` counts steps, each over ``grad_accum`` sampled batches of
     ``batch_size`` prompts times ``num_generations`` completions and ``num_iterations`` optimizer
     updates (the schedule counts updates); ``lr`` 1e-5 (a pretrained policy; no new layer, so
-    ``head_lr`` is unused). On ``devices`` processes (DDP) each samples the groups of
+    ``head_lr`` is unused). On ``devices`` processes (DDP or FSDP) each samples the groups of
     ``batch_size / devices`` prompts of every batch, in passes of ``mini_batch_size`` completions."""
 
     field_defaults = dict(max_steps=20, lr=1e-5, batch_size=4, dtype="float32", max_prompt_len=128, max_new_tokens=64)
@@ -97,9 +102,8 @@ class GRPOConfig(ScheduleParams, ParallelParams, SamplingParams):
             raise ValueError(f"reward_weights: {len(self.reward_weights)} weights for {len(self.reward_funcs)} reward_funcs")
         if not self.reward_funcs:
             raise ValueError("reward_funcs: at least one")
-        # every process samples the groups of batch_size/devices prompts (a group is never split)
-        if self.devices > 1 and self.strategy == "fsdp":
-            raise ValueError("strategy=fsdp is not available for this trainer; use strategy=ddp (or auto)")
+        # every process samples the groups of batch_size/devices prompts (a group is never split), so
+        # the processes make the same number of forward and backward passes (collectives under FSDP)
         if self.devices > 1 and self.batch_size % self.devices:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of devices={self.devices} "
                              "(each process samples the groups of an equal part of the prompts)")
@@ -241,11 +245,15 @@ class GRPOTrainer(Method):
 
     # -- what the engine asks
     def setup(self) -> None:
+        import torch
+
         world = self.par.world
         if self.cfg.batch_size % world:   # several nodes too
             raise ValueError(f"grpo: batch_size={self.cfg.batch_size} must be a multiple of the {world} processes "
                              "(each samples the groups of an equal part of the prompts)")
         self.n_local = self.cfg.batch_size // world * self.cfg.num_generations   # completions per batch here
+        one = torch.ones((1, 1), dtype=torch.long, device=self.device)
+        warm_root(self.par, lambda: self.model(input_ids=one * (self.tokenizer.pad_token_id or 0), attention_mask=one))
 
     def updates_per_step(self) -> int:
         return self.cfg.num_iterations
@@ -286,9 +294,9 @@ class GRPOTrainer(Method):
         p_ids, p_mask = pad([tok(t)["input_ids"][-self.cfg.max_prompt_len:] for t in prompts], tok.pad_token_id, "left")
         p_ids, p_mask = p_ids.to(self.device), p_mask.to(self.device)
         P = p_ids.shape[1]
-        with torch.no_grad():
+        with torch.no_grad(), generating(self.par) as extra:
             out = self.model.generate(input_ids=p_ids, attention_mask=p_mask,
-                                      generation_config=self.greedy_config if greedy else self.sample_config)
+                                      generation_config=self.greedy_config if greedy else self.sample_config, **extra)
         comp = out[:, P:]
         if comp.shape[1] == 0:
             raise RuntimeError("generation produced no tokens")
@@ -363,18 +371,21 @@ class GRPOTrainer(Method):
 
     def evaluate(self, prompts: Sequence[str], columns: Sequence[dict]) -> dict:
         """Mean reward of greedy completions to held-out prompts (and each function's); on several
-        processes each completes its part and the means are over all of them."""
-        prompts, columns = self.par.part(prompts), self.par.part(columns)
+        processes each completes its part and the means are over all of them (under FSDP the parts
+        are padded to one length, the padding's rewards left out: every process generates alike)."""
+        prompts, n_real = padded_part(self.par, prompts)
+        columns, _ = padded_part(self.par, columns)
         total = 0.0
         parts: dict[str, float] = {n: 0.0 for n in self.reward_funcs}
         for i in range(0, len(prompts), self.cfg.mini_batch_size):
             ps, cs = list(prompts[i:i + self.cfg.mini_batch_size]), list(columns[i:i + self.cfg.mini_batch_size])
             *_, texts = self.generate(ps, greedy=True)
-            t, p = self.rewards(ps, texts, cs)
+            real = max(0, min(len(ps), n_real - i))   # the padding's completions count for nothing
+            t, p = self.rewards(ps[:real], texts[:real], cs[:real]) if real else ([], {n: [] for n in parts})
             total += sum(t)
             for n in parts:
                 parts[n] += sum(p[n])
-        sums = self.par.sum([float(len(prompts)), total, *parts.values()])
+        sums = self.par.sum([float(n_real), total, *parts.values()])
         count = max(sums[0], 1.0)
         out = {"reward": round(sums[1] / count, 6)}
         out.update({f"reward_{name}": round(v / count, 6) for name, v in zip(parts, sums[2:])})

@@ -33,13 +33,18 @@ resume. A checkpoint holds the trainable weights (value head and LoRA adapters i
 optimizer, the schedule, the prompt order's position, the rollouts done and the adaptive KL
 coefficient; the frozen reference and the reward function come from the run's inputs. Rollout
 ``k`` on process ``r`` samples from a generator seeded by ``(seed, r, k)``, so a resumed run
-samples what the uninterrupted one would have.
+samples what the uninterrupted one would have. On several processes (``devices``, DDP or FSDP)
+each rolls out ``batch_size / devices`` prompts and takes ``mini_batch_size / devices`` of them per
+minibatch; under FSDP sampling runs ``generate`` on the sharded policy with ``synced_gpus``
+(:func:`generating`) and the held-out parts are padded to one length, so every process makes the
+same number of forward passes (each one a collective).
 Dropout is off throughout (eval mode), so log-probabilities of the same tokens are reproducible.
 Every step reports mean reward, KL to the reference (per reply, summed over tokens), entropy
 (per token), losses, clip fractions and reply length.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass, field
@@ -85,9 +90,8 @@ class PPOConfig(ScheduleParams, ParallelParams, SamplingParams):
     @model_validator(mode="after")
     def _processes(self):
         # every rank samples batch_size/devices prompts and takes mini_batch_size/devices of them per
-        # update, so the ranks run the same number of synchronised backward passes
-        if self.devices > 1 and self.strategy == "fsdp":
-            raise ValueError("strategy=fsdp is not available for this trainer; use strategy=ddp (or auto)")
+        # update, so the ranks run the same number of forward and backward passes (each one a
+        # collective under FSDP, synchronised gradients under DDP)
         for name in ("batch_size", "mini_batch_size"):
             if self.devices > 1 and getattr(self, name) % self.devices:
                 raise ValueError(f"{name}={getattr(self, name)} must be a multiple of devices={self.devices} "
@@ -271,6 +275,48 @@ def seed_rollout(seed: int, rank: int, k: int) -> None:
     torch.manual_seed((seed * 1_000_003 + k) * 8191 + rank)
 
 
+def warm_root(par: Parallel, forward: Callable[[], Any]) -> None:
+    """Under FSDP: one no-grad ``forward`` through the sharded root module before anything else.
+    FSDP2 takes the first module that runs forward for its root; sampling enters the model below
+    the root (the causal LM inside the value-head wrapper, a PEFT model's base), so a block would
+    otherwise claim it. Nothing happens unsharded."""
+    if par.sharded:
+        import torch
+
+        with torch.no_grad():
+            forward()
+
+
+@contextlib.contextmanager
+def generating(par: Parallel):
+    """Around Hugging Face ``generate`` on a model that may be sharded (FSDP2); yields the extra
+    keyword arguments for ``generate``. Sharded: the root unit's parameters (embeddings, output
+    head, final norm) are gathered for the whole call and freed after (the blocks gather their
+    own in every forward), and ``synced_gpus=True`` keeps every rank running forwards until all are
+    done, so each rank joins every block's all-gather. The ranks must also make the same number of
+    ``generate`` calls. Unsharded: nothing."""
+    if not par.sharded:
+        yield {}
+        return
+    par.train.unshard()
+    try:
+        yield {"synced_gpus": True}
+    finally:
+        par.train.reshard()
+
+
+def padded_part(par: Parallel, items: Sequence) -> tuple[list, int]:
+    """This rank's part of ``items`` (held-out prompts) and how many of it are real. Under FSDP every
+    rank must make the same number of forward passes, so a shorter part is padded with a repeat
+    of an item whose result is discarded; otherwise the part as it is."""
+    mine = par.part(items)
+    n = len(mine)
+    if par.sharded and items:
+        width = -(-len(items) // par.world)
+        mine = mine + [mine[-1] if mine else items[0]] * (width - n)
+    return mine, n
+
+
 def update_plan(cfg: PPOConfig) -> list[int]:
     """Minibatches of each optimizer update of one PPO step: every ``grad_accum`` minibatches of
     each epoch (the last of an epoch takes what is left)."""
@@ -344,11 +390,15 @@ class PPOTrainer(Method):
 
     # -- what the engine asks
     def setup(self) -> None:
+        import torch
+
         world = self.par.world
         if self.cfg.batch_size % world or self.cfg.mini_batch_size % world:   # several nodes too
             raise ValueError(f"ppo: batch_size={self.cfg.batch_size} and mini_batch_size={self.cfg.mini_batch_size} "
                              f"must be multiples of the {world} processes")
         self.mb = self.cfg.mini_batch_size // world   # this process's replies per minibatch
+        one = torch.ones((1, 1), dtype=torch.long, device=self.device)
+        warm_root(self.par, lambda: self.policy(one * (self.tokenizer.pad_token_id or 0), one))
 
     def updates_per_step(self) -> int:
         return len(self.plan)
@@ -396,13 +446,15 @@ class PPOTrainer(Method):
 
     # -- reference log-probs
     def _ref_logits(self, ids, mask):
+        """The reference's logits: the frozen copy (whole on every process), or with LoRA the policy
+        with its adapters disabled, called through its root module (sharded under FSDP)."""
         import torch
 
         with torch.no_grad():
             if self.ref is not None:
                 return self.ref(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
             with self.policy.lm.disable_adapter():
-                return self.policy.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+                return self.policy(ids, mask)[0]
 
     # -- rollout
     def rollout(self, prompt_texts: Sequence[str]) -> dict:
@@ -413,8 +465,9 @@ class PPOTrainer(Method):
         p_ids, p_mask = pad(prompt_ids, tok.pad_token_id, "left")
         p_ids, p_mask = p_ids.to(self.device), p_mask.to(self.device)
         P = p_ids.shape[1]
-        with torch.no_grad():
-            out = self.policy.lm.generate(input_ids=p_ids, attention_mask=p_mask, generation_config=self.gen_config)
+        with torch.no_grad(), generating(self.par) as extra:
+            out = self.policy.lm.generate(input_ids=p_ids, attention_mask=p_mask, generation_config=self.gen_config,
+                                          **extra)
         replies = out[:, P:]
         if replies.shape[1] == 0:
             raise RuntimeError("generation produced no tokens")
@@ -480,9 +533,10 @@ class PPOTrainer(Method):
     def evaluate(self, prompt_texts: Sequence[str]) -> dict:
         """Mean reward and KL (per reply) of sampled replies to ``prompt_texts`` (held out), no update;
         on several processes each samples its part and the means are over all of them."""
-        mine = self.par.part(prompt_texts)
+        mine, n_real = padded_part(self.par, prompt_texts)   # under FSDP: the same number of prompts everywhere
         ro = self.rollout(mine) if mine else None
-        sums = [float(ro["scores"].sum()), float(ro["kl"].sum()), len(mine)] if ro is not None else [0.0, 0.0, 0]
+        sums = ([float(ro["scores"][:n_real].sum()), float(ro["kl"][:n_real].sum()), n_real] if ro is not None
+                else [0.0, 0.0, 0])
         reward, kl, n = self.par.sum(sums)
         return {"reward": round(reward / max(n, 1), 6), "kl": round(kl / max(n, 1), 6)}
 
@@ -493,17 +547,18 @@ def path_or_none(p: str | os.PathLike | None) -> str | None:
 
 def ranks_agree(model, row: dict, device) -> bool | None:
     """Several processes: whether every one ends with rank 0's trainable weights (a float64
-    checksum) and rank 0's last training row (figures averaged over the processes, timing aside);
-    None in one process. Collective."""
+    checksum; under FSDP over the whole parameters, summed over their shards) and rank 0's last
+    training row (figures averaged over the processes, timing aside); None in one process. Collective."""
     import torch
 
     from refinery.tasks.train import distributed as dist
+    from refinery.tasks.train.fsdp import to_float
     from refinery.tasks.train.metrics import TIMING_KEYS
 
     if not dist.is_initialized() or dist.env()[1] <= 1:
         return None
-    with torch.no_grad():
-        weights = float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad))
+    with torch.no_grad():   # to_float of a sharded sum: a collective, in the same order on every process
+        weights = sum(to_float(p.detach().double().sum()) for p in model.parameters() if p.requires_grad)
     mine = {"weights": weights, **{k: float(v) for k, v in row.items() if k not in TIMING_KEYS
                                    and isinstance(v, (int, float)) and not isinstance(v, bool)}}
     ref = dist.broadcast_object(mine)

@@ -135,7 +135,10 @@ def generate_samples(model, tok, examples: Sequence, device, max_new_tokens: int
 
 
 def is_encoder_decoder(model) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    """Whether ``model`` (or the module inside its DDP wrapper) is an encoder-decoder."""
+    from refinery.tasks.train.distributed import unwrap
+
+    return bool(getattr(getattr(unwrap(model), "config", None), "is_encoder_decoder", False))
 
 
 __all__ = ["model_kind", "S2SEncoded", "encode_all", "make_batches", "loss_sum", "generate_samples",

@@ -77,9 +77,6 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
         from refinery.tasks.finetune import classify as C
 
         return C.run(b, cfg, source, log, plan_or_note(lambda: plan_finetune(cfg), log=log), ckpt_dir)
-    if kind != "causal" and cfg.launches():
-        raise ValueError(f"devices={cfg.devices}: several processes fine-tune causal LMs and classifiers only "
-                         f"(this model is {kind})")
     if kind == "seq2seq" and cfg.packing:
         raise ValueError("packing=true is for causal LMs; encoder-decoder models take one example per row")
     tok = M.load_tokenizer(cfg, source)

@@ -227,9 +227,12 @@ def test_minibatch_weights_make_two_processes_one():
 
 @pytest.mark.slow
 def test_grpo_on_two_processes(tmp_path, tiny_causal_lm_dir, shared_data):
-    """grpo.devices=2 (DDP, gloo): the stage launches two processes, each samples and scores the
-    groups of half of every batch's prompts; they end in step (the same weights, the same averaged
-    figures), the held-out reward is over both halves, and the trained weights are published."""
+    """grpo.devices=2 with strategy=fsdp (FSDP2, gloo) and LoRA: the stage launches two processes, each
+    samples and scores the groups of half of every batch's prompts with ``generate`` on the sharded
+    model (synced), the reference is the same sharded model with its adapters off; they end in step
+    (the same weights, the same averaged figures), the held-out reward is over both parts (5 prompts:
+    one process pads its part, so both generate alike), and the trained weights are published. DDP
+    runs the same code unsharded; its arithmetic is test_minibatch_weights_make_two_processes_one."""
     from refinery_testlib import shared_file
 
     from refinery.tasks.align.stage import GRPOStageConfig, grpo_stage
@@ -237,22 +240,24 @@ def test_grpo_on_two_processes(tmp_path, tiny_causal_lm_dir, shared_data):
     from refinery.tasks.train.metrics import read_metrics
 
     cfg = GRPOStageConfig(model=str(tiny_causal_lm_dir), data=str(shared_file(shared_data, "eval/gsm8k-test.jsonl")),
-                          max_prompts=16, val_fraction=0.25,
+                          max_prompts=16, val_fraction=0.3125,
                           train=GRPOConfig(max_steps=2, batch_size=4, num_generations=2, mini_batch_size=2,
                                            max_new_tokens=6, max_prompt_len=32, lr=1e-2, device="cpu", devices=2,
-                                           eval_every=2, reward_funcs=["number", "length"]))
+                                           strategy="fsdp", lora={"enabled": True}, eval_every=2,
+                                           reward_funcs=["number", "length"]))
     ds = grpo_stage.run(Store(tmp_path / "grpo"), [], cfg)
     s = ds.manifest["stats"]
-    assert s["world_size"] == 2 and s["strategy"] == "ddp" and s["steps"] == 2 and s["status"] == "done"
+    assert s["world_size"] == 2 and s["strategy"] == "fsdp" and s["steps"] == 2 and s["status"] == "done"
     assert s["ranks_agree"] is True
     rows = read_metrics(ds.file("metrics"))
     train = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and train[1]["tokens"] > train[0]["tokens"] > 0
     assert all(r["reward"] == r["reward"] and r["kl"] >= 0 for r in train)
     vals = [r for r in rows if r["split"] == "val"]
-    assert [v["step"] for v in vals] == [0, 2] and ds.manifest["counts"]["prompts_held_out"] == 4
+    assert [v["step"] for v in vals] == [0, 2] and ds.manifest["counts"]["prompts_held_out"] == 5
+    assert all(0.0 <= v["val_reward_number"] <= 1.0 for v in vals)   # a mean over the 5, the padding left out
     from safetensors.torch import load_file
 
     start = load_file(str(tiny_causal_lm_dir / "model.safetensors"))
-    trained = load_file(str(Path(ds.path) / "model" / "model.safetensors"))
+    trained = load_file(str(Path(ds.path) / ds.manifest["model"] / "model.safetensors"))
     assert any(float((start[k] - trained[k]).abs().max()) > 0 for k in start)

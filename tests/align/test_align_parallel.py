@@ -232,7 +232,6 @@ def test_ppo_data_parallel_on_two_processes(tmp_path, tiny_causal_lm_dir, traine
 
 
 @pytest.mark.parametrize("section, kw, message", [
-    ("ppo", dict(devices=2, strategy="fsdp"), "strategy=fsdp is not available"),
     ("ppo", dict(devices=2, batch_size=6, mini_batch_size=3), "mini_batch_size=3 must be a multiple of devices=2"),
     ("ppo", dict(devices=4, batch_size=6), "batch_size=6 must be a multiple of devices=4"),
 ])

@@ -183,3 +183,31 @@ def test_ppo_stopped_run_resumes_to_the_uninterrupted_curve(tiny_causal_lm_dir, 
     assert whole.stats["kl_coef_last"] == pytest.approx(rest.stats["kl_coef_last"], abs=1e-9)
     wa, wb = whole.policy.state_dict(), rest.policy.state_dict()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
+
+
+def test_ppo_and_grpo_take_fsdp_with_even_splits():
+    """strategy=fsdp is accepted by the RL trainers; what each process takes must split evenly (every
+    process runs the same number of forward passes, collectives under FSDP)."""
+    from pydantic import ValidationError
+
+    from refinery.tasks.align.grpo import GRPOConfig
+
+    assert PPOConfig(devices=2, strategy="fsdp", batch_size=8, mini_batch_size=4).launches()
+    assert GRPOConfig(devices=2, strategy="fsdp", batch_size=4).launches()
+    with pytest.raises(ValidationError, match="mini_batch_size=3 must be a multiple of devices=2"):
+        PPOConfig(devices=2, strategy="fsdp", batch_size=6, mini_batch_size=3)
+    with pytest.raises(ValidationError, match="batch_size=3 must be a multiple of devices=2"):
+        GRPOConfig(devices=2, strategy="fsdp", batch_size=3)
+
+
+def test_held_out_parts_are_padded_to_one_length_when_sharded():
+    """Under FSDP every process generates for as many held-out prompts as the longest part (a repeat
+    whose result is discarded); unsharded, each takes its own part only."""
+    from refinery.tasks.engine.parallel import Parallel
+    from refinery.tasks.align.ppo import padded_part
+
+    items = ["a", "b", "c", "d", "e"]
+    assert padded_part(Parallel(rank=1, world=2, sharded=True), items) == (["b", "d", "d"], 2)
+    assert padded_part(Parallel(rank=0, world=2, sharded=True), items) == (["a", "c", "e"], 3)
+    assert padded_part(Parallel(rank=1, world=2), items) == (["b", "d"], 2)
+    assert padded_part(Parallel(rank=3, world=4, sharded=True), ["a", "b"]) == (["a"], 0)   # a part left empty
