@@ -35,11 +35,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from refinery.flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow
+from refinery.flows.common import FlowParams, emit_completed, gpu_slot, print_table, refinery_flow
 from refinery.flows.curate import CurateParams
 from refinery.flows.evaluate import EvaluateParams
 from refinery.flows.pipeline import PLUMBING, CurateSection, section_model
@@ -67,6 +67,8 @@ class DemoCrawl(StrictModel):
 class AblateParams(FlowParams):
     """Flow parameters: the crawl, the base curate config and its variants, then what every
     variant shares (tokenizer, held-out documents, pretrain, seeds, evaluation)."""
+
+    flow_name: ClassVar[str] = "ablate"
 
     input: str = Field("", description="Crawl files for curate: a path, glob or fsspec URL (commas separate "
                        "several). Required unless demo_crawl or curate.ingest.inputs is set.")
@@ -388,17 +390,17 @@ def report(ds) -> list[dict]:
     """Print the comparison table (from the manifest, the same on a cached run) and publish it, the
     rows and the picture as artifacts."""
     from refinery.tasks.ablate.stage import read_rows
-    from refinery.tasks.report import format_table, image_artifact, markdown_artifact, markdown_table, table_artifact
+    from refinery.tasks.report import image_artifact, markdown_artifact, markdown_table, table_artifact
 
     m = ds.manifest
     rows = read_rows(ds)
     order = list(dict.fromkeys(r["variant"] for r in rows))   # the manifest sorts keys: the base first again
     table = [{"metric": r["metric"], **{v: r.get(v, "") for v in order}} for r in m.get("comparison", [])]
     title = f"== ablate: variants against {m.get('base')} over seeds {m.get('seeds')}\n   {m.get('legend', '')}"
-    print(format_table(table, title=title), file=sys.stderr)
+    print_table(table, title=title)
     changes = [{"variant": v, "overrides": ", ".join(f"{k}={val}" for k, val in m["variants"].get(v, {}).items())
                 or "(base)"} for v in order]
-    print(format_table(changes, title="== ablate: variants"), file=sys.stderr)
+    print_table(changes, title="== ablate: variants")
     print(f"ablate: rows and plot in {ds.path} ({m.get('plot')})", file=sys.stderr)
     table_artifact("ablate-comparison", table, description="Every metric (rows) per variant (columns): "
                    + m.get("legend", ""))

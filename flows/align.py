@@ -12,12 +12,12 @@ config, spelled as everywhere (``dpo.max_steps``, ``dpo.beta``, ``ppo.kl_coef``,
 """
 from __future__ import annotations
 
-import sys
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from refinery.flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow, result, stage_seconds
+from refinery.flows.common import (FlowParams, emit_completed, gpu_slot, print_table, refinery_flow, result,
+                                   stage_seconds)
 from refinery.tasks.config import StrictModel
 from refinery.tasks.align.common import is_dataset_dir
 from refinery.tasks.align.data import MIN_VALID_FRACTION
@@ -30,7 +30,7 @@ from refinery.tasks.align.reward import RewardConfig
 from refinery.tasks.align.stage import (DPOStageConfig, GRPOStageConfig, KTOStageConfig, ORPOStageConfig,
                                         PPOStageConfig, RewardStageConfig, dpo_stage, grpo_stage, kto_stage,
                                         orpo_stage, ppo_stage, reward_stage)
-from refinery.tasks.report import format_table, table_artifact
+from refinery.tasks.report import table_artifact
 
 
 class AlignSettings(StrictModel):
@@ -67,6 +67,8 @@ class _Inputs(FlowParams):
 
 class AlignParams(AlignSettings, _Inputs):
     """Flow parameters: the storage root, the two inputs, then the alignment settings."""
+
+    flow_name: ClassVar[str] = "align"
 
     def memory_plan(self):
         """The memory estimate per device of this run's training stage (``refinery plan align``)."""
@@ -142,7 +144,7 @@ def align_flow(p: AlignParams) -> dict:
     metrics = {name: ds.manifest.get("metrics", {}) for name, ds in stages.items()}
     rows = [{"stage": name, **m, "seconds": stage_seconds(ds), "fingerprint": ds.fingerprint}
             for (name, ds), m in zip(stages.items(), metrics.values())]
-    print(format_table(rows, title="== align"), file=sys.stderr)
+    print_table(rows, title="== align")
     table_artifact("align-metrics", rows, description="align: held-out preference accuracy / PPO reward and KL")
     final = stages[p.method]
     # per stage: the per-step table and the PNGs kept in the dataset's metrics/ folder

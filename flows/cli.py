@@ -24,6 +24,9 @@ def _defaults_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    from refinery.flows.console import quiet_third_party
+
+    quiet_third_party()
     # A loaded machine can take longer than the default 20 s to start the ephemeral server.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
@@ -83,14 +86,10 @@ def resolve_workdir(flag: str | None, data: dict) -> str | None:
     return os.environ.get("REFINERY_WORKDIR") or None
 
 
-def build_params(flow, config_file: str | None, sets: list[str], workdir: str | None,
-                 defaults: dict[str, Any] | None = None):
-    """Validate ``-c`` YAML + ``--set`` + ``--workdir`` (over ``defaults``) into the flow's params
-    model; a mistake is a SystemExit naming the dotted key (with "did you mean") before anything runs."""
+def raw_params(config_file: str | None, sets: list[str], workdir: str | None,
+               defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``-c`` YAML + ``--set`` + ``--workdir`` over ``defaults``, as a dict (not validated yet)."""
     import yaml
-    from pydantic import ValidationError
-
-    from refinery.flows.helptext import explain
 
     data: dict[str, Any] = {}
     if config_file:
@@ -106,8 +105,21 @@ def build_params(flow, config_file: str | None, sets: list[str], workdir: str | 
     wd = resolve_workdir(workdir, data)
     if wd:
         data["workdir"] = wd
+    return data
+
+
+def build_params(flow, config_file: str | None, sets: list[str], workdir: str | None,
+                 defaults: dict[str, Any] | None = None, check_paths: bool = False):
+    """Validate ``-c`` YAML + ``--set`` + ``--workdir`` (over ``defaults``) into the flow's params
+    model; a mistake is a SystemExit naming the dotted key (with "did you mean") before anything runs.
+    ``check_paths``: local inputs must exist (refinery.flows.paths)."""
+    from pydantic import ValidationError
+
+    from refinery.flows.helptext import explain
+
+    data = raw_params(config_file, sets, workdir, defaults)
     try:
-        return flow.params_cls.model_validate(data)
+        return flow.params_cls.model_validate(data, context={"check_paths": check_paths})
     except ValidationError as e:
         raise SystemExit(f"refinery: invalid parameters for flow {flow.name!r}:\n{explain(flow.name, flow.params_cls, e, data)}\n"
                          f"(all parameters: refinery run {flow.name} --help)") from None
@@ -121,13 +133,38 @@ def with_primary(out: dict) -> dict:
     return {"primary": list(out["outputs"].values())[-1], **out}
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with NaN and infinities as None (strict JSON has no NaN), tuples as lists,
+    anything else that JSON lacks as its string."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [strict_json(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):   # numpy / torch scalars
+        try:
+            return strict_json(value.item())
+        except (TypeError, ValueError):
+            pass
+    return str(value)
+
+
+def dumps(value: Any, **kw) -> str:
+    """Strict JSON: no NaN or Infinity (see :func:`strict_json`)."""
+    return json.dumps(strict_json(value), allow_nan=False, **kw)
+
+
 def emit(out: dict, as_json: bool) -> None:
     """Print a flow's result: ``stage: path`` lines, or one JSON object (keys in stage order, no
-    sorting, so the primary output stays last in ``outputs``) as the last stdout line."""
+    sorting, so the primary output stays last in ``outputs``; strict JSON: NaN is null) as the
+    last stdout line."""
     out = with_primary(out)
     sys.stderr.flush()
     if as_json:
-        print(json.dumps(out, default=str))
+        print(dumps(out))
     else:
         for stage, path in out.get("outputs", {}).items():
             print(f"{stage:>12}: {path}")
@@ -138,15 +175,68 @@ def emit(out: dict, as_json: bool) -> None:
 
 def _run_flow(name: str, args) -> int:
     _defaults_env()
+    from refinery.flows.console import install_log_filters, set_progress
+
+    set_progress(getattr(args, "progress", "auto"), quiet=getattr(args, "quiet", False))
+    if getattr(args, "quiet", False):
+        os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    if name not in ("demo",) and not getattr(args, "print_config", False):
+        # local inputs first, before the flow module (Prefect, the stages) is imported
+        _preflight(name, args)
     flow = load_flow(name)  # imports Prefect; starts nothing
+    install_log_filters()
+    if getattr(args, "quiet", False):
+        import logging
+
+        for logger in ("prefect", "refinery"):
+            logging.getLogger(logger).setLevel(logging.WARNING)
     # Validation first: a bad parameter must fail before Prefect starts a server (flow.run_params).
-    params = build_params(flow, args.config, args.set or [], args.workdir)
+    params = build_params(flow, args.config, args.set or [], args.workdir,
+                          check_paths=not getattr(args, "print_config", False))
+    if getattr(args, "print_config", False):
+        print_config(params, args.json)
+        return 0
     from refinery.flows.server import start_temporary_server
 
     start_temporary_server()   # guarded: it ends with this process, however that ends
+    install_log_filters()
     out = flow.run_params(params)
     emit(out, args.json)
     return 0
+
+
+def _dotted(data: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in data.items():
+        out += _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+    return out
+
+
+def _preflight(name: str, args) -> None:
+    """Check the run's local paths before the flow is imported (refinery.flows.paths). When the run
+    also sets other parameters, a mistake among them (a typo, a bad value) is reported first: the
+    flow's model is imported to validate them, and the path error follows if they are fine."""
+    from refinery.flows.paths import PATH_FIELDS, PathProblem, preflight
+
+    data = raw_params(args.config, args.set or [], args.workdir)
+    try:
+        preflight(name, data)
+    except PathProblem:
+        if set(_dotted(data)) <= set(PATH_FIELDS.get(name, {})) | {"workdir", "task_runner"}:
+            raise
+        build_params(load_flow(name), args.config, args.set or [], args.workdir)
+        raise
+
+
+def print_config(params, as_json: bool) -> None:
+    """The resolved parameters of a run (defaults filled in), as YAML or with --json as JSON."""
+    data = strict_json(params.model_dump(mode="json"))
+    if as_json:
+        print(dumps(data))
+        return
+    import yaml
+
+    print(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip())
 
 
 def flow_help(parser: argparse.ArgumentParser, name: str) -> str:
@@ -216,7 +306,7 @@ def cmd_plan(args) -> int:
     flow = load_flow(args.flow)
     # the training data is not read by the plan: finetune and align need not name it here
     unread = {"data": "(not read by refinery plan)"} if "data" in flow.params_cls.model_fields else {}
-    params = build_params(flow, args.config, args.set or [], args.workdir, defaults=unread)
+    params = build_params(flow, args.config, args.set or [], args.workdir, defaults=unread, check_paths=False)
     if not hasattr(params, "memory_plan"):
         print(f"refinery plan: no memory plan for flow {args.flow!r}: it takes pretrain, finetune or align",
               file=sys.stderr)
@@ -226,7 +316,7 @@ def cmd_plan(args) -> int:
     except (ValueError, OSError) as e:
         print(f"refinery plan: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(plan.to_dict()) if args.json else plan.table())
+    print(dumps(plan.to_dict()) if args.json else plan.table())
     if plan.fits is False:
         print("what to change:\n  - " + "\n  - ".join(plan.advice()), file=sys.stderr)
         return 1
@@ -275,11 +365,24 @@ def _flow_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="YAML file of flow parameters")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter (dotted keys for nested ones); repeatable")
     p.add_argument("--workdir", help=f"root folder or URL for all datasets (default: $REFINERY_WORKDIR, else ./{DEFAULT_WORKDIR})")
-    p.add_argument("--json", action="store_true", help="print one JSON object (primary, outputs, counts) as the last stdout line")
+    p.add_argument("--json", action="store_true", help="print one JSON object (primary, outputs, counts) as the last stdout line (strict JSON: NaN is null)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved parameters (YAML; --json: JSON) and run nothing")
+    p.add_argument("--quiet", "-q", action="store_true", help="only warnings, errors and the result on the console; no progress bars")
+    p.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                   help="progress bars: auto (only when stderr is a terminal), always or never")
+    _debug_option(p)
+
+
+def _debug_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show full tracebacks of failures (also: REFINERY_DEBUG=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="refinery", description="Raw web crawls to a trained language model, as Prefect flows.")
+    ap = argparse.ArgumentParser(prog="refinery", description="Raw web crawls to a trained language model, as Prefect flows.",
+                                 epilog="Exit status: 0 done, 1 failed (a short message says what and what to do), 2 usage "
+                                        "error, 130/143 stopped by SIGINT/SIGTERM. --debug or REFINERY_DEBUG=1 shows tracebacks.")
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks of failures (also: REFINERY_DEBUG=1)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("demo", add_help=False, help="run the whole pipeline on a generated demo crawl (no server, no network, no GPU)")
@@ -287,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_demo, parser=p)
 
     p = sub.add_parser("run", add_help=False, help="run one flow: curate, tokenize, pretrain, finetune, align, pipeline",
-                       usage="refinery run FLOW [-h] [-c CONFIG] [--set KEY=VALUE] [--workdir WORKDIR] [--json]")
+                       usage="refinery run FLOW [-h] [-c CONFIG] [--set KEY=VALUE] [--workdir WORKDIR] [--json] "
+                             "[--print-config] [--quiet] [--progress {auto,always,never}] [--debug]")
     p.add_argument("flow", nargs="?", help="the flow (refinery flows lists them); FLOW --help lists its parameters")
     _flow_options(p)
     p.set_defaults(fn=cmd_run, parser=p)
@@ -311,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    _debug_option(p)
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("plan", help="a training flow's memory estimate per device (parameters, gradients, optimizer, activations) without training")
@@ -319,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a flow parameter, as for run; repeatable")
     p.add_argument("--workdir", help="root folder or URL for all datasets")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    _debug_option(p)
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("flows", help="list the flows")
@@ -327,8 +433,72 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, run, and turn an expected failure into a short message (exit 1), a signal into a
+    prompt exit (143 SIGTERM, 130 SIGINT); --debug / REFINERY_DEBUG=1 lets tracebacks through."""
+    from refinery.flows.console import SignalWatch, Terminated, debug_enabled, error_block
+
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    if getattr(args, "debug", False):
+        os.environ["REFINERY_DEBUG"] = "1"
+    watch = SignalWatch().install()
+    command = args.cmd + (f" {args.flow}" if getattr(args, "flow", None) and args.cmd in ("run", "plan") else "")
+    try:
+        return args.fn(args)
+    except SystemExit as e:
+        if isinstance(e.code, str):   # a usage error (bad parameter, unknown flow): its message, exit 2
+            print(e.code, file=sys.stderr)
+            raise UsageExit(e.code) from None
+        raise
+    except (KeyboardInterrupt, Terminated) as e:
+        return _stopped(watch, e, argv is None)
+    except BaseException as e:
+        if type(e).__name__ == "TerminationSignal":   # Prefect's SIGTERM bridge, outside its flow run
+            return _stopped(watch, e, argv is None)
+        block = None if debug_enabled() else error_block(command, e)
+        if block is None:
+            raise
+        if watch.received is not None:   # a signal ended the run (e.g. training checkpointed and stopped)
+            print(block.splitlines()[0], file=sys.stderr)
+            return _stopped(watch, e, argv is None)
+        sys.stdout.flush()
+        print(block, file=sys.stderr)
+        return 1
+
+
+class UsageExit(SystemExit):
+    """A usage error already printed: exit status 2, as argparse's own; ``str()`` is the message."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+
+def _stopped(watch, e: BaseException, leave: bool = False) -> int:
+    """A signal ended the command: one line, the server stopped; ``leave`` (the real command, not
+    a caller of :func:`main`): exit now, without waiting for worker threads still in a shard."""
+    import signal
+
+    signum = watch.received or getattr(e, "signum", None) or (signal.SIGINT if isinstance(e, KeyboardInterrupt)
+                                                               and type(e).__name__ == "KeyboardInterrupt"
+                                                               else signal.SIGTERM)
+    watch.received = signum
+    from refinery.flows.console import debug_enabled
+
+    if debug_enabled():
+        import traceback
+
+        traceback.print_exception(e)
+    print(f"refinery: stopped by {signal.Signals(signum).name}; rerun the same command to resume "
+          "(finished stages and checkpoints are kept)", file=sys.stderr)
+    if "refinery.flows.server" in sys.modules and not leave:   # leaving: the guard stops it (Prefect's log
+        from refinery.flows.server import stop_temporary_server   # worker may still be sending to it)
+
+        stop_temporary_server()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if leave:
+        os._exit(watch.exit_code())
+    return watch.exit_code()
 
 
 if __name__ == "__main__":  # pragma: no cover

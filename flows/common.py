@@ -11,9 +11,9 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, ClassVar, TypeVar
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, model_validator
 
 from refinery.tasks.config import StrictModel, check_no_secrets
 
@@ -55,11 +55,24 @@ class FlowParams(StrictModel):
     workdir: str = Field("refinery-work", description="Root of all datasets: a local folder or an fsspec URL such as s3://bucket/refinery.")
     task_runner: str = Field("threads", description="Where shards run: threads[:N], processes[:N], dask[:N] (local cluster), tcp://HOST:PORT (an existing Dask scheduler), ray[:N] (local Ray cluster of N CPUs) or ray://HOST:PORT (an existing Ray cluster).")
 
+    # dotted name -> kind of the local paths among the parameters (refinery.flows.paths.PATH_FIELDS);
+    # checked when validated with context={"check_paths": True}, as the CLI does
+    flow_name: ClassVar[str] = ""
+
     @model_validator(mode="after")
     def _no_secrets(self):
         # before any run starts or Prefect stores the parameters: no URL with credentials (user:password@, token@) anywhere
         # (input, data, workdir, nested sections), no secret-looking storage option
         check_no_secrets(self.model_dump(mode="json"))
+        return self
+
+    @model_validator(mode="after")
+    def _local_paths(self, info: ValidationInfo):
+        # a missing or unreadable local input fails here, before a server starts or torch loads
+        if self.flow_name and isinstance(info.context, dict) and info.context.get("check_paths"):
+            from refinery.flows.paths import preflight
+
+            preflight(self.flow_name, self.model_dump())
         return self
 
 
@@ -115,6 +128,32 @@ def refinery_flow(name: str, params_cls: type[P], **flow_kwargs) -> Callable[[Ca
     return decorate
 
 
+def _number(v: Any) -> Any:
+    """A number as a summary table shows it: integers whole, floats to 4 significant digits
+    (1066.9422 -> 1067, 4.93127 -> 4.931), NaN and infinities as nan/inf; other values unchanged."""
+    if isinstance(v, bool) or not isinstance(v, float):
+        return v
+    if v != v:
+        return "nan"
+    if v in (float("inf"), float("-inf")):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.4g}"
+
+
+def tidy_rows(rows: list[dict]) -> list[dict]:
+    """Rows for a console table: numbers formatted alike (:func:`_number`), a column that is empty
+    in every row (None or "") left out, and None shown as an empty cell elsewhere."""
+    cols = [c for c in dict.fromkeys(k for r in rows for k in r)
+            if any(r.get(c) not in (None, "") for r in rows)]
+    return [{c: ("" if r.get(c) is None else _number(r.get(c, ""))) for c in cols} for r in rows]
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    """Print a summary table on stderr (tidied: :func:`tidy_rows`); artifacts keep the raw rows."""
+    if rows:
+        print(format_table(tidy_rows(rows), title=title), file=sys.stderr)
+
+
 def stage_seconds(ds: Any) -> Any:
     """A stage's time for a report: ``cached`` when this run found it built (``ds.cached``, set by
     the runtime), else the seconds its build took."""
@@ -144,7 +183,7 @@ def stage_rows(stages: dict[str, Any]) -> list[dict]:
 def report_stages(flow_name: str, stages: dict[str, Any]) -> list[dict]:
     """Print the per-stage summary table and publish it as a Prefect table artifact."""
     rows = stage_rows(stages)
-    print(format_table(rows, title=f"== {flow_name}: stages"), file=sys.stderr)
+    print_table(rows, title=f"== {flow_name}: stages")
     table_artifact(f"{flow_name}-stages", rows, description=f"{flow_name}: documents in/out and drops per stage")
     return rows
 

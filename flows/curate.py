@@ -1,6 +1,8 @@
 """curate: crawl files and dumps -> documents -> filtered -> deduplicated (composition only)."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field, model_validator
 
 from refinery.flows.common import FlowParams, emit_completed, refinery_flow, report_stages, result
@@ -14,6 +16,8 @@ from refinery.tasks.report import table_artifact
 
 
 class CurateParams(FlowParams):
+    flow_name: ClassVar[str] = "curate"
+
     input: str = Field("", description="Crawl files to ingest: a path, a glob (DIR/*.warc.gz) or an fsspec URL (s3://, https://); several separated by commas. WARC, WET, ARC, JSONL and Parquet are recognised by content. Required unless ingest.inputs is set.",
                        examples=["crawl/*.warc.gz"])
     source: str = Field("web", description="Source name stored on every document from `input` (e.g. cc-main-2024-22, books, code).")

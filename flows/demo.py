@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from refinery.flows.align import AlignSettings
-from refinery.flows.common import FlowParams, refinery_flow
+from refinery.flows.common import FlowParams, print_table, refinery_flow
 from refinery.flows.pipeline import (ORDER, TRAINED, CurateSection, EvaluateSection, TokenizeSection, check_sections,
                                      flow_params, primary_output)
 from refinery.tasks.finetune.config import FinetuneSettings
-from refinery.tasks.report import format_table, markdown_artifact, markdown_table, table_artifact
+from refinery.tasks.report import markdown_artifact, markdown_table, table_artifact
 from refinery.tasks.train.config import TrainConfig
 
 # Small enough for a few minutes on 2 CPU cores, big enough that every stage visibly does something.
@@ -38,6 +38,8 @@ GSM8K_TASK = Path(__file__).resolve().parents[1] / "configs" / "eval" / "gsm8k_l
 class DemoParams(FlowParams):
     """Flow parameters: the demo crawl, then one typed section per flow (as in the pipeline),
     defaulting to :data:`DEMO_DEFAULTS`."""
+
+    flow_name: ClassVar[str] = "demo"
 
     pages: int = Field(400, ge=1, description="Pages in the generated demo crawl.")
     seed: int = Field(0, description="Seed of the demo crawl, its instructions and preference pairs, and the "
@@ -120,8 +122,8 @@ def _evaluate(p: DemoParams, models: dict[str, str], crawl_dir: Path, common: di
             key = "heldout " + r["metric"] if r["task"] == "heldout" else f"{r['task']} {r['metric']}"
             rows.setdefault(r["model"], {"model": flow_of.get(r["model"], r["model"])})[key] = r["value"]
     table = list(rows.values())
-    print(format_table(table, title="== demo: evaluation (held-out documents; GSM8K-format problems: "
-                                    "a model this small scores about zero)"), file=sys.stderr)
+    print_table(table, title="== demo: evaluation (held-out documents; GSM8K-format problems: "
+                                    "a model this small scores about zero)")
     table_artifact("demo-evaluation", table, description="Held-out bits per byte and local GSM8K per trained model")
     return out
 
@@ -167,7 +169,7 @@ def demo_flow(p: DemoParams) -> dict:
     if p.evaluate is not None and models:
         ev = _evaluate(p, models, crawl_dir, common)
         outputs["evaluate"], counts["evaluate"] = ev["outputs"]["evaluate"], ev["counts"]["evaluate"]
-    print(format_table(summary, title="== demo: counts per stage"), file=sys.stderr)
+    print_table(summary, title="== demo: counts per stage")
     table_artifact("demo-summary", summary, description="Counts per stage of the demo run")
     markdown_artifact("demo-outputs", "# Demo outputs\n\n" + markdown_table(
         [{"stage": k, "path": v} for k, v in outputs.items()]))

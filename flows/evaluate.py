@@ -14,15 +14,18 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field, field_validator
 
-from refinery.flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow, result
+from refinery.flows.common import FlowParams, emit_completed, gpu_slot, print_table, refinery_flow, result
 
 _DEFAULT_PROMPTS = ["The history of the city", "Once upon a time", "Question: What is 12 plus 7?\nAnswer:"]
 
 
 class EvaluateParams(FlowParams):
+    flow_name: ClassVar[str] = "evaluate"
+
     input: str = Field(description="Models to compare, separated by commas: refinery datasets (pretrain, finetune, align outputs), Hugging Face model folders or hub ids.")
     data: str = Field("", description="Documents dataset for held-out bits per byte and perplexity; empty: the held-out split of the first model's training data (through the manifests), or none.")
     tasks: list[str] = Field(default_factory=list, description="Benchmarks: lm-eval task names or paths of task YAML files in lm-eval's format (e.g. configs/eval/gsm8k_local.yaml).")
@@ -109,7 +112,7 @@ def stage_config(p: EvaluateParams):
 def evaluate_flow(p: EvaluateParams) -> dict:
     """Compare models: held-out bits per byte and perplexity, lm-eval benchmarks, generation samples."""
     from refinery.tasks.eval.stage import evaluate, read_results
-    from refinery.tasks.report import format_table, image_artifact, table_artifact
+    from refinery.tasks.report import image_artifact, table_artifact
     from refinery.tasks.store import Dataset
 
     refs, cfg = stage_config(p)
@@ -123,7 +126,7 @@ def evaluate_flow(p: EvaluateParams) -> dict:
     labels = [m.label for m in cfg.models]   # the manifest sorts keys: put task, metric, then models in order
     table = [{"task": r["task"], "metric": r["metric"], **{lab: r.get(lab) for lab in labels}}
              for r in ds.manifest.get("stats", {}).get("table", [])]
-    print(format_table(table, title="== evaluate"), file=sys.stderr)
+    print_table(table, title="== evaluate")
     table_artifact("evaluate-comparison", table, description="Every metric (rows) for every model (columns)")
     image_artifact("evaluate-chart", f"{ds.local_path()}/chart.png", description="Metrics across models")
     out = result({"evaluate": ds}, results=read_results(ds), heldout=data or None)

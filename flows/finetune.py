@@ -13,11 +13,11 @@ lora/qlora/ia3, ``merged/`` (plain transformers); for ``full`` the model sits at
 from __future__ import annotations
 
 import os
-import sys
+from typing import ClassVar
 
 from pydantic import Field
 
-from refinery.flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow
+from refinery.flows.common import FlowParams, emit_completed, gpu_slot, print_table, refinery_flow
 from refinery.tasks.finetune.config import FinetuneConfig, FinetuneSettings
 
 
@@ -31,6 +31,8 @@ class _Inputs(FlowParams):
 class FinetuneParams(FinetuneSettings, _Inputs):
     """Flow parameters: the storage root, the two inputs, then every fine-tuning setting (one field
     each, declared in :class:`FinetuneSettings`; LoRA's under ``lora.``)."""
+
+    flow_name: ClassVar[str] = "finetune"
 
     def stage_config(self) -> FinetuneConfig:
         def local(p: str) -> str:  # absolute local paths, so the fingerprint does not depend on the cwd
@@ -50,7 +52,7 @@ class FinetuneParams(FinetuneSettings, _Inputs):
 def finetune_flow(p: FinetuneParams) -> dict:
     """Fine-tune a causal LM on instructions (full, LoRA, QLoRA, IA3, LLaMA-Adapter, prompt or prefix tuning)."""
     from refinery.tasks.finetune.stage import finetune
-    from refinery.tasks.report import format_table, table_artifact
+    from refinery.tasks.report import table_artifact
     from refinery.tasks.train.metrics import report_metrics
 
     cfg = p.stage_config()
@@ -61,7 +63,7 @@ def finetune_flow(p: FinetuneParams) -> dict:
            "val_before": s.get("val_loss_before"), "val_after": s.get("val_loss_after"),
            "steps": ds.counts.get("steps"), "peak_mb": s.get("peak_memory_mb"), "tok/s": s.get("tokens_per_sec"),
            "bad_records": ds.counts.get("bad_records"), "truncated": ds.counts.get("truncated")}
-    print(format_table([row], title="== finetune"), file=sys.stderr)
+    print_table([row], title="== finetune")
     table_artifact("finetune-summary", [row], description="fine-tuning summary")
     report_metrics(ds, "finetune", description="loss, learning rate and validation loss by step")
     outputs = {}

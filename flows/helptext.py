@@ -115,7 +115,10 @@ def params(model: type[BaseModel], prefix: str = "", parent_default: Any = None)
             out.append(Param(dotted, f"list[{items.__name__}]", default, desc, section=True))
             out += params(items, dotted + "[].")
         else:
-            out.append(Param(dotted, type_name(field.annotation), default, desc, examples=field.examples))
+            kind = type_name(field.annotation)
+            if default is None and "None" not in kind.split(" | "):   # None accepted (e.g. finetune's lr: the method's)
+                kind += " | None"
+            out.append(Param(dotted, kind, default, desc, examples=field.examples))
     return out
 
 

@@ -11,7 +11,7 @@ validated, before curate starts, and every section reads as that flow's ``--help
 from __future__ import annotations
 
 from copy import copy
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, create_model
 
@@ -59,6 +59,8 @@ PARAMS: dict[str, type[FlowParams]] = {"curate": CurateParams, "tokenize": Token
 
 class PipelineParams(FlowParams):
     """Flow parameters: the three inputs, then one typed section per flow."""
+
+    flow_name: ClassVar[str] = "pipeline"
 
     input: str = Field(description="Crawl files for curate: a path, glob or fsspec URL (commas separate several).")
     data: str = Field(description="Instruction file for the fine-tune (Alpaca JSON, ShareGPT or messages JSONL).")

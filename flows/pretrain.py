@@ -11,12 +11,12 @@ configs (``max_steps``, ``lr``, ``batch_size``, ``grad_accum``, ``warmup_steps``
 """
 from __future__ import annotations
 
-import sys
+from typing import ClassVar
 
 from pydantic import Field
 
-from refinery.flows.common import FlowParams, emit_completed, gpu_slot, refinery_flow, result
-from refinery.tasks.report import format_table, markdown_artifact, markdown_table, table_artifact
+from refinery.flows.common import FlowParams, emit_completed, gpu_slot, print_table, refinery_flow, result
+from refinery.tasks.report import markdown_artifact, markdown_table, table_artifact
 from refinery.tasks.train.config import TrainConfig
 from refinery.tasks.train.stage import pretrain
 
@@ -30,6 +30,8 @@ class _Inputs(FlowParams):
 
 class PretrainParams(TrainConfig, _Inputs):
     """Flow parameters: the storage root, the input token dataset(s), then the training config."""
+
+    flow_name: ClassVar[str] = "pretrain"
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**self.model_dump(include=set(TrainConfig.model_fields)))
@@ -51,7 +53,7 @@ def _report(ds) -> None:
                 "best_step": m.get("best_step"), "unigram_entropy": m.get("unigram_entropy"),
                 "tokens_per_sec": m.get("training", {}).get("tokens_per_sec"),
                 "mfu": m.get("training", {}).get("mfu")}]
-    print(format_table(summary, title="== pretrain"), file=sys.stderr)
+    print_table(summary, title="== pretrain")
     table_artifact("pretrain-summary", summary, description="pretraining: validation loss vs the unigram baseline")
     markdown_artifact("pretrain-report", markdown_table(summary))
     # the per-step table and loss.png from the dataset's metrics/ folder (the same for every trainer)

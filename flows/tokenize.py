@@ -8,6 +8,8 @@ Outputs: ``tokenizer`` (a Hugging Face tokenizer folder, which is also a dataset
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 
 from refinery.flows.common import FlowParams, emit_completed, refinery_flow, report_stages, result
@@ -17,6 +19,8 @@ from refinery.tasks.tokens.tokenizer import TokenizerConfig, tokenizer_stage
 
 
 class TokenizeParams(FlowParams):
+    flow_name: ClassVar[str] = "tokenize"
+
     input: str = Field(description="Documents dataset to tokenize (the curate flow's output: a path or fsspec URL).",
                        examples=["refinery-work/dedup/FINGERPRINT"])
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer: tokenizer.path loads "

@@ -181,6 +181,23 @@ class _PrefectProgress:
 
 
 # ----------------------------------------------------------------------------- the log
+def show_progress() -> bool:
+    """Whether a console progress bar shows: ``REFINERY_PROGRESS`` (set by ``refinery --progress``)
+    ``always`` or ``never``; otherwise (``auto``, unset) only when stderr is a terminal, so a logged
+    run's stderr holds no bar redraws."""
+    import os
+
+    mode = os.environ.get("REFINERY_PROGRESS", "auto").strip().lower()
+    if mode in ("always", "1", "true"):
+        return True
+    if mode in ("never", "0", "false"):
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 class MetricsLog:
     """One run's per-step metrics (schema in the module docstring) to ``log_dir``.
 
@@ -214,7 +231,7 @@ class MetricsLog:
             self._open_files(fresh, tensorboard, start)
             self._trackers = [_TRACKERS[t](desc, run_config or {}, self.dir) for t in report_to]
         if total_steps:
-            if bar:
+            if bar and show_progress():
                 from tqdm.auto import tqdm
 
                 self._bar = tqdm(total=total_steps, initial=start, desc=desc, unit="step", leave=False)
