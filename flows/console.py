@@ -9,7 +9,8 @@
   third-party noise, once, at the command's start (:func:`quiet_third_party`).
 - :class:`SignalWatch` makes SIGTERM and SIGINT end the command promptly: the first signal lets
   the flow stop in order (Prefect reports the run, a training loop checkpoints), and if the
-  process is still there after ``REFINERY_STOP_GRACE_S`` seconds (default 6) or a second Ctrl-C
+  process is still there after ``REFINERY_STOP_GRACE_S`` seconds (default 6; while an engine
+  trains, ``REFINERY_TRAIN_STOP_GRACE_S``, default 120, for its checkpoint) or a second Ctrl-C
   comes, the temporary server is stopped and the process exits (143 for SIGTERM, 130 for SIGINT).
 
 Standard library only at import: the command imports this before anything heavy.
@@ -234,6 +235,9 @@ class SignalWatch:
         if threading.current_thread() is not threading.main_thread():
             return self
         signal.signal(signal.SIGTERM, self._on_term)
+        from refinery.tasks.engine.signals import add_listener   # light: signal and threading only
+
+        add_listener(self._signalled)   # a training engine's own SIGTERM handler tells us too
         r, w = os.pipe()
         os.set_blocking(w, False)
         try:
@@ -260,12 +264,18 @@ class SignalWatch:
                     self._signalled(int(b))
 
     def _signalled(self, signum: int) -> None:
+        from refinery.tasks.engine.signals import request_stop, training_active
+
         if self.received is None:
             self.received = signum
         elif signum == signal.SIGINT:   # Ctrl-C twice: now (a second SIGTERM may be Prefect re-sending the first)
             self.force_exit()
+        request_stop()   # a trainer in any thread checkpoints at the end of its step and stops
         if self._timer is None:
-            self._timer = threading.Timer(self.grace_s, self.force_exit)
+            # a training run gets the time to finish its step and write its checkpoint
+            grace = max(self.grace_s, float(os.environ.get("REFINERY_TRAIN_STOP_GRACE_S", "120"))) \
+                if training_active() else self.grace_s
+            self._timer = threading.Timer(grace, self.force_exit)
             self._timer.daemon = True
             self._timer.start()
 

@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Callable
 
 _REQUESTED = threading.Event()
+_LISTENERS: list[Callable[[int], None]] = []
+_ACTIVE = [0]   # engines inside their loop in this process
+
+
+def add_listener(fn: Callable[[int], None]) -> None:
+    """``fn(signum)`` is called whenever an engine's SIGTERM handler fires (a program's own watchdog:
+    the engine's handler replaces the program's while it trains)."""
+    _LISTENERS.append(fn)
+
+
+def training_active() -> bool:
+    """Whether an engine of this process is training now (a stop should wait for its checkpoint)."""
+    return _ACTIVE[0] > 0
 
 
 def request_stop() -> None:
@@ -35,17 +49,21 @@ class Preemption:
         return self._flag or _REQUESTED.is_set()
 
     def __enter__(self):
+        _ACTIVE[0] += 1
         if threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self._flag = True
+        for fn in list(_LISTENERS):
+            fn(signum)
 
     def __exit__(self, *exc):
+        _ACTIVE[0] -= 1
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
         return False
 
 
-__all__ = ["Preemption", "request_stop", "stop_requested"]
+__all__ = ["Preemption", "request_stop", "stop_requested", "add_listener", "training_active"]
