@@ -229,7 +229,7 @@ class MemoryPlan:
                     tips.append(f"{s.flow.split('/')[1]}.lora.enabled=true (trains adapters only; no reference copy)")
                 elif s.method == "lora":
                     tips.append("method=qlora (4-bit frozen weights)")
-                if s.strategy != "fsdp" and s.flow in ("pretrain", "finetune", "align/reward", "align/dpo", "align/kto", "align/orpo"):
+                if s.strategy != "fsdp" and s.flow in ("pretrain", "finetune", "align/reward", "align/dpo", "align/kto", "align/orpo", "align/ppo", "align/grpo"):
                     tips.append("strategy=fsdp with more devices (shards weights, gradients and optimizer)")
                 elif s.strategy == "fsdp" and not s.cpu_offload:
                     tips.append("fsdp_cpu_offload=true (keeps shards and optimizer in host memory)")
