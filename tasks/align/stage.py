@@ -352,7 +352,7 @@ def _train(b, cfg, method: str):
         return res, counts, model_dir
     strategy = "fsdp" if cfg.train.strategy == "fsdp" else "ddp"
     world = cfg.train.world_size()
-    print(f"{method}: launching {strategy} on {nproc} processes (torchrun)"
+    print(f"{method}: launching {strategy} on {nproc} processes"
           + (f" on each of {num_nodes()} nodes" if num_nodes() > 1 else ""), flush=True)
     spec = {"method": method, "config": config_json(cfg), "ckpt_dir": str(folder)}
     out = launch(spec, nproc, folder, module="refinery.tasks.align.worker")
