@@ -94,19 +94,11 @@ def save(engine: Engine, st: EngineState, status: str) -> None:
 
 def _load_trainable(engine: Engine, path) -> None:
     """The trainable tensors of ``model.safetensors`` into the model; every one must be there."""
-    import torch
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
-    params = dict(engine.model.named_parameters())
-    missing = engine.trainable - set(state)
-    unknown = set(state) - set(params)
-    if missing or unknown:
-        raise ValueError(f"{path}: the checkpoint's tensors do not match the model (missing {sorted(missing)[:5]}, "
-                         f"unknown {sorted(unknown)[:5]}): was it written by another configuration?")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    from refinery.tasks.train.distributed import assign_trainable
+
+    assign_trainable(engine.model, load_file(str(path)), f"{path}: the checkpoint's tensors")
 
 
 def resume(engine: Engine) -> EngineState:

@@ -336,13 +336,20 @@ def load_trainable(model, path: str | Path) -> None:
     every trainable parameter must be there."""
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    assign_trainable(model, torch.load(path, map_location="cpu", weights_only=True), f"{path}: the workers' weights")
+
+
+def assign_trainable(model, state: dict, what: str) -> None:
+    """Copy the named tensors of ``state`` into ``model``'s parameters, which must match: every
+    trainable parameter there, nothing the model lacks (``what`` names the source in the error)."""
+    import torch
+
     params = dict(model.named_parameters())
     missing = {n for n, p in params.items() if p.requires_grad} - set(state)
     unknown = set(state) - set(params)
     if missing or unknown:
-        raise RuntimeError(f"{path}: the workers' weights do not match the model (missing {sorted(missing)[:5]}, "
-                           f"unknown {sorted(unknown)[:5]})")
+        raise RuntimeError(f"{what} do not match the model (missing {sorted(missing)[:5]}, unknown {sorted(unknown)[:5]}): "
+                           "written by another configuration?")
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
@@ -385,5 +392,5 @@ def worker_main(argv: list[str] | None, module: str, body, sharded=lambda spec: 
     return 0
 
 
-__all__ = ["env", "init", "wrap", "worker_main", "FollowerNodeDone", "follower_node", "num_nodes", "unwrap", "gather_trainable", "load_trainable", "write_json_atomic", "shutdown", "mean", "any_true", "broadcast_object", "gather_objects", "barrier", "world_size_for", "launch",
+__all__ = ["env", "init", "wrap", "worker_main", "FollowerNodeDone", "follower_node", "num_nodes", "unwrap", "gather_trainable", "load_trainable", "assign_trainable", "write_json_atomic", "shutdown", "mean", "any_true", "broadcast_object", "gather_objects", "barrier", "world_size_for", "launch",
            "local_worker_env", "rendezvous_args"]
