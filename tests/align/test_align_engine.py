@@ -7,6 +7,7 @@ format are the engine's, tested once in tests/engine/test_engine.py."""
 from __future__ import annotations
 
 import pytest
+from refinery_testlib import assert_same_metrics
 
 from refinery.tasks.align.common import total_steps
 from refinery.tasks.align.reward import RewardConfig
@@ -38,14 +39,6 @@ def test_early_stopping_min_delta():
 
 
 # --------------------------------------------------------------------------- resume, in process
-def _same_rows(a: list[dict], b: list[dict], what: str = "") -> None:
-    assert len(a) == len(b)
-    for ra, rb in zip(a, b):
-        assert ra.keys() == rb.keys()
-        for k in ra:
-            assert ra[k] == pytest.approx(rb[k], abs=1e-6), (what, ra["step"], k)
-
-
 def _pairs(path, n=24):
     from refinery.tasks.align.data import load_pairs, split_pairs
 
@@ -107,7 +100,7 @@ def test_stopped_run_resumes_to_the_uninterrupted_curve(method, tmp_path, tiny_c
     b = without_timing(read_metrics(tmp_path / "part" / "metrics" / "metrics.jsonl"))
     assert len(a) == 12 + 5   # 12 training rows; validation at 0, 3, 6, 9, 12
     assert [r["step"] for r in a if r["split"] == "val"] == [0, 3, 6, 9, 12]
-    _same_rows(a, b, method)
+    assert_same_metrics(a, b, what=method)
     # the figures after training come from the same weights; the reference (DPO, KTO) and the
     # held-out figures before training were computed again from the starting model
     for key in ("held_out_before", "held_out_after"):
@@ -141,6 +134,6 @@ def test_interrupted_stage_publishes_nothing_and_its_rerun_resumes(tmp_path, tin
     monkeypatch.setattr(OfflineMethod, "fit", fit)
     again = orpo_stage.run(store, [], cfg)
     assert again.manifest["stats"]["resumed_from"].endswith("step-00000002")
-    _same_rows(without_timing(read_metrics(whole.file("metrics"))), without_timing(read_metrics(again.file("metrics"))))
+    assert_same_metrics(without_timing(read_metrics(whole.file("metrics"))), without_timing(read_metrics(again.file("metrics"))))
     assert again.manifest["metrics"]["held_out_loss"] == pytest.approx(whole.manifest["metrics"]["held_out_loss"],
                                                                        abs=1e-6)

@@ -8,6 +8,7 @@ from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
+from refinery_testlib import assert_same_metrics
 import torch
 
 from refinery.tasks.align.grpo import GRPOConfig, group_advantages, grpo_loss, train_grpo
@@ -181,13 +182,7 @@ def test_grpo_stopped_run_resumes_to_the_uninterrupted_curve(tiny_causal_lm_dir,
     a = without_timing(read_metrics(tmp_path / "a" / "metrics" / "metrics.jsonl"))
     b = without_timing(read_metrics(tmp_path / "b" / "metrics" / "metrics.jsonl"))
     assert len(a) == len(b) == 12 + 4   # validation at 0, 4, 8, 12
-    for ra, rb in zip(a, b):
-        assert ra.keys() == rb.keys()
-        for k in ra:
-            if isinstance(ra[k], float):
-                assert ra[k] == pytest.approx(rb[k], abs=1e-6), (ra["step"], k)
-            else:
-                assert ra[k] == rb[k], (ra["step"], k)
+    assert_same_metrics(a, b)
     wa, wb = whole.model.state_dict(), rest.model.state_dict()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
     assert whole.stats["trainable_params"] < whole.stats["params"] / 2   # the adapters

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from refinery_testlib import assert_same_metrics
 import torch
 
 from refinery.tasks.align.ppo import AdaptiveKL, PPOConfig, gae, reply_mask, shaped_rewards, train_ppo, whiten
@@ -173,13 +174,7 @@ def test_ppo_stopped_run_resumes_to_the_uninterrupted_curve(tiny_causal_lm_dir, 
     b = without_timing(read_metrics(tmp_path / "b" / "metrics" / "metrics.jsonl"))
     assert len(a) == len(b) == 12 + 4   # validation at 0, 4, 8, 12
     assert len({r["kl_coef"] for r in a if r["split"] == "train"}) == 12   # the coefficient moved every step
-    for ra, rb in zip(a, b):
-        assert ra.keys() == rb.keys()
-        for k in ra:
-            if isinstance(ra[k], float):
-                assert ra[k] == pytest.approx(rb[k], abs=1e-6), (ra["step"], k)
-            else:
-                assert ra[k] == rb[k], (ra["step"], k)
+    assert_same_metrics(a, b)
     assert whole.stats["kl_coef_last"] == pytest.approx(rest.stats["kl_coef_last"], abs=1e-9)
     wa, wb = whole.policy.state_dict(), rest.policy.state_dict()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6

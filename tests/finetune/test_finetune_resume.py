@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+from refinery_testlib import assert_same_metrics
 
 from refinery.tasks.finetune.config import FinetuneConfig
 
@@ -19,17 +20,6 @@ def _rows(folder):
     from refinery.tasks.train.metrics import read_metrics, without_timing
 
     return without_timing(read_metrics(folder))
-
-
-def assert_same_rows(a, b):
-    assert len(a) == len(b)
-    for ra, rb in zip(a, b):
-        assert ra.keys() == rb.keys(), (ra, rb)
-        for k in ra:
-            if isinstance(ra[k], float):
-                assert ra[k] == pytest.approx(rb[k], abs=TOL), (ra["step"], ra["split"], k)
-            else:
-                assert ra[k] == rb[k], (ra["step"], ra["split"], k)
 
 
 def _train(cfg: FinetuneConfig, ckpt, stop_after=None):
@@ -67,7 +57,7 @@ def check_resume(cfg: FinetuneConfig, tmp_path, train=_train):
     a, b = _rows(tmp_path / "a" / "metrics"), _rows(tmp_path / "b" / "metrics")
     assert [r["step"] for r in a if r["split"] == "val"] == [0, 4, 8, 12]
     assert [r["step"] for r in a if r["split"] == "train"] == list(range(1, 13))
-    assert_same_rows(a, b)
+    assert_same_metrics(a, b, TOL)
     assert w_whole.keys() == w_rest.keys()
     for n in w_whole:
         assert (w_whole[n] - w_rest[n]).abs().max() < 1e-5, n
