@@ -180,34 +180,21 @@ def _threads():
 # multi-process run executes (refinery.tasks.align.worker): run(cfg, ckpt_dir, progress) ->
 # (result, counts, base model folder). ``ckpt_dir`` (every process gets it) is the stage's
 # checkpoint folder: the engine's checkpoints, resume from them, the metrics in its ``metrics/``.
-def _run_reward(cfg: RewardStageConfig, ckpt_dir, progress: bool):
-    from refinery.tasks.align.common import resolve_model_dir
-    from refinery.tasks.align.reward import train_reward_model
+def _run_on_pairs(module: str, train_fn_name: str):
+    """The run of a trainer on preference pairs (reward, DPO, ORPO): the base model, the pairs split
+    into training and held-out, ``refinery.tasks.align.<module>.<train_fn_name>`` over them."""
+    def run(cfg, ckpt_dir, progress: bool):
+        import importlib
 
-    model_dir = resolve_model_dir(cfg.model)
-    train, held_out, counts = _load_split(cfg)
-    res = train_reward_model(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=progress, ckpt_dir=ckpt_dir)
-    return res, counts, model_dir
+        from refinery.tasks.align.common import resolve_model_dir
 
+        train_fn = getattr(importlib.import_module(f"refinery.tasks.align.{module}"), train_fn_name)
+        model_dir = resolve_model_dir(cfg.model)
+        train, held_out, counts = _load_split(cfg)
+        res = train_fn(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=progress, ckpt_dir=ckpt_dir)
+        return res, counts, model_dir
 
-def _run_dpo(cfg: DPOStageConfig, ckpt_dir, progress: bool):
-    from refinery.tasks.align.common import resolve_model_dir
-    from refinery.tasks.align.dpo import train_dpo
-
-    model_dir = resolve_model_dir(cfg.model)
-    train, held_out, counts = _load_split(cfg)
-    res = train_dpo(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=progress, ckpt_dir=ckpt_dir)
-    return res, counts, model_dir
-
-
-def _run_orpo(cfg: ORPOStageConfig, ckpt_dir, progress: bool):
-    from refinery.tasks.align.common import resolve_model_dir
-    from refinery.tasks.align.orpo import train_orpo
-
-    model_dir = resolve_model_dir(cfg.model)
-    train, held_out, counts = _load_split(cfg)
-    res = train_orpo(model_dir, train, held_out, cfg.train, seed=cfg.seed, progress=progress, ckpt_dir=ckpt_dir)
-    return res, counts, model_dir
+    return run
 
 
 def _run_kto(cfg: KTOStageConfig, ckpt_dir, progress: bool):
@@ -318,10 +305,10 @@ class _Trainer:
     rebuild: Callable[..., tuple]
 
 
-RUNS = {"reward": _Trainer(RewardStageConfig, _run_reward, _rebuild_reward),
-        "dpo": _Trainer(DPOStageConfig, _run_dpo, _rebuild_policy),
+RUNS = {"reward": _Trainer(RewardStageConfig, _run_on_pairs("reward", "train_reward_model"), _rebuild_reward),
+        "dpo": _Trainer(DPOStageConfig, _run_on_pairs("dpo", "train_dpo"), _rebuild_policy),
         "kto": _Trainer(KTOStageConfig, _run_kto, _rebuild_policy),
-        "orpo": _Trainer(ORPOStageConfig, _run_orpo, _rebuild_policy),
+        "orpo": _Trainer(ORPOStageConfig, _run_on_pairs("orpo", "train_orpo"), _rebuild_policy),
         "ppo": _Trainer(PPOStageConfig, _run_ppo, _rebuild_ppo),
         "grpo": _Trainer(GRPOStageConfig, _run_grpo, _rebuild_policy)}
 
