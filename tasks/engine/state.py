@@ -75,7 +75,7 @@ def save(engine: Engine, st: EngineState, status: str) -> None:
                  "config": engine.cfg.model_dump(mode="json")}
         info = {"step": st.step, "status": status, "tokens": st.tokens, "best_step": engine.stopper.best_step,
                 "best_value": engine.stopper.best, "early_stopping_metric": engine.stopper.metric,
-                **(engine.info() if engine.info is not None else {})}
+                **(engine.info(engine) if engine.info is not None else {})}
         extra = {DCP_DIR: staged} if staged else None
         if engine.hf_weights:
             ckpt.save_checkpoint(root, st.step, engine.model, engine.tokenizer_path, state, info, state_dict=full,
@@ -86,9 +86,6 @@ def save(engine: Engine, st: EngineState, status: str) -> None:
         best = engine.stopper.best_step
         ckpt.prune(root, engine.cfg.keep_last, {best} if best is not None else set())
         ckpt.write_index(root, st.step, best)
-        if status != "running":
-            engine.metrics.plot(engine.title or engine.method.desc,
-                                baseline=engine.baseline() if engine.baseline else None, panels=engine.method.panels)
     dist.barrier()
 
 

@@ -136,14 +136,15 @@ class Engine:
     keeps the best validated weights, restored at the end with early stopping on (or always, with
     ``restore_best``); ``save_on_best``/``save_final`` checkpoint on a new
     best and at the end (pretrain, which exports a checkpoint). ``optimizer`` builds the optimizer
-    from the (wrapped) model when the default AdamW over parameter groups does not fit."""
+    from the (wrapped) model when the default AdamW over parameter groups does not fit; ``info(engine)``
+    adds the trainer's figures to each checkpoint's trainer_state.json."""
 
     def __init__(self, method: Method, cfg, *, total: int, device, dtype=None, ckpt_dir: str | Path | None = None,
                  metrics_dir: str | Path | None = None, log: Callable[[str], Any] = print, progress: bool = False,
                  on_row: Callable[[dict], None] | None = None, stop_after: int | None = None,
                  hf_weights: bool = False, tokenizer_path: str | None = None, keep_best: bool = True,
                  restore_best: bool = False, save_on_best: bool = False, save_final: bool = False, optimizer: Callable | None = None,
-                 compute_dtype_fsdp=None, find_unused: bool = False, info: Callable[[], dict] | None = None,
+                 compute_dtype_fsdp=None, find_unused: bool = False, info: Callable[["Engine"], dict] | None = None,
                  log_every: int = 0, title: str = "", baseline: Callable[[], float | None] | None = None):
         from refinery.tasks.engine.parallel import Parallel
 
@@ -374,7 +375,7 @@ class Engine:
         finally:
             self.metrics.close()
         restored = None if status in INTERRUPTED else self.stopper.restore(self.model, st.step, self.restore_best)
-        if self.master and status not in INTERRUPTED:
+        if self.master:   # loss.png (and curves.png) once, however the run ended
             self.metrics.plot(self.title or self.method.desc, baseline=self.baseline() if self.baseline else None,
                               panels=self.method.panels)
         return self._result(st, status, last_val, restored)

@@ -245,7 +245,6 @@ def train(cfg: TrainConfig, reader, val_reader, ckpt_dir: str | Path, *, unigram
     method = _build(cfg, reader, val_reader, unigram_reader, log)
     memory = PeakMemory(method.device).start()
     opt_device = torch.device("cpu") if cfg.fsdp_cpu_offload else method.device
-    box: dict[str, Any] = {}
     engine = Engine(method, cfg, total=cfg.max_steps, device=method.device, dtype=method.dtype, ckpt_dir=ckpt_dir,
                     log=log, progress=progress, stop_after=stop_after, hf_weights=True,
                     tokenizer_path=str(reader.tokenizer_path), keep_best=False, save_on_best=True, save_final=True,
@@ -253,9 +252,8 @@ def train(cfg: TrainConfig, reader, val_reader, ckpt_dir: str | Path, *, unigram
                     compute_dtype_fsdp=method.dtype, log_every=cfg.log_every,
                     title=f"{cfg.objective} {cfg.preset}: {method.n_params / 1e6:.2f}M params",
                     baseline=method.baseline,
-                    info=lambda: {k: v for k, v in _summary(box["engine"], method, memory, "running").items()
-                                  if k not in ("history", "status")})
-    box["engine"] = engine
+                    info=lambda eng: {k: v for k, v in _summary(eng, method, memory, "running").items()
+                                      if k not in ("history", "status")})
     engine.t_start = t_start
     if engine.master:
         log(f"pretraining {cfg.objective} {cfg.preset}: {method.n_params / 1e6:.2f}M params on {engine.par.world} x "
