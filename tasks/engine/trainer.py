@@ -167,6 +167,7 @@ class Engine:
         self.optimizer: Any = None
         self.scheduler: Any = None
         self.scaler: Any = None
+        self.peak_flops: float | None = None
         self.metrics: Any = None
         self.resumed_from: Path | None = None        # until the first step's loss proves the checkpoint finite
         self.resumed_checkpoint: Path | None = None
@@ -203,6 +204,10 @@ class Engine:
         self.scheduler = make_scheduler(self.optimizer, self.cfg, self.total * self.method.updates_per_step())
         if self.device.type == "cuda" and self.dtype == torch.float16:   # float16 needs loss scaling
             self.scaler = torch.amp.GradScaler("cuda")
+        if self.device.type == "cuda":   # for MFU: the device's peak, looked up once
+            from refinery.tasks.train.metrics import peak_flops
+
+            self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device))
 
     def _open_metrics(self, st: EngineState) -> None:
         from refinery.tasks.train.metrics import MetricsLog
@@ -264,7 +269,7 @@ class Engine:
         import torch
 
         from refinery.tasks.engine.optim import rates
-        from refinery.tasks.train.metrics import mfu, peak_flops
+        from refinery.tasks.train.metrics import mfu
 
         t0 = time.perf_counter()
         lr = rates(self.optimizer)
@@ -291,8 +296,7 @@ class Engine:
             tps = tokens / seconds
             timing["tokens_per_sec"] = round(tps, 1)
             if self.method.flops_per_token:
-                peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
-                timing["mfu"] = mfu(self.method.flops_per_token, tps, peak, self.par.world)
+                timing["mfu"] = mfu(self.method.flops_per_token, tps, self.peak_flops, self.par.world)
         row = self.metrics.train(st.step, tokens=st.tokens, **{k: _round(v) for k, v in figs.items()}, **lr, **timing)
         if self.log_every and (st.step % self.log_every == 0 or st.step == 1):
             self.log(f"step {st.step} | loss {figs['loss']:.4f} | lr {lr.get('lr', 0):.2e}"
