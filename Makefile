@@ -4,19 +4,26 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install lock demo test lint bench clean
 
 install: $(STAMP)
 
-# torch is pinned (torch==2.13.0): a CPU machine gets the local CPU wheel, a GPU host the CUDA
-# build of the same version; constraints.txt keeps it pinned while peft/accelerate/bitsandbytes
-# resolve (unpinned they pull ~3 GB of CUDA torch).
+# constraints.txt is the lock: every package the project, its tests and the demo install, pinned
+# (`make lock` rewrites it). torch first, on its own: `torch==2.13.0` carries no local label, so a CPU
+# machine gets the CPU wheel its pip index offers and a GPU host the CUDA build of the same release;
+# the lock then keeps it while peft/accelerate/bitsandbytes resolve (unpinned they pull ~3 GB of
+# CUDA torch). `all`: every optional feature (pyproject.toml's extras), which the demo and tests use.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,scale]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all,test,scale]'
 	touch $(STAMP)
+
+# Rewrite the lock after changing pyproject.toml's requirements (install first picks up a new one):
+# the installed versions of what pyproject.toml requires, transitively; nothing else in the venv.
+lock: install
+	$(BIN)/python docker/lock.py
 
 demo: install
 	$(BIN)/refinery demo

@@ -10,9 +10,10 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY flows ./flows
 COPY tasks ./tasks
 COPY deployments ./deployments
-# CPU build of the pinned torch, then the project with torch held by the constraints file.
+# CPU build of the pinned torch, then the project and every optional feature (s3, trafilatura,
+# Chinese and Japanese segmentation, ...) at the lock's versions (constraints.txt keeps torch too).
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
- && pip install -c constraints.txt -e '.[scale]'
+ && pip install -c constraints.txt -e '.[all,scale]'
 # Run as an unprivileged user: the code stays root-owned and read-only to it; it writes only /data
 # (the shared volume, created here so a fresh named volume inherits the ownership) and its home.
 RUN useradd --create-home --uid 10001 --user-group refinery \

@@ -13,8 +13,9 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY flows ./flows
 COPY tasks ./tasks
 COPY deployments ./deployments
-# PyPI's Linux wheel of torch==2.13.0 is the CUDA build.
-RUN pip install torch==2.13.0 && pip install -c constraints.txt -e '.[scale]'
+# PyPI's Linux wheel of torch==2.13.0 is the CUDA build; then the project and every optional feature
+# (QLoRA's bitsandbytes, s3, ...) at the lock's versions.
+RUN pip install torch==2.13.0 && pip install -c constraints.txt -e '.[all,scale]'
 # Run as an unprivileged user: the code stays root-owned and read-only to it; it writes only /data
 # (the shared volume, created here so a fresh named volume inherits the ownership) and its home.
 RUN useradd --create-home --uid 10001 --user-group refinery \

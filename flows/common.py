@@ -41,7 +41,7 @@ FLOW_SUMMARIES = {
     "tokenize": "Train (or load) a tokenizer and tokenize a documents dataset into memory-mappable token shards.",
     "pretrain": "Pretrain a causal LM (or MLM / T5 span corruption) from config on token datasets.",
     "finetune": "Fine-tune a causal LM on instructions (full, LoRA, QLoRA, IA3, LLaMA-Adapter, prompt or prefix tuning).",
-    "align": "Align a model: DPO or ORPO on preference pairs, KTO on labelled replies, PPO against a reward model, GRPO with reward functions.",
+    "align": "Align a model: DPO, ORPO, CPO or SimPO on preference pairs, KTO on labelled replies, PPO against a reward model, GRPO with reward functions.",
     "pipeline": "End to end: curate a crawl, tokenize it, pretrain, fine-tune, and align.",
     "demo": "Generate a small deterministic crawl and run curate, tokenize, pretrain, finetune and align on it.",
     "evaluate": "Compare models: held-out bits per byte and perplexity, lm-eval benchmarks, generation samples.",
@@ -200,16 +200,23 @@ def result(stages: dict[str, Any], primary: str | None = None, **extra) -> dict:
 
 def emit_completed(flow_name: str, out: dict, primary: str) -> None:
     """Emit ``refinery.<flow>.completed`` with the primary output path in the payload, so a
-    deployment trigger can start the next flow on it (``{{ event.payload.output }}``)."""
+    deployment trigger can start the next flow on it (``{{ event.payload.output }}``).
+
+    The resource's ``refinery.subflow`` label is ``"true"`` when this run is a subflow (of the
+    pipeline, the demo, an ablation, ...): its parent runs the next flow itself, and the triggers in
+    ``deployments/prefect.yaml`` match ``"false"`` only, so such a run starts no deployment."""
     from prefect.context import FlowRunContext
 
-    if FlowRunContext.get() is None:
+    ctx = FlowRunContext.get()
+    if ctx is None:
         return
     from prefect.events import emit_event
 
+    subflow = ctx.flow_run is not None and ctx.flow_run.parent_task_run_id is not None
     emit_event(
         event=f"refinery.{flow_name}.completed",
-        resource={"prefect.resource.id": f"refinery.dataset.{primary}", "prefect.resource.name": flow_name},
+        resource={"prefect.resource.id": f"refinery.dataset.{primary}", "prefect.resource.name": flow_name,
+                  "refinery.subflow": "true" if subflow else "false"},
         payload={"output": primary, "outputs": out.get("outputs", {})},
     )
 

@@ -156,6 +156,8 @@ def demo_flow(p: DemoParams) -> dict:
             supplied["data"] = str(make_instructions(_docs(curated), crawl_dir / "instructions.json", seed=p.seed))
         if name == "align":
             supplied["data"] = str(make_preferences(_docs(curated), crawl_dir / "preferences.jsonl", seed=p.seed))
+        # a subflow: its completion event says so (refinery.subflow "true"), and no deployment trigger
+        # fires on it, so a demo against a server with the project's deployments starts none of them
         out = load_flow(name).run_params(flow_params(name, sections[name], supplied))
         outputs.update(out["outputs"])
         counts.update(out["counts"])

@@ -55,6 +55,8 @@ from typing import Any, Callable, Iterable, Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+import refinery.tasks.extras  # noqa: F401  (a missing s3fs is then reported with the extra that installs it)
+
 from refinery.tasks.card import DATA_PREFIX, write_card   # the card never imports the store
 
 REFINERY_VERSION = "0.1.0"

@@ -25,7 +25,9 @@ def build_optimizer(model, cfg, device, *, lr: float | None = None, head_prefixe
     if kind in ("adamw_8bit", "paged_adamw_8bit"):
         if device.type != "cuda":
             raise ValueError(f"optimizer={kind} needs a CUDA device; use optimizer=adamw on CPU")
-        import bitsandbytes as bnb
+        from refinery.tasks.extras import require
+
+        bnb = require("bitsandbytes", f"optimizer={kind}")
 
         cls = bnb.optim.PagedAdamW8bit if kind == "paged_adamw_8bit" else bnb.optim.AdamW8bit
         return cls(groups, lr=lr, betas=betas)

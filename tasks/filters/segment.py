@@ -17,6 +17,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Callable
 
+from refinery.tasks.extras import MissingExtra, require
+
 
 class SegmenterUnavailable(RuntimeError):
     pass
@@ -25,15 +27,12 @@ class SegmenterUnavailable(RuntimeError):
 @lru_cache(maxsize=None)
 def _jieba() -> Callable[[str], list[str]]:
     try:
-        import rjieba
-        return rjieba.cut
-    except ImportError:
-        pass
-    try:
-        import jieba
-    except ImportError as e:
-        raise SegmenterUnavailable(
-            "Chinese word segmentation needs `rjieba` (pip install rjieba) or `jieba`") from e
+        return require("rjieba", "Chinese word segmentation").cut
+    except MissingExtra as missing:
+        try:
+            import jieba
+        except ImportError:
+            raise SegmenterUnavailable(f"{missing} (or install jieba)") from missing
     jieba.setLogLevel(60)
     return lambda text: list(jieba.cut(text))
 
@@ -41,11 +40,13 @@ def _jieba() -> Callable[[str], list[str]]:
 @lru_cache(maxsize=None)
 def _mecab() -> Callable[[str], list[str]]:
     try:
-        import fugashi
-        tagger = fugashi.Tagger()   # finds the unidic-lite dictionary when it is installed
-    except (ImportError, RuntimeError) as e:
-        raise SegmenterUnavailable(
-            "Japanese word segmentation needs `fugashi` and `unidic-lite` (pip install fugashi unidic-lite)") from e
+        fugashi = require("fugashi", "Japanese word segmentation")
+        require("unidic_lite", "Japanese word segmentation")
+        tagger = fugashi.Tagger()   # finds the unidic-lite dictionary
+    except MissingExtra as e:
+        raise SegmenterUnavailable(str(e)) from e
+    except RuntimeError as e:   # fugashi found no dictionary
+        raise SegmenterUnavailable(f"Japanese word segmentation: {e}; pip install 'refinery[ja]'") from e
 
     def cut(text: str) -> list[str]:
         # MeCab works line by line; feeding lines keeps its lattice small on long pages

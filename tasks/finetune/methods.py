@@ -87,6 +87,10 @@ def load_base_model(cfg: FinetuneConfig, source: str, device, compute_dtype, wei
     if cfg.method == "qlora":
         from transformers import BitsAndBytesConfig
 
+        from refinery.tasks.extras import require
+
+        require("bitsandbytes", "method=qlora")   # transformers loads it when it quantises
+
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=cfg.bnb_double_quant, bnb_4bit_compute_dtype=compute_dtype)

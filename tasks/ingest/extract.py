@@ -37,6 +37,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from refinery.tasks.extras import require
+
 _META_RE = re.compile(rb"""<meta[^>]{0,200}?charset\s*=\s*["']?\s*([a-zA-Z0-9_.:-]+)""", re.I)
 
 EXTRACTORS = ("resiliparse", "trafilatura")
@@ -115,7 +117,7 @@ def _resiliparse(html: str) -> str:
 
 
 def _trafilatura(html: str) -> str:
-    import trafilatura
+    trafilatura = require("trafilatura", "ingest.extractor=trafilatura")
 
     out = trafilatura.extract(html, include_comments=False, include_tables=True, favor_precision=False,
                               deduplicate=False, with_metadata=False, output_format="txt")
@@ -128,6 +130,8 @@ def get_extractor(name: str) -> Callable[[str], str]:
         return _resiliparse
     if name == "trafilatura":
         import logging
+
+        require("trafilatura", "ingest.extractor=trafilatura")   # missing: fail before the first page
 
         logging.getLogger("trafilatura").setLevel(logging.ERROR)
         return _trafilatura

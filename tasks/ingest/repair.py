@@ -12,11 +12,9 @@ from functools import lru_cache
 
 @lru_cache(maxsize=1)
 def _ftfy():
-    try:
-        import ftfy
-    except ImportError as e:  # pragma: no cover - a declared dependency
-        raise RuntimeError("ingest.repair_text=ftfy needs the `ftfy` package (pip install ftfy)") from e
-    return ftfy
+    from refinery.tasks.extras import require
+
+    return require("ftfy", "ingest.repair_text=ftfy")
 
 
 def repair_text(text: str, repair: str = "ftfy", unicode_form: str = "none") -> str:

@@ -67,11 +67,12 @@ class PrefectStack:
             raise RuntimeError(f"prefect {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
         return r.stdout
 
-    def api_post(self, path: str, body: dict) -> list | dict:
+    def api_post(self, path: str, body: dict | list) -> list | dict | None:
         req = urllib.request.Request(f"{self.api}{path}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
         with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())
+            data = r.read()
+            return json.loads(data) if data else None   # 204 No Content (POST /events)
 
     def api_get(self, path: str):
         with urllib.request.urlopen(f"{self.api}{path}", timeout=30) as r:

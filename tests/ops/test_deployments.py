@@ -1,10 +1,15 @@
 """A real Prefect server on loopback: deploy from deployments/prefect.yaml, run curate through a
 process worker with `prefect deployment run`, check its dataset and artifacts, and check that its
-completion event starts the tokenize deployment on curate's output."""
+completion event starts the tokenize deployment on curate's output; a demo run against the same
+server starts no deployment, and a trigger that cannot give a required parameter is refused at
+deploy time."""
 from __future__ import annotations
 
 import json
 import os
+import sys
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -32,7 +37,10 @@ def stack(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def deployed(stack, tmp_path_factory):
     work = tmp_path_factory.mktemp("shared-work")
-    env = {"REFINERY_WORKDIR": str(work), "REFINERY_CRAWL_INPUT": "", "REFINERY_SFT_DATA": ""}
+    # finetune/default's trigger takes its `data` from REFINERY_SFT_DATA: deploying it empty is refused
+    sft = work / "sft.json"
+    sft.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "Hi."}]))
+    env = {"REFINERY_WORKDIR": str(work), "REFINERY_CRAWL_INPUT": "", "REFINERY_SFT_DATA": str(sft)}
     stack.env.update(env)
     # As a user who never heard of REFINERY_PROJECT_DIR: the worker must load the flows from the
     # installed package, whatever folder it runs them in.
@@ -151,3 +159,63 @@ def test_ui_custom_run_form_shows_our_parameters_and_runs(stack, deployed, tmp_p
     assert newest["parameters"]["input"].endswith("*.warc.gz")
     assert newest["state_type"] == "COMPLETED", newest["state"]
     assert (out_dir / "curate-run-form.png").stat().st_size > 10_000
+
+
+def _automations_of(stack, flow: str, deployment: str) -> list[dict]:
+    (dep,) = [d for d in stack.api_post("/deployments/filter", {"deployments": {"name": {"any_": [deployment]}}})
+              if stack.api_get(f"/flows/{d['flow_id']}")["name"] == flow]
+    return [a for a in stack.api_post("/automations/filter", {})
+            if any(act.get("deployment_id") == dep["id"] for act in a["actions"])]
+
+
+def test_deploy_refuses_a_trigger_that_cannot_give_a_required_parameter(stack, deployed):
+    """finetune/default's trigger takes `data` from REFINERY_SFT_DATA: empty, the deployment is
+    refused by its build step, naming the parameter, and the deployed one stays as it was."""
+    if stack.db != "sqlite":
+        pytest.skip("the deploy-time check runs in the prefect CLI, not the server: checked once, on SQLite")
+    (before,) = _automations_of(stack, "finetune", "default")
+    assert before["actions"][0]["parameters"]["data"] == stack.env["REFINERY_SFT_DATA"]
+    assert before["trigger"]["match"]["refinery.subflow"] == "false"
+    with pytest.raises(RuntimeError) as refused:
+        stack.cli("--no-prompt", "deploy", "-n", "finetune_flow/default", "--prefect-file", "deployments/prefect.yaml",
+                  env={"REFINERY_SFT_DATA": ""})
+    message = str(refused.value)
+    assert "refusing to deploy finetune/default" in message, message[-3000:]
+    assert "empty `data`, a required parameter of finetune" in message and "$REFINERY_SFT_DATA is empty" in message
+    (after,) = _automations_of(stack, "finetune", "default")
+    assert after["id"] == before["id"] and after["actions"][0]["parameters"]["data"] == stack.env["REFINERY_SFT_DATA"]
+
+
+def test_a_demo_run_starts_no_deployment(stack, deployed, tmp_path):
+    """The demo runs every flow itself, as subflows: their completion events say so
+    (`refinery.subflow: "true"`) and the project's triggers, which match runs of their own only,
+    start nothing. An event of a run of its own on the same dataset, sent afterwards, does start
+    tokenize: once its run is there, the demo's event has long been judged."""
+    import subprocess
+    import time
+
+    if stack.db != "sqlite":
+        pytest.skip("events and triggers are the server's own, whatever its database: checked once, on SQLite")
+    work = tmp_path / "demo-work"
+    r = subprocess.run([str(Path(sys.executable).parent / "refinery"), "demo", "--workdir", str(work),
+                        "--set", "pages=30", "--set", "stop_after=curate", "--json"],
+                       env=stack.env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    curated = json.loads(r.stdout)["primary"]
+
+    events = stack.api_post("/events/filter", {"filter": {"event": {"name": ["refinery.curate.completed"]}}, "limit": 50})
+    ours = [e for e in events["events"] if e["payload"]["output"] == curated]
+    assert [e["resource"]["refinery.subflow"] for e in ours] == ["true"], events
+
+    control = {"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(),
+               "event": "refinery.curate.completed", "payload": {"output": curated, "outputs": {}},
+               "resource": {"prefect.resource.id": f"refinery.dataset.{curated}", "prefect.resource.name": "curate",
+                            "refinery.subflow": "false"}}
+    stack.api_post("/events", [control])
+    deadline = time.time() + 120
+    while not (started := [f for f in stack.flow_runs("tokenize") if f["parameters"].get("input") == curated]):
+        assert time.time() < deadline, "the control event started no tokenize run"
+        time.sleep(1)
+    time.sleep(5)   # a run the demo's event had asked for would be here by now
+    started = [f for f in stack.flow_runs("tokenize") if f["parameters"].get("input") == curated]
+    assert len(started) == 1, started

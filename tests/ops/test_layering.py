@@ -13,7 +13,8 @@ ENGINE = "refinery.tasks.engine"
 # what the engine may build on besides itself: the shared training helpers below every trainer
 ENGINE_BASE = ("refinery.tasks.config", "refinery.tasks.train.config", "refinery.tasks.train.common",
                "refinery.tasks.train.checkpoint", "refinery.tasks.train.metrics", "refinery.tasks.train.fsdp",
-               "refinery.tasks.train.distributed")
+               "refinery.tasks.train.distributed",
+               "refinery.tasks.extras")   # the optional-dependency guard: imports nothing of refinery
 
 
 def module_files() -> dict[str, Path]:
