@@ -25,7 +25,7 @@ class _Inputs(FlowParams):
     """The storage root and the two inputs: first in the help and the Prefect form."""
 
     input: str = Field(description="Base model: a Hugging Face model folder, a hub id, or a refinery dataset naming a model (e.g. the pretrain flow's output).")
-    data: str = Field(description="Instruction file: Alpaca JSON (instruction/input/output), ShareGPT (conversations), OpenAI messages JSONL or self-instruct.")
+    data: str = Field(description="Instruction data: Alpaca (instruction/input/output), ShareGPT (conversations), OpenAI messages or self-instruct records; JSON, JSONL (gzipped too), Parquet, a dataset folder or an fsspec URL.")
 
 
 class FinetuneParams(FinetuneSettings, _Inputs):

@@ -12,10 +12,11 @@ Formats (detected per record, so a file may mix them):
 * **Explicit prompt** (TRL) ``{"prompt": str | messages, "chosen": str | messages,
   "rejected": str | messages}``.
 
-Files: ``.json`` (a list, or an object with a ``data``/``train`` list), ``.jsonl``, and either
-gzipped. A record that cannot be understood is counted by reason and skipped (an empty prompt,
-chosen, rejected or completion is such a record); a file that cannot be read raises an error naming
-it. The loaders take a ``min_valid_fraction`` (the stages pass :data:`MIN_VALID_FRACTION` unless
+Data: any location :mod:`refinery.tasks.records` reads, streaming: ``.json`` (a list, or an object
+with a ``data``/``train`` list), ``.jsonl``, either gzipped, Parquet, Arrow, a dataset folder
+(``save_to_disk``, a refinery dataset, data files), local or an fsspec URL. A record that cannot
+be understood is counted by reason and skipped (an empty prompt, chosen, rejected or completion is
+such a record); a file that cannot be read raises an error naming it. The loaders take a ``min_valid_fraction`` (the stages pass :data:`MIN_VALID_FRACTION` unless
 configured otherwise): a file where fewer of the records read are usable raises
 :class:`TooManyBadRecords` with the counts, rather than training on the few that are left.
 Light module: no torch.
@@ -23,14 +24,13 @@ Light module: no torch.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import json
 import os
 import random
 import re
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 ROLE_ALIASES = {
     "human": "user", "user": "user", "prompter": "user",
@@ -165,65 +165,31 @@ def _check_prompt(prompt: list[tuple[str, str]]) -> None:
 
 
 # --------------------------------------------------------------------------- reading files
-def _open_text(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
-
-
-def iter_records(path: str | os.PathLike, counts: Counter | None = None) -> Iterator[Any]:
-    """Raw records of a .json / .jsonl file (optionally .gz). Bad JSON lines are counted in
-    ``counts["bad_json"]`` and skipped; an unreadable file raises ValueError naming it."""
-    path = os.fspath(path)
-    counts = counts if counts is not None else Counter()
-    name = path[:-3] if path.endswith(".gz") else path
-    try:
-        if name.endswith(".jsonl"):
-            with _open_text(path) as f:
-                for line in f:
-                    if not line.strip():
-                        continue
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError:
-                        counts["bad_json"] += 1
-        else:
-            with _open_text(path) as f:
-                data = json.load(f)
-            if isinstance(data, dict):
-                for k in ("data", "train", "pairs"):
-                    if isinstance(data.get(k), list):
-                        data = data[k]
-                        break
-                else:
-                    raise ValueError("a JSON object without a 'data'/'train'/'pairs' list")
-            if not isinstance(data, list):
-                raise ValueError(f"top-level JSON is a {type(data).__name__}, not a list")
-            yield from data
-    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
-        raise ValueError(f"cannot read preference file {path}: {e}") from e
-
-
 _T = TypeVar("_T")
 
 
 def _load(path: str | os.PathLike, parse: Callable[[Any], _T], limit: int | None,
           min_valid_fraction: float | None = None) -> tuple[list[_T], int, dict]:
-    """The records of a file that ``parse`` accepts (the first ``limit`` of them when given), how
-    many records were read (unparseable JSON lines included), and the skip reasons counted.
+    """The records of a data location (any :func:`refinery.tasks.records.iter_records` reads,
+    streaming) that ``parse`` accepts (the first ``limit`` of them when given), how many records
+    were read (unparseable JSON lines included), and the skip reasons counted.
     Raises :class:`TooManyBadRecords` when the accepted share is below ``min_valid_fraction``."""
+    from refinery.tasks.records import InvalidRecord, iter_records
+
     counts: Counter = Counter()
     out: list[_T] = []
     n = 0
-    for rec in iter_records(path, counts):
+    for _, rec in iter_records(path):
         n += 1
+        if isinstance(rec, InvalidRecord):
+            counts["bad_json"] += 1
+            continue
         try:
             out.append(parse(rec))
         except BadRecord as e:
             counts[e.reason] += 1
         if limit is not None and len(out) >= limit:
             break
-    n += counts.get("bad_json", 0)
     skipped = dict(sorted(counts.items()))
     if min_valid_fraction is not None:
         check_valid_fraction(path, n, len(out), skipped, min_valid_fraction)
@@ -291,12 +257,11 @@ def render_reply(text: str, tokenizer=None) -> str:
 
 
 def file_identity(path: str | os.PathLike) -> str:
-    """Identity of a data file for fingerprints: the runtime's one rule for raw inputs (location,
-    size, mtime; :func:`refinery.tasks.runtime.file_identity`). Raises if the file is missing."""
-    from refinery.tasks.runtime import file_identity as identity
+    """Identity of a data location for fingerprints (:func:`refinery.tasks.records.identity`: a file's
+    is the runtime's one rule for raw inputs). Raises FileNotFoundError naming a missing one."""
+    from refinery.tasks.records import identity
 
-    os.stat(path)  # a missing preference file is an error when the config is made, not later
-    return identity(path)
+    return identity(path, required=True)
 
 
 # --------------------------------------------------------------------------- prompts (RL on verifiable rewards)
@@ -341,7 +306,7 @@ def parse_prompt_record(rec: Any) -> PromptRecord:
 
 def load_prompts(path: str | os.PathLike, max_prompts: int | None = None,
                  min_valid_fraction: float | None = None) -> tuple[list[PromptRecord], dict]:
-    """The prompt records of a file (.json/.jsonl, optionally .gz) and counts like :func:`load_pairs`."""
+    """The prompt records of a data location and counts like :func:`load_pairs`."""
     out, n, skipped = _load(path, parse_prompt_record, max_prompts, min_valid_fraction)
     return out, {"records": n, "prompts": len(out), "skipped": skipped}
 

@@ -129,7 +129,7 @@ class FinetuneConfig(FinetuneSettings):
     """Supervised fine-tuning of a causal LM on an instruction file, by one of seven methods."""
 
     model: str = Field(description="Base model: a Hugging Face model folder, a hub id, or a refinery dataset folder whose manifest names a model (e.g. pretrain's output).")
-    data: str = Field(description="Instruction file: Alpaca JSON/JSONL (instruction, input, output), ShareGPT (conversations), OpenAI-style messages JSONL, or self-instruct (instruction, instances).")
+    data: str = Field(description="Instruction data: Alpaca (instruction, input, output), ShareGPT (conversations), OpenAI-style messages, or self-instruct (instruction, instances) records in JSON, JSONL (gzipped too), Parquet, a dataset folder or an fsspec URL.")
     # identity of the raw inputs (filled automatically; part of the fingerprint)
     identity: dict | None = Field(None, description="Identities of model and data (filled in from the files when left empty).")
 
@@ -143,8 +143,8 @@ class FinetuneConfig(FinetuneSettings):
 
 # --------------------------------------------------------------------------- input identities
 def file_identity(path: str) -> str:
-    """Identity of the instruction file: the runtime's one rule for raw inputs (location, size,
-    mtime; see :func:`refinery.tasks.runtime.file_identity`), ``PATH|missing|...`` when absent."""
-    from refinery.tasks.runtime import file_identity as identity
+    """Identity of the instruction data (:func:`refinery.tasks.records.identity`: a file's is the
+    runtime's one rule for raw inputs, location, size, mtime), ``PATH|missing|...`` when absent."""
+    from refinery.tasks.records import identity
 
     return identity(path)

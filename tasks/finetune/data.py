@@ -10,8 +10,12 @@ Formats (detected per record with ``fmt="auto"``):
 - **self-instruct**: ``{"instruction", "instances": [{"input", "output"}, ...]}`` (one example per
   instance)
 
-A file is a JSON array (records numbered from 1) or JSONL (records numbered by line). A bad record
-is counted by reason and listed with its number; reading goes on.
+The data is any location :mod:`refinery.tasks.records` reads (JSON, JSONL, gzipped, Parquet, Arrow,
+a dataset folder, an fsspec URL), streaming: JSON arrays numbered from 1, JSONL by line, tables by
+row. A bad record is counted by reason and listed with its number; reading goes on.
+:func:`read_split_encode` reads, splits and encodes without holding the data in memory: training
+examples wait on disk, encoded (:class:`EncodedStore`), and batches are built when they are drawn
+(:class:`Batches`).
 
 Every example becomes a list of ``{"role", "content"}`` messages. It is rendered with the
 tokenizer's chat template, or :data:`DEFAULT_CHAT_TEMPLATE` when the tokenizer has none, and the
@@ -25,11 +29,13 @@ Heavy imports (torch) happen inside functions.
 from __future__ import annotations
 
 import json
+import os
 import random
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, MutableSequence, Sequence
 
 IGNORE = -100
 MAX_LISTED_BAD = 50
@@ -99,41 +105,14 @@ class ReadReport:
 
 
 # --------------------------------------------------------------------------- reading
-def iter_raw_records(path: str | Path) -> Iterable[tuple[int, Any]]:
-    """``(record number, parsed JSON or BadRecord)`` for a JSON array or a JSONL file."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: instruction file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: unreadable instruction file: {e}") from e
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
-        for i, rec in enumerate(data, 1):
-            yield i, rec
-        return
-    if stripped.startswith("{") and p.suffix == ".json":
-        try:  # a single JSON object holding a list under "data" / "examples"
-            data = json.loads(text)
-            for key in ("data", "examples", "records"):
-                if isinstance(data.get(key), list):
-                    for i, rec in enumerate(data[key], 1):
-                        yield i, rec
-                    return
-        except json.JSONDecodeError:
-            pass  # fall through: JSONL with a .json name
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield n, BadRecord("invalid_json", e.msg)
+def iter_raw_records(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """``(record number, parsed JSON or BadRecord)`` of a data location, streaming: any file or
+    folder :func:`refinery.tasks.records.iter_records` reads (a line that is not JSON is an
+    ``invalid_json`` BadRecord)."""
+    from refinery.tasks.records import InvalidRecord, iter_records
+
+    for n, rec in iter_records(path):
+        yield n, (BadRecord("invalid_json", rec.message) if isinstance(rec, InvalidRecord) else rec)
 
 
 def _text(value: Any, what: str, required: bool = True) -> str:
@@ -279,13 +258,15 @@ def record_to_examples(rec: Any, fmt: str = "auto") -> tuple[str, list[list[dict
     raise ValueError(f"unknown data format {fmt!r}")
 
 
-def read_examples(path: str | Path, fmt: str = "auto", max_records: int | None = None,
-                  log: Any = None) -> tuple[list[Example], ReadReport]:
-    """All valid examples of an instruction file, and a report of the bad records (by number)."""
-    report = ReadReport(path=str(path))
-    examples: list[Example] = []
+def iter_examples(path: str | Path, report: ReadReport, fmt: str = "auto", max_records: int | None = None,
+                  log: Any = None, stop_at: int | None = None) -> Iterator[Example]:
+    """The valid examples of a data location in order, streaming; ``report`` counts the records read
+    and the bad ones (by number). Stops after ``max_records`` valid records, or past record
+    ``stop_at``."""
     for n, rec in iter_raw_records(path):
         if max_records is not None and report.records - report.bad >= max_records:
+            break
+        if stop_at is not None and n > stop_at:
             break
         report.records += 1
         try:
@@ -296,24 +277,38 @@ def read_examples(path: str | Path, fmt: str = "auto", max_records: int | None =
                 log(f"{path}: record {n} skipped: {e}")
             continue
         report.formats[kind] += 1
-        examples.extend(Example(c, n) for c in convs)
-    report.examples = len(examples)
+        report.examples += len(convs)
+        for c in convs:
+            yield Example(c, n)
     if log is not None and report.bad > 10:
         log(f"{path}: {report.bad} bad records in all ({dict(report.bad_by_reason)})")
+
+
+def read_examples(path: str | Path, fmt: str = "auto", max_records: int | None = None,
+                  log: Any = None) -> tuple[list[Example], ReadReport]:
+    """All valid examples of a data location, in memory, and a report of the bad records (by
+    number). Training on a causal LM reads streaming instead (:func:`read_split_encode`)."""
+    report = ReadReport(path=str(path))
+    examples = list(iter_examples(path, report, fmt, max_records, log))
     return examples, report
+
+
+def _shuffle_records(records: MutableSequence[int], val_fraction: float, seed: int, max_val: int | None) -> int:
+    """Shuffle the record numbers in place (seeded) and return how many of the first go to validation."""
+    random.Random(seed).shuffle(records)
+    n_val = int(round(len(records) * val_fraction))
+    if val_fraction > 0 and n_val == 0 and len(records) > 1:
+        n_val = 1
+    if max_val is not None:
+        n_val = min(n_val, max_val)
+    return n_val
 
 
 def split_examples(examples: Sequence[Example], val_fraction: float, seed: int,
                    max_val: int | None = None) -> tuple[list[Example], list[Example]]:
     """Deterministic shuffle, then the first share goes to validation (whole records stay together)."""
     records = sorted({e.record for e in examples})
-    rng = random.Random(seed)
-    rng.shuffle(records)
-    n_val = int(round(len(records) * val_fraction))
-    if val_fraction > 0 and n_val == 0 and len(records) > 1:
-        n_val = 1
-    if max_val is not None:
-        n_val = min(n_val, max_val)
+    n_val = _shuffle_records(records, val_fraction, seed, max_val)
     val_records = set(records[:n_val])
     order = {r: i for i, r in enumerate(records)}
     train = sorted((e for e in examples if e.record not in val_records), key=lambda e: order[e.record])
@@ -371,7 +366,7 @@ class Encoded:
 
     @property
     def n_labels(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        return len(self.labels) - self.labels.count(IGNORE)
 
 
 def encode(tokenizer, messages: list[dict], seq_len: int, record: int = 0) -> Encoded:
@@ -410,40 +405,187 @@ def encode(tokenizer, messages: list[dict], seq_len: int, record: int = 0) -> En
     return Encoded(ids[:seq_len], labels[:seq_len], record, truncated)
 
 
-def encode_all(tokenizer, examples: Sequence[Example], seq_len: int, report: ReadReport | None = None,
+def _encode_counted(tokenizer, ex: Example, seq_len: int, report: ReadReport | None,
+                    counts: Counter) -> Encoded | None:
+    """:func:`encode` of one example with the counts of :func:`encode_all`; None when it is dropped."""
+    try:
+        e = encode(tokenizer, ex.messages, seq_len, ex.record)
+    except BadRecord as err:
+        counts["template_error"] += 1
+        if report is not None:
+            report.add_bad(ex.record, err)
+        return None
+    except Exception as err:  # a template that raises on this conversation
+        counts["template_error"] += 1
+        if report is not None:
+            report.add_bad(ex.record, BadRecord("template_error", str(err)[:200]))
+        return None
+    counts["truncated"] += int(e.truncated)
+    n_labels = e.n_labels
+    if n_labels == 0:
+        counts["no_response_tokens"] += 1
+        if report is not None:
+            report.add_bad(ex.record, BadRecord("no_response_tokens", f"all response tokens beyond seq_len={seq_len}"))
+        return None
+    counts["examples"] += 1
+    counts["tokens"] += len(e.input_ids)
+    counts["label_tokens"] += n_labels
+    return e
+
+
+def encode_all(tokenizer, examples: Iterable[Example], seq_len: int, report: ReadReport | None = None,
                progress: bool = False) -> tuple[list[Encoded], dict]:
     """Encode examples; count truncations and drop examples left without any response token."""
     out: list[Encoded] = []
-    counts: Counter[str] = Counter()
+    counts: Counter[str] = Counter({"examples": 0, "tokens": 0, "label_tokens": 0})
     it: Iterable = examples
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(examples, desc="tokenize", unit="ex", leave=False)
     for ex in it:
-        try:
-            e = encode(tokenizer, ex.messages, seq_len, ex.record)
-        except BadRecord as err:
-            counts["template_error"] += 1
-            if report is not None:
-                report.add_bad(ex.record, err)
-            continue
-        except Exception as err:  # a template that raises on this conversation
-            counts["template_error"] += 1
-            if report is not None:
-                report.add_bad(ex.record, BadRecord("template_error", str(err)[:200]))
-            continue
-        counts["truncated"] += int(e.truncated)
-        if e.n_labels == 0:
-            counts["no_response_tokens"] += 1
-            if report is not None:
-                report.add_bad(ex.record, BadRecord("no_response_tokens", f"all response tokens beyond seq_len={seq_len}"))
-            continue
-        out.append(e)
-    counts["examples"] = len(out)
-    counts["tokens"] = sum(len(e.input_ids) for e in out)
-    counts["label_tokens"] = sum(e.n_labels for e in out)
+        e = _encode_counted(tokenizer, ex, seq_len, report, counts)
+        if e is not None:
+            out.append(e)
     return out, dict(counts)
+
+
+class EncodedStore(Sequence[Encoded]):
+    """Encoded examples kept in an unlinked temporary file (token ids as uint32 and a one-byte
+    label mask per token), read back one by one: memory holds only the offsets, lengths, record
+    numbers and order (about 33 bytes an example), whatever the size of the data.
+
+    ``append`` in any order, then :meth:`finish` with the order the sequence presents them in."""
+
+    def __init__(self, folder: str | None = None):
+        import tempfile
+        import weakref
+
+        fd, name = tempfile.mkstemp(prefix="refinery-sft-", suffix=".tokens", dir=folder)
+        os.unlink(name)   # gone with the process, however it ends
+        self._fd = fd
+        self._close = weakref.finalize(self, os.close, fd)
+        self._pending = bytearray()
+        self._end = 0
+        self.offsets, self.lengths = array("q"), array("q")
+        self.records, self.truncated = array("q"), array("b")
+        self.order: Any = None
+
+    def append(self, e: Encoded) -> None:
+        import numpy as np
+
+        ids = np.asarray(e.input_ids, dtype=np.uint32)
+        mask = np.asarray(e.labels, dtype=np.int64) != IGNORE
+        self.offsets.append(self._end + len(self._pending))
+        self.lengths.append(len(ids))
+        self.records.append(e.record)
+        self.truncated.append(int(e.truncated))
+        self._pending += ids.tobytes() + mask.astype(np.uint8).tobytes()
+        if len(self._pending) >= 1 << 20:
+            self._flush()
+
+    def _flush(self) -> None:
+        view = memoryview(self._pending)
+        while view:
+            n = os.pwrite(self._fd, view, self._end)
+            self._end += n
+            view = view[n:]
+        self._pending = bytearray()
+
+    def finish(self, order: Any = None) -> "EncodedStore":
+        """Write out what is pending; ``order`` (stored indices) is the order of the sequence."""
+        import numpy as np
+
+        self._flush()
+        self.order = np.arange(len(self.offsets), dtype=np.int64) if order is None else np.asarray(order, np.int64)
+        return self
+
+    def __len__(self) -> int:
+        return 0 if self.order is None else len(self.order)
+
+    def length(self, i: int) -> int:
+        return int(self.lengths[int(self.order[i])])
+
+    def __getitem__(self, i):  # type: ignore[override]
+        import numpy as np
+
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(self.order[i])
+        n = self.lengths[k]
+        raw = os.pread(self._fd, 5 * n, self.offsets[k])
+        ids = np.frombuffer(raw, dtype=np.uint32, count=n).astype(np.int64)
+        mask = np.frombuffer(raw, dtype=np.uint8, offset=4 * n, count=n).astype(bool)
+        labels = np.where(mask, ids, IGNORE)
+        return Encoded(ids.tolist(), labels.tolist(), self.records[k], bool(self.truncated[k]))
+
+
+@dataclass
+class SFTSplit:
+    """What :func:`read_split_encode` gives: the training examples encoded on disk, the validation
+    ones in memory (at most ``max_val`` records), their counts, and the report of the data."""
+
+    report: ReadReport
+    train_items: Sequence[Encoded]
+    val_items: list[Encoded]
+    train_counts: dict
+    val_counts: dict
+    val_examples: list[Example]
+
+
+def read_split_encode(tokenizer, path: str | Path, seq_len: int, *, fmt: str = "auto",
+                      max_records: int | None = None, val_fraction: float = 0.1, seed: int = 0,
+                      max_val: int | None = None, log: Any = None, progress: bool = False,
+                      folder: str | None = None) -> SFTSplit:
+    """Read, split and encode a data location without holding it in memory; the same examples,
+    split, order and counts as :func:`read_examples`, :func:`split_examples` and :func:`encode_all`.
+
+    Two streaming passes: the first checks every record and keeps only the numbers of the valid ones
+    (8 bytes each), from which the seeded split is drawn exactly as :func:`split_examples` draws it;
+    the second reads the records again, keeps the validation examples and encodes each training
+    example into an :class:`EncodedStore` (``folder``: where its temporary file goes, default the
+    system's), presented in the split's order."""
+    import numpy as np
+
+    report = ReadReport(path=str(path))
+    records: array = array("q")
+    for ex in iter_examples(path, report, fmt, max_records, log):
+        if not records or records[-1] != ex.record:
+            records.append(ex.record)
+    store = EncodedStore(folder)
+    if not records:
+        return SFTSplit(report, store.finish(), [], {}, {}, [])
+    shuffled = array("q", records)
+    n_val = _shuffle_records(shuffled, val_fraction, seed, max_val)
+    val_records = set(shuffled[:n_val])
+    by_number = np.frombuffer(records, dtype=np.int64)            # ascending
+    rank = np.empty(len(records), dtype=np.int64)                 # record (by position) -> shuffled rank
+    rank[np.searchsorted(by_number, np.frombuffer(shuffled, dtype=np.int64))] = np.arange(len(records))
+    del shuffled
+
+    counts: Counter[str] = Counter({"examples": 0, "tokens": 0, "label_tokens": 0})
+    val_ex: list[Example] = []
+    again = iter_examples(path, ReadReport(path=str(path)), fmt, stop_at=records[-1])   # bad ones: counted already
+    if progress:
+        from tqdm.auto import tqdm
+
+        again = tqdm(again, desc="tokenize", unit="ex", leave=False, total=report.examples)
+    for ex in again:
+        if ex.record in val_records:
+            val_ex.append(ex)
+            continue
+        e = _encode_counted(tokenizer, ex, seq_len, report, counts)
+        if e is not None:
+            store.append(e)
+    stored = np.frombuffer(store.records, dtype=np.int64) if len(store.records) else np.zeros(0, np.int64)
+    store.finish(np.argsort(rank[np.searchsorted(by_number, stored)], kind="stable"))
+    val_ex.sort(key=lambda e: int(rank[np.searchsorted(by_number, e.record)]))
+    val_items, val_counts = encode_all(tokenizer, val_ex, seq_len, report)
+    return SFTSplit(report, store, val_items, dict(counts), val_counts, val_ex)
 
 
 # --------------------------------------------------------------------------- batches
@@ -531,17 +673,53 @@ def packed_batch(rows: Sequence[PackedRow], pad_id: int) -> Batch:
     return Batch(ids, labels, None, pos, n_tokens, sum(_shifted_labels(r.labels) for r in rows))
 
 
+class Batches(Sequence[Batch]):
+    """An epoch's batches, built when indexed (so an epoch never sits in memory as tensors): batch
+    ``k`` holds the items ``order[bounds[k]:bounds[k + 1]]``."""
+
+    def __init__(self, items: Sequence[Encoded], order: Sequence[int], bounds: Sequence[int], pad_id: int,
+                 packing: bool, seq_len: int):
+        self.items, self.order, self.bounds = items, order, bounds
+        self.pad_id, self.packing, self.seq_len = pad_id, packing, seq_len
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, k):  # type: ignore[override]
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        chunk = [self.items[self.order[i]] for i in range(self.bounds[k], self.bounds[k + 1])]
+        if self.packing:
+            return packed_batch(pack(chunk, self.seq_len), self.pad_id)
+        return pad_batch(chunk, self.pad_id)
+
+
 def make_batches(items: Sequence[Encoded], batch_size: int, pad_id: int, packing: bool, seq_len: int,
-                 seed: int | None = None) -> list[Batch]:
-    """One epoch of batches, shuffled by ``seed`` (None: in order)."""
-    order = list(range(len(items)))
+                 seed: int | None = None) -> Batches:
+    """One epoch of batches, shuffled by ``seed`` (None: in order), built as they are indexed.
+    Packed: the rows are :func:`pack`'s over the whole shuffled epoch (found from the lengths alone),
+    ``batch_size`` rows a batch. Memory: 8 bytes an item and a batch."""
+    order = array("q", range(len(items)))
     if seed is not None:
         random.Random(seed).shuffle(order)
-    ordered = [items[i] for i in order]
     if packing:
-        rows = pack(ordered, seq_len)
-        return [packed_batch(rows[i:i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]
-    return [pad_batch(ordered[i:i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]
+        length = items.length if isinstance(items, EncodedStore) else (lambda i: len(items[i].input_ids))
+        rows, used = array("q"), 0
+        for pos, i in enumerate(order):   # the greedy rows of pack(), by their first item
+            n = length(i)
+            if not rows or used + n > seq_len:
+                rows.append(pos)
+                used = 0
+            used += n
+        bounds = rows[::batch_size]
+    else:
+        bounds = array("q", range(0, len(order), batch_size))
+    bounds.append(len(order))
+    return Batches(items, order, bounds, pad_id, packing, seq_len)
 
 
 def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:

@@ -147,11 +147,11 @@ class SFTData:
     seq_len: int
     pad_id: int
     report: Any
-    train_items: list
+    train_items: Sequence
     val_items: list
     train_counts: dict
     val_counts: dict
-    val_batches: list
+    val_batches: Sequence
     sample_ex: list
 
 
@@ -166,13 +166,21 @@ def prepare_data(cfg: FinetuneConfig, source: str, tok, kind: str, log: Callable
 
     template = D.ensure_chat_template(tok) if kind == "causal" else "none (text-to-text)"
     seq_len = M.effective_seq_len(cfg, source)
-    encode_all = D.encode_all if kind == "causal" else S.encode_all
-    examples, report = D.read_examples(cfg.data, cfg.data_format, cfg.max_records, log=log)
-    if not examples:
+    if kind == "causal":   # streaming: the training examples wait on disk, encoded; memory stays bounded
+        split = D.read_split_encode(tok, cfg.data, seq_len, fmt=cfg.data_format, max_records=cfg.max_records,
+                                    val_fraction=cfg.val_fraction, seed=cfg.seed, max_val=cfg.max_val_examples,
+                                    log=log, progress=progress)
+        report, val_ex = split.report, split.val_examples
+        train_items: Sequence = split.train_items
+        val_items: list = split.val_items
+        train_counts, val_counts = split.train_counts, split.val_counts
+    else:   # text-to-text: in memory
+        examples, report = D.read_examples(cfg.data, cfg.data_format, cfg.max_records, log=log)
+        train_ex, val_ex = D.split_examples(examples, cfg.val_fraction, cfg.seed, cfg.max_val_examples)
+        train_items, train_counts = S.encode_all(tok, train_ex, seq_len, report, progress=progress)
+        val_items, val_counts = S.encode_all(tok, val_ex, seq_len, report)
+    if not report.examples:
         raise ValueError(f"{cfg.data}: no valid records ({report.bad} bad: {dict(report.bad_by_reason)})")
-    train_ex, val_ex = D.split_examples(examples, cfg.val_fraction, cfg.seed, cfg.max_val_examples)
-    train_items, train_counts = encode_all(tok, train_ex, seq_len, report, progress=progress)
-    val_items, val_counts = encode_all(tok, val_ex, seq_len, report)
     val_records = {e.record for e in val_items}
     sample_ex = [e for e in val_ex if e.record in val_records][: cfg.num_samples]
     pad_id = tok.pad_token_id
@@ -234,7 +242,7 @@ def sft_batches(cfg: FinetuneConfig, train_items: Sequence[Encoded], pad_id: int
     """The SFT stream: each epoch reshuffled with its own seed (``seed * 1000 + epoch``)."""
     from refinery.tasks.finetune import seq2seq as S
 
-    def build(epoch: int) -> list[Batch]:
+    def build(epoch: int) -> Sequence[Batch]:
         seed = cfg.seed * 1000 + epoch
         if train_items and isinstance(train_items[0], S.S2SEncoded):
             return S.make_batches(cast(Sequence[S.S2SEncoded], train_items), cfg.batch_size, pad_id, seed=seed)
