@@ -15,6 +15,22 @@ Peak RSS per stage: before each stage the kernel's high-water mark of every proc
 there), the Prefect client and, for Dask, the scheduler; "worker" is the largest of the workers.
 The last lines give, per stage, how each peak grows per million documents between the smallest and
 the largest size (what a whole snapshot would add).
+
+``--dedup-only`` measures the three dedup stages alone (``minhash``, ``lsh_bands`` on the workers,
+the global ``dedup`` step in this process), from a documents dataset instead of a crawl, so that
+sizes whose whole curate flow would take hours fit in minutes; same cluster, same memory windows:
+
+    .venv/bin/python bench/curate_scale.py --dedup-only --pages 100000,200000,400000
+
+Its documents (written by a process of its own, not timed) stand for the filter stage's output
+of a crawl from ``bench/make_crawl.py``: the demo crawl's real prose (standard-library
+docstrings), each document 24 of its ~4,100 sentences drawn at random (~1,900 characters, four
+paragraphs), 3% exact duplicates and 3% near-duplicates (4 words replaced by synonyms, as the
+crawl plants them), the documents' schema (id, text, url, source, crawl_date, metadata) in parts of
+2,500 documents. Sentences rather than whole paragraphs: remixing the crawl's ~1,000 paragraphs,
+documents share so many of them that the share of documents in candidate pairs would grow with
+the size (22% at 100,000, 39% at 400,000), and a growth per million documents would measure that
+rather than the code; with sentences it stays that of the planted duplicates.
 """
 from __future__ import annotations
 
@@ -128,7 +144,82 @@ def ensure_crawl(crawl_dir: Path, pages: int) -> None:
                     "--out", str(crawl_dir)], check=True, stdout=sys.stderr)
 
 
-def run_size(pages: int, tmp: Path, workers: int, runner: str, memory_ref: list) -> dict:
+SENTENCES_PER_DOC = 24
+DOCS_PER_PART = 2500
+
+
+def make_docs(out: Path, n: int, seed: int = 0) -> None:
+    """A documents dataset of ``n`` documents (see the module docstring) under ``out``."""
+    import datetime as dt
+    import random
+    import re
+
+    import pyarrow as pa
+
+    from refinery.tasks.demo.crawl import _edit_words, corpus_articles
+    from refinery.tasks.store import Store, fingerprint
+
+    rng = random.Random(seed)
+    sentences = sorted({s.strip() for _, paras in corpus_articles() for p in paras
+                        for s in re.split(r"(?<=[.!?])\s+", p.text) if len(s.split()) >= 6})
+    texts: list[str] = []
+    kinds = {"exact": 0, "near": 0}
+    for i in range(n):
+        r = rng.random()
+        if i > 100 and r < 0.03:
+            texts.append(texts[rng.randrange(len(texts))])
+            kinds["exact"] += 1
+        elif i > 100 and r < 0.06:
+            texts.append(_edit_words(rng, texts[rng.randrange(len(texts))])[0])
+            kinds["near"] += 1
+        else:
+            picks = rng.sample(sentences, SENTENCES_PER_DOC)
+            texts.append("\n\n".join(" ".join(picks[k:k + 6]) for k in range(0, SENTENCES_PER_DOC, 6)))
+    day = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
+    store = Store(out)
+    b = store.builder("docs", fingerprint("bench-docs", "1", {"n": n, "seed": seed}, []))
+    schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("url", pa.string()), ("source", pa.string()),
+                        ("crawl_date", pa.timestamp("us", tz="UTC")), ("metadata", pa.string())])
+    for k in range(0, n, DOCS_PER_PART):
+        rows = range(k, min(n, k + DOCS_PER_PART))
+        b.write_table(f"part-{k // DOCS_PER_PART:05d}.parquet", pa.table({
+            "id": [f"{i:012x}" for i in rows], "text": texts[k:k + len(rows)],
+            "url": [f"https://site{i % 997}.example/{i}" for i in rows], "source": ["bench"] * len(rows),
+            "crawl_date": [day + dt.timedelta(days=i % 30) for i in rows],
+            "metadata": [json.dumps({"quality_score": round((i * 7919 % 1000) / 1000, 3)}) for i in rows]},
+            schema=schema))
+    ds = b.publish(version="1", config={"n": n, "seed": seed}, inputs=[], counts={"docs_out": n, "planted": kinds})
+    (out / "docs.json").write_text(json.dumps({"n": n, "path": ds.path, "planted": kinds}))
+
+
+def ensure_docs(out: Path, n: int) -> str:
+    """The documents dataset's path, written by this script in a process of its own."""
+    info = out / "docs.json"
+    if not (info.exists() and json.loads(info.read_text()).get("n") == n):
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run([sys.executable, __file__, "--make-docs", str(n), "--tmp", str(out)], check=True, stdout=sys.stderr)
+    return json.loads(info.read_text())["path"]
+
+
+def dedup_flow_fn():
+    """A flow of the three dedup stages on a documents dataset (the curate flow's dedup part)."""
+    from prefect import flow
+
+    @flow(name="dedup-scale")
+    def dedup_scale(docs: str, workdir: str, task_runner: str) -> dict:
+        from refinery.tasks.dedup.stage import DedupConfig, dedup_stages
+        from refinery.tasks.runtime import make_runner
+
+        with make_runner(task_runner) as runner:
+            out = dedup_stages(workdir, docs, DedupConfig(), runner=runner)
+        return {"counts": {name: ds.counts for name, ds in out.items()}}
+
+    return dedup_scale
+
+
+def run_size(pages: int, tmp: Path, workers: int, runner: str, memory_ref: list, dedup_only: bool = False) -> dict:
+    if dedup_only:
+        return run_dedup_size(pages, tmp, workers, memory_ref)
     from refinery.flows.curate import CurateParams, curate_flow
 
     crawl_dir = tmp / f"crawl-{pages}"
@@ -155,6 +246,30 @@ def run_size(pages: int, tmp: Path, workers: int, runner: str, memory_ref: list)
         pids.update({f"worker{i}": pid for i, pid in enumerate(client.run(os.getpid).values())})
         return _timed(curate_flow, CurateParams(input=glob, workdir=str(workdir), task_runner=cluster.scheduler_address),
                       pids, memory_ref, pages, workers)
+
+
+def run_dedup_size(n: int, tmp: Path, workers: int, memory_ref: list) -> dict:
+    from distributed import Client, LocalCluster
+
+    docs = ensure_docs(tmp / f"docs-{n}", n)
+    workdir = tmp / f"work-dedup-{n}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    flow = dedup_flow_fn()
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        pids = {"flow": os.getpid()}
+        pids.update({f"worker{i}": pid for i, pid in enumerate(client.run(os.getpid).values())})
+        memory_ref[0] = mem = StageMemory(pids)
+        t0 = time.perf_counter()
+        try:
+            out = flow(docs=docs, workdir=str(workdir), task_runner=cluster.scheduler_address)
+        finally:
+            secs = time.perf_counter() - t0
+            memory_ref[0] = None
+            mem.close()
+    c = out["counts"]
+    return {"pages": n, "docs": c["minhash"]["docs_in"], "seconds": secs, "workers": workers, "peaks": mem.peaks,
+            "kept": c["dedup"]["docs_out"], "pairs": c["lsh_bands"]["candidate_pairs"]}
 
 
 def _ray_worker_pids(n: int) -> list[int]:
@@ -217,8 +332,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--runner", choices=["dask", "ray"], default="dask")
     ap.add_argument("--tmp", default="", help="working folder (default: a new temporary folder)")
+    ap.add_argument("--dedup-only", action="store_true",
+                    help="the dedup stages alone, on generated documents (--pages: documents)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)   # child: one size, a JSON line
+    ap.add_argument("--make-docs", type=int, default=0, help=argparse.SUPPRESS)   # child: write documents
     args = ap.parse_args()
+    if args.make_docs:
+        make_docs(Path(args.tmp), args.make_docs)
+        return
     sizes = [int(x) for x in args.pages.split(",") if x.strip()]
     tmp = Path(args.tmp) if args.tmp else Path(tempfile.mkdtemp(prefix="bench-curate-scale-"))
     if not args.one:
@@ -226,7 +347,7 @@ def main() -> None:
         rows = []
         for pages in sizes:
             cmd = [sys.executable, __file__, "--one", "--pages", str(pages), "--workers", str(args.workers),
-                   "--runner", args.runner, "--tmp", str(tmp)]
+                   "--runner", args.runner, "--tmp", str(tmp)] + (["--dedup-only"] if args.dedup_only else [])
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode or not lines:
@@ -243,7 +364,7 @@ def main() -> None:
     memory_ref: list = [None]
     watch_stages(memory_ref)
     with prefect_test_harness(server_startup_timeout=180):
-        r = run_size(sizes[0], tmp, args.workers, args.runner, memory_ref)
+        r = run_size(sizes[0], tmp, args.workers, args.runner, memory_ref, dedup_only=args.dedup_only)
     print(json.dumps(r), flush=True)
 
 

@@ -68,6 +68,79 @@ class UnionFind:
             self.parent = p
 
 
+class PairUnionFind:
+    """Disjoint sets over the documents that appear in some pair, addressed by their global
+    numbers: a :class:`UnionFind` over *compact* numbers ``0..m-1`` (the rank of each document
+    among ``nodes``, the sorted global numbers seen so far). Memory is ~16 bytes per document in
+    a pair (``nodes`` and the parents), whatever the number of documents; a document in no pair
+    (a singleton) never enters it.
+
+    Compaction keeps the order of the global numbers, and :class:`UnionFind` hooks the larger
+    root under the smaller one, so the root of a set is its smallest global number: the same sets
+    and the same roots as a :class:`UnionFind` over all documents given the same pairs.
+    """
+
+    def __init__(self) -> None:
+        self.nodes = np.zeros(0, dtype=np.int64)
+        self.uf = UnionFind(0)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def add(self, *ids: np.ndarray) -> None:
+        """Make sure every document of ``ids`` is a node (a new node is its own set)."""
+        new = np.sort(np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])) if ids else self.nodes[:0]
+        if len(new):
+            new = new[np.concatenate(([True], new[1:] != new[:-1]))]
+        if len(self.nodes) and len(new):
+            new = new[~_sorted_contains(self.nodes, new)]
+        if not len(new):
+            return
+        at = np.searchsorted(self.nodes, new)   # both sorted and disjoint: a merge, no second sort
+        merged = np.insert(self.nodes, at, new)
+        pos = np.searchsorted(merged, self.nodes)   # new compact number of every old node
+        parent = np.arange(len(merged), dtype=np.int64)
+        parent[pos] = pos[self.uf.parent]
+        del pos
+        self.uf.parent, self.nodes = parent, merged
+
+    def _compact(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.int64)
+        c = np.searchsorted(self.nodes, x)
+        if len(x) and (c.max() >= len(self.nodes) or not np.array_equal(self.nodes[c], x)):
+            raise KeyError("PairUnionFind: a document that was never added")
+        return c
+
+    def find(self, x: np.ndarray) -> np.ndarray:
+        """The root (smallest global number of the set) of each document of ``x`` (all added)."""
+        return self.nodes[self.uf.find(self._compact(x))]
+
+    def union(self, u: np.ndarray, v: np.ndarray) -> int:
+        """Add the documents, then merge the sets of each pair; returns how many pairs were not
+        yet joined."""
+        self.add(u, v)
+        return self.uf.union(self._compact(u), self._compact(v))
+
+    def roots(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(nodes, root of each node)``, both in global numbers, nodes sorted."""
+        return self.nodes, self.nodes[self.uf.roots()]
+
+
+def _sorted_contains(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
+    """Which ``needles`` are in the sorted array ``haystack``."""
+    pos = np.searchsorted(haystack, needles)
+    pos[pos == len(haystack)] = 0
+    return haystack[pos] == needles
+
+
+def cluster_sizes(roots: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    """Per node: the size of its set, from the roots (global numbers) of ``PairUnionFind.roots``."""
+    if not len(nodes):
+        return np.zeros(0, dtype=np.int64)
+    c = np.searchsorted(nodes, roots)
+    return np.bincount(c, minlength=len(nodes))[c].astype(np.int64)
+
+
 def bucket_edges(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Edges ``(first, member)`` linking each bucket member to the bucket's first member.
 
@@ -115,7 +188,7 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / (len(a) + len(b) - inter)
 
 
-def verify_edges(first: np.ndarray, member: np.ndarray, uf: UnionFind,
+def verify_edges(first: np.ndarray, member: np.ndarray, uf: UnionFind | PairUnionFind,
                  shingles: Callable[[int], np.ndarray], threshold: float,
                  max_reps: int = 16) -> dict:
     """Union the pairs whose exact Jaccard >= threshold; returns counts.

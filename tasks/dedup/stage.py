@@ -29,17 +29,18 @@ Memory
 The signature stage holds one input batch at a time. An ``lsh_bands`` shard holds one key column
 of all documents, its sort scratch and that key's candidate pairs:
 ``peak ~ 26 bytes x documents + 32 bytes x pairs of that key``, whatever the number of bands or
-workers (shards run in parallel, each in its own bound). The ``dedup`` stage holds the
-union-find parents and one key's pairs at a time, then the cluster sizes:
-``peak ~ 32 bytes x documents + 16 bytes x pairs of one key`` (+ the ids and keep-rule keys of
-documents in non-singleton clusters), independent of text size. Signatures on disk:
+workers (shards run in parallel, each in its own bound). The ``dedup`` stage holds nothing per
+document of the crawl, only per document in a candidate pair: its union-find is compacted to the
+documents that appear in some pair (a singleton never enters it), it reads one key's pairs at a
+time and builds the kept-documents mask one input part at a time:
+``peak ~ 32 bytes x documents in pairs + 48 bytes x pairs of one key`` (+ the ids and keep-rule
+keys of documents in non-singleton clusters, + one input part). Signatures on disk:
 ``documents x (4 x num_perm + 8 x (bands + 2))`` bytes; candidate pairs: ~16 bytes per pair
 before compression.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import resource
@@ -253,13 +254,14 @@ def _keep_columns(batch, fields: list[str]) -> dict:
 def _keep_values(path: str, fields: list[str], rows: np.ndarray) -> dict[str, list]:
     """The keep-rule values (see :func:`_keep_columns`) of rows ``rows`` (sorted positions) of one
     input part, computed batch by batch (``BATCH`` rows) over the whole batch, so a value's type
-    never depends on which rows are asked for."""
+    never depends on which rows are asked for. Per field: a list of Arrow arrays (one per batch
+    that holds any of the rows; their lengths add up to ``len(rows)``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out: dict[str, list] = {f: [] for f in fields}
     if not fields or len(rows) == 0:
-        return {f: [None] * len(rows) for f in fields}
+        return {f: [pa.nulls(len(rows))] for f in fields}
     try:
         fh = _open(path)
         pf = pq.ParquetFile(fh)
@@ -269,7 +271,7 @@ def _keep_values(path: str, fields: list[str], rows: np.ndarray) -> dict[str, li
         names = pf.schema_arrow.names
         wanted = [c for c in names if c in set(fields) | {"metadata"}]
         if not wanted:
-            return {f: [None] * len(rows) for f in fields}
+            return {f: [pa.nulls(len(rows))] for f in fields}
         pos = 0
         for batch in pf.iter_batches(batch_size=BATCH, columns=wanted):
             lo, hi = np.searchsorted(rows, [pos, pos + batch.num_rows])
@@ -277,9 +279,9 @@ def _keep_values(path: str, fields: list[str], rows: np.ndarray) -> dict[str, li
                 cols = _keep_columns(batch, fields)
                 idx = pa.array(rows[lo:hi] - pos, type=pa.int64())
                 for f in fields:
-                    out[f] += cols[f"k_{f}"].take(idx).to_pylist()
+                    out[f].append(cols[f"k_{f}"].take(idx))
             pos += batch.num_rows
-    if any(len(v) != len(rows) for v in out.values()):
+    if any(sum(len(a) for a in v) != len(rows) for v in out.values()):
         raise ValueError(f"dedup: {path} has fewer rows than its signatures")
     return out
 
@@ -583,6 +585,11 @@ def _peak_rss_mb() -> float:
 #   _write_clusters / _write_parts   the audit side table, the kept documents, the index segments
 #   _summary        counts and stats for the manifest
 CLUSTERS_FILE = "clusters/clusters.parquet"   # a side table: a subfolder, so readers of the parts never see it
+# Memory model of the clustering (per document in some candidate pair: sorted node numbers and
+# union-find parents, 16 B, with the same again as scratch when a key adds nodes; per pair of the
+# largest key: first and member, 16 B, plus as much for the compact numbers and find scratch).
+CLUSTER_BYTES_PER_NODE = 32
+CLUSTER_BYTES_PER_PAIR = 48
 
 
 @dataclasses.dataclass
@@ -611,30 +618,50 @@ class _Run:
 
 @dataclasses.dataclass
 class _Clustering:
-    """The connected components over all documents (index and new) and how they were found."""
-    roots: np.ndarray                 # root (smallest member) of each document's cluster
+    """The non-singleton connected components over all documents (index and new) and how they
+    were found. Only documents in a cluster of two or more are held (every other document is a
+    cluster of its own): memory follows the documents in candidate pairs, not all documents."""
+    involved: np.ndarray              # global numbers of the documents in non-singleton clusters, sorted
+    roots: np.ndarray                 # per involved document: its cluster's root (smallest member)
+    sizes: np.ndarray                 # per involved document: its cluster's size
+    pair_docs: int                    # documents in any candidate pair (the union-find's nodes)
     pair_stats: dict[str, int]
     edges_by_key: dict[str, int]
     seconds: float
     traced_peak: int | None
 
-    @functools.cached_property
-    def sizes(self) -> np.ndarray:
-        """Members per root (0 for documents that are not a root)."""
-        return np.bincount(self.roots, minlength=len(self.roots))
+    @classmethod
+    def of(cls, nodes: np.ndarray, roots: np.ndarray, **kw: Any) -> _Clustering:
+        """From the union-find's nodes and their roots: a node whose pairs were all rejected
+        (verification) is a singleton and is left out."""
+        from refinery.tasks.dedup.clusters import cluster_sizes
+
+        sizes = cluster_sizes(roots, nodes)
+        keep = sizes > 1
+        return cls(involved=nodes[keep], roots=roots[keep], sizes=sizes[keep], pair_docs=int(len(nodes)), **kw)
+
+    def new_clusters(self, n_index: int, n_new: int) -> dict[int, int]:
+        """``{size: clusters}`` over the clusters holding a new document (a new document in no
+        cluster is one of size 1), sizes ascending, zero counts left out."""
+        new = self.involved >= n_index
+        roots, first = np.unique(self.roots[new], return_index=True)
+        hist = np.bincount(self.sizes[new][first], minlength=2)
+        hist[1] = n_new - int(new.sum())
+        return {sz: int(n) for sz, n in enumerate(hist) if n}
 
 
 @dataclasses.dataclass
 class _Members:
     """The documents in non-singleton clusters (``involved``, global numbers, sorted) and what the
-    keep rule and the drop reasons need of them; plus the validity of every new document."""
+    keep rule and the drop reasons need of them, as arrays (no Python object per document); plus
+    how many new documents are corrupt."""
     involved: np.ndarray
-    ids: list
-    kept_before: list
-    exact: list
-    url: list
-    rule_values: list[list]           # one list per keep-rule entry
-    valid_new: np.ndarray
+    ids: Any                          # pyarrow string array
+    kept_before: np.ndarray           # bool: an index document its run kept
+    exact: np.ndarray                 # uint64 keys (0: none)
+    url: np.ndarray
+    rule_keys: list[np.ndarray]       # one float64 sort key per keep-rule entry (see _rule_key)
+    corrupt: int = 0
 
 
 @dataclasses.dataclass
@@ -644,7 +671,6 @@ class _Decisions:
     winner_is_self: np.ndarray
     reasons: np.ndarray               # per involved document: why it is dropped ("" = kept)
     new_inv: np.ndarray               # positions (in involved) of the new documents
-    kept_new: np.ndarray              # per new document
     dropped: dict[str, int]
 
 
@@ -687,8 +713,9 @@ def _cluster(run: _Run, cfg: DedupRunConfig, tmpdir) -> _Clustering:
     (bands, exact, url): verification skips pairs already joined, so the order keeps the result
     identical to it. Only one key's pairs are in memory at a time."""
     from tqdm.auto import tqdm
+    from refinery.tasks.progress import bar_disabled
 
-    from refinery.tasks.dedup.clusters import UnionFind, verify_edges
+    from refinery.tasks.dedup.clusters import PairUnionFind, verify_edges
 
     t0 = time.perf_counter()
     trace = bool(os.environ.get("REFINERY_DEDUP_TRACEMALLOC"))  # bench: measure the clustering's memory
@@ -696,13 +723,14 @@ def _cluster(run: _Run, cfg: DedupRunConfig, tmpdir) -> _Clustering:
         import tracemalloc
 
         tracemalloc.start()
-    uf = UnionFind(run.n_total)
+    uf = PairUnionFind()   # only the documents that appear in some pair: singletons never enter it
     shingles = _Shingles(run.sources, tmpdir()) if (cfg.verify and cfg.near) else None
     pair_stats = {"candidates": 0, "verified": 0, "rejected": 0, "skipped": 0}
     edges_by_key: dict[str, int] = {}
-    for name in tqdm(run.keys, desc="dedup: clustering candidate pairs", unit="key", disable=None, leave=False):
+    for name in tqdm(run.keys, desc="dedup: clustering candidate pairs", unit="key", disable=bar_disabled(), leave=False):
         first, member = _read_pairs(run, name)
         edges_by_key[name] = int(len(first))
+        uf.add(first, member)
         if shingles is not None and name.startswith("b"):
             for k, v in verify_edges(first, member, uf, shingles, cfg.threshold).items():
                 pair_stats[k] += v
@@ -710,14 +738,15 @@ def _cluster(run: _Run, cfg: DedupRunConfig, tmpdir) -> _Clustering:
             pair_stats["candidates"] += int(len(first))
             uf.union(first, member)
         del first, member
+    nodes, roots = uf.roots()
+    del uf
     seconds = time.perf_counter() - t0
-    roots = uf.roots()
     traced_peak = None
     if trace:
         traced_peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    return _Clustering(roots=roots, pair_stats=pair_stats, edges_by_key=edges_by_key, seconds=seconds,
-                       traced_peak=traced_peak)
+    return _Clustering.of(nodes, roots, pair_stats=pair_stats, edges_by_key=edges_by_key, seconds=seconds,
+                          traced_peak=traced_peak)
 
 
 def _members(run: _Run, clustering: _Clustering, cfg: DedupRunConfig) -> _Members:
@@ -727,10 +756,14 @@ def _members(run: _Run, clustering: _Clustering, cfg: DedupRunConfig) -> _Member
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    involved = np.flatnonzero(clustering.sizes[clustering.roots] > 1)
-    m = _Members(involved=involved, ids=[], kept_before=[], exact=[], url=[],
-                 rule_values=[[] for _ in cfg.keep_rule], valid_new=np.ones(run.n_new, dtype=bool))
-    fields = sorted({k.lstrip("-") for k in cfg.keep_rule})
+    involved = clustering.involved
+    ids: list = []
+    kept_before: list[np.ndarray] = []
+    exact: list[np.ndarray] = []
+    url: list[np.ndarray] = []
+    rule_chunks: dict[str, list] = {f: [] for f in {k.lstrip("-") for k in cfg.keep_rule}}
+    corrupt = 0
+    fields = sorted(rule_chunks)
     new_part = dict(zip((s.sig for s in run.sources if not s.is_index), run.parts))
     for s in run.sources:
         lo, hi = np.searchsorted(involved, [s.start, s.start + s.rows])
@@ -742,40 +775,85 @@ def _members(run: _Run, clustering: _Clustering, cfg: DedupRunConfig) -> _Member
             have = [c for c in need if c in pf.schema_arrow.names]
             t = pf.read(columns=have)
         if not s.is_index:
-            m.valid_new[run.new_rows(s)] = np.asarray(t.column("valid"), dtype=bool)
+            corrupt += int(np.count_nonzero(~np.asarray(t.column("valid"), dtype=bool)))
         t = t.take(pa.array(rows, type=pa.int64()))
-        m.ids += t.column("id").to_pylist()
-        m.kept_before += (t.column("kept").to_pylist() if s.is_index else [None] * len(rows))
-        m.exact += (t.column("exact").to_pylist() if "exact" in have else [0] * len(rows))
-        m.url += (t.column("url").to_pylist() if "url" in have else [0] * len(rows))
+        del pf
+        ids.append(t.column("id").combine_chunks())
+        kept_before.append(np.asarray(t.column("kept").fill_null(False), dtype=bool) if s.is_index
+                           else np.zeros(len(rows), dtype=bool))
+        for name, out in (("exact", exact), ("url", url)):
+            out.append(np.asarray(t.column(name), dtype=np.uint64) if name in have else np.zeros(len(rows), np.uint64))
         vals = _keep_values(new_part[s.sig], fields, rows) if not s.is_index else \
-            {f: [None] * len(rows) for f in fields}
-        for i, k in enumerate(cfg.keep_rule):
-            m.rule_values[i] += vals[k.lstrip("-")]
-    return m
+            {f: [pa.nulls(len(rows))] for f in fields}
+        for f in fields:
+            rule_chunks[f] += vals[f]
+        del t
+    keys = {f: _rule_keys(chunks) for f, chunks in rule_chunks.items()}
+    return _Members(involved=involved, ids=pa.concat_arrays(ids) if ids else pa.array([], pa.string()),
+                    kept_before=np.concatenate(kept_before) if kept_before else np.zeros(0, bool),
+                    exact=np.concatenate(exact) if exact else np.zeros(0, np.uint64),
+                    url=np.concatenate(url) if url else np.zeros(0, np.uint64),
+                    rule_keys=[_rule_key(keys[k.lstrip("-")], k.startswith("-")) for k in cfg.keep_rule],
+                    corrupt=corrupt)
+
+
+def _rule_keys(chunks: list):
+    """One keep-rule field's values over the involved documents (Arrow arrays, one per batch),
+    reduced to what :func:`~refinery.tasks.dedup.clusters.sort_key` needs: ``(values, nulls)``
+    with ``values`` a float64 array (numbers: their value; strings: their rank) or, for any other
+    mix of types, the Python list that ``sort_key`` takes as it is."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    typed = [c for c in chunks if not pa.types.is_null(c.type)]
+    n = sum(len(c) for c in chunks)
+    if all(pa.types.is_string(c.type) or pa.types.is_large_string(c.type) for c in typed) and typed:
+        col = pa.concat_arrays([c.cast(pa.large_string()) for c in chunks])
+        nulls = np.asarray(col.is_null(), dtype=bool)
+        # the rank of each string (nulls as ""), as np.unique's inverse: UTF-8 byte order is code point order
+        rank = pc.rank(col.fill_null(""), sort_keys="ascending", tiebreaker="dense")
+        return np.asarray(rank, dtype=np.float64), nulls
+    if all(pa.types.is_integer(c.type) or pa.types.is_floating(c.type) for c in typed):
+        vals = np.zeros(n, dtype=np.float64)
+        nulls = np.ones(n, dtype=bool)
+        pos = 0
+        for c in chunks:
+            if not pa.types.is_null(c.type):
+                nulls[pos:pos + len(c)] = np.asarray(c.is_null(), dtype=bool)
+                vals[pos:pos + len(c)] = np.asarray(pc.cast(c, pa.float64(), safe=False).fill_null(0.0), dtype=np.float64)
+            pos += len(c)
+        return vals, nulls
+    return [v for c in chunks for v in c.to_pylist()], None
+
+
+def _rule_key(values, descending: bool) -> np.ndarray:
+    """The float64 sort key of one keep-rule entry (nulls last), from :func:`_rule_keys`: the
+    same order as ``sort_key`` over the Python values."""
+    from refinery.tasks.dedup.clusters import sort_key
+
+    vals, nulls = values
+    if nulls is None:
+        return sort_key(vals, descending)
+    key = -vals if descending else vals.copy()
+    key[nulls] = np.inf
+    return key
 
 
 def _decide(run: _Run, clustering: _Clustering, m: _Members, cfg: DedupRunConfig) -> _Decisions:
     """One winner per cluster: earlier-kept index documents, then other index documents, then new
     documents by the keep rule (the index never un-keeps what it published). A dropped document's
     reason is the strongest link to its winner: exact, else same URL, else near."""
-    from refinery.tasks.dedup.clusters import choose_winners, sort_key
+    from refinery.tasks.dedup.clusters import choose_winners
 
     involved, n_index = m.involved, run.n_index
     is_index = involved < n_index
-    kept_before = np.array([bool(k) for k in m.kept_before], dtype=bool)
-    tier = np.where(is_index, np.where(kept_before, 0, 1), 2).astype(np.float64)
-    keys = [tier] + [sort_key(v, k.startswith("-")) for v, k in zip(m.rule_values, cfg.keep_rule)]
-    winner_pos, _ = choose_winners(clustering.roots[involved], keys)
+    tier = np.where(is_index, np.where(m.kept_before, 0, 1), 2).astype(np.float64)
+    keys = [tier] + m.rule_keys
+    winner_pos, _ = choose_winners(clustering.roots, keys)
     winner_is_self = winner_pos == np.arange(len(involved))
-
-    kept_new = m.valid_new.copy()
     new_inv = np.flatnonzero(~is_index)
-    new_rows = involved[new_inv] - n_index
-    kept_new[new_rows] = winner_is_self[new_inv] & m.valid_new[new_rows]
 
-    exact_k = np.array(m.exact, dtype=np.uint64)
-    url_k = np.array(m.url, dtype=np.uint64)
+    exact_k, url_k = m.exact, m.url
     reasons = np.full(len(involved), "", dtype=object)
     dup, w = ~winner_is_self, winner_pos
     reasons[dup] = "near_duplicate"
@@ -783,12 +861,11 @@ def _decide(run: _Run, clustering: _Clustering, m: _Members, cfg: DedupRunConfig
         reasons[dup & (url_k != 0) & (url_k == url_k[w])] = "url_duplicate"
     if cfg.exact:
         reasons[dup & (exact_k != 0) & (exact_k == exact_k[w])] = "exact_duplicate"
-    dropped = {"exact_duplicate": 0, "url_duplicate": 0, "near_duplicate": 0,
-               "corrupt": int((~m.valid_new).sum())}
+    dropped = {"exact_duplicate": 0, "url_duplicate": 0, "near_duplicate": 0, "corrupt": m.corrupt}
     for r in reasons[new_inv][dup[new_inv]]:
         dropped[r] += 1
     return _Decisions(is_index=is_index, winner_pos=winner_pos, winner_is_self=winner_is_self,
-                      reasons=reasons, new_inv=new_inv, kept_new=kept_new, dropped=dropped)
+                      reasons=reasons, new_inv=new_inv, dropped=dropped)
 
 
 def _write_clusters(b, clustering: _Clustering, m: _Members, d: _Decisions) -> bool:
@@ -796,37 +873,46 @@ def _write_clusters(b, clustering: _Clustering, m: _Members, d: _Decisions) -> b
     of the kept document), whether it is kept and why not. Nothing is written when no new
     document has a duplicate (see :func:`read_clusters`)."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     sel = d.new_inv
     if not len(sel):
         return False
-    ids = np.array(m.ids, dtype=object)
     w = d.winner_pos
+    cluster_id = m.ids.take(pa.array(w[sel], pa.int64())).cast(pa.string())
+    kept = pa.array(d.winner_is_self[sel])
     clusters = pa.table({
-        "id": pa.array(ids[sel].tolist(), pa.string()),
-        "cluster_id": pa.array(ids[w[sel]].tolist(), pa.string()),
-        "kept": pa.array(d.winner_is_self[sel]),
-        "duplicate_of": pa.array([None if k else x for k, x in zip(d.winner_is_self[sel], ids[w[sel]].tolist())],
-                                 pa.string()),
+        "id": m.ids.take(pa.array(sel, pa.int64())).cast(pa.string()),
+        "cluster_id": cluster_id,
+        "kept": kept,
+        "duplicate_of": pc.if_else(kept, pa.scalar(None, pa.string()), cluster_id),
         "reason": pa.array([r or None for r in d.reasons[sel].tolist()], pa.string()),
-        "cluster_size": pa.array(clustering.sizes[clustering.roots[m.involved[sel]]].astype(np.int64)),
+        "cluster_size": pa.array(clustering.sizes[sel].astype(np.int64)),
         "winner_from_index": pa.array(d.is_index[w[sel]]),
     })
     b.write_table(CLUSTERS_FILE, clusters)
     return True
 
 
-def _write_parts(b, run: _Run, d: _Decisions, cfg: DedupRunConfig) -> None:
+def _write_parts(b, run: _Run, m: _Members, d: _Decisions, cfg: DedupRunConfig) -> int:
     """The kept documents, input part by input part, in the input's schema (a part that keeps
     nothing writes no file); with an index, every part's signature segment and kept flags (all
-    documents, so later runs deduplicate against them)."""
+    documents, so later runs deduplicate against them). A document is kept when it is valid and
+    wins its cluster (a document in no cluster wins its own); the mask is built one part at a
+    time. Returns how many documents are kept."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
+    from refinery.tasks.progress import bar_disabled
 
+    kept = 0
     for k, (part, s) in enumerate(tqdm(list(zip(run.parts, run.new_sources)), desc="dedup: writing parts",
-                                       unit="part", disable=None, leave=False)):
-        mask = d.kept_new[run.new_rows(s)]
+                                       unit="part", disable=bar_disabled(), leave=False)):
+        with _open(s.sig) as f:
+            mask = np.asarray(pq.read_table(f, columns=["valid"]).column("valid"), dtype=bool).copy()
+        lo, hi = np.searchsorted(m.involved, [s.start, s.start + s.rows])
+        mask[m.involved[lo:hi] - s.start] &= d.winner_is_self[lo:hi]
+        kept += int(mask.sum())
         try:
             with _open(part) as f:
                 table = pq.read_table(f)
@@ -843,24 +929,25 @@ def _write_parts(b, run: _Run, d: _Decisions, cfg: DedupRunConfig) -> None:
             if s.shingles:
                 with _open(s.shingles) as src:
                     b.write_bytes(f"index/shingles-{k:05d}.arrow", src.read())
+    return kept
 
 
-def _summary(run: _Run, c: _Clustering, d: _Decisions) -> tuple[dict, dict]:
+def _summary(run: _Run, c: _Clustering, d: _Decisions, docs_out: int) -> tuple[dict, dict]:
     """Counts and stats; the cluster-size histogram covers the clusters with new documents."""
-    n_index = run.n_index
-    new_roots = np.unique(c.roots[n_index:]) if run.n_new else np.zeros(0, np.int64)
-    hist = np.bincount(c.sizes[new_roots]) if len(new_roots) else np.zeros(1, np.int64)
+    hist = c.new_clusters(run.n_index, run.n_new)
     dup_new = ~d.winner_is_self[d.new_inv]
-    counts = {"docs_in": run.n_new, "docs_out": int(d.kept_new.sum()), "dropped": d.dropped,
-              "clusters": int((hist[2:] if len(hist) > 2 else np.zeros(0)).sum()),
-              "index_docs": n_index,
+    counts = {"docs_in": run.n_new, "docs_out": docs_out, "dropped": d.dropped,
+              "clusters": sum(n for sz, n in hist.items() if sz >= 2),
+              "index_docs": run.n_index,
               "duplicates_of_index": int((dup_new & d.is_index[d.winner_pos[d.new_inv]]).sum()),
               "candidate_pairs": c.pair_stats["candidates"]}
-    stats = {"cluster_size_histogram": {str(sz): int(n) for sz, n in enumerate(hist) if n},
+    max_pairs = max(c.edges_by_key.values(), default=0)
+    stats = {"cluster_size_histogram": {str(sz): n for sz, n in hist.items()},
              "pairs": c.pair_stats, "edges_per_key": c.edges_by_key,
              "cluster_seconds": round(c.seconds, 3), "peak_rss_mb": _peak_rss_mb(),
-             "memory_model_bytes": {"per_doc": 32, "docs": run.n_total,
-                                    "estimate": 32 * run.n_total + 16 * max(c.edges_by_key.values(), default=0),
+             "memory_model_bytes": {"per_doc_in_pairs": CLUSTER_BYTES_PER_NODE, "per_pair": CLUSTER_BYTES_PER_PAIR,
+                                    "docs": run.n_total, "docs_in_pairs": c.pair_docs, "max_pairs_per_key": max_pairs,
+                                    "estimate": CLUSTER_BYTES_PER_NODE * c.pair_docs + CLUSTER_BYTES_PER_PAIR * max_pairs,
                                     "measured_cluster_peak": c.traced_peak}}
     return counts, stats
 
@@ -876,8 +963,8 @@ def dedup(b, inputs: list[Dataset], cfg: DedupRunConfig) -> StageOutput:
     members = _members(run, clustering, cfg)
     decisions = _decide(run, clustering, members, cfg)
     wrote_clusters = _write_clusters(b, clustering, members, decisions)
-    _write_parts(b, run, decisions, cfg)
-    counts, stats = _summary(run, clustering, decisions)
+    docs_out = _write_parts(b, run, members, decisions, cfg)
+    counts, stats = _summary(run, clustering, decisions, docs_out)
     return StageOutput(counts=counts, stats=stats, extra={"dedup": {
         "index": cfg.index, "index_segments": [s["name"] for s in cfg.index_base],
         "clusters_file": CLUSTERS_FILE if wrote_clusters else None}})

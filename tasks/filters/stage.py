@@ -167,7 +167,8 @@ def filter_table(table, cfg: FilterConfig, chain: FilterChain | None = None, pro
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=n, desc=progress, unit="doc", disable=None, leave=False)
+        from refinery.tasks.progress import bar_disabled
+        bar = tqdm(total=n, desc=progress, unit="doc", disable=bar_disabled(), leave=False)
     for i in range(n):
         text = texts[i]
         if not isinstance(text, str):

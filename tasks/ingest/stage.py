@@ -372,6 +372,7 @@ def ingest_file(item: dict, cfg: IngestConfig, write_part) -> dict:
     one whose rows all lack a usable text field (a schema problem, not a few bad records).
     """
     from tqdm.auto import tqdm
+    from refinery.tasks.progress import bar_disabled
 
     t0 = time.perf_counter()
     stats: dict = {}
@@ -386,7 +387,7 @@ def ingest_file(item: dict, cfg: IngestConfig, write_part) -> dict:
             buf.clear()
 
     bar = tqdm(iter_documents(item, cfg, stats), desc=os.path.basename(item["path"])[:30], unit="doc",
-               leave=False, disable=None, mininterval=2.0)
+               leave=False, disable=bar_disabled(), mininterval=2.0)
     for doc in bar:
         buf.append(doc)
         docs_out += 1

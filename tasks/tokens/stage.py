@@ -117,8 +117,9 @@ class Tokenize(ShardedStage):
             raise ValueError(f"{path}: no '{cfg.text_field}' column (columns: {names})")
         cols = [cfg.text_field] + ([cfg.id_field] if cfg.id_field in names else [])
         from tqdm.auto import tqdm
+        from refinery.tasks.progress import bar_disabled
 
-        bar = tqdm(total=pf.metadata.num_rows, unit="doc", desc=f"tokenize {item['name']}", disable=None, leave=False)
+        bar = tqdm(total=pf.metadata.num_rows, unit="doc", desc=f"tokenize {item['name']}", disable=bar_disabled(), leave=False)
         with f, bar:
             try:
                 batches = pf.iter_batches(batch_size=cfg.batch_docs, columns=cols)
