@@ -1,5 +1,5 @@
 """Align a (fine-tuned) model: DPO on preference pairs, PPO against a reward model, or GRPO on
-prompts with verifiable rewards, KTO on unpaired labelled replies, or ORPO (reference-free) on pairs.
+prompts with verifiable rewards, KTO on unpaired labelled replies, or ORPO, CPO or SimPO (reference-free) on pairs.
 
     refinery run align --set input=MODEL --set data=PAIRS.jsonl.gz --set method=ppo --set ppo.max_steps=20 --json
     refinery run align --set input=MODEL --set data=gsm8k.jsonl --set method=grpo --set grpo.max_steps=10 --json
@@ -21,15 +21,17 @@ from refinery.flows.common import (FlowParams, emit_completed, gpu_slot, print_t
 from refinery.tasks.config import StrictModel
 from refinery.tasks.align.common import is_dataset_dir
 from refinery.tasks.align.data import MIN_VALID_FRACTION
+from refinery.tasks.align.cpo import CPOConfig, SimPOConfig
 from refinery.tasks.align.dpo import DPOConfig
 from refinery.tasks.align.grpo import GRPOConfig
 from refinery.tasks.align.kto import KTOConfig
 from refinery.tasks.align.orpo import ORPOConfig
 from refinery.tasks.align.ppo import PPOConfig
 from refinery.tasks.align.reward import RewardConfig
-from refinery.tasks.align.stage import (DPOStageConfig, GRPOStageConfig, KTOStageConfig, ORPOStageConfig,
-                                        PPOStageConfig, RewardStageConfig, dpo_stage, grpo_stage, kto_stage,
-                                        orpo_stage, ppo_stage, reward_stage)
+from refinery.tasks.align.stage import (CPOStageConfig, DPOStageConfig, GRPOStageConfig, KTOStageConfig,
+                                        ORPOStageConfig, PPOStageConfig, RewardStageConfig, SimPOStageConfig,
+                                        cpo_stage, dpo_stage, grpo_stage, kto_stage, orpo_stage, ppo_stage,
+                                        reward_stage, simpo_stage)
 from refinery.tasks.report import table_artifact
 
 
@@ -39,10 +41,11 @@ class AlignSettings(StrictModel):
     nested config, spelled as in pretrain and finetune (``dpo.max_steps``, ``ppo.lr``,
     ``reward.batch_size``, ``ppo.lora.enabled`` ...)."""
 
-    method: Literal["ppo", "dpo", "grpo", "kto", "orpo"] = Field("dpo", description=(
+    method: Literal["ppo", "dpo", "grpo", "kto", "orpo", "cpo", "simpo"] = Field("dpo", description=(
         "ppo: RL against a reward model; dpo: direct preference optimisation; grpo: group-relative RL on prompts "
         "with reward functions (data: prompts, e.g. GSM8K question/answer); kto: unpaired replies labelled "
-        "desirable/undesirable; orpo: reference-free SFT + odds-ratio preference loss on pairs."))
+        "desirable/undesirable; orpo: reference-free SFT + odds-ratio preference loss on pairs; cpo: reference-free "
+        "preference loss + NLL of the chosen reply; simpo: reference-free, length-normalised reward margin."))
     reward_model: str | None = Field(None, description="Reward model for PPO (HF folder or `reward` dataset); trained on `data` (with the `reward` settings) when empty. GRPO: optional, added to its reward functions.")
     max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs (grpo: prompt records; kto: examples).")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs held out for evaluation.")
@@ -56,6 +59,8 @@ class AlignSettings(StrictModel):
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO settings (method=grpo).")
     kto: KTOConfig = Field(default_factory=KTOConfig, description="KTO settings (method=kto).")
     orpo: ORPOConfig = Field(default_factory=ORPOConfig, description="ORPO settings (method=orpo).")
+    cpo: CPOConfig = Field(default_factory=CPOConfig, description="CPO settings (method=cpo).")
+    simpo: SimPOConfig = Field(default_factory=SimPOConfig, description="SimPO settings (method=simpo).")
 
 
 class _Inputs(FlowParams):
@@ -76,7 +81,8 @@ class AlignParams(AlignSettings, _Inputs):
 
         if self.method == "ppo":   # without reward_model the reward model is trained from the policy first
             return plan_align("ppo", ppo_config(self, self.reward_model or self.input))
-        stage_config = {"dpo": dpo_config, "orpo": orpo_config, "kto": kto_config, "grpo": grpo_config}[self.method]
+        stage_config = {"dpo": dpo_config, "orpo": orpo_config, "kto": kto_config, "grpo": grpo_config,
+                        "cpo": cpo_config, "simpo": simpo_config}[self.method]
         return plan_align(self.method, stage_config(self))
 
 
@@ -112,6 +118,16 @@ def orpo_config(p: AlignParams) -> ORPOStageConfig:
     return ORPOStageConfig(**_common(p), train=p.orpo)
 
 
+def cpo_config(p: AlignParams) -> CPOStageConfig:
+    """The cpo stage config of a run."""
+    return CPOStageConfig(**_common(p), train=p.cpo)
+
+
+def simpo_config(p: AlignParams) -> SimPOStageConfig:
+    """The simpo stage config of a run."""
+    return SimPOStageConfig(**_common(p), train=p.simpo)
+
+
 def kto_config(p: AlignParams) -> KTOStageConfig:
     """The kto stage config of a run."""
     return KTOStageConfig(model=p.input, data=p.data, max_examples=p.max_pairs, val_fraction=p.val_fraction,
@@ -124,13 +140,17 @@ def _lineage(*paths: str | None) -> list[str]:
 
 @refinery_flow("align", AlignParams)
 def align_flow(p: AlignParams) -> dict:
-    """Align a model: DPO or ORPO on preference pairs, KTO on labelled replies, PPO against a reward model, GRPO with reward functions."""
+    """Align a model: DPO, ORPO, CPO or SimPO on preference pairs, KTO on labelled replies, PPO against a reward model, GRPO with reward functions."""
     stages = {}
     with gpu_slot():
         if p.method == "dpo":
             stages["dpo"] = dpo_stage.call(p.workdir, _lineage(p.input), dpo_config(p))
         elif p.method == "orpo":
             stages["orpo"] = orpo_stage.call(p.workdir, _lineage(p.input), orpo_config(p))
+        elif p.method == "cpo":
+            stages["cpo"] = cpo_stage.call(p.workdir, _lineage(p.input), cpo_config(p))
+        elif p.method == "simpo":
+            stages["simpo"] = simpo_stage.call(p.workdir, _lineage(p.input), simpo_config(p))
         elif p.method == "kto":
             stages["kto"] = kto_stage.call(p.workdir, _lineage(p.input), kto_config(p))
         elif p.method == "grpo":

@@ -34,6 +34,7 @@ class Param:
     description: str
     section: bool = False     # a nested config (its fields follow with this prefix)
     examples: list | None = None
+    choices: dict | None = None   # a Literal's values with one line each (Field(json_schema_extra={"choices": ...}))
 
 
 # --------------------------------------------------------------------------- model walking
@@ -118,7 +119,10 @@ def params(model: type[BaseModel], prefix: str = "", parent_default: Any = None)
             kind = type_name(field.annotation)
             if default is None and "None" not in kind.split(" | "):   # None accepted (e.g. finetune's lr: the method's)
                 kind += " | None"
-            out.append(Param(dotted, kind, default, desc, examples=field.examples))
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            choices = extra.get("choices")
+            out.append(Param(dotted, kind, default, desc, examples=field.examples,
+                             choices=dict(choices) if isinstance(choices, dict) else None))
     return out
 
 
@@ -173,6 +177,9 @@ def params_help(model: type[BaseModel], width: int = 100) -> str:
         lines.append(f"  {p.name}: {p.type}, {default}")
         if p.description:
             lines += textwrap.wrap(p.description, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        for value, what in (p.choices or {}).items():   # one line per choice
+            lines += textwrap.wrap(f"{value}: {' '.join(str(what).split())}", width, initial_indent=" " * 8,
+                                   subsequent_indent=" " * 10)
     return "\n".join(lines)
 
 

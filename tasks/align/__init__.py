@@ -3,7 +3,8 @@
 - ``data``: preference files (HH-RLHF, ShareGPT, prompt/chosen/rejected) -> ``PreferencePair``.
 - ``reward``: ``train_reward_model`` (pairwise loss), ``RewardScorer``.
 - ``ppo``: ``train_ppo`` / ``PPOTrainer`` (rollouts, KL-shaped rewards, GAE, clipped losses).
-- ``dpo``: ``train_dpo`` (own loop, frozen reference scored once).
+- ``dpo``: ``train_dpo`` (own loop, frozen reference scored once; ``loss_type``: TRL's DPO losses).
+- ``cpo``: ``train_cpo`` / ``train_simpo`` (reference-free pair losses: CPO, SimPO).
 - ``common``: ``resolve_model_dir`` (HF folder or refinery dataset), ``model_identity``, saving.
 - ``stage``: the ``reward``, ``ppo`` and ``dpo`` stages.
 """

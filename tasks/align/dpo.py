@@ -4,8 +4,12 @@
 For a pair (prompt x, chosen y_c, rejected y_r) and log-ratios against a frozen reference
 ``h(y) = log pi(y|x) - log pi_ref(y|x)`` (summed over reply tokens), the loss is
 ``-log sigmoid(beta * (h(y_c) - h(y_r)))`` (with ``label_smoothing`` e, the conservative variant
-``(1-e) * that + e * -log sigmoid(-beta * ...)``). The implicit rewards ``beta * h(y)`` give the
-reported preference accuracy and margins on held-out pairs, before and after training.
+``(1-e) * that + e * -log sigmoid(-beta * ...)``). ``loss_type`` picks another loss of the same
+log-ratios (IPO, hinge, robust, BCO, SPPO, NCA, APO, EXO, DiscoPOP: :data:`LOSS_TYPES`), each equal
+to TRL 1.16's ``DPOTrainer`` loss of that name on the same batch; ``rpo_alpha`` adds the chosen
+reply's NLL (RPO, TRL's ``loss_type=[..., "sft"]`` with ``loss_weights=[1, rpo_alpha]``). The implicit
+rewards ``beta * h(y)`` give the reported preference accuracy and margins on held-out pairs, before
+and after training.
 
 The reference is the starting policy; its log-probabilities of every pair are computed once,
 before training (and again, from the starting weights, when a run resumes), so no second model
@@ -13,18 +17,39 @@ is held in memory (with LoRA or without).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from refinery.tasks.align.common import (OfflineMethod, OfflineParams, LoraSettings, TrainResult, encode_reply, load_policy,
-                                         model_device, pad, position_ids, run_stats, token_logprobs, total_steps)
+                                         model_device, pad, position_ids, run_stats, token_logprobs, total_steps,
+                                         weights_of)
 from refinery.tasks.align.data import PreferencePair, render_prompt, render_reply
 from refinery.tasks.engine.trainer import INTERRUPTED, Micro
 
 TRAIN_EVAL_PAIRS = 128
+
+# loss type -> one line for the help (``refinery run align --help``); the formulas: :func:`dpo_loss`
+LOSS_TYPES: dict[str, Any] = {
+    "sigmoid": "-log sigmoid(beta * margin), the DPO paper's (with label_smoothing: conservative DPO).",
+    "hinge": "relu(1 - beta * margin), SLiC's hinge.",
+    "ipo": "(per-token margin - 1/(2 beta))^2, IPO (beta is its tau; log-ratios averaged over reply tokens).",
+    "exo_pair": "reverse KL to the smoothed label distribution, EXO (needs label_smoothing > 0, e.g. 1e-3).",
+    "nca_pair": "NCA: raises the chosen reply's own reward, pushes both below zero (absolute, not only the margin).",
+    "robust": "rDPO: the sigmoid loss de-biased for a label_smoothing share of flipped labels.",
+    "bco_pair": "BCO on pairs: chosen and rejected rewards classified separately (-log s(r_c) - log s(-r_r)).",
+    "sppo_hard": "SPPO (hard labels): log-ratios pulled to +1/(2 beta) (chosen) and -1/(2 beta) (rejected).",
+    "apo_zero": "APO-zero: raise the chosen likelihood, lower the rejected (chosen better than the model's own).",
+    "apo_down": "APO-down: lower both, the rejected more (chosen worse than the model's own replies).",
+    "discopop": "DiscoPOP: logistic/exponential mix modulated by the margin (discopop_tau).",
+    "sigmoid_norm": "the sigmoid loss on log-ratios averaged over reply tokens (length-normalised DPO).",
+}
+LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                   "apo_zero", "apo_down", "discopop", "sigmoid_norm"]
+SMOOTHED = ("sigmoid", "robust", "exo_pair")   # the loss types that read label_smoothing
 
 
 class DPOConfig(OfflineParams):
@@ -35,9 +60,25 @@ class DPOConfig(OfflineParams):
 
     field_defaults = dict(max_steps=0, lr=5e-6, batch_size=8, dtype="float32")
 
+    loss_type: LossType = Field("sigmoid", description="The preference loss of the log-ratios (TRL's names):",
+                                json_schema_extra={"choices": LOSS_TYPES})
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint (higher: stay closer to the reference).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed label noise (conservative DPO); 0: plain DPO.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description=(
+        "Assumed share of flipped labels: sigmoid (conservative DPO), robust (rDPO), exo_pair (its epsilon, > 0); "
+        "0: plain DPO. Other loss types do not read it (an error)."))
+    rpo_alpha: float = Field(0.0, ge=0, description=(
+        "Weight of the chosen reply's NLL (mean over the micro-batch's chosen reply tokens) added to the loss (RPO); 0: off."))
+    discopop_tau: float = Field(0.05, gt=0, description="DiscoPOP's temperature of the margin modulation (loss_type=discopop).")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters for the policy (lora.enabled).")
+
+    @model_validator(mode="after")
+    def _loss_knobs(self):
+        if self.label_smoothing and self.loss_type not in SMOOTHED:
+            raise ValueError(f"label_smoothing={self.label_smoothing}: loss_type={self.loss_type} does not use it "
+                             f"(only {', '.join(SMOOTHED)}); set it to 0")
+        if self.loss_type == "exo_pair" and not self.label_smoothing:
+            raise ValueError("loss_type=exo_pair needs label_smoothing > 0 (its epsilon; the EXO paper uses 1e-3)")
+        return self
 
 
 @dataclass
@@ -91,28 +132,81 @@ def _all_logps(model, enc: _Encoded, pad_id: int, batch_size: int):
     return [torch.cat(o) for o in outs]
 
 
-def dpo_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0):
-    """Per-pair DPO loss and the implicit rewards of chosen and rejected replies."""
+def dpo_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
+             nc=None, nr=None, discopop_tau: float = 0.05):
+    """Per-pair loss of ``loss_type`` (:data:`LOSS_TYPES`) from the policy's summed reply log-probs
+    ``pc``/``pr`` and the reference's ``rc``/``rr`` (``nc``/``nr``: reply token counts, which
+    ``ipo`` and ``sigmoid_norm`` average over), and the implicit rewards of chosen and rejected
+    replies. Each equals TRL 1.16's ``DPOTrainer`` loss of that name (``sigmoid`` with
+    ``label_smoothing``: the conservative-DPO form TRL 1.16 no longer has)."""
+    import torch
     import torch.nn.functional as F
 
-    logits = beta * ((pc - rc) - (pr - rr))
-    loss = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    return loss, beta * (pc - rc), beta * (pr - rr)
+    hc, hr = pc - rc, pr - rr            # log-ratios against the reference
+    d = hc - hr
+    e = label_smoothing
+    if loss_type in ("ipo", "sigmoid_norm"):
+        if nc is None or nr is None:
+            raise ValueError(f"dpo_loss: loss_type={loss_type} needs the reply token counts nc, nr")
+        d = hc / nc.clamp(min=1) - hr / nr.clamp(min=1)
+    z = beta * d
+    if loss_type in ("sigmoid", "sigmoid_norm"):
+        loss = -(1 - e) * F.logsigmoid(z) - e * F.logsigmoid(-z)
+    elif loss_type == "hinge":
+        loss = torch.relu(1 - z)
+    elif loss_type == "ipo":
+        loss = (d - 1 / (2 * beta)) ** 2
+    elif loss_type == "exo_pair":   # KL(softmax over {chosen, rejected} || [1-e, e])
+        loss = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-e))
+                + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(e)))
+    elif loss_type == "nca_pair":
+        loss = -F.logsigmoid(beta * hc) - 0.5 * F.logsigmoid(-beta * hc) - 0.5 * F.logsigmoid(-beta * hr)
+    elif loss_type == "robust":
+        loss = (-(1 - e) * F.logsigmoid(z) + e * F.logsigmoid(-z)) / (1 - 2 * e)
+    elif loss_type == "bco_pair":
+        loss = -F.logsigmoid(beta * hc) - F.logsigmoid(-beta * hr)
+    elif loss_type == "sppo_hard":
+        loss = (hc - 0.5 / beta) ** 2 + (hr + 0.5 / beta) ** 2
+    elif loss_type == "apo_zero":
+        loss = (1 - torch.sigmoid(beta * hc)) + torch.sigmoid(beta * hr)
+    elif loss_type == "apo_down":
+        loss = torch.sigmoid(beta * hc) + (1 - torch.sigmoid(z))
+    elif loss_type == "discopop":
+        mix = torch.sigmoid(z / discopop_tau)
+        loss = -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; one of {', '.join(LOSS_TYPES)}")
+    return loss, beta * hc, beta * hr
 
 
-def preference_metrics(pc, pr, rc, rr, nc, nr, beta: float) -> dict:
-    """Held-out figures: implicit-reward accuracy and margin, and the policy's own preference
-    (mean per-token log-prob of chosen > rejected)."""
+def chosen_nll(pc, nc):
+    """The RPO term: the chosen replies' negative log-likelihood per token, over all their tokens."""
+    return -pc.sum() / nc.sum().clamp(min=1)
+
+
+def cfg_loss(cfg: DPOConfig, pc, pr, rc, rr, nc, nr):
+    """:func:`dpo_loss` with a config's loss type and knobs."""
+    return dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing, cfg.loss_type, nc, nr, cfg.discopop_tau)
+
+
+def preference_metrics(pc, pr, rc, rr, nc, nr, beta: float | DPOConfig) -> dict:
+    """Held-out figures: the loss (a config's loss type and RPO term; a bare ``beta``: the sigmoid
+    loss), implicit-reward accuracy and margin, and the policy's own preference (mean per-token
+    log-prob of chosen > rejected)."""
     if len(pc) == 0:
         return {"pairs": 0}
+    cfg = beta if isinstance(beta, DPOConfig) else DPOConfig(beta=beta)
+    beta = cfg.beta
     rew_c, rew_r = beta * (pc - rc), beta * (pr - rr)
     margin = rew_c - rew_r
     acc = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
     per_tok = pc / nc.clamp(min=1) - pr / nr.clamp(min=1)
-    loss, _, _ = dpo_loss(pc, pr, rc, rr, beta)
+    loss = cfg_loss(cfg, pc, pr, rc, rr, nc, nr)[0].mean()
+    if cfg.rpo_alpha:
+        loss = loss + cfg.rpo_alpha * chosen_nll(pc, nc)
     return {"pairs": len(pc), "accuracy": round(acc, 6), "margin": round(margin.mean().item(), 6),
             "reward_chosen": round(rew_c.mean().item(), 6), "reward_rejected": round(rew_r.mean().item(), 6),
-            "loss": round(loss.mean().item(), 6),
+            "loss": round(loss.item(), 6),
             "logp_accuracy": round((per_tok > 0).float().mean().item(), 6)}
 
 
@@ -149,7 +243,7 @@ class DPOMethod(OfflineMethod):
         self.ref_tr = self.scores(self.enc_tr)
         if self.enc_ev is not None:   # before training the policy is the reference
             ev = self.ref_ev = self.scores(self.enc_ev)
-            self.before = preference_metrics(ev[0], ev[1], ev[0], ev[1], ev[2], ev[3], self.cfg.beta)
+            self.before = preference_metrics(ev[0], ev[1], ev[0], ev[1], ev[2], ev[3], self.cfg)
 
     def micro_step(self, micro: int) -> Micro:
         import torch
@@ -159,22 +253,30 @@ class DPOMethod(OfflineMethod):
         n = len(idx)
         seqs = [enc.chosen[j] for j in idx] + [enc.rejected[j] for j in idx]
         plens = [enc.p_len_c[j] for j in idx] + [enc.p_len_r[j] for j in idx]
-        lp, _ = reply_logps(self.net, seqs, plens, self.pad_id)
+        lp, lens = reply_logps(self.net, seqs, plens, self.pad_id)
         t = torch.tensor(idx)
         ref_c, ref_r = self.ref_tr[0][t].to(lp.device), self.ref_tr[1][t].to(lp.device)
-        per_pair, rew_c, rew_r = dpo_loss(lp[:n], lp[n:], ref_c, ref_r, cfg.beta, cfg.label_smoothing)
+        per_pair, rew_c, rew_r = cfg_loss(cfg, lp[:n], lp[n:], ref_c, ref_r, lens[:n], lens[n:])
+        loss = share.mean(per_pair)
+        extra = {}
+        if cfg.rpo_alpha:   # the NLL is a mean over every chosen reply token of the micro-batch, all processes'
+            w = weights_of(share, lp)
+            nll_sum, tokens = self.engine.par.sum([float(-(lp[:n].detach() * w).sum()), float((lens[:n] * w).sum())])
+            tokens = max(tokens, 1.0)
+            loss = loss + cfg.rpo_alpha * (-(lp[:n] * w).sum() / tokens * share.world)
+            extra["nll"] = nll_sum / tokens
         with torch.no_grad():
             figures = {"tokens": share.count([len(a) + len(b) for a, b in zip(seqs[:n], seqs[n:])]),
                        "accuracy": share.mean((rew_c > rew_r).float()).item(),
                        "margin": share.mean(rew_c - rew_r).item(), "reward_chosen": share.mean(rew_c).item(),
-                       "reward_rejected": share.mean(rew_r).item()}
-        return Micro(share.mean(per_pair), figures)
+                       "reward_rejected": share.mean(rew_r).item(), **extra}
+        return Micro(loss, figures)
 
     def held_out(self) -> dict:
         """The held-out figures of the current weights."""
         assert self.enc_ev is not None and self.ref_ev is not None
         cur, ref = self.scores(self.enc_ev), self.ref_ev
-        return preference_metrics(cur[0], cur[1], ref[0], ref[1], cur[2], cur[3], self.cfg.beta)
+        return preference_metrics(cur[0], cur[1], ref[0], ref[1], cur[2], cur[3], self.cfg)
 
     def validate(self) -> dict | None:
         if self.enc_ev is None:
@@ -206,5 +308,5 @@ def train_dpo(model_dir: str, train: Sequence[PreferencePair], held_out: Sequenc
         enc = method.enc_tr
         cur = method.scores(_Encoded(enc.chosen[:k], enc.rejected[:k], enc.p_len_c[:k], enc.p_len_r[:k]))
         ref = method.ref_tr
-        stats["train_after"] = preference_metrics(cur[0], cur[1], ref[0][:k], ref[1][:k], cur[2], cur[3], cfg.beta)
+        stats["train_after"] = preference_metrics(cur[0], cur[1], ref[0][:k], ref[1][:k], cur[2], cur[3], cfg)
     return TrainResult(model=model, tokenizer=tok, stats=stats, history=done.history, status=done.status)

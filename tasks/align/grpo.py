@@ -8,13 +8,17 @@ One GRPO step, readable top to bottom:
 2. **Score**: each reward function (plain Python callables named in ``reward_funcs``, see
    :mod:`refinery.tasks.align.rewards`, or a reward model) gives one number per completion; the
    reward is their weighted sum.
-3. **Group-relative advantages**: ``A_i = (r_i - mean(group)) / (std(group) + 1e-4)`` (without
-   ``scale_rewards``: only the mean is subtracted); no value model, the group is the baseline.
+3. **Group-relative advantages**: ``A_i = (r_i - mean(group)) / (std + 1e-4)``, the std the
+   group's (``scale_rewards=group``), the whole batch's (``batch``) or none (``none``: only the
+   mean is subtracted); no value model, the group is the baseline. With ``dynamic_sampling`` the
+   groups whose rewards are all equal (advantages 0: nothing to learn but the KL) leave the batch.
 4. **Optimise** (``num_iterations`` passes): per token, the clipped objective
-   ``-min(ratio * A, clip(ratio, 1-eps, 1+eps) * A)`` with ``ratio = pi / pi_old``, plus
-   ``beta * KL`` to the reference with the unbiased estimator ``exp(ref - logp) - (ref - logp) - 1``;
-   averaged over each completion's tokens, then over completions (TRL's ``loss_type="grpo"``;
-   :func:`grpo_loss` equals TRL 1.16's loss on the same batch, tested).
+   ``-min(ratio * A, clip(ratio, 1-eps_low, 1+eps_high) * A)`` with ``ratio = pi / pi_old``
+   (``clip_range``, ``clip_range_high``), plus ``beta * KL`` to the reference with the unbiased
+   estimator ``exp(ref - logp) - (ref - logp) - 1``, normalised as ``loss_type`` says
+   (:data:`LOSS_TYPES`: per completion then over completions, over tokens, over a constant, or over
+   every token of the step); :func:`grpo_loss` equals TRL 1.16's loss of each type on the same
+   batch (tested).
 
 The reference is a frozen copy of the starting policy (with LoRA: the same model with its
 adapters disabled, no second copy; with ``beta=0`` none is kept). Dropout is off (eval mode).
@@ -23,7 +27,7 @@ The run is a :class:`refinery.tasks.engine.trainer.Method` on the one training l
 (:class:`refinery.tasks.engine.trainer.Engine`): one step samples ``grad_accum`` batches inside its
 first micro-batch, then makes ``num_iterations`` optimizer updates (``updates_per_step``), each a
 pass over the batches' minibatches of ``mini_batch_size`` completions, each weighted by its share
-of its batch. The engine owns warm-up + schedule, clipping, early stopping on the mean reward of
+of the step's completions (``dapo``: its token sum over the step's token count). The engine owns warm-up + schedule, clipping, early stopping on the mean reward of
 greedy completions to held-out prompts (the best weights restored), checkpoints and resume (the
 prompt order's position and the rollouts done are in the checkpoint; the sampling of step ``k``
 on process ``r`` is seeded by ``(seed, r, k)``). On several processes (``devices``, DDP or FSDP)
@@ -44,7 +48,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
@@ -56,6 +60,20 @@ from refinery.tasks.engine.data import ExampleOrder
 from refinery.tasks.engine.parallel import Parallel
 from refinery.tasks.engine.trainer import Engine, Method, Micro
 from refinery.tasks.train.config import ParallelParams, ScheduleParams
+
+
+# loss type -> one line for the help (``refinery run align --help``); the formulas: :func:`grpo_loss`
+LOSS_TYPES: dict[str, Any] = {
+    "grpo": "each completion's token mean, averaged over completions (the DeepSeekMath paper; favours short correct replies).",
+    "bnpo": "the token mean over each minibatch's completions together (TRL's local-batch normalisation).",
+    "dr_grpo": "token sum over (completions x max_new_tokens), no length bias; with scale_rewards none (Dr. GRPO).",
+    "dapo": "token sum over every completion token of the step (all batches and processes), DAPO's token-level loss.",
+}
+SCALES: dict[str, Any] = {
+    "group": "divide by the group's reward std (GRPO).",
+    "batch": "divide by the whole batch's reward std (PPO Lite).",
+    "none": "subtract the group mean only (Dr. GRPO: no difficulty bias).",
+}
 
 
 class GRPOConfig(ScheduleParams, ParallelParams, SamplingParams):
@@ -71,8 +89,17 @@ class GRPOConfig(ScheduleParams, ParallelParams, SamplingParams):
     mini_batch_size: int = Field(16, ge=1, description="Completions per forward/backward pass.")
     num_iterations: int = Field(1, ge=1, description="Optimisation passes over each sampled batch (>1: the ratio clip acts).")
     beta: float = Field(0.04, ge=0, description="Weight of the per-token KL to the reference (0: no reference kept).")
-    clip_range: float = Field(0.2, gt=0, description="Policy ratio clip (epsilon).")
-    scale_rewards: bool = Field(True, description="Divide advantages by the group's reward std (Dr. GRPO: false).")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "grpo", description="How the per-token losses are averaged (TRL's names):", json_schema_extra={"choices": LOSS_TYPES})
+    clip_range: float = Field(0.2, gt=0, description="Policy ratio clip (epsilon; the lower side, 1 - epsilon, when clip_range_high is set).")
+    clip_range_high: float | None = Field(None, gt=0, description=(
+        "Upper ratio clip (TRL's epsilon_high; DAPO's clip-higher uses 0.28 with clip_range 0.2); empty = clip_range."))
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(None, description=(
+        "Advantage scaling (TRL's names; true/false read as group/none); empty = group, or none with loss_type=dr_grpo:"),
+        json_schema_extra={"choices": SCALES})
+    dynamic_sampling: bool = Field(False, description=(
+        "Drop the groups whose rewards are all equal from the loss (DAPO's dynamic sampling, without resampling); "
+        "the step's loss is over the groups kept."))
     reward_funcs: list[str] = Field(default_factory=lambda: ["exact_match"], description=(
         "Reward functions: built-ins exact_match (numeric answer vs the record's 'answer', GSM8K '#### N'), "
         "format ('#### N' present), number (any number), length (shorter is better), or module:function "
@@ -96,8 +123,25 @@ class GRPOConfig(ScheduleParams, ParallelParams, SamplingParams):
             return [float(x) for x in v.split(",") if x.strip()] if v.strip() else None
         return v
 
+    @field_validator("scale_rewards", mode="before")
+    @classmethod
+    def _scale_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            return "group" if v else "none"
+        if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+            return "group" if v.strip().lower() == "true" else "none"
+        return v
+
+    @property
+    def reward_scaling(self) -> str:
+        """``scale_rewards``, or the loss type's default when empty."""
+        return self.scale_rewards or ("none" if self.loss_type == "dr_grpo" else "group")
+
     @model_validator(mode="after")
     def _weights(self):
+        if self.loss_type == "dr_grpo" and self.scale_rewards not in (None, "none"):
+            raise ValueError(f"loss_type=dr_grpo removes the std normalisation: scale_rewards={self.scale_rewards} "
+                             "contradicts it (leave scale_rewards empty or set it to none)")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights: {len(self.reward_weights)} weights for {len(self.reward_funcs)} reward_funcs")
         if not self.reward_funcs:
@@ -111,31 +155,62 @@ class GRPOConfig(ScheduleParams, ParallelParams, SamplingParams):
 
 
 # --------------------------------------------------------------------------- the pieces
-def group_advantages(rewards, group: int, scale: bool = True):
-    """``(r - group mean) / (group std + 1e-4)`` for rewards laid out group after group (TRL's
-    ``scale_rewards="group"``: the unbiased std), or only ``r - group mean``."""
+def group_advantages(rewards, group: int, scale: bool | str = True, batch_std: float | None = None):
+    """``(r - group mean) / (std + 1e-4)`` for rewards laid out group after group, the std (unbiased,
+    as TRL's) the group's (``scale="group"`` or True), the batch's (``"batch"``; ``batch_std`` when
+    the batch is wider than ``rewards``, several processes), or none (``"none"`` or False: only
+    ``r - group mean``)."""
+    if isinstance(scale, bool):
+        scale = "group" if scale else "none"
     r = rewards.view(-1, group)
     adv = r - r.mean(dim=1, keepdim=True)
-    if scale:
+    if scale == "group":
         adv = adv / (r.std(dim=1, keepdim=True) + 1e-4)
+    elif scale == "batch":
+        adv = adv / ((rewards.std() if batch_std is None else batch_std) + 1e-4)
+    elif scale != "none":
+        raise ValueError(f"scale_rewards {scale!r}: one of {', '.join(SCALES)}")
     return adv.reshape(-1)
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta: float, clip_range: float):
+def equal_groups(rewards, group: int):
+    """Per completion: whether its group's rewards are all equal (laid out group after group)."""
+    r = rewards.view(-1, group)
+    return (r.max(dim=1).values == r.min(dim=1).values).repeat_interleave(group)
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta: float, clip_range: float, loss_type: str = "grpo",
+              clip_range_high: float | None = None, max_completion_length: int | None = None, num_tokens=None):
     """The GRPO loss of a batch of completions (token log-probs (B, T), advantages (B,), mask (B, T))
-    and its figures: the per-token clipped objective plus ``beta`` times the k3 KL estimate,
-    averaged over each completion's tokens, then over completions."""
+    and the per-token KL: the clipped objective (ratio clipped to ``[1 - clip_range, 1 +
+    clip_range_high]``) plus ``beta`` times the k3 KL estimate, normalised by ``loss_type``:
+    ``grpo`` each completion's token mean, then the mean over completions; ``bnpo`` the token mean
+    of the batch; ``dr_grpo`` the token sum over ``B * max_completion_length``; ``dapo`` the token
+    sum over ``num_tokens`` (the step's token count; default this batch's)."""
     import torch
 
+    hi = clip_range if clip_range_high is None else clip_range_high
     ratio = torch.exp(logp - old_logp)
     a = advantages[:, None]
-    per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_range, 1 + clip_range) * a)
+    per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_range, 1 + hi) * a)
     kl = None
     if beta != 0.0:
         d = ref_logp - logp
         kl = torch.exp(d) - d - 1
         per_token = per_token + beta * kl
-    loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    tok = per_token * mask
+    if loss_type == "grpo":
+        loss = (tok.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = tok.sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        if not max_completion_length:
+            raise ValueError("grpo_loss: loss_type=dr_grpo needs max_completion_length")
+        loss = tok.sum() / (len(tok) * max_completion_length)
+    elif loss_type == "dapo":
+        loss = tok.sum() / (mask.sum().clamp(min=1.0) if num_tokens is None else max(float(num_tokens), 1.0))
+    else:
+        raise ValueError(f"unknown GRPO loss_type {loss_type!r}; one of {', '.join(LOSS_TYPES)}")
     return loss, kl
 
 
@@ -172,6 +247,14 @@ class _Batch:
     old_logp: Any
     ref_logp: Any
     advantages: Any
+    rewards: Any = None     # (B,) the total reward of each completion (dynamic sampling reads its groups)
+
+    def rows(self, keep) -> "_Batch":
+        """The batch of the completions ``keep`` (a bool tensor) marks."""
+        at = keep.nonzero().squeeze(-1)
+        sel = lambda t: None if t is None else t[at.to(t.device)]  # noqa: E731
+        return _Batch(sel(self.ids), sel(self.mask), self.P, sel(self.completions), sel(self.c_mask),
+                      sel(self.old_logp), sel(self.ref_logp), sel(self.advantages), sel(self.rewards))
 
 
 def micro_weight(n_micro: int, n_batch: int, grad_accum: int) -> float:
@@ -179,7 +262,8 @@ def micro_weight(n_micro: int, n_batch: int, grad_accum: int) -> float:
     one sampled batch, one of ``grad_accum`` per update: the update's loss is the mean over each
     batch's completions, averaged over the batches. With every process holding ``n_batch`` of the
     batch's ``world * n_batch`` completions, gradient averaging over the processes makes it the
-    one-process loss of the whole batch."""
+    one-process loss of the whole batch. (:meth:`GRPOTrainer._passes` gives the same weight as
+    ``n_micro * world / completions of the step``, which also holds when dynamic sampling drops groups.)"""
     return n_micro / n_batch / grad_accum
 
 
@@ -190,7 +274,7 @@ class GRPOTrainer(Method):
     One engine step: the first micro-batch samples ``grad_accum`` batches (each process the groups
     of its part of the ``batch_size`` prompts), scores them and computes each group's advantages;
     then ``num_iterations`` updates, each a pass over every minibatch of ``mini_batch_size``
-    completions, weighted by its share of its batch (:func:`micro_weight`)."""
+    completions, weighted as :meth:`_passes` says."""
 
     desc = "grpo"
     metric, mode = "reward", "max"          # early stopping on the held-out greedy reward
@@ -229,7 +313,8 @@ class GRPOTrainer(Method):
         self.model = lm.to(self.device).eval()   # no dropout: the same tokens get the same log-probs
         self.order = ExampleOrder(len(self.prompts), seed)   # prompts, reshuffled every pass
         self.rollouts = Rollouts()
-        self.buffer: list = []     # (batch, slice) of the minibatches the step has left
+        self.buffer: list = []     # (batch, slice, weight) of the minibatches the step has left
+        self.step_tokens: float | None = None   # dapo: the step's completion tokens over all processes / world
         self.n_local = cfg.batch_size * cfg.num_generations
         tok = self.tokenizer
         self.eos_id = tok.eos_token_id
@@ -269,18 +354,24 @@ class GRPOTrainer(Method):
 
         cfg = self.cfg
         info = self._sample_step() if not self.buffer else {}
-        b, sl = self.buffer.pop(0)
+        b, sl, weight = self.buffer.pop(0)
         logp = _token_logps(self.engine.train_model, b.ids[sl], b.mask[sl], b.P, b.completions[sl], cfg.temperature)
         old = b.old_logp[sl] if b.old_logp is not None else logp.detach()
         ref = b.ref_logp[sl] if b.ref_logp is not None else None
         m = b.c_mask[sl]
-        loss, kl = grpo_loss(logp, old, ref, b.advantages[sl], m, cfg.beta, cfg.clip_range)
+        loss, kl = grpo_loss(logp, old, ref, b.advantages[sl], m, cfg.beta, cfg.clip_range, cfg.loss_type,
+                             cfg.clip_range_high, cfg.max_new_tokens, self.step_tokens)
+        if weight == 0.0:   # a stand-in pass (dynamic sampling left fewer minibatches): no gradient, no figures
+            figs = {"kl": 0.0, "clipfrac": 0.0} if info else {}
+            return Micro(loss * 0.0, {**info, **figs}, weight=0.0)
         with torch.no_grad():
             den = m.sum().clamp(min=1)
             ratio = torch.exp(logp - old)
+            hi = cfg.clip_range if cfg.clip_range_high is None else cfg.clip_range_high
+            clipped = (ratio < 1 - cfg.clip_range) | (ratio > 1 + hi)
             figs = {"kl": ((kl * m).sum() / den).item() if kl is not None else 0.0,
-                    "clipfrac": (((ratio - 1).abs() > cfg.clip_range).float() * m).sum().item() / den.item()}
-        return Micro(loss, {**info, **figs}, weight=micro_weight(len(logp), len(b.ids), cfg.grad_accum))
+                    "clipfrac": (clipped.float() * m).sum().item() / den.item()}
+        return Micro(loss, {**info, **figs}, weight=weight)
 
     def validate(self) -> dict | None:
         return self.evaluate(*self.held_out) if self.held_out[0] else None
@@ -334,7 +425,11 @@ class GRPOTrainer(Method):
         ids, mask, P, comp, c_mask, texts = self.generate(rep_prompts)
         total, parts = self.rewards(rep_prompts, texts, rep_cols)
         r = torch.tensor(total, dtype=torch.float32)
-        adv = group_advantages(r, G, cfg.scale_rewards).to(self.device)
+        batch_std = None
+        if cfg.reward_scaling == "batch":   # the std of the whole batch, every process's groups
+            n, s1, s2 = self.par.sum([float(len(r)), float(r.double().sum()), float((r.double() ** 2).sum())])
+            batch_std = max((s2 - s1 * s1 / n) / max(n - 1, 1.0), 0.0) ** 0.5
+        adv = group_advantages(r, G, cfg.reward_scaling, batch_std).to(self.device)
         old = self._logps(lambda: self.model, ids, mask, P, comp) if cfg.num_iterations > 1 else None
         ref = None
         if cfg.beta:
@@ -349,7 +444,7 @@ class GRPOTrainer(Method):
                 "zero_std_groups": (grouped.std(dim=1) == 0).float().mean().item(),
                 "completion_len": c_mask.sum(-1).mean().item(),
                 **{f"reward_{n}": sum(v) / len(v) for n, v in parts.items()}}
-        return (_Batch(ids, mask, P, comp, c_mask, old, ref, adv),
+        return (_Batch(ids, mask, P, comp, c_mask, old, ref, adv, r),
                 {"figs": figs, "sample": texts[0][:200], "tokens": int(mask.sum())})
 
     def _sample_step(self) -> dict:
@@ -363,11 +458,30 @@ class GRPOTrainer(Method):
             idx = self.par.part(self.order.take(cfg.batch_size))   # whole groups: this process's prompts
             sampled.append(self.sample([self.prompts[i] for i in idx], [self.columns[i] for i in idx]))
         self.rollouts.done += 1
-        passes = [(b, slice(i, i + cfg.mini_batch_size)) for b, _ in sampled
-                  for i in range(0, len(b.ids), cfg.mini_batch_size)]
-        self.buffer = passes * cfg.num_iterations
+        self.buffer = self._passes([b for b, _ in sampled]) * cfg.num_iterations
         figs = {k: sum(info["figs"][k] for _, info in sampled) / len(sampled) for k in sampled[0][1]["figs"]}
+        if cfg.dynamic_sampling:
+            figs["kept_groups"] = sum(float((~equal_groups(b.rewards, cfg.num_generations)).float().mean())
+                                      for b, _ in sampled) / len(sampled)
         return {**figs, "tokens": sum(info["tokens"] for _, info in sampled), "sample": sampled[0][1]["sample"]}
+
+    def _passes(self, batches: list[_Batch]) -> list[tuple[_Batch, slice, float]]:
+        """One pass over the step's minibatches, each with its weight in the update: its share of
+        the step's completions (all processes' together, so the gradient average over processes is
+        the one-process update; ``dapo``: 1, its loss divided by the step's token count). With
+        ``dynamic_sampling`` the groups whose rewards are all equal are left out and the pass is
+        filled up with weight-0 stand-ins, so every process makes ``accum()`` forwards alike."""
+        cfg, mbs, world = self.cfg, self.cfg.mini_batch_size, self.par.world
+        per_batch = -(-self.n_local // mbs)
+        kept = [b.rows(~equal_groups(b.rewards, cfg.num_generations)) if cfg.dynamic_sampling else b for b in batches]
+        n_all, tokens_all = self.par.sum([float(sum(len(k.ids) for k in kept)), float(sum(k.c_mask.sum() for k in kept))])
+        self.step_tokens = tokens_all / world if cfg.loss_type == "dapo" else None
+        out: list[tuple[_Batch, slice, float]] = []
+        for full, k in zip(batches, kept):
+            real = [(k, slice(i, i + mbs), (1.0 if cfg.loss_type == "dapo" else min(mbs, len(k.ids) - i) * world / n_all))
+                    for i in range(0, len(k.ids), mbs)]
+            out += real + [(full, slice(0, 1), 0.0)] * (per_batch - len(real))
+        return out
 
     def evaluate(self, prompts: Sequence[str], columns: Sequence[dict]) -> dict:
         """Mean reward of greedy completions to held-out prompts (and each function's); on several
@@ -410,4 +524,5 @@ def train_grpo(model_dir: str, prompts: Sequence[str], columns: Sequence[dict], 
     return GRPOResult(model=trainer.model, tokenizer=trainer.tokenizer, history=res.history, stats=stats)
 
 
-__all__ = ["GRPOConfig", "GRPOResult", "GRPOTrainer", "group_advantages", "grpo_loss", "micro_weight", "train_grpo"]
+__all__ = ["GRPOConfig", "GRPOResult", "GRPOTrainer", "LOSS_TYPES", "equal_groups", "group_advantages", "grpo_loss",
+           "micro_weight", "train_grpo"]

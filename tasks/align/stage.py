@@ -1,4 +1,4 @@
-"""The alignment stages: ``reward``, ``dpo``, ``kto``, ``orpo``, ``ppo`` and ``grpo``.
+"""The alignment stages: ``reward``, ``dpo``, ``kto``, ``orpo``, ``cpo``, ``simpo``, ``ppo`` and ``grpo``.
 
 Each takes model folders and a preference file named in its config (their identities, a refinery
 dataset's fingerprint or a folder's file sizes and mtimes, and the data file's path, size and
@@ -19,20 +19,23 @@ from pydantic import Field, computed_field
 from refinery.tasks.config import StrictModel
 
 from refinery.tasks.align.common import model_identity
-from refinery.tasks.align.data import MIN_VALID_FRACTION, file_identity
+from refinery.tasks.align.data import MIN_VALID_FRACTION
+from refinery.tasks.align.cpo import CPOConfig, SimPOConfig
 from refinery.tasks.align.dpo import DPOConfig
 from refinery.tasks.align.grpo import GRPOConfig
 from refinery.tasks.align.kto import KTOConfig
 from refinery.tasks.align.orpo import ORPOConfig
 from refinery.tasks.align.ppo import PPOConfig
 from refinery.tasks.align.reward import RewardConfig
+from refinery.tasks.records import identity as data_identity
 from refinery.tasks.runtime import StageOutput, stage
 from refinery.tasks.train.multinode import MultiNodeStage
 
 
 class _ModelAndData(StrictModel):
     model: str = Field(description="Starting model: a HF model folder (or hub id) or a refinery dataset naming one.")
-    data: str = Field(description="Preference pairs: .json, .jsonl or .jsonl.gz (HH-RLHF, ShareGPT or prompt/chosen/rejected).")
+    data: str = Field(description="Preference pairs (HH-RLHF, ShareGPT or prompt/chosen/rejected): JSON, JSONL (gzipped too), "
+                      "Parquet, a dataset folder or an fsspec URL.")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs held out for evaluation.")
     max_val_examples: int | None = Field(256, ge=1, description="At most this many held-out pairs.")
     seed: int = Field(0, description="Seed of the split, initialisation, shuffling and sampling.")
@@ -49,7 +52,7 @@ class _ModelAndData(StrictModel):
     @property
     def data_id(self) -> str:
         try:
-            return file_identity(self.data)
+            return data_identity(self.data, required=True)
         except OSError as e:
             raise FileNotFoundError(f"data {self.data}: {e.strerror or e}") from e
 
@@ -68,6 +71,14 @@ class DPOStageConfig(_AlignInputs):
 
 class ORPOStageConfig(_AlignInputs):
     train: ORPOConfig = ORPOConfig()
+
+
+class CPOStageConfig(_AlignInputs):
+    train: CPOConfig = CPOConfig()
+
+
+class SimPOStageConfig(_AlignInputs):
+    train: SimPOConfig = SimPOConfig()
 
 
 class _RewardModelLengths(StrictModel):
@@ -89,14 +100,14 @@ class PPOStageConfig(_RewardModelLengths, _AlignInputs):
 
 
 class KTOStageConfig(_ModelAndData):
-    data: str = Field(description="Unpaired labelled replies: .json/.jsonl(.gz) records {messages: [..., assistant reply], "
+    data: str = Field(description="Unpaired labelled replies (JSON/JSONL/Parquet file, dataset folder or URL): records {messages: [..., assistant reply], "
                       "label: true|false} or {prompt, completion, label}.")
     max_examples: int | None = Field(None, ge=1, description="Use only the first N valid examples.")
     train: KTOConfig = KTOConfig()
 
 
 class GRPOStageConfig(_RewardModelLengths, _ModelAndData):
-    data: str = Field(description="Prompts: .json/.jsonl(.gz) records with question (GSM8K: and answer '... #### N'), "
+    data: str = Field(description="Prompts (JSON/JSONL/Parquet file, dataset folder or URL): records with question (GSM8K: and answer '... #### N'), "
                       "prompt or messages; other keys are passed to the reward functions.")
     max_prompts: int | None = Field(None, ge=1, description="Use only the first N valid prompt records.")
     reward_model: str | None = Field(None, description="A reward model (HF sequence-classification folder or `reward` "
@@ -309,6 +320,8 @@ RUNS = {"reward": _Trainer(RewardStageConfig, _run_on_pairs("reward", "train_rew
         "dpo": _Trainer(DPOStageConfig, _run_on_pairs("dpo", "train_dpo"), _rebuild_policy),
         "kto": _Trainer(KTOStageConfig, _run_kto, _rebuild_policy),
         "orpo": _Trainer(ORPOStageConfig, _run_on_pairs("orpo", "train_orpo"), _rebuild_policy),
+        "cpo": _Trainer(CPOStageConfig, _run_on_pairs("cpo", "train_cpo"), _rebuild_policy),
+        "simpo": _Trainer(SimPOStageConfig, _run_on_pairs("cpo", "train_simpo"), _rebuild_policy),
         "ppo": _Trainer(PPOStageConfig, _run_ppo, _rebuild_ppo),
         "grpo": _Trainer(GRPOStageConfig, _run_grpo, _rebuild_policy)}
 
@@ -407,6 +420,34 @@ def orpo_stage(b, inputs, cfg: ORPOStageConfig) -> StageOutput:
                               "kind": "policy", "method": "orpo", "metrics": metrics})
 
 
+def _ref_free_output(b, cfg, method: str) -> StageOutput:
+    """Train CPO or SimPO and publish: the model, metrics, held-out figures before and after."""
+    memory_plan = _memory_plan(method, cfg)
+    res, counts, model_dir = _train(b, cfg, method)
+    keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
+    _write_metrics(b, keys)
+    before, after = res.stats["held_out_before"], res.stats["held_out_after"]
+    metrics = {"held_out_loss_before": before.get("loss"), "held_out_loss": after.get("loss"),
+               "held_out_accuracy_before": before.get("accuracy"), "held_out_accuracy": after.get("accuracy"),
+               "held_out_margin_before": before.get("margin"), "held_out_margin": after.get("margin"),
+               "final_loss": res.stats["final_loss"]}
+    return StageOutput(counts={**counts, "steps": res.stats["steps"]},
+                       stats={**res.stats, "base_model": model_dir, "threads": _threads()},
+                       extra={**keys, "memory_plan": memory_plan, "kind": "policy", "method": method, "metrics": metrics})
+
+
+@stage("cpo", version="1", kind=MultiNodeStage)
+def cpo_stage(b, inputs, cfg: CPOStageConfig) -> StageOutput:
+    """CPO (reference-free: a preference loss of the policy's own log-probs plus the chosen reply's NLL) on pairs."""
+    return _ref_free_output(b, cfg, "cpo")
+
+
+@stage("simpo", version="1", kind=MultiNodeStage)
+def simpo_stage(b, inputs, cfg: SimPOStageConfig) -> StageOutput:
+    """SimPO (reference-free, length-normalised rewards with a target margin) on preference pairs."""
+    return _ref_free_output(b, cfg, "simpo")
+
+
 @stage("ppo", version="1", kind=MultiNodeStage)
 def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
     """PPO of the starting model against a reward model, on the prompts of the preference pairs."""
@@ -467,5 +508,6 @@ def grpo_stage(b, inputs, cfg: GRPOStageConfig) -> StageOutput:
                               "kind": "policy", "method": "grpo", "metrics": metrics})
 
 
-__all__ = ["reward_stage", "dpo_stage", "ppo_stage", "grpo_stage", "kto_stage", "orpo_stage", "RewardStageConfig",
+__all__ = ["reward_stage", "dpo_stage", "ppo_stage", "grpo_stage", "kto_stage", "orpo_stage", "cpo_stage",
+           "simpo_stage", "CPOStageConfig", "SimPOStageConfig", "RewardStageConfig",
            "DPOStageConfig", "PPOStageConfig", "GRPOStageConfig", "KTOStageConfig", "ORPOStageConfig"]
