@@ -1,4 +1,4 @@
-"""The ``refinery`` command: ``demo``, ``run FLOW``, ``inspect PATH``, ``flows``.
+"""The ``refinery`` command: ``demo``, ``run FLOW``, ``inspect PATH``, ``flows``, ``export MODEL``.
 
 Heavy imports (Prefect, torch, the stages) happen only inside the subcommands, so ``refinery
 --help`` answers at once; ``refinery run FLOW --help`` imports that one flow module (its params
@@ -180,8 +180,9 @@ def _run_flow(name: str, args) -> int:
     set_progress(getattr(args, "progress", "auto"), quiet=getattr(args, "quiet", False))
     if getattr(args, "quiet", False):
         os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
-    if name not in ("demo",) and not getattr(args, "print_config", False):
-        # local inputs first, before the flow module (Prefect, the stages) is imported
+    if name not in ("demo",):
+        # local inputs first, before the flow module (Prefect, the stages) is imported; --print-config
+        # too: a configuration it prints is one that would start
         _preflight(name, args)
     flow = load_flow(name)  # imports Prefect; starts nothing
     install_log_filters()
@@ -191,8 +192,7 @@ def _run_flow(name: str, args) -> int:
         for logger in ("prefect", "refinery"):
             logging.getLogger(logger).setLevel(logging.WARNING)
     # Validation first: a bad parameter must fail before Prefect starts a server (flow.run_params).
-    params = build_params(flow, args.config, args.set or [], args.workdir,
-                          check_paths=not getattr(args, "print_config", False))
+    params = build_params(flow, args.config, args.set or [], args.workdir, check_paths=True)
     if getattr(args, "print_config", False):
         print_config(params, args.json)
         return 0
@@ -360,13 +360,35 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Write a model as one GGUF file for llama.cpp (refinery.tasks.export.gguf)."""
+    _defaults_env()
+    from refinery.tasks.export.gguf import ExportError, export_gguf
+
+    try:
+        res = export_gguf(args.model, args.out, quant=args.quant)
+    except (ExportError, ValueError, OSError) as e:   # an architecture or tokenizer it cannot export, no such model
+        print(f"refinery export: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(dumps(res.to_dict()))
+    else:
+        types = ", ".join(f"{n} {k}" for k, n in sorted(res.tensor_types.items()))
+        print(f"{res.path}: {res.architecture}, {args.quant}, {res.tensors} tensors ({types}), {res.vocab} tokens"
+              f"{', chat template' if res.chat_template else ''}, {res.bytes:,} bytes")
+        for note in res.notes:
+            print(f"  note: {note}")
+    return 0
+
+
 def _flow_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-h", "--help", action="store_true", help="show this help with the flow's parameters")
     p.add_argument("-c", "--config", help="YAML file of flow parameters")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter (dotted keys for nested ones); repeatable")
     p.add_argument("--workdir", help=f"root folder or URL for all datasets (default: $REFINERY_WORKDIR, else ./{DEFAULT_WORKDIR})")
     p.add_argument("--json", action="store_true", help="print one JSON object (primary, outputs, counts) as the last stdout line (strict JSON: NaN is null)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved parameters (YAML; --json: JSON) and run nothing")
+    p.add_argument("--print-config", action="store_true", help="print the resolved parameters (YAML; --json: JSON) and run nothing; "
+                   "parameters and local paths are checked as for a run")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings, errors and the result on the console; no progress bars")
     p.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
                    help="progress bars: auto (only when stderr is a terminal), always or never")
@@ -417,6 +439,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     _debug_option(p)
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("export", help="write a model as one GGUF file for llama.cpp, tokenizer and chat template included")
+    p.add_argument("model", help="a refinery dataset (pretrain/finetune/align output), a Hugging Face model folder or a hub id")
+    p.add_argument("--format", default="gguf", choices=("gguf",), help="the file format (gguf)")
+    p.add_argument("--quant", default="f16", choices=("f16", "q8_0", "q4_k_m"),
+                   help="f16 (default), q8_0, or q4_k_m (needs llama-cpp-python: llama.cpp's quantizer)")
+    p.add_argument("--out", metavar="PATH", help="the output file or folder (default ./NAME.QUANT.gguf)")
+    p.add_argument("--json", action="store_true", help="print what was written as one JSON object")
+    _debug_option(p)
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("plan", help="a training flow's memory estimate per device (parameters, gradients, optimizer, activations) without training")
     p.add_argument("flow", help="pretrain, finetune or align")

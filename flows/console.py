@@ -80,7 +80,8 @@ def describe(e: BaseException) -> tuple[str, str] | None:
         return _first_lines(msg), "check the path"
     if "OSError" in names and getattr(e, "errno", None) == 28:
         return _first_lines(msg), "free disk space and rerun the same command"
-    if "ValueError" in names and ("credentials" in msg or "no such model" in msg or "neither a Hugging Face model folder" in msg):
+    if "ValueError" in names and ("credentials" in msg or "no such model" in msg or "neither a Hugging Face model folder" in msg
+                                 or "holds no model" in msg or "holds only a PEFT adapter" in msg):
         return _first_lines(msg), "see the message above"
     if "OSError" in names and ("config.json" in msg or "does not appear to have" in msg
                                or "is not a valid model identifier" in msg or "Can't load" in msg):
@@ -203,8 +204,9 @@ def quiet_third_party() -> None:
 
 def set_progress(mode: str, quiet: bool = False) -> bool:
     """Progress bars: ``always``, ``never`` or ``auto`` (only when stderr is a terminal). Sets
-    ``REFINERY_PROGRESS`` (read by the training metrics' bar) and tqdm's ``TQDM_DISABLE`` for the
-    bars that do not decide themselves; returns whether bars show."""
+    ``REFINERY_PROGRESS``, which every bar of the stages reads (the curation stages' tqdm bars
+    through refinery.tasks.progress, the training bars through the metrics log), and tqdm's
+    ``TQDM_DISABLE`` for the bars that do not decide themselves; returns whether bars show."""
     if quiet:
         mode = "never"
     show = mode == "always" or (mode == "auto" and sys.stderr.isatty())

@@ -19,7 +19,7 @@ import re
 from typing import Any
 
 # kinds: "glob" (curate's crawl files: paths, globs, comma-separated), "datasets" (dataset folders,
-# comma-separated), "file" (one data file), "model" (a model folder, refinery dataset or hub id),
+# comma-separated), "file" (training data: one file or a dataset folder), "model" (a model folder, refinery dataset or hub id),
 # "models" (comma-separated models), "tasks" (lm-eval task names or task YAML files)
 PATH_FIELDS: dict[str, dict[str, str]] = {
     "curate": {"input": "glob"},
@@ -89,12 +89,11 @@ def check_glob(param: str, value: str) -> None:
 
 
 def check_file(param: str, value: str) -> None:
-    """A data file: local, it must exist and be readable."""
+    """Training data: a local file or a dataset folder (what :mod:`refinery.tasks.records` reads) must
+    exist and be readable; what a folder holds is the stage's to check."""
     if not value or is_remote(value) or value.startswith("<"):   # <...>: the pipeline's placeholders
         return
     path = _expand(value)
-    if os.path.isdir(path):
-        raise PathProblem(param, f"{value} is a folder, not a file", "name the data file itself")
     if not os.path.exists(path):
         raise PathProblem(param, f"no such file: {value}", "check the path (relative paths start at the current folder)")
     _readable(param, path, "file")
@@ -127,11 +126,40 @@ def check_model(param: str, value: str) -> None:
                                             or os.path.isfile(os.path.join(path, "adapter_config.json"))):
                 raise PathProblem(param, f"{part} holds no model (no config.json, and no manifest.json of a refinery dataset)",
                                   "give a Hugging Face model folder, a refinery model dataset or a hub id")
+            if "tokenizer" not in param:   # a tokenizer may come from a tokenizer dataset
+                _check_model_dataset(param, part, path)
             continue
         if looks_local(part):
             raise PathProblem(param, f"no such model folder: {part}",
                               "give a Hugging Face model folder, a refinery model dataset (e.g. WORKDIR/pretrain/FINGERPRINT) "
                               "or a hub id such as org/name")
+
+
+def _check_model_dataset(param: str, part: str, path: str) -> None:
+    """A refinery dataset given as a model must hold one: its manifest's ``model`` key (every
+    training dataset writes it; ``merged`` in older ones), or a config.json where older datasets
+    kept it (refinery.tasks.modelref resolves and checks it when the stage opens it)."""
+    import json
+
+    try:
+        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return   # not a dataset, or a damaged one: the stage says which
+    if not isinstance(manifest, dict):
+        return
+    if any(manifest.get(k) for k in ("model", "merged")) or any(
+            os.path.isfile(os.path.join(path, sub, "config.json")) for sub in (".", "model", "merged")):
+        return
+    stage = manifest.get("stage", "?")
+    if manifest.get("adapter"):
+        raise PathProblem(param, f"{part} (a {stage} dataset, method {manifest.get('method')}) holds only a PEFT "
+                                 "adapter, no complete model",
+                          "that method cannot be merged into its base; fine-tune with lora, qlora, ia3 or full, or "
+                          "load the adapter with peft")
+    raise PathProblem(param, f"{part} is a {stage} dataset, not a model",
+                      "give a training dataset (WORKDIR/pretrain/FINGERPRINT, finetune, dpo ...), a Hugging Face "
+                      "model folder or a hub id")
 
 
 def check_tasks(param: str, value: Any) -> None:

@@ -1,8 +1,16 @@
 """Model references, as every training stage takes them: a Hugging Face model folder, a hub id,
-or a refinery dataset folder (local or fsspec URL) whose manifest names its model subfolder
-(``merged`` preferred, then ``model``), e.g. the pretrain, finetune or align flows' outputs.
+or a refinery dataset folder (local or fsspec URL) holding a model, e.g. the pretrain, finetune or
+align flows' outputs.
 
-This is part of the contract between stages (like the store), so finetune and align share it.
+This is part of the contract between stages (like the store), so finetune, align, evaluate and
+``refinery generate`` share it. **Where a training dataset keeps its model** (ARCHITECTURE.md,
+section 6): its manifest's ``model`` key names, relative to the dataset folder, a complete
+Hugging Face folder (config, weights, tokenizer: ``from_pretrained`` loads it as it is); where the
+method trained a PEFT adapter, ``adapter`` names the adapter folder and ``model`` the merged model.
+Every consumer therefore takes the dataset folder itself. Datasets written before the key was
+written everywhere are read too: ``merged``, then the conventional folders ``model/`` and
+``merged/``, then the dataset folder itself. A dataset that holds only an adapter (prompt or prefix
+tuning, LLaMA-Adapter: methods that cannot be merged) is refused with a message saying so.
 
 Trust: a model input is checked before anything loads it, as a dataset is on open.
 
@@ -30,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
-MODEL_KEYS = ("merged", "model")  # manifest keys naming a model subfolder, in order of preference
+MODEL_KEYS = ("model", "merged")  # manifest keys naming the model folder, in order of preference
 _MAX_HEADER = 100_000_000         # safetensors refuses larger headers too
 
 
@@ -163,8 +171,16 @@ def _dataset_model(p: Path, manifest: dict) -> Path:
     candidates = [s for s in subs if s is not None] + [p / k for k in MODEL_KEYS] + [p]
     folder = next((c for c in candidates if (c / "config.json").is_file()), None)
     if folder is None:
-        raise ValueError(f"{p}: refinery dataset (stage {manifest.get('stage')!r}) names no model folder "
-                         f"(manifest keys {list(MODEL_KEYS)} with a config.json inside)")
+        adapter = manifest.get("adapter", extra.get("adapter"))
+        if isinstance(adapter, str) and adapter:
+            raise ValueError(f"{p}: refinery dataset (stage {manifest.get('stage')!r}, method "
+                             f"{manifest.get('method', extra.get('method'))!r}) holds only a PEFT adapter ({adapter}/), "
+                             "no complete model: that method cannot be merged into its base; load the adapter with "
+                             f"peft on its base model ({manifest.get('base_model', extra.get('base_model'))}), or "
+                             "fine-tune with a method that merges (lora, qlora, ia3, full)")
+        raise ValueError(f"{p}: refinery dataset (stage {manifest.get('stage')!r}) holds no model: its manifest "
+                         f"names no model folder (key 'model' with a config.json inside); give a pretrain, "
+                         "finetune or align output, or a Hugging Face model folder")
     if folder != p:   # a conventional folder name, without a key, may be a link too
         rel = folder.relative_to(p).as_posix()
         _inside(p, rel, f"model folder {rel!r}")

@@ -8,7 +8,10 @@ Output dataset layout::
     metrics/     the run's per-step metrics (metrics.jsonl, loss.png, tensorboard/; the common
                  schema of refinery.tasks.train.metrics); a copy sits in adapter/ and merged/ too
     samples.parquet   held-out instructions generated before and after training
-    manifest.json     extra keys: method, adapter / merged / model (folders, relative), base_model
+    manifest.json     extra keys: method, base_model, and the folders (relative): ``model`` the complete
+                      model every consumer loads (``merged`` under an adapter, ``.`` for method=full),
+                      ``adapter`` and ``merged``; prompt/prefix tuning and LLaMA-Adapter cannot be merged,
+                      so their datasets hold an adapter and no ``model`` (refinery.tasks.modelref)
 
 The raw inputs are no datasets, so their identities (content hash of the data file; a model
 folder's file names, sizes and mtimes, or a refinery model dataset's fingerprint, or the hub id)
@@ -141,7 +144,7 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
         merged = os.path.join(tmp, "merged")
         M.merge_adapter(cfg, source, adapter, tok, merged)
         b.put_dir(merged, "merged")
-        extra["merged"] = "merged"
+        extra["merged"] = extra["model"] = "merged"   # the complete model, where every training dataset names it
         _free(device)
 
     publish_metrics(b, metrics_dir, [extra[k] for k in ("adapter", "merged") if k in extra])

@@ -6,7 +6,8 @@ Output dataset (``<workdir>/pretrain/<fingerprint>/``)::
     metrics/metrics.jsonl, metrics/loss.png, metrics/tensorboard/              (the run's curves; see
                                                                                refinery.tasks.train.metrics)
 
-Manifest: counts ``steps``, ``tokens``, ``params``; extra keys ``val_loss_start``, ``val_loss_end``,
+Manifest: ``model: "."`` (the model folder, as every training dataset names it: see
+refinery.tasks.modelref); counts ``steps``, ``tokens``, ``params``; extra keys ``val_loss_start``, ``val_loss_end``,
 ``best_step``, ``best_val_loss``, ``unigram_entropy`` (the baseline), ``training`` (status, device,
 tokens/sec, MFU, checkpoint folder).
 
@@ -88,7 +89,7 @@ def pretrain(b: Builder, inputs: list[Dataset], cfg: TrainConfig) -> StageOutput
     return StageOutput(
         counts={"steps": result["steps"], "tokens": result["tokens"], "params": result["params"]},
         stats={"train_seconds": round(result.get("seconds", 0.0), 3)},
-        extra={"val_loss_start": result["val_loss_start"], "val_loss_end": result["val_loss_end"],
+        extra={"model": ".", "val_loss_start": result["val_loss_start"], "val_loss_end": result["val_loss_end"],
                "best_step": result["best_step"], "best_val_loss": result["best_val_loss"],
                "unigram_entropy": result["unigram_entropy"], "training": training, "memory_plan": memory_plan},
     )

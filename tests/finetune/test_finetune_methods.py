@@ -67,13 +67,14 @@ def test_method_trains_and_outputs_load(method, tiny_causal_lm_dir, sft_file, tm
 
     if method in ("lora", "qlora", "ia3"):
         merged_dir = ds.file(m["merged"])
+        assert m["model"] == "merged"   # the complete model, where every training dataset names it
         assert {"merged/config.json", "merged/model.safetensors", "merged/tokenizer.json"} <= files
         merged = _base(merged_dir)
         assert not any("lora" in k or "ia3" in k for k in merged.state_dict())
         diff = (_logits(merged, IDS) - with_adapter).abs().max().item()
         assert diff < 1e-4, diff
     else:
-        assert "merged" not in m
+        assert "merged" not in m and "model" not in m   # an adapter only: consumers refuse it by name
 
     if method == "qlora":  # the frozen base really was 4-bit while training
         base_bytes = os.path.getsize(tiny_causal_lm_dir / "model.safetensors")

@@ -109,18 +109,44 @@ def test_help_shows_none_where_none_is_allowed(capsys):
     assert re.search(r"^  lr: float \| None", out, re.M), out
 
 
-def test_print_config_prints_resolved_parameters_without_running(tmp_path, capsys):
+def test_print_config_prints_resolved_parameters_without_running(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sft.json").write_text("[]")
     assert main(["run", "finetune", "--set", "input=org/model", "--set", "data=sft.json", "--set", "method=ia3",
                  "--workdir", str(tmp_path / "w"), "--print-config", "--json"]) == 0
     cfg = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert cfg["input"] == "org/model" and cfg["method"] == "ia3" and cfg["lr"] == 3e-3 and cfg["lora"]["r"] == 8
     assert not (tmp_path / "w").exists()
+    (tmp_path / "crawl").mkdir()
+    (tmp_path / "crawl" / "a.warc.gz").write_bytes(b"")
     r, seconds = _run(["run", "curate", "--set", "input=crawl/*.warc.gz", "--print-config"], cwd=tmp_path)
     import yaml
 
     data = yaml.safe_load(r.stdout)
     assert r.returncode == 0 and data["input"] == "crawl/*.warc.gz" and "dedup" in data, r.stderr
     print(f"--print-config: {seconds:.2f} s")
+
+
+@pytest.mark.parametrize("case", ["curate-glob", "finetune-input", "finetune-data", "evaluate-data"])
+def test_print_config_checks_local_paths_as_a_run_does(tmp_path, capsys, monkeypatch, case):
+    """--print-config prints a configuration that would start: a wrong local path fails there with
+    the run's message and exit status, and nothing is printed on stdout."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sft.json").write_text("[]")
+    args, param, message = {
+        "curate-glob": (["run", "curate", "--set", "input=crawl/*.warc.gz"], "input", "matches no file"),
+        "finetune-input": (["run", "finetune", "--set", "input=./no-such-model", "--set", "data=sft.json"], "input",
+                           "no such model folder"),
+        "finetune-data": (["run", "finetune", "--set", "input=org/model", "--set", "data=missing.json"], "data",
+                          "no such file"),
+        "evaluate-data": (["run", "evaluate", "--set", "input=org/model", "--set", "data=W/holdout/abc"], "data",
+                          "no such dataset"),
+    }[case]
+    assert main([*args, "--print-config"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"refinery run {args[1]}: {param}: ") and message in err, err
+    assert main([*args, "--print-config", "--json"]) == 1   # JSON or YAML, the same check
+    assert capsys.readouterr().out == ""
 
 
 def _free(port: int) -> bool:

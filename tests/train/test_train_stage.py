@@ -45,6 +45,7 @@ def test_stage_output_cache_and_crash_resume(token_dataset, tmp_path, exec_log):
     tok = AutoTokenizer.from_pretrained(ds.path)
     assert model.config.model_type == "llama" and tok.convert_tokens_to_ids("<extra_id_0>") is not None
     files = {f["path"] for f in m["files"]}
+    assert m["model"] == "."   # the model folder, where every training dataset names it
     assert {"config.json", "model.safetensors", "tokenizer.json", "metrics/loss.png", "metrics/metrics.jsonl"} <= files
     assert any(f.startswith("metrics/tensorboard/events.out.tfevents.") for f in files)
     assert "trainer_state.pt" not in files, "the training state stays with the checkpoints"
