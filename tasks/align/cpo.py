@@ -189,8 +189,7 @@ class RefFreeMethod(OfflineMethod):
         share = self.share()   # this process's pairs of the micro-batch (all of them in one)
         idx, enc, spec = share.idx, self.enc_tr, self.spec
         n = len(idx)
-        seqs = [enc.chosen[j] for j in idx] + [enc.rejected[j] for j in idx]
-        plens = [enc.p_len_c[j] for j in idx] + [enc.p_len_r[j] for j in idx]
+        seqs, plens = enc.pick(idx)
         sums, lens = reply_logps(self.net, seqs, plens, self.pad_id)
         lp = pair_logps(sums, lens, spec.loss_type)
         per_pair, rew_c, rew_r = pair_loss(lp[:n], lp[n:], spec)

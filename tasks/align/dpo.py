@@ -88,6 +88,13 @@ class _Encoded:
     p_len_c: list     # prompt length of each chosen sequence (the reply starts there)
     p_len_r: list
 
+    def pick(self, idx: Sequence[int]) -> tuple[list, list]:
+        """Pairs ``idx`` as one batch: the chosen sequences, then the rejected ones, with their
+        prompt lengths (one forward over both halves)."""
+        seqs = [self.chosen[j] for j in idx] + [self.rejected[j] for j in idx]
+        plens = [self.p_len_c[j] for j in idx] + [self.p_len_r[j] for j in idx]
+        return seqs, plens
+
 
 def encode_pairs(tokenizer, pairs: Sequence[PreferencePair], max_prompt_len: int, max_len: int) -> _Encoded:
     enc = _Encoded([], [], [], [])
@@ -251,8 +258,7 @@ class DPOMethod(OfflineMethod):
         share = self.share()   # this process's pairs of the micro-batch (all of them in one)
         idx, enc, cfg = share.idx, self.enc_tr, self.cfg
         n = len(idx)
-        seqs = [enc.chosen[j] for j in idx] + [enc.rejected[j] for j in idx]
-        plens = [enc.p_len_c[j] for j in idx] + [enc.p_len_r[j] for j in idx]
+        seqs, plens = enc.pick(idx)
         lp, lens = reply_logps(self.net, seqs, plens, self.pad_id)
         t = torch.tensor(idx)
         ref_c, ref_r = self.ref_tr[0][t].to(lp.device), self.ref_tr[1][t].to(lp.device)

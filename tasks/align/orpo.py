@@ -78,8 +78,7 @@ def chosen_nll(sum_logps, counts):
 def orpo_batch(model, enc, idx: Sequence[int], pad_id: int, beta: float):
     """Loss and figures of pairs ``idx`` of the encoded pairs ``enc`` (one forward over chosen + rejected)."""
     n = len(idx)
-    seqs = [enc.chosen[j] for j in idx] + [enc.rejected[j] for j in idx]
-    plens = [enc.p_len_c[j] for j in idx] + [enc.p_len_r[j] for j in idx]
+    seqs, plens = enc.pick(idx)
     avg, sums, counts = _forward(model, seqs, plens, pad_id)
     nll = chosen_nll(sums[:n], counts[:n])
     ratio, log_odds = odds_ratio_loss(avg[:n], avg[n:], beta)
@@ -135,8 +134,7 @@ class ORPOMethod(OfflineMethod):
         share = self.share()   # this process's pairs of the micro-batch (all of them in one)
         idx, enc = share.idx, self.enc_tr
         n = len(idx)
-        seqs = [enc.chosen[j] for j in idx] + [enc.rejected[j] for j in idx]
-        plens = [enc.p_len_c[j] for j in idx] + [enc.p_len_r[j] for j in idx]
+        seqs, plens = enc.pick(idx)
         avg, sums, counts = _forward(self.net, seqs, plens, self.pad_id)
         w = weights_of(share, sums)
         # the NLL term is a mean over every chosen token of the micro-batch, all processes' together

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Sequence
 
 from pydantic import AfterValidator
+from refinery.tasks.progress import show_progress
 
 ROW_KEYS = ("step", "split", "seconds", "tokens")      # the fixed columns of every row
 TIMING_KEYS = ("seconds", "tokens_per_sec", "mfu")     # wall-clock figures: differ between identical runs
@@ -181,23 +182,6 @@ class _PrefectProgress:
 
 
 # ----------------------------------------------------------------------------- the log
-def show_progress() -> bool:
-    """Whether a console progress bar shows: ``REFINERY_PROGRESS`` (set by ``refinery --progress``)
-    ``always`` or ``never``; otherwise (``auto``, unset) only when stderr is a terminal, so a logged
-    run's stderr holds no bar redraws."""
-    import os
-
-    mode = os.environ.get("REFINERY_PROGRESS", "auto").strip().lower()
-    if mode in ("always", "1", "true"):
-        return True
-    if mode in ("never", "0", "false"):
-        return False
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 class MetricsLog:
     """One run's per-step metrics (schema in the module docstring) to ``log_dir``.
 

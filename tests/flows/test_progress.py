@@ -56,12 +56,3 @@ def test_always_reaches_a_sharded_stage_run_by_the_runtime(capsys, tmp_path):
     """The ingest stage's per-file bar (named after the file), drawn in the runtime's worker thread."""
     set_progress("always")
     assert "demo-00000.warc.gz" in _ingest_bar(capsys, tmp_path)
-
-
-def test_training_and_curation_bars_read_the_same_setting():
-    from refinery.tasks.progress import show_progress
-    from refinery.tasks.train.metrics import show_progress as training_bar
-
-    for mode in ("always", "never", "auto"):
-        shown = set_progress(mode)
-        assert show_progress() is shown and training_bar() is shown
