@@ -1,4 +1,4 @@
-"""The ``refinery`` command: ``demo``, ``run FLOW``, ``inspect PATH``, ``flows``, ``export MODEL``.
+"""The ``refinery`` command: ``demo``, ``run FLOW``, ``inspect PATH``, ``flows``, ``export MODEL``, ``serve MODEL``.
 
 Heavy imports (Prefect, torch, the stages) happen only inside the subcommands, so ``refinery
 --help`` answers at once; ``refinery run FLOW --help`` imports that one flow module (its params
@@ -381,6 +381,45 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible server for a model on 127.0.0.1 (refinery.tasks.serve) until SIGINT/SIGTERM."""
+    _defaults_env()
+    from refinery.tasks.eval.generate import load_model
+    from refinery.tasks.serve import API_KEY_ENV, Engine, bind, is_local, make_server, url_of
+
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise SystemExit("refinery serve: --max-concurrency must be at least 1")
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        print(f"refinery serve: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    try:
+        lm = load_model(args.model, args.device)
+    except (ValueError, OSError) as e:   # no such model, unreadable files
+        sock.close()
+        print(f"refinery serve: {e}", file=sys.stderr)
+        return 2
+    concurrency = args.max_concurrency or (1 if lm.device == "cpu" else 4)
+    engine = Engine(lm, args.model, max_concurrency=concurrency, max_queue=args.max_queue,
+                    default_max_tokens=args.max_tokens)
+    if not is_local(args.host):
+        print(f"refinery serve: warning: listening on {args.host}, reachable from other machines"
+              f"{'' if os.environ.get(API_KEY_ENV) else f'; set {API_KEY_ENV} to require a key'}", file=sys.stderr)
+    print(f"refinery serve: {args.model} on {lm.device} at {url_of(sock)} (OpenAI API: /models, /completions, "
+          f"/chat/completions; {concurrency} at a time; "
+          f"{'API key required' if os.environ.get(API_KEY_ENV) else 'no API key'}); Ctrl-C stops it", flush=True)
+    try:
+        make_server(engine, log_level=args.log_level).run(sockets=[sock])
+    except KeyboardInterrupt as e:   # the signal uvicorn re-raises once it has stopped (SIGTERM: Terminated)
+        import signal
+
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"refinery serve: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+    return 0
+
+
 def _flow_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-h", "--help", action="store_true", help="show this help with the flow's parameters")
     p.add_argument("-c", "--config", help="YAML file of flow parameters")
@@ -449,6 +488,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print what was written as one JSON object")
     _debug_option(p)
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server for a model (/v1/models, /v1/completions, "
+                                     "/v1/chat/completions, streaming) on 127.0.0.1")
+    p.add_argument("model", help="a refinery dataset (pretrain/finetune/align output), a Hugging Face model folder or a hub id")
+    p.add_argument("--port", type=int, default=8000, help="the port (default 8000; 0 picks a free one, printed)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default 127.0.0.1; another one is reachable from other machines: "
+                        "set REFINERY_SERVE_API_KEY)")
+    p.add_argument("--max-concurrency", type=int, default=None, metavar="N",
+                   help="generations at once (default 1 on CPU, 4 on a GPU); more requests wait")
+    p.add_argument("--max-queue", type=int, default=32, metavar="N",
+                   help="requests waiting for a slot at most; beyond that 429 (default 32)")
+    p.add_argument("--max-tokens", type=int, default=256, metavar="N",
+                   help="max_tokens of a request that names none (default 256, within the model's context)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="the server's log (info: one line per request)")
+    _debug_option(p)
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("plan", help="a training flow's memory estimate per device (parameters, gradients, optimizer, activations) without training")
     p.add_argument("flow", help="pretrain, finetune or align")
