@@ -1,5 +1,5 @@
 """Loading a model the flows accept and generating text with it (the ``evaluate`` stage's samples
-and ``refinery generate``).
+and ``refinery generate``), through the rollout engine (``refinery.tasks.rollout``).
 
 Greedy decoding at temperature 0 (deterministic); sampling with ``temperature`` > 0 and ``top_p``,
 seeded. With ``chat`` the prompt is one user turn through the tokenizer's chat template (an error
@@ -62,21 +62,24 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 def generate(lm: LoadedModel, prompt: str, *, chat: bool = False, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, streamer: Any = None) -> str:
-    """The completion of ``prompt`` (without the prompt); ``streamer`` receives tokens as they come."""
-    import torch
+    """The completion of ``prompt`` (without the prompt); ``streamer`` receives tokens as they come.
+    Sampled by the rollout engine (``refinery.tasks.rollout``): greedy at temperature 0, equal to
+    ``model.generate``'s greedy output; otherwise from a generator seeded with ``seed``."""
+    return generate_many(lm, [prompt], chat=chat, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_p=top_p, seed=seed, streamer=streamer)[0]
 
-    ids = torch.tensor([prompt_ids(lm.tokenizer, prompt, chat)], device=lm.device)
-    torch.manual_seed(seed)
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
-    if temperature > 0:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    else:   # no sampling settings: silences "temperature is set but do_sample is False"
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-    with torch.inference_mode():
-        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=pad,
-                                streamer=streamer, use_cache=True, **kwargs)
-    return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+def generate_many(lm: LoadedModel, prompts: list[str], *, chat: bool = False, max_new_tokens: int = 64,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = (),
+                  batch_size: int = 32, streamer: Any = None) -> list[str]:
+    """The completions of ``prompts``, in order: one batched rollout (prompts bucketed by length, left
+    padded, KV cache, each stopping on EOS or a ``stop`` string)."""
+    from refinery.tasks.rollout import SamplingParams, sample
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                            stop=tuple(stop), batch_size=batch_size)
+    ids = [prompt_ids(lm.tokenizer, p, chat) for p in prompts]
+    return sample(lm.model, lm.tokenizer, ids, params, streamer=streamer).texts
 
 
 def stream_completion(model: str, prompt: str, *, chat: bool = False, max_new_tokens: int = 128,
@@ -100,5 +103,5 @@ def stream_completion(model: str, prompt: str, *, chat: bool = False, max_new_to
                     seed=seed, streamer=streamer)
 
 
-__all__ = ["LoadedModel", "load_model", "generate", "stream_completion", "prompt_ids", "has_chat_template",
+__all__ = ["LoadedModel", "load_model", "generate", "generate_many", "stream_completion", "prompt_ids", "has_chat_template",
            "pick_device"]

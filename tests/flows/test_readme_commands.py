@@ -14,6 +14,9 @@ How each command is checked:
 - a usage line (``refinery run FLOW [-c FILE.yaml] ...``): its subcommand and every option it names
   must exist in the command's parser; ``refinery run FLOW --help`` runs for every flow;
 - ``inspect``, ``verify``, ``flows``, ``plan``, ``generate``, ``export`` and ``--help`` run for real;
+- ``serve MODEL ...``: its options parse (``--help`` runs with them) and its model resolves to a
+  complete model folder, as the server loads it; the server itself is tested in
+  ``tests/eval/test_serve.py`` (a server started here would only wait for requests);
 - ``run FLOW ...`` is validated with ``--print-config``: parameters, and the local paths checked
   as a run checks them (``refinery.flows.paths``); a model input that is a refinery dataset must
   also resolve to a complete model folder (``refinery.tasks.modelref``), as evaluate, finetune and
@@ -226,6 +229,15 @@ def check_run(argv: list[str], cli) -> None:
                 assert (Path(resolve_model(ref)) / "config.json").is_file()
 
 
+def check_serve(argv: list[str], cli) -> None:
+    """``serve MODEL ...``: the options parse and the model resolves; nothing listens."""
+    from refinery.tasks.modelref import resolve_model
+
+    rc, out, err = cli([*argv, "--help"])
+    assert rc == 0 and "--max-concurrency" in out, err
+    assert (Path(resolve_model(argv[1])) / "config.json").is_file()
+
+
 @pytest.mark.slow   # the cut-down demo: about a minute of CPU, shared by every case of the module
 @pytest.mark.parametrize("case", COMMANDS, ids=[_case_id(c) for c in COMMANDS])
 def test_readme_command(case, demo, cli):
@@ -242,6 +254,8 @@ def test_readme_command(case, demo, cli):
         rc, out, err = cli(argv)
         assert rc == 0, f"{where}: exit {rc}\n{err[-2000:]}"
         assert out.strip() or sub == "generate", f"{where}: printed nothing"   # a tiny model may stop at once
+    elif sub == "serve":
+        check_serve(argv, cli)
     elif sub == "run":
         check_run(argv, cli)
     elif sub == "demo":
