@@ -203,8 +203,14 @@ def test_a_demo_run_starts_no_deployment(stack, deployed, tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     curated = json.loads(r.stdout)["primary"]
 
-    events = stack.api_post("/events/filter", {"filter": {"event": {"name": ["refinery.curate.completed"]}}, "limit": 50})
-    ours = [e for e in events["events"] if e["payload"]["output"] == curated]
+    # the server persists events in batches, a moment after it receives them
+    deadline = time.time() + 60
+    while True:
+        events = stack.api_post("/events/filter", {"filter": {"event": {"name": ["refinery.curate.completed"]}}, "limit": 50})
+        ours = [e for e in events["events"] if e["payload"]["output"] == curated]
+        if ours or time.time() > deadline:
+            break
+        time.sleep(1)
     assert [e["resource"]["refinery.subflow"] for e in ours] == ["true"], events
 
     control = {"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(),
