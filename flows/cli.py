@@ -385,7 +385,7 @@ def cmd_serve(args) -> int:
     """An OpenAI-compatible server for a model on 127.0.0.1 (refinery.tasks.serve) until SIGINT/SIGTERM."""
     _defaults_env()
     from refinery.tasks.eval.generate import load_model
-    from refinery.tasks.serve import API_KEY_ENV, Engine, bind, is_local, make_server, url_of
+    from refinery.tasks.serve import API_KEY_ENV, ServedModel, bind, is_local, make_server, url_of
 
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise SystemExit("refinery serve: --max-concurrency must be at least 1")
@@ -401,7 +401,7 @@ def cmd_serve(args) -> int:
         print(f"refinery serve: {e}", file=sys.stderr)
         return 2
     concurrency = args.max_concurrency or (1 if lm.device == "cpu" else 4)
-    engine = Engine(lm, args.model, max_concurrency=concurrency, max_queue=args.max_queue,
+    engine = ServedModel(lm, args.model, max_concurrency=concurrency, max_queue=args.max_queue,
                     default_max_tokens=args.max_tokens)
     if not is_local(args.host):
         print(f"refinery serve: warning: listening on {args.host}, reachable from other machines"

@@ -251,7 +251,7 @@ def generate_text(lm, ids: list[int], params: GenParams, on_text: Callable[[str]
 
 
 # --------------------------------------------------------------------------- the server
-class Engine:
+class ServedModel:
     """The loaded model, the concurrency bound and the generations in flight."""
 
     def __init__(self, lm, model_id: str, max_concurrency: int = 1, max_queue: int = 32,
@@ -308,7 +308,7 @@ def _auth_ok(header: str | None, key: str) -> bool:
     return bool(given) and hmac.compare_digest(given.encode(), key.encode())
 
 
-def create_app(engine: Engine, api_key: str | None = None):
+def create_app(engine: ServedModel, api_key: str | None = None):
     """The FastAPI app; ``api_key`` (default: ``$REFINERY_SERVE_API_KEY``, empty means none)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -484,7 +484,7 @@ def bind(host: str = "127.0.0.1", port: int = DEFAULT_PORT):
     return sock
 
 
-def make_server(engine: Engine, log_level: str = "info", api_key: str | None = None):
+def make_server(engine: ServedModel, log_level: str = "info", api_key: str | None = None):
     """A uvicorn server for ``engine``; a signal stops every generation at once, then the server."""
     import uvicorn
 
@@ -503,5 +503,5 @@ def url_of(sock) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
-__all__ = ["API_KEY_ENV", "ApiError", "Engine", "GenParams", "GenResult", "bind", "create_app", "generate_text",
+__all__ = ["API_KEY_ENV", "ApiError", "ServedModel", "GenParams", "GenResult", "bind", "create_app", "generate_text",
            "is_local", "make_server", "url_of"]

@@ -55,10 +55,10 @@ def lm(model_dir):
 @contextlib.contextmanager
 def running(lm, **engine_kw):
     """A server for ``lm`` on 127.0.0.1 (a free port) in a thread: (its /v1 URL, its socket)."""
-    from refinery.tasks.serve import Engine, bind, make_server, url_of
+    from refinery.tasks.serve import ServedModel, bind, make_server, url_of
 
     sock = bind(port=0)
-    server = make_server(Engine(lm, MODEL_ID, **engine_kw), log_level="warning")
+    server = make_server(ServedModel(lm, MODEL_ID, **engine_kw), log_level="warning")
     t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     t.start()
     deadline = time.monotonic() + 30
