@@ -29,3 +29,32 @@ def assert_same_metrics(a: list[dict], b: list[dict], tol: float = 1e-6, what: s
                 assert abs(ra[k] - rb[k]) <= tol, (what, ra["step"], ra["split"], k, ra[k], rb[k])
             else:
                 assert ra[k] == rb[k], (what, ra["step"], ra["split"], k)
+
+
+def trl_grpo_loss(logp, old, ref, adv, mask, beta, loss_type, eps_low, eps_high, max_len):
+    """TRL 1.16's GRPOTrainer._compute_loss of ``loss_type`` run as is: the forward replaced by the given log-probs, the accelerator
+    by single-process identities, one micro-batch per generation batch (``num_items_in_batch``:
+    the batch's completion tokens)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    import torch
+    from trl.trainer.grpo_trainer import GRPOTrainer as TRLGRPO
+
+    ident = SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x, reduce=lambda x, reduction="sum": x,
+                            num_processes=1, sync_gradients=True)
+    fake = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
+        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        importance_sampling_level="token", beta=beta, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high,
+        max_completion_length=max_len,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1), use_vllm=False,
+        vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False, accelerator=ident,
+        _metrics=defaultdict(lambda: defaultdict(list)))
+    B, T = logp.shape
+    inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
+              "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
+              "num_items_in_batch": mask.sum()}
+    return TRLGRPO._compute_loss(fake, None, inputs)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from collections import defaultdict
-from types import SimpleNamespace
 
 import pytest
-from refinery_testlib import assert_same_metrics
+from refinery_testlib import assert_same_metrics, trl_grpo_loss
 import torch
 
 from refinery.tasks.align.grpo import GRPOConfig, group_advantages, grpo_loss, train_grpo
@@ -44,28 +42,6 @@ def test_group_advantages_match_hand_and_trl():
     assert torch.allclose(group_advantages(r, 4, scale=False)[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]))
 
 
-def _trl_grpo_loss(logp, old, ref, adv, mask, beta, eps):
-    """TRL 1.16's GRPOTrainer._compute_loss (loss_type="grpo") on the same tensors, run as is: the
-    model forward is replaced by the given log-probs, the accelerator by single-process identities."""
-    from trl.trainer.grpo_trainer import GRPOTrainer
-
-    ident = SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x, reduce=lambda x, reduction="sum": x,
-                            num_processes=1, sync_gradients=True)
-    fake = SimpleNamespace(
-        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
-        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-        importance_sampling_level="token", beta=beta, loss_type="grpo", epsilon_low=eps, epsilon_high=eps,
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None), use_vllm=False,
-        vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False, accelerator=ident,
-        _metrics=defaultdict(lambda: defaultdict(list)))
-    B, T = logp.shape
-    inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
-              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
-              "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref}
-    return GRPOTrainer._compute_loss(fake, None, inputs)
-
-
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_grpo_loss_equals_trl(beta):
     g = torch.Generator().manual_seed(0)
@@ -78,7 +54,7 @@ def test_grpo_loss_equals_trl(beta):
     mask[1, 3:] = 0
     mask[4, 1:] = 0
     ours, _ = grpo_loss(logp, old, ref, adv, mask.float(), beta, 0.2)
-    theirs = _trl_grpo_loss(logp, old, ref, adv, mask, beta, 0.2)
+    theirs = trl_grpo_loss(logp, old, ref, adv, mask, beta, "grpo", 0.2, 0.2, T)
     assert torch.allclose(ours, theirs, atol=1e-6), (ours.item(), theirs.item())
     (gours,) = torch.autograd.grad(ours, logp)
     (gtheirs,) = torch.autograd.grad(theirs, logp)

@@ -4,39 +4,15 @@ TRL's formulas, and the step's minibatch weighting (dapo's token count over the 
 dynamic sampling's dropped groups) the same update on one process or two."""
 from __future__ import annotations
 
-from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from refinery_testlib import trl_grpo_loss
+
 from refinery.tasks.align.grpo import (LOSS_TYPES, GRPOConfig, GRPOTrainer, _Batch, equal_groups, group_advantages,
                                        grpo_loss)
-
-
-def _trl_loss(logp, old, ref, adv, mask, beta, loss_type, eps_low, eps_high, max_len):
-    """TRL's _compute_loss run as is: the forward replaced by the given log-probs, the accelerator
-    by single-process identities, one micro-batch per generation batch (``num_items_in_batch``:
-    the batch's completion tokens)."""
-    from trl.trainer.grpo_trainer import GRPOTrainer as TRLGRPO
-
-    ident = SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x, reduce=lambda x, reduction="sum": x,
-                            num_processes=1, sync_gradients=True)
-    fake = SimpleNamespace(
-        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
-        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-        importance_sampling_level="token", beta=beta, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high,
-        max_completion_length=max_len,
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1), use_vllm=False,
-        vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False, accelerator=ident,
-        _metrics=defaultdict(lambda: defaultdict(list)))
-    B, T = logp.shape
-    inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
-              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask,
-              "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
-              "num_items_in_batch": mask.sum()}
-    return TRLGRPO._compute_loss(fake, None, inputs)
 
 
 @pytest.mark.parametrize("clip_high", [None, 0.28])
@@ -58,7 +34,7 @@ def test_every_grpo_loss_type_equals_trl(loss_type, beta, clip_high):
     mask[1, 3:] = 0
     mask[4, 1:] = 0
     ours, _ = grpo_loss(logp, old, ref, adv, mask.float(), beta, 0.2, loss_type, clip_high, max_completion_length=T)
-    theirs = _trl_loss(logp, old, ref, adv, mask, beta, loss_type, 0.2, clip_high or 0.2, T)
+    theirs = trl_grpo_loss(logp, old, ref, adv, mask, beta, loss_type, 0.2, clip_high or 0.2, T)
     assert torch.allclose(ours, theirs, atol=1e-6), (ours.item(), theirs.item())
     (g1,) = torch.autograd.grad(ours, logp)
     (g2,) = torch.autograd.grad(theirs, logp)
