@@ -1,4 +1,6 @@
 """Helpers shared by tests (a uniquely named module: folder conftests shadow `conftest`)."""
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -58,3 +60,30 @@ def trl_grpo_loss(logp, old, ref, adv, mask, beta, loss_type, eps_low, eps_high,
               "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
               "num_items_in_batch": mask.sum()}
     return TRLGRPO._compute_loss(fake, None, inputs)
+
+
+@contextmanager
+def moto_s3():
+    """A moto S3 server on 127.0.0.1 for the block; yields its endpoint URL.
+
+    fsspec caches filesystem instances by their arguments, not by the environment, so an
+    `S3FileSystem()` made against an earlier test's server (read from AWS_ENDPOINT_URL) would
+    be reused and point at a stopped port: the cache is cleared on the way in and out."""
+    import pytest
+
+    server_mod = pytest.importorskip("moto.server")
+
+    def forget():
+        s3fs = sys.modules.get("s3fs")
+        if s3fs is not None:
+            s3fs.S3FileSystem.clear_instance_cache()
+
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    forget()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        forget()
+        server.stop()

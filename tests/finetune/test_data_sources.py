@@ -14,7 +14,7 @@ import pytest
 from refinery.tasks import records as R
 from refinery.tasks.finetune import data as D
 from refinery.tasks.runtime import StageOutput, stage
-from refinery_testlib import shared_file
+from refinery_testlib import moto_s3, shared_file
 
 ALPACA = "sft/alpaca_en_demo.json"
 
@@ -299,17 +299,9 @@ def test_too_many_bad_records_from_a_table(tmp_path):
 # --------------------------------------------------------------------------- object storage (moto)
 @pytest.fixture(scope="module")
 def s3_env():
-    from moto.server import ThreadedMotoServer
-
-    from ops.prefect_server import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    yield env
-    server.stop()
+    with moto_s3() as endpoint:
+        yield {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": endpoint}
 
 
 def test_s3_files_and_folders(s3_env, monkeypatch, alpaca, shared_data, tmp_path):

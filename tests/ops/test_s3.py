@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from refinery_testlib import read_exec_log
-from ops.prefect_server import free_port
+from refinery_testlib import moto_s3, read_exec_log
 
 ROOT = Path(__file__).resolve().parents[2]
 REFINERY = str(Path(sys.executable).parent / "refinery")
@@ -19,13 +18,8 @@ REFINERY = str(Path(sys.executable).parent / "refinery")
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 def test_second_worker_with_empty_disk_reuses_cached_stages(tmp_path, s3_endpoint, shared_data, exec_log):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from refinery_testlib import read_exec_log
+from refinery_testlib import moto_s3, read_exec_log
 from refinery.tasks.store import Dataset, Store, WriterLock, _Lease
 from toy_stages import Toy, ToyConfig
 
@@ -203,16 +203,8 @@ S3_TRIALS = 3
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    pytest.importorskip("moto")
-    from moto.server import ThreadedMotoServer
-
-    from ops.prefect_server import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
