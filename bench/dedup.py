@@ -291,7 +291,8 @@ def main() -> None:
     print(f"lsh_bands memory per shard (one band): measured {bm['traced_peak_bytes'] / 2**20:.2f} MiB, "
           f"model 24 B x {mem['docs']} docs + 32 B x {bm['max_pairs_per_band']} pairs = {bm['model_bytes'] / 2**20:.2f} MiB")
     print(f"dedup clustering memory: measured {mem['measured_cluster_peak'] / 2**20:.2f} MiB, "
-          f"model 32 B x {mem['docs']} docs + 16 B x pairs = {mem['estimate'] / 2**20:.2f} MiB")
+          f"model {mem['per_doc_in_pairs']} B x {mem['docs_in_pairs']} docs in pairs (of {mem['docs']}) + "
+          f"{mem['per_pair']} B x {mem['max_pairs_per_key']} pairs = {mem['estimate'] / 2**20:.2f} MiB")
     print(f"signatures: {result['signature_docs_per_sec_per_core']} docs/s/core (CPU time)")
 
     if not args.skip_datatrove:
