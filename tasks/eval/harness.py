@@ -199,8 +199,12 @@ def lm_eval_tasks(specs: list[TaskSpec]) -> list:
 
 def run_harness(model_path: str, specs: list[TaskSpec], *, limit: int | float | None, num_fewshot: int | None,
                 seed: int, batch_size: int, device: str, gen_kwargs: str | None = None,
-                max_length: int | None = None) -> dict:
-    """``lm_eval.simple_evaluate`` on an ``HFLM`` of ``model_path``; its full result dict."""
+                max_length: int | None = None, apply_chat_template: bool = False,
+                fewshot_as_multiturn: bool = False) -> dict:
+    """``lm_eval.simple_evaluate`` on an ``HFLM`` of ``model_path``; its full result dict. With
+    ``apply_chat_template`` every request's context goes through the tokenizer's chat template
+    (the question as a user turn, the answer as the assistant's), few-shot examples as separate
+    turns when ``fewshot_as_multiturn`` (else all in the one user turn)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -217,7 +221,8 @@ def run_harness(model_path: str, specs: list[TaskSpec], *, limit: int | float | 
         return lm_eval.simple_evaluate(
             model=lm, tasks=lm_eval_tasks(specs), task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=True,
             gen_kwargs=gen_kwargs or None, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-            fewshot_random_seed=seed)
+            fewshot_random_seed=seed, apply_chat_template=apply_chat_template,
+            fewshot_as_multiturn=apply_chat_template and fewshot_as_multiturn)
     finally:
         del lm
 

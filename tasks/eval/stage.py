@@ -3,8 +3,11 @@
     results.parquet              model, task, metric, value, stderr, n   (one row per number)
     samples/heldout.parquet      per model and document: id, source, lang, tokens, bytes, nll, bits_per_byte
     samples/tasks.parquet        per model and benchmark sample: prompt, target, response, metrics
-    samples/generations.parquet  per model and prompt: the completion
+    samples/generations.parquet  per model and prompt: the completion (and whether the chat template framed it)
+    samples/judgments.parquet    pairwise judging (when a judge is given): per candidate and prompt, both
+                                 answers, the judge's two replies and verdicts, the outcome (judge.py)
     chart.png                    one panel per (task, metric), a dot and a 95% interval per model
+    judge.png                    pairwise judging: win, tie and loss rates with 95% Wilson intervals
 
 Models are no datasets, so their identities (``refinery.tasks.modelref.model_identity``) are part
 of the config, as are the benchmark tasks' YAML and data hashes (see harness.py): a new model or
@@ -12,18 +15,30 @@ an edited task file re-runs the stage; the same ones return the cached results.
 
 Held-out rows: task ``heldout`` for all documents, ``heldout[source=S]`` and ``heldout[lang=L]``
 per value of those columns when the documents have them. Benchmark rows: lm-eval's task names and
-metric keys (``exact_match,strict-match``).
+metric keys (``exact_match,strict-match``). Judging rows: task ``judge[vs=BASELINE]``, metrics
+``win_rate``, ``tie_rate``, ``loss_rate`` (their intervals are in the manifest's ``stats.judge``).
+
+Chat templates (``chat_template``): ``auto`` frames every prompt a model sees (lm-eval's requests,
+the generation samples, so also the judged answers) with the model's chat template when its
+tokenizer has one, as the model was fine-tuned to read them; ``true`` requires one (an error naming
+the models without); ``false`` never uses one (the raw prompt, as for a base model). With the template,
+few-shot examples are separate user/assistant turns unless ``fewshot_as_multiturn`` is false
+(lm-eval's ``apply_chat_template`` and ``fewshot_as_multiturn``). The manifest records, per model,
+whether the template was applied (``chat_template``).
 """
 from __future__ import annotations
 
 import gc
 import math
+import sys
 import time
+from typing import Literal
 
 from pydantic import Field
 
 from refinery.tasks.config import StrictModel
 from refinery.tasks.eval.harness import TaskSpec
+from refinery.tasks.eval.judge import JudgeSpec
 from refinery.tasks.runtime import StageOutput, stage
 
 DEFAULT_PROMPTS = ["The history of the city", "Once upon a time", "Question: What is 12 plus 7?\nAnswer:"]
@@ -50,6 +65,10 @@ class EvalConfig(StrictModel):
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="Generation sample prompts.")
     max_new_tokens: int = Field(48, ge=1)
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
+    chat_template: Literal["auto", "true", "false"] = Field("auto", description="Frame prompts with the model's chat "
+                                                            "template: auto (when it has one), true (required), false.")
+    fewshot_as_multiturn: bool = Field(True, description="With the chat template: few-shot examples as separate turns.")
+    judge: JudgeSpec | None = Field(None, description="Pairwise judging of the generation samples (judge.py).")
 
 
 # --------------------------------------------------------------------------- held-out documents
@@ -103,13 +122,33 @@ def _heldout(lm, label: str, docs: dict[str, list], cfg: EvalConfig) -> tuple[li
     return heldout_rows(label, docs, scores), per_doc
 
 
-def _generations(lm, label: str, cfg: EvalConfig) -> list[dict]:
-    from refinery.tasks.eval.generate import generate, has_chat_template
+def use_chat_template(mode: str, tokenizer) -> bool:
+    """Whether prompts go through the tokenizer's chat template: ``auto`` when it has one."""
+    from refinery.tasks.eval.generate import has_chat_template
 
-    chat = has_chat_template(lm.tokenizer)
-    return [{"model": label, "prompt": p, "chat": chat,
-             "completion": generate(lm, p, chat=chat, max_new_tokens=cfg.max_new_tokens)}
-            for p in cfg.prompts]
+    return has_chat_template(tokenizer) if mode == "auto" else mode == "true"
+
+
+def _require_templates(cfg: EvalConfig) -> None:
+    """``chat_template: true``: fail before any model runs when a tokenizer has no template."""
+    from transformers import AutoTokenizer
+
+    from refinery.tasks.eval.generate import has_chat_template
+    from refinery.tasks.modelref import resolve_model
+
+    missing = [m.label for m in cfg.models if not has_chat_template(AutoTokenizer.from_pretrained(resolve_model(m.path)))]
+    if missing:
+        raise ValueError(f"chat_template=true, but the tokenizer of {', '.join(missing)} has no chat template "
+                         "(chat_template=auto uses one only where there is one)")
+
+
+def _generations(lm, label: str, cfg: EvalConfig, chat: bool) -> list[dict]:
+    """The completion of every sample prompt: one batched, greedy rollout (the judged answers too)."""
+    from refinery.tasks.eval.generate import generate_many
+
+    texts = generate_many(lm, list(cfg.prompts), chat=chat, max_new_tokens=cfg.max_new_tokens,
+                          batch_size=cfg.batch_size)
+    return [{"model": label, "prompt": p, "chat": chat, "completion": t} for p, t in zip(cfg.prompts, texts)]
 
 
 # --------------------------------------------------------------------------- outputs
@@ -158,8 +197,10 @@ def fitted_limits(lows: list[float], highs: list[float], pad: float = 0.12) -> t
 
 def chart_panels(results: list[dict], labels: list[str], max_panels: int = 12) -> tuple[list[tuple], list[tuple]]:
     """(drawn, left out): the (task, metric) panels of the chart. Held-out rows per source/lang are
-    not drawn (the table has them); a panel whose values are all missing or zero is left out."""
-    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in results if not r["task"].startswith("heldout[")))
+    not drawn (the table has them), nor judging rates (judge.png draws them); a panel whose values
+    are all missing or zero is left out."""
+    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in results
+                              if not r["task"].startswith(("heldout[", "judge["))))   # judging: judge.png
     drawn: list[tuple] = []
     empty: list[tuple] = []
     for key in keys:
@@ -239,7 +280,7 @@ def _write(b, rel: str, rows: list[dict], columns: tuple[str, ...] | None = None
 
 
 # --------------------------------------------------------------------------- the stage
-@stage("evaluate", version="1")
+@stage("evaluate", version="2")   # 2: chat templates applied (auto), pairwise judging
 def evaluate(b, inputs, cfg: EvalConfig) -> StageOutput:
     """inputs = [] or [documents dataset] (held-out scoring); models and tasks in ``cfg``."""
     from refinery.tasks.eval.generate import load_model
@@ -249,30 +290,41 @@ def evaluate(b, inputs, cfg: EvalConfig) -> StageOutput:
         raise ValueError("evaluate takes at most one input: a documents dataset")
     if not inputs and not cfg.tasks and not cfg.prompts:
         raise ValueError("evaluate has nothing to do: give a documents dataset, tasks or prompts")
+    if cfg.judge is not None and not cfg.prompts:
+        raise ValueError("judging compares the models' answers to the prompts: give prompts")
+    if cfg.chat_template == "true":
+        _require_templates(cfg)
     docs = read_documents(inputs[0], cfg) if inputs else None
     if docs is not None and not docs["text"]:
         raise ValueError(f"{inputs[0].path}: no non-empty documents to score")
     labels = [m.label for m in cfg.models]
     results, per_doc, per_sample, gens = [], [], [], []
     seconds: dict[str, float] = {}
+    chat: dict[str, bool] = {}
     for m in cfg.models:
         t0 = time.perf_counter()
         lm = load_model(m.path, cfg.device)
+        chat[m.label] = use_chat_template(cfg.chat_template, lm.tokenizer)
         if docs is not None:
             rows, recs = _heldout(lm, m.label, docs, cfg)
             results += rows
             per_doc += recs
         if cfg.prompts:
-            gens += _generations(lm, m.label, cfg)
+            gens += _generations(lm, m.label, cfg, chat[m.label])
         loaded_path, device = lm.path, lm.device
         del lm
         gc.collect()
         if cfg.tasks:   # lm-eval loads the model itself (HFLM); ours is freed first
             out = run_harness(loaded_path, cfg.tasks, limit=cfg.limit, num_fewshot=cfg.num_fewshot, seed=cfg.seed,
-                              batch_size=cfg.batch_size, device=device, gen_kwargs=cfg.gen_kwargs)
+                              batch_size=cfg.batch_size, device=device, gen_kwargs=cfg.gen_kwargs,
+                              apply_chat_template=chat[m.label],
+                              fewshot_as_multiturn=chat[m.label] and cfg.fewshot_as_multiturn)
             results += result_rows(m.label, out)
             per_sample += sample_rows(m.label, out)
         seconds[m.label] = round(time.perf_counter() - t0, 3)
+    judged = _judge(b, cfg, gens, labels) if cfg.judge is not None else None
+    if judged:
+        results += judged["rows"]
     _write(b, "results.parquet", results, RESULT_COLUMNS)
     _write(b, "samples/heldout.parquet", per_doc)
     _write(b, "samples/tasks.parquet", per_sample)
@@ -284,9 +336,47 @@ def evaluate(b, inputs, cfg: EvalConfig) -> StageOutput:
     counts = {"models": len(cfg.models), "tasks": len(cfg.tasks), "results": len(results),
               "heldout_docs": len(docs["text"]) if docs else 0, "samples": len(per_sample),
               "generations": len(gens)}
-    return StageOutput(counts=counts, stats={"model_seconds": seconds, "table": table},
-                       extra={"models": [m.model_dump() for m in cfg.models], "results": "results.parquet",
-                              "chart": "chart.png", "tasks": [t.name for t in cfg.tasks]})
+    stats: dict = {"model_seconds": seconds, "table": table}
+    extra: dict = {"models": [m.model_dump() for m in cfg.models], "results": "results.parquet",
+                   "chart": "chart.png", "tasks": [t.name for t in cfg.tasks],
+                   "chat_template": {"mode": cfg.chat_template, "applied": chat,
+                                     "fewshot_as_multiturn": cfg.fewshot_as_multiturn}}
+    if judged:
+        counts["judged_pairs"] = sum(s["pairs"] for s in judged["summary"].values())
+        counts["judge_invalid_verdicts"] = sum(s["invalid_verdicts"] for s in judged["summary"].values())
+        stats["judge"] = judged["summary"]
+        extra["judge"] = judged["about"]
+    return StageOutput(counts=counts, stats=stats, extra=extra)
+
+
+def _judge(b, cfg: EvalConfig, gens: list[dict], labels: list[str]) -> dict:
+    """Pairwise judging of the generation samples (judge.py): judgments.parquet, judge.png, the rows."""
+    from refinery.tasks.eval.judge import JUDGE_TEMPLATE, RECORD_COLUMNS, judge_chart, judge_pairs, make_judge, result_rows
+
+    spec = cfg.judge
+    assert spec is not None
+    answers = {lab: [g["completion"] for g in gens if g["model"] == lab] for lab in labels}
+    judge = make_judge(spec, cfg.device, cfg.batch_size)   # a local judge loads now: the models are freed
+    try:
+        t0 = time.perf_counter()
+        records, summary = judge_pairs(cfg.prompts, answers, spec.baseline, judge)
+        seconds = round(time.perf_counter() - t0, 3)
+    finally:
+        judge.close()
+        gc.collect()
+    _write(b, "samples/judgments.parquet", records, RECORD_COLUMNS)
+    chart = f"{b.tmpdir()}/judge.png"
+    judge_chart(summary, spec.baseline, judge.model, chart)
+    b.put_file(chart, "judge.png")
+    for cand, s in summary.items():
+        print(f"evaluate: {cand} vs {spec.baseline}: win {s['win_rate']:.3f} tie {s['tie_rate']:.3f} "
+              f"loss {s['loss_rate']:.3f} over {s['pairs']} prompts ({s['invalid_verdicts']} unreadable verdicts)",
+              file=sys.stderr)
+    about = {"judge": spec.judge, "model": judge.model, "baseline": spec.baseline, "template": JUDGE_TEMPLATE,
+             "rule": "win: both orders prefer the model; loss: both prefer the baseline; else tie",
+             "interval": "95% Wilson score", "records": "samples/judgments.parquet", "chart": "judge.png",
+             "seconds": seconds, "requests": getattr(judge, "requests", None), "retries": getattr(judge, "retried", None)}
+    return {"rows": result_rows(summary, spec.baseline), "summary": summary, "about": about}
 
 
 def read_results(ds) -> list[dict]:

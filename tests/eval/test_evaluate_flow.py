@@ -118,6 +118,52 @@ def test_gsm8k_local_numbers_equal_lm_eval_s_own(tmp_path, tiny_causal_lm_dir, s
     assert ds.config["tasks"][0]["data_sha256"] == {str(gsm8k.resolve()): hashlib.sha256(gsm8k.read_bytes()).hexdigest()}
 
 
+def test_chat_models_are_evaluated_through_their_chat_template(tmp_path, tiny_causal_lm_dir):
+    """lm-eval's requests (few-shot examples as turns) and the samples carry the template's markers;
+    chat_template=false and a plain model do not; chat_template=true refuses a model without one."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from refinery.tasks.eval.harness import resolve_tasks
+    from refinery.tasks.eval.stage import EvalConfig, ModelSpec, evaluate
+
+    chat_dir = tmp_path / "chat"
+    shutil.copytree(tiny_causal_lm_dir, chat_dir)
+    tok = AutoTokenizer.from_pretrained(chat_dir)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.save_pretrained(chat_dir)
+    (spec,) = resolve_tasks([str(EVAL_CONFIGS / "mc_local.yaml")])
+    # one few-shot example (lm-eval never overrides a task file's num_fewshot: 0, so the file's is set)
+    tasks = [spec.model_copy(update={"config": {**spec.config, "num_fewshot": 1}})]
+
+    def run(mode: str, multiturn: bool = True, models=(("chat", chat_dir), ("plain", tiny_causal_lm_dir))):
+        cfg = EvalConfig(models=[ModelSpec(label=lab, path=str(p)) for lab, p in models], tasks=tasks, limit=2,
+                         seed=3, batch_size=4, device="cpu", prompts=["Hi"], max_new_tokens=2,
+                         chat_template=mode, fewshot_as_multiturn=multiturn)
+        ds = evaluate.run(tmp_path / f"work-{mode}-{multiturn}", [], cfg)
+        prompts = {}
+        for s in pq.read_table(Path(ds.path) / "samples" / "tasks.parquet").to_pylist():
+            prompts.setdefault(s["model"], []).append(s["prompt"])
+        gens = {g["model"]: g["chat"] for g in pq.read_table(Path(ds.path) / "samples" / "generations.parquet").to_pylist()}
+        return ds, prompts, gens
+
+    ds, prompts, gens = run("auto")
+    assert ds.manifest["chat_template"] == {"mode": "auto", "applied": {"chat": True, "plain": False},
+                                            "fewshot_as_multiturn": True}
+    assert gens == {"chat": True, "plain": False}
+    for p in prompts["chat"]:   # the few-shot example is a user turn answered by the assistant, then the question
+        assert p.startswith("<|user|>Question:") and p.count("<|user|>") == 2 and p.endswith("<|assistant|>")
+        assert p.count("<|assistant|>") == 2
+    assert all("<|" not in p and p.count("Question:") == 2 for p in prompts["plain"])
+    _, prompts, _ = run("auto", multiturn=False, models=(("chat", chat_dir),))
+    assert all(p.count("<|user|>") == 1 and p.count("Question:") == 2 for p in prompts["chat"])
+    with pytest.raises(ValueError, match="plain has no chat template"):
+        run("true")
+
+
 def test_a_task_file_without_its_data_says_how_to_give_it():
     from refinery.tasks.eval.harness import resolve_tasks
 

@@ -52,8 +52,12 @@ def test_finetune_and_align_exports_carry_use_cache(tmp_path, tiny_causal_lm_dir
     save_full(model, tok, str(tmp_path / "full"))
     _assert_generates_with_cache(tmp_path / "full")
     model, tok = _tiny(tmp_path, tiny_causal_lm_dir, use_cache=False)
+    tok.chat_template = CHAT_TEMPLATE   # the template a policy was aligned with travels with it
     keys = save_model(model, tok, str(tmp_path / "aligned"), lora=False)
     _assert_generates_with_cache(tmp_path / "aligned" / keys["model"])
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "aligned" / keys["model"]).chat_template == CHAT_TEMPLATE
 
 
 def _run(args, timeout=300):
