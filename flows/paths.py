@@ -27,7 +27,7 @@ PATH_FIELDS: dict[str, dict[str, str]] = {
     "pretrain": {"input": "datasets", "init_from": "model"},
     "finetune": {"input": "model", "data": "file", "tokenizer": "model"},
     "align": {"input": "model", "data": "file", "reward_model": "model"},
-    "evaluate": {"input": "models", "data": "datasets", "tasks": "tasks"},
+    "evaluate": {"input": "models", "data": "datasets", "tasks": "tasks", "baseline": "model", "judge": "model"},
     "pipeline": {"input": "glob", "data": "file", "preferences": "file"},
     "ablate": {"input": "glob"},
     "demo": {},

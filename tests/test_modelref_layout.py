@@ -54,7 +54,7 @@ def test_a_dataset_without_a_model_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("flow, param", [("finetune", "input"), ("align", "input"), ("evaluate", "input"),
-                                         ("pretrain", "init_from")])
+                                         ("evaluate", "baseline"), ("evaluate", "judge"), ("pretrain", "init_from")])
 def test_the_cli_checks_that_a_dataset_given_as_a_model_holds_one(tmp_path, flow, param):
     """Before anything starts (and with --print-config): a documents dataset or an adapter-only one
     is named as no model; a training dataset, old layout or new, passes."""
@@ -78,3 +78,11 @@ def test_a_tokenizer_dataset_still_passes_as_a_tokenizer(tmp_path):
     tok = publish(tmp_path / "t", ["tokenizer.json"], stage="tokenizer")
     preflight("tokenize", {"tokenizer": {"path": str(tok)}})
     preflight("finetune", {"tokenizer": str(tok)})
+
+
+def test_a_judge_endpoint_is_not_a_path_and_a_missing_judge_folder_fails_early(tmp_path):
+    from refinery.flows.paths import PathProblem, preflight
+
+    preflight("evaluate", {"judge": "http://127.0.0.1:8000/v1", "baseline": "org/model"})
+    with pytest.raises(PathProblem, match="^judge: no such model folder"):
+        preflight("evaluate", {"judge": str(tmp_path / "nope")})
