@@ -1,4 +1,4 @@
-"""curate: crawl files and dumps -> documents -> filtered -> deduplicated (composition only)."""
+"""curate: crawl files and dumps -> documents -> filtered -> deduplicated (-> mixed) (composition only)."""
 from __future__ import annotations
 
 from typing import ClassVar
@@ -11,6 +11,7 @@ from refinery.tasks.dedup.paragraphs import ParagraphDedupConfig, paragraph_stag
 from refinery.tasks.dedup.stage import DedupConfig, dedup_stages
 from refinery.tasks.filters.stage import Filter, FilterConfig, language_rows, table_rows
 from refinery.tasks.ingest.stage import Ingest, IngestConfig, InputSpec, ingest_report_rows
+from refinery.tasks.mix.stage import MixConfig, mix_stages
 from refinery.tasks.quality.stage import QualityConfig, quality_stages
 from refinery.tasks.report import table_artifact
 
@@ -28,6 +29,7 @@ class CurateParams(FlowParams):
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and MinHash near-duplicate removal.")
     paragraphs: ParagraphDedupConfig = Field(default_factory=ParagraphDedupConfig, description="Paragraph (line) dedup across documents after document dedup, bounded by a Bloom filter: runs when paragraphs.enabled is true.")
     decontaminate: DecontamConfig = Field(default_factory=DecontamConfig, description="Benchmark decontamination after dedup: runs when decontaminate.sources lists benchmarks (JSONL files, lm-eval task YAMLs or names).")
+    mix: MixConfig = Field(default_factory=MixConfig, description="Per-source mixture and FineWeb-2 rehydration after dedup (and decontaminate): runs when mix.weights (e.g. {web: 0.7, code: 0.3}), mix.tokens or mix.rehydrate=fineweb2 is set; tokens are estimated (mix.measure).")
 
     @model_validator(mode="after")
     def _needs_input(self):
@@ -52,7 +54,7 @@ def ingest_config(p: CurateParams) -> IngestConfig:
 
 @refinery_flow("curate", CurateParams)
 def curate_flow(p: CurateParams) -> dict:
-    """Ingest crawl files and dumps, extract main text, identify language, filter, deduplicate."""
+    """Ingest crawl files and dumps, extract main text, identify language, filter, deduplicate (and, when configured, mix)."""
     from refinery.tasks.runtime import make_runner
 
     stages = {}
@@ -63,6 +65,7 @@ def curate_flow(p: CurateParams) -> dict:
         stages.update(dedup_stages(p.workdir, stages[list(stages)[-1]], p.dedup, runner=runner))
         stages.update(paragraph_stages(p.workdir, stages[list(stages)[-1]], p.paragraphs, runner=runner))
         stages.update(decontam_stages(p.workdir, stages[list(stages)[-1]], p.decontaminate, runner=runner))
+        stages.update(mix_stages(p.workdir, stages[list(stages)[-1]], stages["dedup"], p.mix, runner=runner))
     report_stages("curate", stages)
     table_artifact("curate-ingest-files", ingest_report_rows(stages["ingest"]),
                    description="Per input file: documents read, skipped records and errors")
@@ -73,6 +76,9 @@ def curate_flow(p: CurateParams) -> dict:
     if "decontaminate" in stages:
         table_artifact("curate-decontaminate", stages["decontaminate"].manifest.get("stats", {}).get("table", []),
                        description="Documents sharing an n-gram with each benchmark")
-    out = result(stages, primary=stages[list(stages)[-1]].path)  # the last dedup (or decontaminate) step's documents
+    if "mix" in stages:
+        table_artifact("curate-mix", stages["mix"].manifest.get("stats", {}).get("table", []),
+                       description="Per source: documents and tokens before and after the mix, target and shares")
+    out = result(stages, primary=stages[list(stages)[-1]].path)  # the last dedup (decontaminate, mix) step's documents
     emit_completed("curate", out, primary=out["primary"])
     return out

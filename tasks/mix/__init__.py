@@ -1,0 +1,1 @@
+"""Curate-time mixing: per-source token weights or targets, FineWeb-2-style rehydration by duplicate-cluster size."""
