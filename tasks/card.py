@@ -18,8 +18,9 @@ dataset lives or when it was built: two builds of one fingerprint stay byte-iden
 """
 from __future__ import annotations
 
+import json
 import posixpath
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 CARD = "README.md"
 SPLIT = "train"
@@ -50,12 +51,41 @@ def data_pattern(records: Iterable[dict]) -> str | None:
 
 
 # --------------------------------------------------------------------------- the card's text
-def _front_matter(pattern: str | None) -> str:
-    """The YAML block Hugging Face ``datasets`` reads (written by hand: no YAML library needed)."""
+DEFAULT_LICENSE = "other"   # crawled web text: its licensing is the user's to establish (hub: "other")
+# the hub's size_categories, by upper bound of the row count
+_SIZES = [(10**3, "n<1K"), (10**4, "1K<n<10K"), (10**5, "10K<n<100K"), (10**6, "100K<n<1M"), (10**7, "1M<n<10M"),
+          (10**8, "10M<n<100M"), (10**9, "100M<n<1B"), (10**10, "1B<n<10B"), (10**11, "10B<n<100B"),
+          (10**12, "100B<n<1T")]
+
+
+def size_category(rows: int) -> str:
+    """The hub's ``size_categories`` value of a dataset of ``rows`` rows."""
+    return next((name for bound, name in _SIZES if rows < bound), "n>1T")
+
+
+def card_languages(counts: dict) -> list[str]:
+    """Languages with documents out in a stage's ``by_language`` counts (the filter's), sorted."""
+    by = counts.get("by_language")
+    if not isinstance(by, dict):
+        return []
+    return sorted(str(k) for k, v in by.items() if isinstance(v, dict) and (v.get("docs_out") or 0) > 0)
+
+
+def _front_matter(pattern: str | None, *, license: str = DEFAULT_LICENSE, languages: Sequence[str] = (),
+                  size: str | None = None, sources: Sequence[str] = ()) -> str:
+    """The YAML block Hugging Face ``datasets`` and the hub read (written by hand: no YAML library
+    needed; every free value double-quoted, so a language code like ``no`` stays a string)."""
+    q = json.dumps
     lines = ["---"]
     if pattern is not None:
         lines += ["configs:", "- config_name: default", "  data_files:",
                   f"  - split: {SPLIT}", f'    path: "{pattern}"']
+    lines += [f"license: {q(license)}"]
+    if languages:
+        lines += ["language:", *[f"- {q(x)}" for x in languages]]
+    if size is not None:
+        lines += ["size_categories:", f"- {q(size)}"]
+    lines += ["source_datasets:", *[f"- {q(x)}" for x in (list(sources) or ["original"])]]
     lines += ["tags:", "- refinery", "---"]
     return "\n".join(lines)
 
@@ -98,10 +128,16 @@ def _layout_lines(records: list[dict], pattern: str | None) -> list[str]:
 
 
 def card_text(*, stage: str, fingerprint: str, code_version: str, inputs: list[dict], counts: dict,
-              records: list[dict]) -> str:
-    """The card: front matter, then what the dataset is, its counts, lineage and layout."""
+              records: list[dict], license: str = DEFAULT_LICENSE) -> str:
+    """The card: front matter (with the hub's ``license``, ``language`` from the counts,
+    ``size_categories`` from the data rows, ``source_datasets``: the inputs by ``STAGE/FINGERPRINT``,
+    ``original`` for raw inputs), then what the dataset is, its counts, lineage and layout."""
     pattern = data_pattern(records)
-    parts = [_front_matter(pattern), "",
+    rows = sum(r.get("rows") or 0 for r in records if is_data_file(r["path"]))
+    sources = [f"{i.get('stage')}/{i.get('fingerprint')}" for i in inputs]
+    front = _front_matter(pattern, license=license, languages=card_languages(counts),
+                          size=size_category(rows) if pattern is not None else None, sources=sources)
+    parts = [front, "",
              f"# `{stage}` dataset `{fingerprint}`", "",
              f"Written by the refinery `{stage}` stage ({code_version}); the folder name is the "
              "fingerprint of the stage, its code version, its config and its inputs.", ""]
@@ -136,4 +172,4 @@ def write_card(b: Any, *, code_version: str, inputs: list[dict], counts: dict) -
     return b.write_bytes(CARD, text.encode(), card=True)
 
 
-__all__ = ["CARD", "SPLIT", "part_name", "is_data_file", "data_pattern", "card_text", "write_card"]
+__all__ = ["CARD", "SPLIT", "DEFAULT_LICENSE", "size_category", "card_languages", "part_name", "is_data_file", "data_pattern", "card_text", "write_card"]

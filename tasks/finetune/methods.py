@@ -7,6 +7,8 @@ Heavy imports (torch, transformers, peft, bitsandbytes) happen inside functions.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -241,13 +243,34 @@ def save_tokenizer(tokenizer, out_dir: str) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def save_adapter(model, tokenizer, out_dir: str) -> None:
-    """PEFT format: adapter_config.json + adapter_model.safetensors (+ tokenizer files)."""
+def save_adapter(model, tokenizer, out_dir: str, base_ref: str | None = None) -> None:
+    """PEFT format: adapter_config.json + adapter_model.safetensors (+ tokenizer files).
+    ``base_ref``: what ``base_model_name_or_path`` records instead of the folder the base was loaded
+    from (an absolute workdir path): a hub id, or the base folder relative to the adapter's
+    published folder (see :func:`adapter_base_model`, refinery.tasks.export.card.portable_ref)."""
     model.save_pretrained(out_dir, safe_serialization=True)
     readme = Path(out_dir) / "README.md"
-    if readme.exists():  # PEFT's model-card template: not ours to ship, and not needed to load
+    if readme.exists():  # PEFT's model-card template: not ours to ship (the stage writes the card)
         readme.unlink()
+    if base_ref is not None:
+        conf_path = Path(out_dir) / "adapter_config.json"
+        conf = json.loads(conf_path.read_text())
+        conf["base_model_name_or_path"] = base_ref
+        conf_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
     save_tokenizer(tokenizer, out_dir)
+
+
+def adapter_base_model(adapter_dir: str | os.PathLike) -> str:
+    """The base model of a saved adapter, loadable: its ``base_model_name_or_path`` as a hub id, or,
+    when it is a relative path, resolved against the adapter's folder (so a dataset copied or moved
+    with its workdir keeps working) and checked like every model input (refinery.tasks.modelref)."""
+    conf = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    base = conf.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{adapter_dir}: adapter_config.json names no base_model_name_or_path")
+    if os.path.isabs(base) or not base.startswith("."):
+        return resolve_model(base, allow_hub=True)
+    return resolve_model(os.path.normpath(os.path.join(os.fspath(adapter_dir), base)), allow_hub=False)
 
 
 def save_full(model, tokenizer, out_dir: str) -> None:

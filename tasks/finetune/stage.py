@@ -28,6 +28,7 @@ import gc
 import os
 import sys
 
+from refinery.tasks.export.card import portable_ref, with_model_cards
 from refinery.tasks.finetune.config import FinetuneConfig
 from refinery.tasks.runtime import StageOutput, stage
 from refinery.tasks.train.multinode import MultiNodeStage
@@ -54,6 +55,7 @@ def _free(device) -> None:
 
 
 @stage("finetune", version="1", kind=MultiNodeStage)
+@with_model_cards   # README.md in merged/ and adapter/ (or the dataset, full): refinery.tasks.export.card
 def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOutput:
     """Supervised fine-tuning of a causal LM by full / LoRA / QLoRA / IA3 / LLaMA-Adapter / prompt /
     prefix tuning, with response-only loss, optional packing and early stopping."""
@@ -135,7 +137,9 @@ def finetune(b: Builder, inputs: list[Dataset], cfg: FinetuneConfig) -> StageOut
         extra["model"] = "."
     else:
         adapter = os.path.join(tmp, "adapter")
-        M.save_adapter(model, tok, adapter)
+        # the base by hub id or relative to the published adapter/ folder, never an absolute workdir path
+        base_ref = portable_ref(cfg.model, os.path.join(b.store.dataset_path(b.stage, b.fingerprint), "adapter"))
+        M.save_adapter(model, tok, adapter, base_ref=base_ref)
         b.put_dir(adapter, "adapter")
         extra["adapter"] = "adapter"
     del model

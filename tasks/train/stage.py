@@ -24,6 +24,7 @@ from pathlib import Path
 
 from refinery.tasks.engine.trainer import TrainingInterrupted
 from refinery.tasks.export import finalize_model_dir
+from refinery.tasks.export.card import with_model_cards
 from refinery.tasks.runtime import StageOutput, stage
 from refinery.tasks.train.multinode import MultiNodeStage
 from refinery.tasks.store import Builder, Dataset
@@ -56,6 +57,7 @@ def export_folder(ckpt: str | Path, dest: str | Path, log_dir: str | Path | None
 
 
 @stage("pretrain", version="1", kind=MultiNodeStage)
+@with_model_cards   # README.md: the model card (refinery.tasks.export.card), listed in the manifest
 def pretrain(b: Builder, inputs: list[Dataset], cfg: TrainConfig) -> StageOutput:
     """Pretrain a model from config on the input token datasets (mixed by ``cfg.weights``)."""
     from refinery.tasks.train.loop import run_training
