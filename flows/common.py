@@ -32,6 +32,7 @@ FLOWS = {
     "demo": "refinery.flows.demo:demo_flow",
     "evaluate": "refinery.flows.evaluate:evaluate_flow",
     "ablate": "refinery.flows.ablate:ablate_flow",
+    "synth": "refinery.flows.synth:synth_flow",
 }
 
 # name -> one line, for `refinery flows` without importing every flow (tests/flows/test_cli.py
@@ -46,6 +47,7 @@ FLOW_SUMMARIES = {
     "demo": "Generate a small deterministic crawl and run curate, tokenize, pretrain, finetune and align on it.",
     "evaluate": "Compare models: held-out bits per byte and perplexity, lm-eval benchmarks, generation samples.",
     "ablate": "Ablate curation choices: train the same small model on each variant of the data and compare evaluations.",
+    "synth": "Generate synthetic data from documents: rephrasings, instruction/response pairs or preference pairs.",
 }
 
 

@@ -30,6 +30,7 @@ PATH_FIELDS: dict[str, dict[str, str]] = {
     "evaluate": {"input": "models", "data": "datasets", "tasks": "tasks", "baseline": "model", "judge": "model"},
     "pipeline": {"input": "glob", "data": "file", "preferences": "file"},
     "ablate": {"input": "glob"},
+    "synth": {"input": "datasets"},   # a local model is checked by the flow (with base_url it is a served name)
     "demo": {},
 }
 
