@@ -1,5 +1,6 @@
-"""Align a (fine-tuned) model: DPO on preference pairs, PPO against a reward model, or GRPO on
-prompts with verifiable rewards, KTO on unpaired labelled replies, or ORPO, CPO or SimPO (reference-free) on pairs.
+"""Align a (fine-tuned) model: DPO on preference pairs, PPO against a reward model, or GRPO or
+RLOO on prompts with verifiable rewards, online DPO (pairs sampled from the policy, ranked by reward
+functions or a reward model), KTO on unpaired labelled replies, or ORPO, CPO or SimPO (reference-free) on pairs.
 
     refinery run align --set input=MODEL --set data=PAIRS.jsonl.gz --set method=ppo --set ppo.max_steps=20 --json
     refinery run align --set input=MODEL --set data=gsm8k.jsonl --set method=grpo --set grpo.max_steps=10 --json
@@ -28,6 +29,10 @@ from refinery.tasks.align.kto import KTOConfig
 from refinery.tasks.align.orpo import ORPOConfig
 from refinery.tasks.align.ppo import PPOConfig
 from refinery.tasks.align.reward import RewardConfig
+from refinery.tasks.align.rloo import RLOOConfig
+from refinery.tasks.align.stage import RLOOStageConfig, rloo_stage
+from refinery.tasks.align.online_dpo import OnlineDPOConfig
+from refinery.tasks.align.stage import OnlineDPOStageConfig, online_dpo_stage
 from refinery.tasks.align.stage import (CPOStageConfig, DPOStageConfig, GRPOStageConfig, KTOStageConfig,
                                         ORPOStageConfig, PPOStageConfig, RewardStageConfig, SimPOStageConfig,
                                         cpo_stage, dpo_stage, grpo_stage, kto_stage, orpo_stage, ppo_stage,
@@ -41,13 +46,15 @@ class AlignSettings(StrictModel):
     nested config, spelled as in pretrain and finetune (``dpo.max_steps``, ``ppo.lr``,
     ``reward.batch_size``, ``ppo.lora.enabled`` ...)."""
 
-    method: Literal["ppo", "dpo", "grpo", "kto", "orpo", "cpo", "simpo"] = Field("dpo", description=(
+    method: Literal["ppo", "dpo", "grpo", "rloo", "online_dpo", "kto", "orpo", "cpo", "simpo"] = Field("dpo", description=(
         "ppo: RL against a reward model; dpo: direct preference optimisation; grpo: group-relative RL on prompts "
-        "with reward functions (data: prompts, e.g. GSM8K question/answer); kto: unpaired replies labelled "
+        "with reward functions (data: prompts, e.g. GSM8K question/answer); rloo: REINFORCE with a leave-one-out "
+        "baseline over k samples per prompt (data and rewards as grpo); online_dpo: DPO on 2 completions per prompt "
+        "sampled from the policy each step, ranked by the reward functions or reward_model (data as grpo); kto: unpaired replies labelled "
         "desirable/undesirable; orpo: reference-free SFT + odds-ratio preference loss on pairs; cpo: reference-free "
         "preference loss + NLL of the chosen reply; simpo: reference-free, length-normalised reward margin."))
-    reward_model: str | None = Field(None, description="Reward model for PPO (HF folder or `reward` dataset); trained on `data` (with the `reward` settings) when empty. GRPO: optional, added to its reward functions.")
-    max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs (grpo: prompt records; kto: examples).")
+    reward_model: str | None = Field(None, description="Reward model for PPO (HF folder or `reward` dataset); trained on `data` (with the `reward` settings) when empty. GRPO/RLOO/online DPO: optional, added to their reward functions.")
+    max_pairs: int | None = Field(None, ge=1, description="Use only the first N valid pairs (grpo, rloo, online_dpo: prompt records; kto: examples).")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of pairs held out for evaluation.")
     seed: int = Field(0, description="Seed of the split, initialisation, shuffling and sampling.")
     min_valid_fraction: float = Field(MIN_VALID_FRACTION, ge=0, le=1, description=(
@@ -57,6 +64,8 @@ class AlignSettings(StrictModel):
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO settings (method=ppo).")
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO settings (method=dpo).")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO settings (method=grpo).")
+    rloo: RLOOConfig = Field(default_factory=RLOOConfig, description="RLOO settings (method=rloo).")
+    online_dpo: OnlineDPOConfig = Field(default_factory=OnlineDPOConfig, description="Online DPO settings (method=online_dpo).")
     kto: KTOConfig = Field(default_factory=KTOConfig, description="KTO settings (method=kto).")
     orpo: ORPOConfig = Field(default_factory=ORPOConfig, description="ORPO settings (method=orpo).")
     cpo: CPOConfig = Field(default_factory=CPOConfig, description="CPO settings (method=cpo).")
@@ -67,7 +76,7 @@ class _Inputs(FlowParams):
     """The storage root and the two inputs: first in the help and the Prefect form."""
 
     input: str = Field(description="Model to align: a HF model folder or a refinery dataset naming one (e.g. the finetune flow's output).")
-    data: str = Field(description="Preference pairs file: .json, .jsonl or .jsonl.gz (HH-RLHF transcripts, ShareGPT conversations+chosen+rejected, or prompt/chosen/rejected); grpo: prompt records (question/prompt/messages, plus columns such as answer); kto: {messages, label} or {prompt, completion, label}.")
+    data: str = Field(description="Preference pairs file: .json, .jsonl or .jsonl.gz (HH-RLHF transcripts, ShareGPT conversations+chosen+rejected, or prompt/chosen/rejected); grpo, rloo, online_dpo: prompt records (question/prompt/messages, plus columns such as answer); kto: {messages, label} or {prompt, completion, label}.")
 
 
 class AlignParams(AlignSettings, _Inputs):
@@ -82,6 +91,7 @@ class AlignParams(AlignSettings, _Inputs):
         if self.method == "ppo":   # without reward_model the reward model is trained from the policy first
             return plan_align("ppo", ppo_config(self, self.reward_model or self.input))
         stage_config = {"dpo": dpo_config, "orpo": orpo_config, "kto": kto_config, "grpo": grpo_config,
+                        "rloo": rloo_config, "online_dpo": online_dpo_config,
                         "cpo": cpo_config, "simpo": simpo_config}[self.method]
         return plan_align(self.method, stage_config(self))
 
@@ -113,6 +123,20 @@ def grpo_config(p: AlignParams) -> GRPOStageConfig:
                            train=p.grpo)
 
 
+def rloo_config(p: AlignParams) -> RLOOStageConfig:
+    """The rloo stage config of a run (GRPO's inputs, RLOO's settings)."""
+    return RLOOStageConfig(model=p.input, data=p.data, max_prompts=p.max_pairs, val_fraction=p.val_fraction,
+                           seed=p.seed, min_valid_fraction=p.min_valid_fraction, reward_model=p.reward_model,
+                           train=p.rloo)
+
+
+def online_dpo_config(p: AlignParams) -> OnlineDPOStageConfig:
+    """The online_dpo stage config of a run (GRPO's inputs, online DPO's settings)."""
+    return OnlineDPOStageConfig(model=p.input, data=p.data, max_prompts=p.max_pairs, val_fraction=p.val_fraction,
+                                seed=p.seed, min_valid_fraction=p.min_valid_fraction, reward_model=p.reward_model,
+                                train=p.online_dpo)
+
+
 def orpo_config(p: AlignParams) -> ORPOStageConfig:
     """The orpo stage config of a run."""
     return ORPOStageConfig(**_common(p), train=p.orpo)
@@ -140,7 +164,7 @@ def _lineage(*paths: str | None) -> list[str]:
 
 @refinery_flow("align", AlignParams)
 def align_flow(p: AlignParams) -> dict:
-    """Align a model: DPO, ORPO, CPO or SimPO on preference pairs, KTO on labelled replies, PPO against a reward model, GRPO with reward functions."""
+    """Align a model: DPO, ORPO, CPO or SimPO on preference pairs, KTO on labelled replies, PPO against a reward model, GRPO, RLOO or online DPO with reward functions."""
     stages = {}
     with gpu_slot():
         if p.method == "dpo":
@@ -155,6 +179,11 @@ def align_flow(p: AlignParams) -> dict:
             stages["kto"] = kto_stage.call(p.workdir, _lineage(p.input), kto_config(p))
         elif p.method == "grpo":
             stages["grpo"] = grpo_stage.call(p.workdir, _lineage(p.input, p.reward_model), grpo_config(p))
+        elif p.method == "rloo":
+            stages["rloo"] = rloo_stage.call(p.workdir, _lineage(p.input, p.reward_model), rloo_config(p))
+        elif p.method == "online_dpo":
+            stages["online_dpo"] = online_dpo_stage.call(p.workdir, _lineage(p.input, p.reward_model),
+                                                         online_dpo_config(p))
         else:
             reward_model = p.reward_model
             if reward_model is None:

@@ -1,5 +1,7 @@
-"""One rollout engine: batched sampling from a causal LM with a KV cache (``refinery generate``
-today; PPO, GRPO, RLOO, online DPO and evaluation are meant to sample through it too).
+"""One rollout engine: batched sampling from a causal LM with a KV cache (``refinery generate``,
+evaluation's samples and judge, the synth stage, and PPO, GRPO, RLOO and online DPO on one process
+or DDP, through :func:`refinery.tasks.align.ppo.sample_replies`; under FSDP the trainers keep
+``generate`` with ``synced_gpus``, where every process must make the same forwards).
 
 ``sample(model, tokenizer, prompts, params)`` takes prompts as token ids and returns, in the
 prompts' order, each completion's ids, text, finish reason (``eos``, ``stop`` or ``length``) and,
@@ -30,7 +32,8 @@ if asked, the log-probability of every sampled token. How:
   per step; the base weights come back up to float rounding, so off by default).
 
 The result carries the tokens generated, the seconds spent and the tokens/s, for the per-step
-logging of rollout throughput. The module imports torch only inside its functions.
+logging of rollout throughput, and gives the completions as right-padded tensors (``padded``) for
+a trainer's log-prob passes (GRPO and RLOO sample through it). The module imports torch only inside its functions.
 """
 from __future__ import annotations
 
@@ -84,6 +87,20 @@ class RolloutResult:
     @property
     def texts(self) -> list[str]:
         return [c.text for c in self.completions]
+
+    def padded(self, pad_id: int, device: Any = None):
+        """The completions as one right-padded id tensor (N, T), ``pad_id`` after each one's end,
+        and its mask (1 on every generated token, the EOS or stop token included): what a trainer's
+        log-prob pass over prompt + completion takes. T is the longest completion (0 if none)."""
+        import torch
+
+        width = max((len(c.ids) for c in self.completions), default=0)
+        ids = torch.full((len(self.completions), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(self.completions), width), dtype=torch.long)
+        for r, c in enumerate(self.completions):
+            ids[r, :len(c.ids)] = torch.tensor(c.ids, dtype=torch.long)
+            mask[r, :len(c.ids)] = 1
+        return ids.to(device), mask.to(device)
 
     def stats(self) -> dict:
         return {"rollout_tokens": self.tokens, "rollout_seconds": self.seconds,

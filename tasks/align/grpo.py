@@ -3,8 +3,10 @@
 One GRPO step, readable top to bottom:
 
 1. **Sample a group**: for each of ``batch_size`` prompts, ``num_generations`` completions from
-   the policy (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``); a completion ends at its
-   first EOS.
+   the policy (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``) through the rollout engine
+   (:mod:`refinery.tasks.rollout`; FSDP: ``generate``); a completion ends at its first EOS. Each
+   step logs the rollout's tokens/s (``rollout_tokens_per_s``) and the share of the step's wall
+   time spent generating (``gen_share``).
 2. **Score**: each reward function (plain Python callables named in ``reward_funcs``, see
    :mod:`refinery.tasks.align.rewards`, or a reward model) gives one number per completion; the
    reward is their weighted sum.
@@ -39,6 +41,9 @@ with ``synced_gpus`` (:func:`refinery.tasks.align.ppo.generating`), held-out par
 length; the reference is the sharded policy with its adapters off (LoRA) or a whole frozen copy on
 every process.
 
+RLOO (:mod:`refinery.tasks.align.rloo`) is this trainer with other advantages and loss: the hooks
+:meth:`GRPOTrainer.advantages`, :meth:`GRPOTrainer.step_batches` and :meth:`GRPOTrainer.objective`.
+
 Our own rather than TRL's ``GRPOTrainer``: it runs inside our stages (cached by fingerprint,
 metrics through :mod:`refinery.tasks.train.metrics`), takes our parameter names, and needs neither
 ``datasets`` nor ``accelerate`` at run time.
@@ -48,14 +53,14 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, cast
 
 from pydantic import Field, field_validator, model_validator
 
-from refinery.tasks.align.common import (SamplingParams, LoraSettings, apply_lora, load_tokenizer, pad, pick_device,
+from refinery.tasks.align.common import (SamplingParams, LoraSettings, apply_lora, load_tokenizer, pick_device,
                                          position_ids, seed_everything, torch_dtype)
-from refinery.tasks.align.ppo import (Rollouts, generating, padded_part, path_or_none, raise_if_interrupted, reply_mask,
-                                      rl_stats, seed_rollout, warm_root)
+from refinery.tasks.align.ppo import (Rollouts, padded_part, path_or_none, raise_if_interrupted, rl_stats, rollout_params,
+                                      sample_replies, seed_rollout, warm_root)
 from refinery.tasks.engine.data import ExampleOrder
 from refinery.tasks.engine.parallel import Parallel
 from refinery.tasks.engine.trainer import Engine, Method, Micro
@@ -76,30 +81,24 @@ SCALES: dict[str, Any] = {
 }
 
 
-class GRPOConfig(ScheduleParams, ParallelParams, SamplingParams):
-    """GRPO settings. ``max_steps`` counts steps, each over ``grad_accum`` sampled batches of
-    ``batch_size`` prompts times ``num_generations`` completions and ``num_iterations`` optimizer
-    updates (the schedule counts updates); ``lr`` 1e-5 (a pretrained policy; no new layer, so
-    ``head_lr`` is unused). On ``devices`` processes (DDP or FSDP) each samples the groups of
-    ``batch_size / devices`` prompts of every batch, in passes of ``mini_batch_size`` completions."""
+class GroupRLConfig(ScheduleParams, ParallelParams, SamplingParams):
+    """What every trainer that samples a group of completions per prompt and scores them with
+    reward functions shares (GRPO, RLOO: :mod:`refinery.tasks.align.rloo`). ``max_steps`` counts
+    steps, each over ``grad_accum`` sampled batches of ``batch_size`` prompts times
+    ``num_generations`` completions and ``num_iterations`` optimizer updates (the schedule counts
+    updates); ``lr`` 1e-5 (a pretrained policy; no new layer, so ``head_lr`` is unused). On
+    ``devices`` processes (DDP or FSDP) each samples the groups of ``batch_size / devices`` prompts
+    of every batch, in passes of ``mini_batch_size`` completions."""
 
     field_defaults = dict(max_steps=20, lr=1e-5, batch_size=4, dtype="float32", max_prompt_len=128, max_new_tokens=64)
 
     num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
     mini_batch_size: int = Field(16, ge=1, description="Completions per forward/backward pass.")
     num_iterations: int = Field(1, ge=1, description="Optimisation passes over each sampled batch (>1: the ratio clip acts).")
-    beta: float = Field(0.04, ge=0, description="Weight of the per-token KL to the reference (0: no reference kept).")
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
-        "grpo", description="How the per-token losses are averaged (TRL's names):", json_schema_extra={"choices": LOSS_TYPES})
+    beta: float = Field(0.04, ge=0, description="Weight of the KL to the reference (0: no reference kept).")
     clip_range: float = Field(0.2, gt=0, description="Policy ratio clip (epsilon; the lower side, 1 - epsilon, when clip_range_high is set).")
     clip_range_high: float | None = Field(None, gt=0, description=(
         "Upper ratio clip (TRL's epsilon_high; DAPO's clip-higher uses 0.28 with clip_range 0.2); empty = clip_range."))
-    scale_rewards: Literal["group", "batch", "none"] | None = Field(None, description=(
-        "Advantage scaling (TRL's names; true/false read as group/none); empty = group, or none with loss_type=dr_grpo:"),
-        json_schema_extra={"choices": SCALES})
-    dynamic_sampling: bool = Field(False, description=(
-        "Drop the groups whose rewards are all equal from the loss (DAPO's dynamic sampling, without resampling); "
-        "the step's loss is over the groups kept."))
     reward_funcs: list[str] = Field(default_factory=lambda: ["exact_match"], description=(
         "Reward functions: built-ins exact_match (numeric answer vs the record's 'answer', GSM8K '#### N'), "
         "format ('#### N' present), number (any number), length (shorter is better), or module:function "
@@ -123,6 +122,44 @@ class GRPOConfig(ScheduleParams, ParallelParams, SamplingParams):
             return [float(x) for x in v.split(",") if x.strip()] if v.strip() else None
         return v
 
+    @property
+    def token_level(self) -> bool:
+        """Whether each minibatch's loss is a token sum over the whole step's tokens (dapo) rather
+        than a mean over its completions (how :meth:`GRPOTrainer._passes` weighs minibatches)."""
+        return False
+
+    @property
+    def drops_equal_groups(self) -> bool:
+        """Whether the groups whose rewards are all equal leave the loss (dynamic sampling)."""
+        return False
+
+    @model_validator(mode="after")
+    def _weights(self):
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights: {len(self.reward_weights)} weights for {len(self.reward_funcs)} reward_funcs")
+        if not self.reward_funcs:
+            raise ValueError("reward_funcs: at least one")
+        # every process samples the groups of batch_size/devices prompts (a group is never split), so
+        # the processes make the same number of forward and backward passes (collectives under FSDP)
+        if self.devices > 1 and self.batch_size % self.devices:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of devices={self.devices} "
+                             "(each process samples the groups of an equal part of the prompts)")
+        return self
+
+
+class GRPOConfig(GroupRLConfig):
+    """GRPO settings: the group sampling of :class:`GroupRLConfig`, the per-token loss's
+    normalisation (``loss_type``), the advantages' scaling and dynamic sampling."""
+
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "grpo", description="How the per-token losses are averaged (TRL's names):", json_schema_extra={"choices": LOSS_TYPES})
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(None, description=(
+        "Advantage scaling (TRL's names; true/false read as group/none); empty = group, or none with loss_type=dr_grpo:"),
+        json_schema_extra={"choices": SCALES})
+    dynamic_sampling: bool = Field(False, description=(
+        "Drop the groups whose rewards are all equal from the loss (DAPO's dynamic sampling, without resampling); "
+        "the step's loss is over the groups kept."))
+
     @field_validator("scale_rewards", mode="before")
     @classmethod
     def _scale_bool(cls, v: Any) -> Any:
@@ -137,20 +174,19 @@ class GRPOConfig(ScheduleParams, ParallelParams, SamplingParams):
         """``scale_rewards``, or the loss type's default when empty."""
         return self.scale_rewards or ("none" if self.loss_type == "dr_grpo" else "group")
 
+    @property
+    def token_level(self) -> bool:
+        return self.loss_type == "dapo"
+
+    @property
+    def drops_equal_groups(self) -> bool:
+        return self.dynamic_sampling
+
     @model_validator(mode="after")
-    def _weights(self):
+    def _scaling(self):
         if self.loss_type == "dr_grpo" and self.scale_rewards not in (None, "none"):
             raise ValueError(f"loss_type=dr_grpo removes the std normalisation: scale_rewards={self.scale_rewards} "
                              "contradicts it (leave scale_rewards empty or set it to none)")
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
-            raise ValueError(f"reward_weights: {len(self.reward_weights)} weights for {len(self.reward_funcs)} reward_funcs")
-        if not self.reward_funcs:
-            raise ValueError("reward_funcs: at least one")
-        # every process samples the groups of batch_size/devices prompts (a group is never split), so
-        # the processes make the same number of forward and backward passes (collectives under FSDP)
-        if self.devices > 1 and self.batch_size % self.devices:
-            raise ValueError(f"batch_size={self.batch_size} must be a multiple of devices={self.devices} "
-                             "(each process samples the groups of an equal part of the prompts)")
         return self
 
 
@@ -283,7 +319,7 @@ class GRPOTrainer(Method):
     train_mode = False                      # no dropout: the same tokens get the same log-probs
 
     def __init__(self, model_dir: str, prompts: Sequence[str], columns: Sequence[dict],
-                 reward_funcs: dict[str, Callable], cfg: GRPOConfig, seed: int = 0,
+                 reward_funcs: dict[str, Callable], cfg: GroupRLConfig, seed: int = 0,
                  held_out: tuple[Sequence[str], Sequence[dict]] = ((), ())):
         from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -315,6 +351,8 @@ class GRPOTrainer(Method):
         self.rollouts = Rollouts()
         self.buffer: list = []     # (batch, slice, weight) of the minibatches the step has left
         self.step_tokens: float | None = None   # dapo: the step's completion tokens over all processes / world
+        self.step_start: float | None = None    # when this step's sampling began (gen_share)
+        self.gen_seconds, self.gen_tokens = 0.0, 0   # this step's generation time and completion tokens
         self.n_local = cfg.batch_size * cfg.num_generations
         tok = self.tokenizer
         self.eos_id = tok.eos_token_id
@@ -350,50 +388,59 @@ class GRPOTrainer(Method):
         return {"order": self.order, "rollouts": self.rollouts}
 
     def micro_step(self, micro: int) -> Micro:
-        import torch
-
         cfg = self.cfg
         info = self._sample_step() if not self.buffer else {}
         b, sl, weight = self.buffer.pop(0)
         logp = _token_logps(self.engine.train_model, b.ids[sl], b.mask[sl], b.P, b.completions[sl], cfg.temperature)
         old = b.old_logp[sl] if b.old_logp is not None else logp.detach()
         ref = b.ref_logp[sl] if b.ref_logp is not None else None
-        m = b.c_mask[sl]
-        loss, kl = grpo_loss(logp, old, ref, b.advantages[sl], m, cfg.beta, cfg.clip_range, cfg.loss_type,
-                             cfg.clip_range_high, cfg.max_new_tokens, self.step_tokens)
+        loss, figs = self.objective(logp, old, ref, b.advantages[sl], b.c_mask[sl])
         if weight == 0.0:   # a stand-in pass (dynamic sampling left fewer minibatches): no gradient, no figures
-            figs = {"kl": 0.0, "clipfrac": 0.0} if info else {}
+            figs = {k: 0.0 for k in figs} if info else {}
             return Micro(loss * 0.0, {**info, **figs}, weight=0.0)
+        return Micro(loss, {**info, **figs}, weight=weight)
+
+    def objective(self, logp, old, ref, advantages, mask) -> tuple[Any, dict]:
+        """The loss of a minibatch (token log-probs (B, T) under the policy, at sampling, under the
+        reference; advantages (B,); completion mask) and its figures: GRPO's :func:`grpo_loss` of
+        ``loss_type``, the mean per-token KL and the share of tokens whose ratio was clipped."""
+        import torch
+
+        cfg = cast(GRPOConfig, self.cfg)   # GRPO's own hook (RLOO overrides it)
+        loss, kl = grpo_loss(logp, old, ref, advantages, mask, cfg.beta, cfg.clip_range, cfg.loss_type,
+                             cfg.clip_range_high, cfg.max_new_tokens, self.step_tokens)
         with torch.no_grad():
-            den = m.sum().clamp(min=1)
+            den = mask.sum().clamp(min=1)
             ratio = torch.exp(logp - old)
             hi = cfg.clip_range if cfg.clip_range_high is None else cfg.clip_range_high
             clipped = (ratio < 1 - cfg.clip_range) | (ratio > 1 + hi)
-            figs = {"kl": ((kl * m).sum() / den).item() if kl is not None else 0.0,
-                    "clipfrac": (clipped.float() * m).sum().item() / den.item()}
-        return Micro(loss, {**info, **figs}, weight=weight)
+            figs = {"kl": ((kl * mask).sum() / den).item() if kl is not None else 0.0,
+                    "clipfrac": (clipped.float() * mask).sum().item() / den.item()}
+        return loss, figs
 
     def validate(self) -> dict | None:
         return self.evaluate(*self.held_out) if self.held_out[0] else None
 
     # -- sampling and scoring
     def generate(self, prompts: Sequence[str], greedy: bool = False):
-        """Completions of ``prompts``: (ids, mask, P, completion ids, completion mask, texts)."""
+        """Completions of ``prompts``: (ids, mask, P, completion ids, completion mask, texts), the
+        prompts left-padded, the completions right-padded with the pad id after their EOS, the
+        completion mask 1 up to and including the EOS (:func:`refinery.tasks.align.ppo.reply_mask`).
+        Sampled by :func:`refinery.tasks.align.ppo.sample_replies` (the rollout engine; FSDP:
+        ``generate``), from the global generator that :func:`seed_rollout` seeded, with the
+        policy's current weights (LoRA included). The seconds and tokens add to
+        ``gen_seconds``/``gen_tokens`` (the step's rollout figures)."""
         import torch
 
-        tok = self.tokenizer
-        p_ids, p_mask = pad([tok(t)["input_ids"][-self.cfg.max_prompt_len:] for t in prompts], tok.pad_token_id, "left")
-        p_ids, p_mask = p_ids.to(self.device), p_mask.to(self.device)
-        P = p_ids.shape[1]
-        with torch.no_grad(), generating(self.par) as extra:
-            out = self.model.generate(input_ids=p_ids, attention_mask=p_mask,
-                                      generation_config=self.greedy_config if greedy else self.sample_config, **extra)
-        comp = out[:, P:]
-        if comp.shape[1] == 0:
-            raise RuntimeError("generation produced no tokens")
-        c_mask = reply_mask(comp, self.eos_id)
-        texts = [tok.decode(c[m.bool()].tolist(), skip_special_tokens=True) for c, m in zip(comp, c_mask)]
-        return torch.cat([p_ids, comp], 1), torch.cat([p_mask, c_mask], 1), P, comp, c_mask.float(), texts
+        cfg = self.cfg
+        lists = [self.tokenizer(t)["input_ids"][-cfg.max_prompt_len:] for t in prompts]
+        params = rollout_params(cfg, self.eos_id, len(lists), greedy, cfg.eval_max_new_tokens if greedy else None)
+        got = sample_replies(self.model, self.tokenizer, lists, self.par,
+                             self.greedy_config if greedy else self.sample_config, params, self.device)
+        self.gen_seconds += got.seconds
+        self.gen_tokens += int(got.r_mask.sum())
+        return (torch.cat([got.p_ids, got.replies], 1), torch.cat([got.p_mask, got.r_mask], 1), got.P, got.replies,
+                got.r_mask.float(), got.texts)
 
     def rewards(self, prompts: list[str], texts: list[str], columns: list[dict]) -> tuple[list[float], dict]:
         from refinery.tasks.align.rewards import score
@@ -412,6 +459,27 @@ class GRPOTrainer(Method):
                 outs.append(_token_logps(model_fn(), b_ids[sl], b_mask[sl], P, comp[sl], self.cfg.temperature))
         return torch.cat(outs)
 
+    def needs_old_logps(self) -> bool:
+        """Whether the policy's log-probs at sampling are kept (more than one pass: the ratio's
+        denominator; with one pass the loss takes the first forward's, detached)."""
+        return self.cfg.num_iterations > 1
+
+    def advantages(self, rewards, old_logp, ref_logp, c_mask) -> tuple[Any, dict]:
+        """Each completion's advantage (on the device) from this process's rewards (whole groups,
+        group after group) and figures to log: GRPO's group-relative :func:`group_advantages`,
+        the std the group's, the whole batch's over every process, or none (``scale_rewards``)."""
+        cfg, G = cast(GRPOConfig, self.cfg), self.cfg.num_generations   # GRPO's own hook (RLOO overrides it)
+        batch_std = None
+        if cfg.reward_scaling == "batch":   # the std of the whole batch, every process's groups
+            n, s1, s2 = self.par.sum([float(len(rewards)), float(rewards.double().sum()),
+                                      float((rewards.double() ** 2).sum())])
+            batch_std = max((s2 - s1 * s1 / n) / max(n - 1, 1.0), 0.0) ** 0.5
+        return group_advantages(rewards, G, cfg.reward_scaling, batch_std).to(self.device), {}
+
+    def step_batches(self, batches: list[_Batch]) -> None:
+        """After a step's batches are sampled, before its passes are planned: what needs all of
+        them (RLOO normalises the advantages over the step). GRPO: nothing."""
+
     def sample(self, prompts: Sequence[str], columns: Sequence[dict]) -> tuple[_Batch, dict]:
         """Sample the groups of a batch of prompts, score them, compute advantages (per group:
         a group is never split between processes) and the log-probs the loss compares against."""
@@ -425,12 +493,7 @@ class GRPOTrainer(Method):
         ids, mask, P, comp, c_mask, texts = self.generate(rep_prompts)
         total, parts = self.rewards(rep_prompts, texts, rep_cols)
         r = torch.tensor(total, dtype=torch.float32)
-        batch_std = None
-        if cfg.reward_scaling == "batch":   # the std of the whole batch, every process's groups
-            n, s1, s2 = self.par.sum([float(len(r)), float(r.double().sum()), float((r.double() ** 2).sum())])
-            batch_std = max((s2 - s1 * s1 / n) / max(n - 1, 1.0), 0.0) ** 0.5
-        adv = group_advantages(r, G, cfg.reward_scaling, batch_std).to(self.device)
-        old = self._logps(lambda: self.model, ids, mask, P, comp) if cfg.num_iterations > 1 else None
+        old = self._logps(lambda: self.model, ids, mask, P, comp) if self.needs_old_logps() else None
         ref = None
         if cfg.beta:
             if self.ref is not None:
@@ -439,10 +502,11 @@ class GRPOTrainer(Method):
                 ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
                 with ctx:
                     ref = self._logps(lambda: self.model, ids, mask, P, comp)
+        adv, adv_figs = self.advantages(r, old, ref, c_mask)
         grouped = r.view(-1, G)
         figs = {"reward": r.mean().item(), "reward_std": grouped.std(dim=1).mean().item(),
                 "zero_std_groups": (grouped.std(dim=1) == 0).float().mean().item(),
-                "completion_len": c_mask.sum(-1).mean().item(),
+                "completion_len": c_mask.sum(-1).mean().item(), **adv_figs,
                 **{f"reward_{n}": sum(v) / len(v) for n, v in parts.items()}}
         return (_Batch(ids, mask, P, comp, c_mask, old, ref, adv, r),
                 {"figs": figs, "sample": texts[0][:200], "tokens": int(mask.sum())})
@@ -451,19 +515,33 @@ class GRPOTrainer(Method):
         """Sample this process's groups of the step's ``grad_accum`` batches and fill the buffer
         with ``num_iterations`` passes over their minibatches; the batches' figures (with their
         ``tokens`` and a ``sample`` completion)."""
+        import time
+
         cfg = self.cfg
+        self.step_start, self.gen_seconds, self.gen_tokens = time.perf_counter(), 0.0, 0
         seed_rollout(self.seed, self.par.rank, self.rollouts.done)
         sampled = []
         for _ in range(cfg.grad_accum):
             idx = self.par.part(self.order.take(cfg.batch_size))   # whole groups: this process's prompts
             sampled.append(self.sample([self.prompts[i] for i in idx], [self.columns[i] for i in idx]))
         self.rollouts.done += 1
+        rollout_s = self.gen_seconds   # sampling only: the log-prob passes below are not rollout time
+        self.step_batches([b for b, _ in sampled])
         self.buffer = self._passes([b for b, _ in sampled]) * cfg.num_iterations
         figs = {k: sum(info["figs"][k] for _, info in sampled) / len(sampled) for k in sampled[0][1]["figs"]}
-        if cfg.dynamic_sampling:
+        if cfg.drops_equal_groups:
             figs["kept_groups"] = sum(float((~equal_groups(b.rewards, cfg.num_generations)).float().mean())
                                       for b, _ in sampled) / len(sampled)
+        figs["rollout_tokens_per_s"] = self.gen_tokens / rollout_s if rollout_s > 0 else 0.0
         return {**figs, "tokens": sum(info["tokens"] for _, info in sampled), "sample": sampled[0][1]["sample"]}
+
+    def after_step(self, figures: dict) -> None:
+        """The share of the step's wall time spent generating (``gen_share``; this process's: the
+        step began with its sampling, in the first micro-batch)."""
+        import time
+
+        if self.step_start is not None:
+            figures["gen_share"] = round(self.gen_seconds / max(time.perf_counter() - self.step_start, 1e-9), 6)
 
     def _passes(self, batches: list[_Batch]) -> list[tuple[_Batch, slice, float]]:
         """One pass over the step's minibatches, each with its weight in the update: its share of
@@ -473,12 +551,12 @@ class GRPOTrainer(Method):
         filled up with weight-0 stand-ins, so every process makes ``accum()`` forwards alike."""
         cfg, mbs, world = self.cfg, self.cfg.mini_batch_size, self.par.world
         per_batch = -(-self.n_local // mbs)
-        kept = [b.rows(~equal_groups(b.rewards, cfg.num_generations)) if cfg.dynamic_sampling else b for b in batches]
+        kept = [b.rows(~equal_groups(b.rewards, cfg.num_generations)) if cfg.drops_equal_groups else b for b in batches]
         n_all, tokens_all = self.par.sum([float(sum(len(k.ids) for k in kept)), float(sum(k.c_mask.sum() for k in kept))])
-        self.step_tokens = tokens_all / world if cfg.loss_type == "dapo" else None
+        self.step_tokens = tokens_all / world if cfg.token_level else None
         out: list[tuple[_Batch, slice, float]] = []
         for full, k in zip(batches, kept):
-            real = [(k, slice(i, i + mbs), (1.0 if cfg.loss_type == "dapo" else min(mbs, len(k.ids) - i) * world / n_all))
+            real = [(k, slice(i, i + mbs), (1.0 if cfg.token_level else min(mbs, len(k.ids) - i) * world / n_all))
                     for i in range(0, len(k.ids), mbs)]
             out += real + [(full, slice(0, 1), 0.0)] * (per_batch - len(real))
         return out
@@ -518,11 +596,22 @@ def train_grpo(model_dir: str, prompts: Sequence[str], columns: Sequence[dict], 
     ``ckpt_dir/metrics``); with ``ckpt_dir``, checkpoints go there and a rerun resumes from the
     newest (``stats["status"]``: whether the run finished; ``stop_after``: stop after that step)."""
     trainer = GRPOTrainer(model_dir, prompts, columns, reward_funcs, cfg, seed, held_out=held_out)
+    return fit_group_trainer(trainer, cfg, "GRPO", on_step=on_step, progress=progress, log_dir=log_dir,
+                             ckpt_dir=ckpt_dir, stop_after=stop_after)
+
+
+def fit_group_trainer(trainer: GRPOTrainer, cfg: GroupRLConfig, title: str, *,
+                      on_step: Callable[[dict], None] | None = None, progress: bool = False,
+                      log_dir: str | os.PathLike | None = None, ckpt_dir: str | os.PathLike | None = None,
+                      stop_after: int | None = None) -> GRPOResult:
+    """Run a group trainer (GRPO, RLOO) on the engine for ``cfg.max_steps`` steps and gather its
+    result (the model, the history, :func:`refinery.tasks.align.ppo.rl_stats`)."""
     res = Engine(trainer, cfg, total=cfg.max_steps, device=trainer.device, ckpt_dir=path_or_none(ckpt_dir),
-                 metrics_dir=path_or_none(log_dir), progress=progress, on_row=on_step, stop_after=stop_after, title="GRPO").fit()
+                 metrics_dir=path_or_none(log_dir), progress=progress, on_row=on_step, stop_after=stop_after,
+                 title=title).fit()
     stats = rl_stats(res, cfg.max_steps, trainer.mem, trainer.model)
     return GRPOResult(model=trainer.model, tokenizer=trainer.tokenizer, history=res.history, stats=stats)
 
 
-__all__ = ["GRPOConfig", "GRPOResult", "GRPOTrainer", "LOSS_TYPES", "equal_groups", "group_advantages", "grpo_loss",
+__all__ = ["GRPOConfig", "GRPOResult", "GRPOTrainer", "GroupRLConfig", "LOSS_TYPES", "fit_group_trainer", "equal_groups", "group_advantages", "grpo_loss",
            "micro_weight", "train_grpo"]

@@ -35,7 +35,9 @@ coefficient; the frozen reference and the reward function come from the run's in
 ``k`` on process ``r`` samples from a generator seeded by ``(seed, r, k)``, so a resumed run
 samples what the uninterrupted one would have. On several processes (``devices``, DDP or FSDP)
 each rolls out ``batch_size / devices`` prompts and takes ``mini_batch_size / devices`` of them per
-minibatch; under FSDP sampling runs ``generate`` on the sharded policy with ``synced_gpus``
+minibatch. Replies are sampled by the rollout engine (:func:`sample_replies`; the step logs
+``rollout_tokens_per_s`` and ``gen_share``, the share of its wall time spent generating); under
+FSDP sampling runs ``generate`` on the sharded policy with ``synced_gpus``
 (:func:`generating`) and the held-out parts are padded to one length, so every process makes the
 same number of forward passes (each one a collective).
 Dropout is off throughout (eval mode), so log-probabilities of the same tokens are reproducible.
@@ -305,6 +307,70 @@ def generating(par: Parallel):
         par.train.reshard()
 
 
+def rollout_params(cfg, eos_id: int | None, n: int, greedy: bool = False, max_new_tokens: int | None = None):
+    """The rollout engine's settings for ``n`` prompts of an online trainer (``cfg``: its
+    :class:`refinery.tasks.align.common.SamplingParams`): the config's sampling, or greedy; EOS the
+    tokenizer's (what :func:`reply_mask` cuts at); one batch of all the prompts (the engine
+    prefills very different lengths in chunks); no private seed: the global generator, which
+    :func:`seed_rollout` seeded, draws."""
+    from refinery.tasks.rollout import SamplingParams as Rollout
+
+    eos = (eos_id,) if eos_id is not None else ()
+    longest = max_new_tokens or cfg.max_new_tokens
+    if greedy:
+        return Rollout(max_new_tokens=longest, greedy=True, eos_ids=eos, batch_size=max(1, n))
+    return Rollout(max_new_tokens=longest, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                   eos_ids=eos, batch_size=max(1, n))
+
+
+@dataclass
+class Sampled:
+    """A policy's replies to a batch of prompts, as the trainers' log-prob passes take them."""
+
+    p_ids: Any        # (B, P) the prompts, left-padded
+    p_mask: Any
+    replies: Any      # (B, T) the replies, right-padded with the pad id after their EOS
+    r_mask: Any       # (B, T) 1 up to and including the EOS (:func:`reply_mask`)
+    texts: list[str]
+    seconds: float    # spent generating
+
+    @property
+    def P(self) -> int:
+        return self.p_ids.shape[1]
+
+
+def sample_replies(model, tokenizer, prompt_ids: Sequence[Sequence[int]], par: Parallel, gen_config, params,
+                   device) -> Sampled:
+    """Replies of ``model`` (the policy, LoRA included) to prompts given as token ids. One process
+    or DDP: through the rollout engine (:func:`refinery.tasks.rollout.sample`: KV cache, each
+    sequence stops at its EOS, ``params`` from :func:`rollout_params`). Under FSDP every process
+    must make the same forwards, so Hugging Face ``generate`` with ``synced_gpus``
+    (:func:`generating`, ``gen_config``) there."""
+    import time
+
+    import torch
+
+    lists = [list(p) for p in prompt_ids]
+    p_ids, p_mask = pad(lists, tokenizer.pad_token_id, "left")
+    p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+    t0 = time.perf_counter()
+    if par.sharded:
+        with torch.no_grad(), generating(par) as extra:
+            out = model.generate(input_ids=p_ids, attention_mask=p_mask, generation_config=gen_config, **extra)
+        replies = out[:, p_ids.shape[1]:]
+        r_mask = reply_mask(replies, tokenizer.eos_token_id)
+        texts = [tokenizer.decode(c[m.bool()].tolist(), skip_special_tokens=True) for c, m in zip(replies, r_mask)]
+    else:
+        from refinery.tasks.rollout import sample
+
+        res = sample(model, tokenizer, lists, params)
+        replies, r_mask = res.padded(tokenizer.pad_token_id, device)
+        texts = res.texts
+    if replies.shape[1] == 0:
+        raise RuntimeError("generation produced no tokens")
+    return Sampled(p_ids, p_mask, replies, r_mask, texts, time.perf_counter() - t0)
+
+
 def padded_part(par: Parallel, items: Sequence) -> tuple[list, int]:
     """This rank's part of ``items`` (held-out prompts) and how many of it are real. Under FSDP every
     rank must make the same number of forward passes, so a shorter part is padded with a repeat
@@ -372,6 +438,8 @@ class PPOTrainer(Method):
         self.buffer: list = []    # the minibatch indices the step has left
         self.ro: dict = {}        # the step's rollout
         self.mb = cfg.mini_batch_size
+        self.step_start: float | None = None    # when this step's rollout began (gen_share)
+        self.gen_seconds, self.gen_tokens = 0.0, 0   # this step's generation time and reply tokens
         tok = self.tokenizer
         self.eos_id = tok.eos_token_id
         self.gen_config = GenerationConfig(
@@ -440,6 +508,10 @@ class PPOTrainer(Method):
     def after_step(self, figures: dict) -> None:
         # from the KL averaged over the processes, so every one shapes its next rewards alike
         self.kl.update(figures["kl"], self.cfg.batch_size)
+        if self.step_start is not None:   # this process's share of the step's wall time spent generating
+            import time
+
+            figures["gen_share"] = round(self.gen_seconds / max(time.perf_counter() - self.step_start, 1e-9), 6)
 
     def validate(self) -> dict | None:
         return self.evaluate(self.held_out) if self.held_out else None
@@ -462,18 +534,13 @@ class PPOTrainer(Method):
 
         tok, cfg = self.tokenizer, self.cfg
         prompt_ids = [tok(t)["input_ids"][-cfg.max_prompt_len:] for t in prompt_texts]
-        p_ids, p_mask = pad(prompt_ids, tok.pad_token_id, "left")
-        p_ids, p_mask = p_ids.to(self.device), p_mask.to(self.device)
-        P = p_ids.shape[1]
-        with torch.no_grad(), generating(self.par) as extra:
-            out = self.policy.lm.generate(input_ids=p_ids, attention_mask=p_mask, generation_config=self.gen_config,
-                                          **extra)
-        replies = out[:, P:]
-        if replies.shape[1] == 0:
-            raise RuntimeError("generation produced no tokens")
-        r_mask = reply_mask(replies, self.eos_id)
-        ids = torch.cat([p_ids, replies], 1)
-        mask = torch.cat([p_mask, r_mask], 1)
+        got = sample_replies(self.policy.lm, tok, prompt_ids, self.par, self.gen_config,
+                             rollout_params(cfg, self.eos_id, len(prompt_ids)), self.device)
+        self.gen_seconds += got.seconds
+        P, replies, r_mask = got.P, got.replies, got.r_mask
+        self.gen_tokens += int(r_mask.sum())
+        ids = torch.cat([got.p_ids, replies], 1)
+        mask = torch.cat([got.p_mask, r_mask], 1)
         chunks: list[tuple] = []   # (logp, entropy, ref_logp, values) per chunk
         with torch.no_grad():  # in chunks of mini_batch_size: full-vocabulary logits are large
             for i in range(0, len(ids), self.mb):
@@ -484,7 +551,7 @@ class PPOTrainer(Method):
                 chunks.append((lp, ent, rlp, v[:, P - 1:-1]))
         logp, entropy, ref_logp, values = (torch.cat(x) for x in zip(*chunks))
         reply_lists = [replies[i][r_mask[i].bool()].tolist() for i in range(len(replies))]
-        reply_texts = [tok.decode(r, skip_special_tokens=True) for r in reply_lists]
+        reply_texts = got.texts
         scores = torch.as_tensor(self.reward_fn(list(prompt_texts), reply_texts, reply_lists), dtype=torch.float32)
         scores = scores.to(self.device)
         if scores.shape != (len(prompt_texts),):
@@ -500,10 +567,14 @@ class PPOTrainer(Method):
         rollout's figures (with its ``tokens`` and a ``sample`` reply)."""
         import torch
 
+        import time
+
         cfg, k = self.cfg, self.rollouts.done
         batch = [self.prompts[i] for i in self.order.take(cfg.batch_size)]
+        self.step_start, self.gen_seconds, self.gen_tokens = time.perf_counter(), 0.0, 0
         seed_rollout(self.seed, self.par.rank, k)
         ro = self.rollout(self.par.part(batch))   # several processes: each rolls out its part
+        tokens_per_s = self.gen_tokens / self.gen_seconds if self.gen_seconds > 0 else 0.0
         m = ro["r_mask"]
         adv, returns = gae(ro["rewards"], ro["values"], m, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
@@ -527,6 +598,7 @@ class PPOTrainer(Method):
                 "reply_len": m.sum(-1).mean().item(),
                 "advantage_mean": masked_mean(adv, m).item(),
                 "value_mean": masked_mean(ro["values"], m).item(),
+                "rollout_tokens_per_s": tokens_per_s,
                 "tokens": int(ro["mask"].sum()),
                 "sample": ro["reply_texts"][0][:200]}
 

@@ -1,4 +1,5 @@
-"""The alignment stages: ``reward``, ``dpo``, ``kto``, ``orpo``, ``cpo``, ``simpo``, ``ppo`` and ``grpo``.
+"""The alignment stages: ``reward``, ``dpo``, ``kto``, ``orpo``, ``cpo``, ``simpo``, ``ppo``, ``grpo``, ``rloo`` and
+``online_dpo``.
 
 Each takes model folders and a preference file named in its config (their identities, a refinery
 dataset's fingerprint or a folder's file sizes and mtimes, and the data file's path, size and
@@ -27,7 +28,10 @@ from refinery.tasks.align.kto import KTOConfig
 from refinery.tasks.align.orpo import ORPOConfig
 from refinery.tasks.align.ppo import PPOConfig
 from refinery.tasks.align.reward import RewardConfig
+from refinery.tasks.align.rloo import RLOOConfig
+from refinery.tasks.align.online_dpo import OnlineDPOConfig
 from refinery.tasks.records import identity as data_identity
+from refinery.tasks.export.card import with_model_cards   # each stage's model cards, written before publish
 from refinery.tasks.runtime import StageOutput, stage
 from refinery.tasks.train.multinode import MultiNodeStage
 
@@ -126,6 +130,19 @@ class GRPOStageConfig(_RewardModelLengths, _ModelAndData):
         from refinery.tasks.align.rewards import function_identity
 
         return {n: function_identity(n) for n in self.train.reward_funcs}
+
+
+class RLOOStageConfig(GRPOStageConfig):
+    """RLOO on prompts: GRPO's inputs (prompt records, reward functions, optional reward model)."""
+
+    train: RLOOConfig = RLOOConfig()  # type: ignore[assignment]  # RLOO's settings in place of GRPO's
+
+
+class OnlineDPOStageConfig(GRPOStageConfig):
+    """Online DPO on prompts: GRPO's inputs (prompt records, or the prompts of prompt/chosen/rejected
+    records; reward functions and the optional reward model rank the sampled pairs)."""
+
+    train: OnlineDPOConfig = OnlineDPOConfig()  # type: ignore[assignment]  # online DPO's settings in place of GRPO's
 
 
 # Held-out prompts sampled at each validation of an RL run (PPO, GRPO): enough for a mean reward,
@@ -247,7 +264,9 @@ def _run_ppo(cfg: PPOStageConfig, ckpt_dir, progress: bool):
     return res, {**counts, "prompts": len(prompts)}, model_dir
 
 
-def _run_grpo(cfg: GRPOStageConfig, ckpt_dir, progress: bool):
+def _run_grpo(cfg: GRPOStageConfig, ckpt_dir, progress: bool, train_fn: Callable | None = None):
+    """GRPO (or ``train_fn``: RLOO) on the prompt records, rewarded by the reward functions and
+    the optional reward model."""
     from refinery.tasks.align.common import load_tokenizer, resolve_model_dir
     from refinery.tasks.align.data import load_prompts, render_prompt, split_pairs
     from refinery.tasks.align.grpo import train_grpo
@@ -275,13 +294,25 @@ def _run_grpo(cfg: GRPOStageConfig, ckpt_dir, progress: bool):
         train_cfg = train_cfg.model_copy(update={"reward_weights": [1.0] * len(funcs)})
     tok = load_tokenizer(model_dir)
     texts = lambda rs: [render_prompt(r.prompt, tok) for r in rs]  # noqa: E731
-    res = train_grpo(model_dir, texts(train), [r.column_dict() for r in train], funcs, train_cfg, seed=cfg.seed,
-                     held_out=(texts(held_out), [r.column_dict() for r in held_out]), progress=progress,
-                     ckpt_dir=ckpt_dir)
+    res = (train_fn or train_grpo)(model_dir, texts(train), [r.column_dict() for r in train], funcs, train_cfg,
+                                   seed=cfg.seed, held_out=(texts(held_out), [r.column_dict() for r in held_out]),
+                                   progress=progress, ckpt_dir=ckpt_dir)
     res.stats["reward_model"] = reward_dir
     counts = {"records": counts["records"], "prompts": counts["prompts"], "prompts_train": len(train),
               "prompts_held_out": len(held_out), "skipped": counts["skipped"]}
     return res, counts, model_dir
+
+
+def _run_rloo(cfg: RLOOStageConfig, ckpt_dir, progress: bool):
+    from refinery.tasks.align.rloo import train_rloo
+
+    return _run_grpo(cfg, ckpt_dir, progress, train_rloo)
+
+
+def _run_online_dpo(cfg: OnlineDPOStageConfig, ckpt_dir, progress: bool):
+    from refinery.tasks.align.online_dpo import train_online_dpo
+
+    return _run_grpo(cfg, ckpt_dir, progress, train_online_dpo)
 
 
 def _rebuild_reward(cfg: RewardStageConfig, model_dir: str):
@@ -323,7 +354,9 @@ RUNS = {"reward": _Trainer(RewardStageConfig, _run_on_pairs("reward", "train_rew
         "cpo": _Trainer(CPOStageConfig, _run_on_pairs("cpo", "train_cpo"), _rebuild_policy),
         "simpo": _Trainer(SimPOStageConfig, _run_on_pairs("cpo", "train_simpo"), _rebuild_policy),
         "ppo": _Trainer(PPOStageConfig, _run_ppo, _rebuild_ppo),
-        "grpo": _Trainer(GRPOStageConfig, _run_grpo, _rebuild_policy)}
+        "grpo": _Trainer(GRPOStageConfig, _run_grpo, _rebuild_policy),
+        "rloo": _Trainer(RLOOStageConfig, _run_rloo, _rebuild_policy),
+        "online_dpo": _Trainer(OnlineDPOStageConfig, _run_online_dpo, _rebuild_policy)}
 
 
 def config_json(cfg) -> dict:
@@ -368,6 +401,7 @@ def _train(b, cfg, method: str):
 
 # --------------------------------------------------------------------------- stages
 @stage("reward", version="1", kind=MultiNodeStage)
+@with_model_cards
 def reward_stage(b, inputs, cfg: RewardStageConfig) -> StageOutput:
     """Train a reward model (scalar head on the starting model) on preference pairs."""
     memory_plan = _memory_plan("reward", cfg)
@@ -385,6 +419,7 @@ def reward_stage(b, inputs, cfg: RewardStageConfig) -> StageOutput:
 
 
 @stage("dpo", version="1", kind=MultiNodeStage)
+@with_model_cards
 def dpo_stage(b, inputs, cfg: DPOStageConfig) -> StageOutput:
     """Direct preference optimisation of the starting model on preference pairs."""
     memory_plan = _memory_plan("dpo", cfg)
@@ -404,6 +439,7 @@ def dpo_stage(b, inputs, cfg: DPOStageConfig) -> StageOutput:
 
 
 @stage("orpo", version="1", kind=MultiNodeStage)
+@with_model_cards
 def orpo_stage(b, inputs, cfg: ORPOStageConfig) -> StageOutput:
     """ORPO (reference-free: supervised NLL plus an odds-ratio preference term) on preference pairs."""
     memory_plan = _memory_plan("orpo", cfg)
@@ -437,18 +473,21 @@ def _ref_free_output(b, cfg, method: str) -> StageOutput:
 
 
 @stage("cpo", version="1", kind=MultiNodeStage)
+@with_model_cards
 def cpo_stage(b, inputs, cfg: CPOStageConfig) -> StageOutput:
     """CPO (reference-free: a preference loss of the policy's own log-probs plus the chosen reply's NLL) on pairs."""
     return _ref_free_output(b, cfg, "cpo")
 
 
 @stage("simpo", version="1", kind=MultiNodeStage)
+@with_model_cards
 def simpo_stage(b, inputs, cfg: SimPOStageConfig) -> StageOutput:
     """SimPO (reference-free, length-normalised rewards with a target margin) on preference pairs."""
     return _ref_free_output(b, cfg, "simpo")
 
 
 @stage("ppo", version="1", kind=MultiNodeStage)
+@with_model_cards
 def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
     """PPO of the starting model against a reward model, on the prompts of the preference pairs."""
     memory_plan = _memory_plan("ppo", cfg)
@@ -473,6 +512,7 @@ def ppo_stage(b, inputs, cfg: PPOStageConfig) -> StageOutput:
 
 
 @stage("kto", version="1", kind=MultiNodeStage)
+@with_model_cards
 def kto_stage(b, inputs, cfg: KTOStageConfig) -> StageOutput:
     """KTO of the starting model on unpaired replies labelled desirable or undesirable."""
     memory_plan = _memory_plan("kto", cfg)
@@ -490,10 +530,24 @@ def kto_stage(b, inputs, cfg: KTOStageConfig) -> StageOutput:
 
 
 @stage("grpo", version="1", kind=MultiNodeStage)
+@with_model_cards
 def grpo_stage(b, inputs, cfg: GRPOStageConfig) -> StageOutput:
     """GRPO of the starting model on prompts, rewarded by Python reward functions (and/or a reward model)."""
-    memory_plan = _memory_plan("grpo", cfg)
-    res, counts, model_dir = _train(b, cfg, "grpo")
+    return _prompt_rl_output(b, cfg, "grpo")
+
+
+@stage("rloo", version="1", kind=MultiNodeStage)
+@with_model_cards
+def rloo_stage(b, inputs, cfg: RLOOStageConfig) -> StageOutput:
+    """RLOO (k samples per prompt, leave-one-out baseline) of the starting model on prompts, rewarded
+    by Python reward functions (and/or a reward model)."""
+    return _prompt_rl_output(b, cfg, "rloo")
+
+
+def _prompt_rl_output(b, cfg: GRPOStageConfig, method: str) -> StageOutput:
+    """Train GRPO or RLOO and publish: the model, metrics, rewards before and after."""
+    memory_plan = _memory_plan(method, cfg)
+    res, counts, model_dir = _train(b, cfg, method)
     reward_dir = res.stats.get("reward_model")
     keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
     _write_metrics(b, keys)
@@ -505,9 +559,30 @@ def grpo_stage(b, inputs, cfg: GRPOStageConfig) -> StageOutput:
     return StageOutput(counts=counts,
                        stats={**s, "base_model": model_dir, "reward_model": reward_dir, "threads": _threads()},
                        extra={**keys, "memory_plan": memory_plan,
-                              "kind": "policy", "method": "grpo", "metrics": metrics})
+                              "kind": "policy", "method": method, "metrics": metrics})
 
 
-__all__ = ["reward_stage", "dpo_stage", "ppo_stage", "grpo_stage", "kto_stage", "orpo_stage", "cpo_stage",
-           "simpo_stage", "CPOStageConfig", "SimPOStageConfig", "RewardStageConfig",
-           "DPOStageConfig", "PPOStageConfig", "GRPOStageConfig", "KTOStageConfig", "ORPOStageConfig"]
+@stage("online_dpo", version="1", kind=MultiNodeStage)
+@with_model_cards
+def online_dpo_stage(b, inputs, cfg: OnlineDPOStageConfig) -> StageOutput:
+    """Online DPO of the starting model on prompts: pairs sampled from the policy every step, ranked
+    by Python reward functions (and/or a reward model), the DPO loss against the starting model."""
+    memory_plan = _memory_plan("online_dpo", cfg)   # a pair per prompt: 2 x batch_size sequences per forward
+    res, counts, model_dir = _train(b, cfg, "online_dpo")
+    keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
+    _write_metrics(b, keys)
+    s = res.stats
+    metrics = {"reward_start_avg": s["reward_start_avg"], "reward_end_avg": s["reward_end_avg"],
+               "held_out_reward_before": s["held_out_reward_before"], "held_out_reward": s["held_out_reward_after"],
+               "reward_margin_last": s["reward_margin_last"], "margin_last": s["margin_last"],
+               "accuracy_last": s["accuracy_last"], "kl_last": s["kl_last"]}
+    return StageOutput(counts={**counts, "steps": s["steps"]},
+                       stats={**s, "base_model": model_dir, "reward_model": s.get("reward_model"), "threads": _threads()},
+                       extra={**keys, "memory_plan": memory_plan, "kind": "policy", "method": "online_dpo",
+                              "metrics": metrics})
+
+
+__all__ = ["reward_stage", "dpo_stage", "ppo_stage", "grpo_stage", "rloo_stage", "online_dpo_stage", "kto_stage",
+           "orpo_stage", "cpo_stage", "simpo_stage", "RewardStageConfig", "DPOStageConfig", "PPOStageConfig",
+           "GRPOStageConfig", "RLOOStageConfig", "OnlineDPOStageConfig", "KTOStageConfig", "ORPOStageConfig",
+           "CPOStageConfig", "SimPOStageConfig"]

@@ -40,7 +40,8 @@ from pydantic import AfterValidator
 from refinery.tasks.progress import show_progress
 
 ROW_KEYS = ("step", "split", "seconds", "tokens")      # the fixed columns of every row
-TIMING_KEYS = ("seconds", "tokens_per_sec", "mfu")     # wall-clock figures: differ between identical runs
+# wall-clock figures: differ between identical runs (RL: the rollout's throughput and share of the step)
+TIMING_KEYS = ("seconds", "tokens_per_sec", "mfu", "rollout_tokens_per_s", "gen_share")
 METRICS_DIR = "metrics"                                # the folder name, in run folders and datasets
 
 # Dense (no sparsity) peak tensor-core FLOP/s per device at bf16 (fp16 where the chip has no bf16),

@@ -444,12 +444,12 @@ def _saved_dtype(model_dir: str) -> str:
 
 
 def plan_align(method: str, cfg, reward_dir: str | None = None) -> MemoryPlan:
-    """The plan of an align stage (``reward``, ``dpo``, ``orpo``, ``kto``, ``ppo``, ``grpo``) from its
-    stage config. Sequences per forward and device: a pair is two (chosen and rejected), split over
+    """The plan of an align stage (``reward``, ``dpo``, ``orpo``, ``kto``, ``ppo``, ``grpo``, ``rloo``,
+    ``online_dpo``) from its stage config. Sequences per forward and device: a pair is two (chosen and rejected), split over
     the processes; KTO one per example (its KL pass keeps no activations); PPO a minibatch over the
-    processes; GRPO a minibatch of completions. Weights train in the trainer's ``dtype`` (no float32
-    master copy); PPO, and GRPO with a KL term, hold a reference copy unless LoRA is on (the adapters
-    are switched off instead); PPO and GRPO hold their reward model."""
+    processes; GRPO and RLOO a minibatch of completions; online DPO a sampled pair per prompt. Weights train in the trainer's ``dtype`` (no float32
+    master copy); PPO, online DPO, and GRPO and RLOO with a KL term, hold a reference copy unless LoRA is on (the
+    adapters are switched off instead); the sampling trainers hold their reward model."""
     import math
 
     from refinery.tasks.align.common import resolve_model_dir
@@ -462,19 +462,22 @@ def plan_align(method: str, cfg, reward_dir: str | None = None) -> MemoryPlan:
     dtype = _saved_dtype(model_dir) if t.dtype == "auto" else t.dtype
     world = t.world_size() if hasattr(t, "devices") else 1
     strategy = "fsdp" if getattr(t, "strategy", "auto") == "fsdp" else "ddp"
-    if method in ("ppo", "grpo"):
-        # PPO splits each minibatch between the processes; GRPO's mini_batch_size is per process
-        per_process = t.mini_batch_size if method == "grpo" else max(1, t.mini_batch_size // world)
+    sampled = ("ppo", "grpo", "rloo", "online_dpo")   # trainers that sample from the policy and score it
+    if method in ("ppo", "grpo", "rloo"):
+        # PPO splits each minibatch between the processes; GRPO's (and RLOO's) mini_batch_size is per process
+        per_process = t.mini_batch_size if method != "ppo" else max(1, t.mini_batch_size // world)
         seqs, seq_len = per_process, t.max_prompt_len + t.max_new_tokens
+    elif method == "online_dpo":   # a pair of sampled completions per prompt, the prompts split over the processes
+        seqs, seq_len = 2 * math.ceil(t.batch_size / world), t.max_prompt_len + t.max_new_tokens
     else:
         per = 1 if method == "kto" else 2
         seqs, seq_len = per * math.ceil(t.batch_size / world), t.max_len
     copies: dict[str, int] = {}
-    if method == "ppo" or (method == "grpo" and t.beta > 0):
+    if method in ("ppo", "online_dpo") or (method in ("grpo", "rloo") and t.beta > 0):
         if not t.lora.enabled:
             copies["reference model"] = shape.total
     reward = reward_dir or getattr(cfg, "reward_model", None)
-    if method in ("ppo", "grpo") and reward:
+    if method in sampled and reward:
         copies["reward model"] = model_shape(resolve_model_dir(reward), "clm").total
     s = Setup(flow=f"align/{method}", method="lora" if t.lora.enabled else "full", compute_dtype=dtype,
               weights_dtype=dtype, trainable_dtype=dtype, strategy=strategy, world_size=world, micro_batch=seqs,

@@ -46,12 +46,22 @@ def test_grpo_and_kto_settings_become_stage_configs(tmp_path):
     assert g.train.reward_funcs == ["exact_match", "format"] and g.train.reward_weights == [1.0, 0.25]
     k = kto_config(p)
     assert (k.max_examples, k.train.beta, k.train.desirable_weight, k.train.lr) == (7, 0.3, 1.5, 5e-6)
+    from refinery.flows.align import rloo_config   # rloo: GRPO's inputs, its own settings (TRL's beta 0.05)
+
+    r = rloo_config(AlignParams(input="m", data=str(data), method="rloo", max_pairs=7, reward_model="rm",
+                                rloo={"max_steps": 3, "num_generations": 3, "normalize_advantages": True,
+                                      "reward_funcs": "format"}))
+    assert (r.max_prompts, r.reward_model, r.train.max_steps, r.train.num_generations) == (7, "rm", 3, 3)
+    assert r.train.normalize_advantages and r.train.beta == 0.05 and r.reward_funcs_id == {"format": "builtin:format"}
+    with pytest.raises(ValidationError, match="loss_type"):
+        AlignParams(input="m", data="d", rloo={"loss_type": "dapo"})   # a GRPO knob RLOO does not have
     with pytest.raises(ValidationError, match="reward_weights"):
         AlignParams(input="m", data="d", grpo={"reward_funcs": ["exact_match"], "reward_weights": [1, 2]})
 
 
 @pytest.mark.parametrize("bad", [{"ppo": {"kl_coeff": 0.5}}, {"dpo": {"lora": {"rank": 4}}}, {"reward": {"steps": 3}},
-                                 {"max_steps": 3}, {"kl_coef": 0.1}, {"lora": True}])
+                                 {"max_steps": 3}, {"kl_coef": 0.1}, {"lora": True},
+                                 {"online_dpo": {"num_generations": 4}}])   # a GRPO knob: online DPO samples pairs
 def test_unknown_or_flat_keys_fail(bad):
     """Typos in nested configs and the old flat shortcuts are errors, not silently ignored."""
     with pytest.raises(ValidationError) as e:

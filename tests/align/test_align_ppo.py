@@ -82,6 +82,7 @@ def test_ppo_raises_toy_reward_with_bounded_kl(toy_run, tiny_causal_lm_dir, toy_
     for rec in h:  # every step reports these
         for k in ("reward", "kl", "entropy", "pg_loss", "vf_loss", "clipfrac", "approx_kl", "reply_len"):
             assert math.isfinite(rec[k]), (k, rec)
+        assert rec["rollout_tokens_per_s"] > 0 and 0 < rec["gen_share"] < 1   # the rollout engine's figures
     assert h[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the reference itself
     start = sum(r["reward"] for r in h[:4]) / 4
     end = sum(r["reward"] for r in h[-4:]) / 4

@@ -134,3 +134,28 @@ def test_generate_goes_through_the_engine(tiny_causal_lm_dir, lm, greedy, prompt
         from refinery.tasks.rollout import sample
 
         sample(model, tok, [[]])
+
+
+def test_padded_completions_are_what_a_trainer_scores(lm, prompts):
+    """``padded``: completions right-padded with the pad id after their EOS, the mask 1 through the
+    EOS (what ``reply_mask`` gives on ``generate``'s output), and seeded sampling from the global
+    generator repeats (a trainer seeds it per rollout)."""
+    import torch
+
+    from refinery.tasks.align.ppo import reply_mask
+    from refinery.tasks.rollout import SamplingParams, sample
+
+    torch.manual_seed(11)
+    first = sample(*lm, prompts, SamplingParams(max_new_tokens=NEW, temperature=1.0, batch_size=7)).completions
+    eos = first[0].ids[0]   # the same seed draws the same first tokens: completion 0 ends at once
+    p = SamplingParams(max_new_tokens=NEW, temperature=1.0, batch_size=7, eos_ids=(eos,))
+    torch.manual_seed(11)
+    res = sample(*lm, prompts, p)
+    torch.manual_seed(11)
+    assert [c.ids for c in sample(*lm, prompts, p).completions] == [c.ids for c in res.completions]
+    ids, mask = res.padded(pad_id=1)
+    assert ids.shape == (len(prompts), max(len(c.ids) for c in res.completions))
+    for row, m, c in zip(ids.tolist(), mask.tolist(), res.completions):
+        assert row[:len(c.ids)] == c.ids and set(row[len(c.ids):]) <= {1} and sum(m) == len(c.ids)
+    assert torch.equal(mask, reply_mask(ids, eos)) and res.completions[0].ids == [eos]
+    assert torch.equal(res.padded(eos)[1], mask)   # pad == EOS: the mask still comes from the lengths

@@ -186,3 +186,12 @@ def test_cli_plan_align(tiny_causal_lm_dir, tmp_path, capsys):
     args = ["plan", "align", "--set", f"input={tiny_causal_lm_dir}", "--set", "dpo.device=cpu", "--json"]
     assert main(args) == 0 and json.loads(capsys.readouterr().out)["setup"]["flow"] == "align/dpo"   # no data
     assert "reference model" not in ppo_lora["bytes"] and ppo_lora["bytes"]["reward model"] > 0
+    # the sampling trainers: RLOO a minibatch of completions (GRPO's), online DPO a sampled pair per prompt
+    rloo = plan("method=rloo", "rloo.device=cpu", "rloo.mini_batch_size=8", "rloo.max_prompt_len=32",
+                "rloo.max_new_tokens=16")
+    assert rloo["setup"]["flow"] == "align/rloo" and rloo["setup"]["micro_batch"] == 8 and rloo["setup"]["seq_len"] == 48
+    assert rloo["bytes"]["reference model"] == full["bytes"]["parameters"]   # beta > 0 by default
+    assert "reference model" not in plan("method=rloo", "rloo.device=cpu", "rloo.beta=0")["bytes"]
+    odpo = plan("method=online_dpo", "online_dpo.device=cpu", "online_dpo.batch_size=3", f"reward_model={tiny_causal_lm_dir}")
+    assert odpo["setup"]["micro_batch"] == 6 and odpo["bytes"]["reward model"] == full["bytes"]["parameters"]
+    assert odpo["bytes"]["reference model"] == full["bytes"]["parameters"]
