@@ -1,4 +1,5 @@
-"""The ``refinery`` command: ``demo``, ``run FLOW``, ``inspect PATH``, ``flows``, ``export MODEL``, ``serve MODEL``.
+"""The ``refinery`` command: ``demo``, ``run FLOW``, ``inspect PATH``, ``flows``, ``export MODEL``, ``serve MODEL``,
+``card PATH``, ``push PATH``.
 
 Heavy imports (Prefect, torch, the stages) happen only inside the subcommands, so ``refinery
 --help`` answers at once; ``refinery run FLOW --help`` imports that one flow module (its params
@@ -381,6 +382,56 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _inside_dataset(path: str) -> str | None:
+    """The refinery dataset folder that ``path`` (a file to write) lies in, or None."""
+    p = Path(path).resolve().parent
+    for folder in (p, *p.parents):
+        if (folder / "manifest.json").is_file():
+            return str(folder)
+    return None
+
+
+def cmd_card(args) -> int:
+    """Print (or write to --out) the card of a dataset or model folder (refinery.tasks.export.card)."""
+    from refinery.tasks.export.card import card_for
+    from refinery.tasks.store import DatasetNotFound
+
+    try:
+        text = card_for(args.path, license=args.license, evaluations=args.evaluation or None)
+    except (DatasetNotFound, ValueError, OSError) as e:
+        print(f"refinery card: {e}", file=sys.stderr)
+        return 2
+    if not args.out:
+        sys.stdout.write(text)
+        return 0
+    held = _inside_dataset(args.out)
+    if held is not None:   # its manifest pins every file's sha256: a card written there breaks verify
+        print(f"refinery card: {args.out} is inside the published dataset {held}, which never changes; "
+              "write the card elsewhere (refinery push uploads the regenerated card)", file=sys.stderr)
+        return 2
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text, encoding="utf-8")
+    print(f"refinery card: wrote {args.out} ({len(text.encode()):,} bytes)")
+    return 0
+
+
+def cmd_push(args) -> int:
+    """Upload a model or dataset folder to a Hugging Face Hub repository (refinery.tasks.export.hub)."""
+    _defaults_env()
+    from refinery.tasks.export.hub import PushError, push
+    from refinery.tasks.store import DatasetNotFound
+
+    try:
+        res = push(args.path, args.repo, private=args.private, revision=args.revision, license=args.license,
+                   base_model=args.base_model)
+    except (PushError, DatasetNotFound, ValueError, OSError) as e:   # no token, damaged or no dataset, hub refused
+        print(f"refinery push: {e}", file=sys.stderr)
+        return 2
+    print(dumps(res) if args.json else
+          f"refinery push: {res['files']} files to {res['repo_type']} {res['repo']}@{res['revision']} ({res['url']})")
+    return 0
+
+
 def cmd_serve(args) -> int:
     """An OpenAI-compatible server for a model on 127.0.0.1 (refinery.tasks.serve) until SIGINT/SIGTERM."""
     _defaults_env()
@@ -488,6 +539,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print what was written as one JSON object")
     _debug_option(p)
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("card", help="a dataset's or model's card (README.md) with its whole lineage and the evaluations "
+                                    "found since it was published: printed, or written to --out")
+    p.add_argument("path", help="a refinery dataset, or a model folder inside one (W/finetune/FP/adapter)")
+    p.add_argument("--out", metavar="FILE", help="write the card here (outside the published dataset) instead of printing it")
+    p.add_argument("--license", default="other", help="the card's license (default other: the crawl's licensing is yours to state)")
+    p.add_argument("--evaluation", action="append", metavar="PATH",
+                   help="an evaluate dataset to report (repeatable; default every one in the same workdir that scored it)")
+    p.set_defaults(fn=cmd_card)
+
+    p = sub.add_parser("push", help="upload a model (or dataset) folder with its regenerated card to a Hugging Face Hub "
+                                    "repository (token from HF_TOKEN)")
+    p.add_argument("path", help="a refinery dataset (a training dataset: its model), or a model folder inside one")
+    p.add_argument("--repo", required=True, metavar="ORG/NAME", help="the hub repository (created when missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", metavar="BRANCH", help="the branch to commit to (created when missing; default main)")
+    p.add_argument("--license", default="other", help="the card's license (default other)")
+    p.add_argument("--base-model", metavar="HUB_ID", help="the hub id of the base model when it is a local refinery "
+                   "model you pushed (the hub takes only hub ids as base_model; without it a relative base leaves "
+                   "the uploaded card's metadata and stays in its text)")
+    p.add_argument("--json", action="store_true", help="print what was pushed as one JSON object")
+    _debug_option(p)
+    p.set_defaults(fn=cmd_push)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible server for a model (/v1/models, /v1/completions, "
                                      "/v1/chat/completions, streaming) on 127.0.0.1")

@@ -38,11 +38,11 @@ FLOWS = {
 # name -> one line, for `refinery flows` without importing every flow (tests/flows/test_cli.py
 # checks each against the first line of the flow's docstring).
 FLOW_SUMMARIES = {
-    "curate": "Ingest crawl files and dumps, extract main text, identify language, filter, deduplicate.",
+    "curate": "Ingest crawl files and dumps, extract main text, identify language, filter, deduplicate (and, when configured, mix).",
     "tokenize": "Train (or load) a tokenizer and tokenize a documents dataset into memory-mappable token shards.",
     "pretrain": "Pretrain a causal LM (or MLM / T5 span corruption) from config on token datasets.",
     "finetune": "Fine-tune a causal LM on instructions (full, LoRA, QLoRA, IA3, LLaMA-Adapter, prompt or prefix tuning).",
-    "align": "Align a model: DPO, ORPO, CPO or SimPO on preference pairs, KTO on labelled replies, PPO against a reward model, GRPO with reward functions.",
+    "align": "Align a model: DPO, ORPO, CPO or SimPO on preference pairs, KTO on labelled replies, PPO against a reward model, GRPO, RLOO or online DPO with reward functions.",
     "pipeline": "End to end: curate a crawl, tokenize it, pretrain, fine-tune, and align.",
     "demo": "Generate a small deterministic crawl and run curate, tokenize, pretrain, finetune and align on it.",
     "evaluate": "Compare models: held-out bits per byte and perplexity, lm-eval benchmarks, generation samples.",

@@ -14,6 +14,11 @@ How each command is checked:
 - a usage line (``refinery run FLOW [-c FILE.yaml] ...``): its subcommand and every option it names
   must exist in the command's parser; ``refinery run FLOW --help`` runs for every flow;
 - ``inspect``, ``verify``, ``flows``, ``plan``, ``generate``, ``export`` and ``--help`` run for real;
+- ``card PATH``: runs; a model's card printed parses with ``huggingface_hub.ModelCard`` and its
+  ``model-index`` holds the demo evaluation's ``results.parquet`` numbers for that model exactly;
+- ``push PATH ...``: its options parse (``--help`` runs with them) and PATH gives an upload plan
+  (verified files, nothing sent); the upload itself is tested against a mock hub in
+  ``tests/export/test_model_card.py``;
 - ``serve MODEL ...``: its options parse (``--help`` runs with them) and its model resolves to a
   complete model folder, as the server loads it; the server itself is tested in
   ``tests/eval/test_serve.py`` (a server started here would only wait for requests);
@@ -238,6 +243,40 @@ def check_serve(argv: list[str], cli) -> None:
     assert (Path(resolve_model(argv[1])) / "config.json").is_file()
 
 
+def check_card(argv: list[str], cli, work: Path) -> None:
+    """``card PATH``: a model's card parses, its model-index equals the demo evaluation's numbers."""
+    import math
+
+    import pyarrow.parquet as pq
+    from huggingface_hub import ModelCard
+
+    rc, out, err = cli(argv)
+    assert rc == 0 and out.strip(), err
+    if "--out" in argv:
+        return
+    meta = ModelCard(out).data.to_dict()
+    if "library_name" not in meta:
+        return   # a dataset's card
+    got = {(r["dataset"]["type"], m["name"]): m["value"] for r in meta["model-index"][0]["results"] for m in r["metrics"]}
+    manifest = json.loads((Path(argv[1]) / "manifest.json").read_text())   # relative to the examples' folder
+    ev = work / "evaluate" / dataset_of(work, "evaluate")
+    labels = {m["label"] for m in json.loads((ev / "manifest.json").read_text())["config"]["models"]
+              if m.get("identity") == f"dataset:{manifest['stage']}:{manifest['fingerprint']}"}
+    want = {(r["task"], r["metric"]): r["value"] for r in pq.read_table(ev / "results.parquet").to_pylist()
+            if r["model"] in labels and isinstance(r["value"], float) and math.isfinite(r["value"])}
+    assert labels and got == want, (got, want)
+
+
+def check_push(argv: list[str], cli) -> None:
+    """``push PATH ...``: the options parse and PATH gives an upload plan; nothing is sent."""
+    from refinery.tasks.export.hub import upload_plan
+
+    rc, out, err = cli([*argv, "--help"])
+    assert rc == 0 and "--repo" in out, err
+    repo_type, _, files, _ = upload_plan(argv[1])
+    assert files and repo_type in ("model", "dataset")
+
+
 @pytest.mark.slow   # the cut-down demo: about a minute of CPU, shared by every case of the module
 @pytest.mark.parametrize("case", COMMANDS, ids=[_case_id(c) for c in COMMANDS])
 def test_readme_command(case, demo, cli):
@@ -256,6 +295,10 @@ def test_readme_command(case, demo, cli):
         assert out.strip() or sub == "generate", f"{where}: printed nothing"   # a tiny model may stop at once
     elif sub == "serve":
         check_serve(argv, cli)
+    elif sub == "card":
+        check_card(argv, cli, demo["work"])
+    elif sub == "push":
+        check_push(argv, cli)
     elif sub == "run":
         check_run(argv, cli)
     elif sub == "demo":
@@ -280,6 +323,16 @@ def test_every_model_of_the_demo_loads_from_its_dataset_folder(demo):
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}, stage
     finetune = demo["work"] / "finetune" / dataset_of(demo["work"], "finetune")
     assert json.loads((finetune / "manifest.json").read_text())["adapter"] == "adapter"
+    # every model the demo published carries a card the hub's parser reads, listed in its manifest
+    from huggingface_hub import ModelCard, metadata_load
+
+    for stage, card in (("pretrain", "README.md"), ("finetune", "merged/README.md"), ("finetune", "adapter/README.md"),
+                        ("dpo", "model/README.md")):
+        ds = demo["work"] / stage / dataset_of(demo["work"], stage)
+        meta = metadata_load(ds / card)
+        assert ModelCard.load(ds / card).data.to_dict() == meta, (stage, card)
+        assert meta["pipeline_tag"] == "text-generation" and meta["license"] and meta["tags"], (stage, card)
+        assert card in {f["path"] for f in json.loads((ds / "manifest.json").read_text())["files"]}
     # the demo's evaluation took the three dataset folders themselves and scored each model
     from refinery.tasks.store import Dataset
 
