@@ -58,6 +58,7 @@ class SamplingParams:
     drop_fraction: float = 0.25       # drop finished rows once this share of the batch has finished
     prefill_slack: float = 0.25       # prefill in chunks whose padding wastes at most this share of a row
     merge_lora: bool = False
+    suppress_ids: tuple[int, ...] | None = None   # never sampled; None: the generation config's suppress_tokens
 
     @property
     def is_greedy(self) -> bool:
@@ -148,11 +149,23 @@ def merged_lora(model, enabled: bool) -> Iterator[None]:
         model.unmerge_adapter()
 
 
-def _pick(logits, params: SamplingParams, generator):
-    """Next tokens [B] and their log-probabilities [B] (or None) from last-position ``logits`` [B, V]."""
+def resolve_suppressed(model, suppress_ids: Sequence[int] | None) -> tuple[int, ...]:
+    """Token ids never sampled: ``suppress_ids``, else the model's generation config's
+    ``suppress_tokens`` (the one logits processor of a generation config the engine applies, as
+    ``generate`` would; refinery's own models set none)."""
+    if suppress_ids is not None:
+        return tuple(suppress_ids)
+    return tuple(getattr(getattr(model, "generation_config", None), "suppress_tokens", None) or ())
+
+
+def _pick(logits, params: SamplingParams, generator, suppress=None):
+    """Next tokens [B] and their log-probabilities [B] (or None) from last-position ``logits`` [B, V]
+    (``suppress``: a tensor of token ids set to -inf first)."""
     import torch
 
     logits = logits.float()
+    if suppress is not None:
+        logits = logits.index_fill(1, suppress, float("-inf"))
     if params.is_greedy:
         nxt = logits.argmax(-1)
         lp = torch.log_softmax(logits, -1).gather(1, nxt[:, None])[:, 0] if params.logprobs else None
@@ -242,8 +255,10 @@ def _prefill(model, prompts, ids, mask, pad_id, device, kv: str, keep_last: bool
 
 
 def _run_batch(model, tokenizer, prompts: list[list[int]], params: SamplingParams, eos: tuple[int, ...],
-               pad_id: int, generator, device, streamer) -> tuple[list[tuple[list[int], list[float], str]], int]:
-    """Completions of one batch (ids, logprobs, finish reason) and the forwards it took."""
+               pad_id: int, generator, device, streamer,
+               stop_when=None) -> tuple[list[tuple[list[int], list[float], str]], int]:
+    """Completions of one batch (ids, logprobs, finish reason) and the forwards it took;
+    ``stop_when()`` true ends every live sequence after the current token (reason ``stop``)."""
     import torch
 
     B = len(prompts)
@@ -260,10 +275,12 @@ def _run_batch(model, tokenizer, prompts: list[list[int]], params: SamplingParam
     live = list(range(B))                      # batch row -> sequence
     done = [False] * B
     eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+    banned = resolve_suppressed(model, params.suppress_ids)
+    suppress = torch.tensor(banned, dtype=torch.long, device=device) if banned else None
     stop = tuple(s for s in params.stop if s)
     tail = max((len(s) for s in stop), default=0) + 4   # tokens of the tail decoded per check (>= 1 char each)
     for step in range(params.max_new_tokens):
-        nxt, lp = _pick(logits, params, generator)
+        nxt, lp = _pick(logits, params, generator, suppress)
         if streamer is not None:
             streamer.put(nxt.cpu())
         hit_eos = torch.isin(nxt, eos_t).tolist() if eos_t is not None else [False] * len(live)
@@ -279,6 +296,10 @@ def _run_batch(model, tokenizer, prompts: list[list[int]], params: SamplingParam
                 reason[s], done[s] = "eos", True
             elif stop and any(x in tokenizer.decode(out_ids[s][-tail:], skip_special_tokens=True) for x in stop):
                 reason[s], done[s] = "stop", True
+        if stop_when is not None and stop_when():   # the caller's own end (a server's cancel, its stop string)
+            for s in live:
+                if not done[s]:
+                    reason[s], done[s] = "stop", True
         finished = sum(done[s] for s in live)
         if finished == len(live) or step == params.max_new_tokens - 1:
             break
@@ -299,9 +320,11 @@ def _run_batch(model, tokenizer, prompts: list[list[int]], params: SamplingParam
 
 
 def sample(model, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, *,
-           generator: Any = None, streamer: Any = None) -> RolloutResult:
+           generator: Any = None, streamer: Any = None, stop_when: Any = None) -> RolloutResult:
     """Completions of ``prompts`` (token ids, in order); see the module docstring.
-    ``streamer`` (one prompt only): a Hugging Face streamer fed the prompt, then each new token."""
+    ``streamer`` (one prompt only): a Hugging Face streamer fed the prompt, then each new token.
+    ``stop_when``: a callable asked after every token; true ends the live sequences there (finish
+    reason ``stop``): a server's cancelled request, or a stop rule the caller applies itself."""
     import torch
 
     params = params or SamplingParams()
@@ -322,7 +345,7 @@ def sample(model, tokenizer, prompts: Sequence[Sequence[int]], params: SamplingP
     with torch.inference_mode(), merged_lora(model, params.merge_lora):
         for group in groups:
             outs, n = _run_batch(model, tokenizer, [lists[i] for i in group], params, eos, pad_id, generator,
-                                 device, streamer)
+                                 device, streamer, stop_when)
             forwards += n
             for i, (ids, lps, reason) in zip(group, outs):
                 text, cut = _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), params.stop)

@@ -27,8 +27,9 @@ sampling repeatable when one generation runs at a time (torch's global generator
 A client that disconnects mid-stream stops its generation at the next token; SIGINT/SIGTERM stop
 every generation at its next token and the server after at most ``GRACEFUL_S`` seconds.
 
-Generation is one function, :func:`generate_text` (HF ``generate`` with the KV cache, one request
-at a time, a streamer callback per token), so a batched engine can replace it.
+Generation is one function, :func:`generate_text`: the rollout engine (:mod:`refinery.tasks.rollout`,
+KV cache) on one request, a streamer callback per token, and the engine's ``stop_when`` hook asked
+after every token (a stop string seen, or the request cancelled: a closed stream, shutdown).
 """
 # no `from __future__ import annotations`: FastAPI resolves the handlers' annotations (Request, defined in
 # create_app) at definition time
@@ -179,12 +180,13 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 def generate_text(lm, ids: list[int], params: GenParams, on_text: Callable[[str], None] | None = None,
                   cancel: threading.Event | None = None) -> GenResult:
-    """The completion of the token ids ``ids`` (HF ``generate``, KV cache); ``on_text`` gets each piece
-    of text as it is final (the pieces concatenate to ``GenResult.text``); ``cancel`` set stops it at
-    the next token. Blocking: the server runs it in a worker thread."""
-    import torch
-    from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+    """The completion of the token ids ``ids`` by the rollout engine (:func:`refinery.tasks.rollout.sample`,
+    KV cache); ``on_text`` gets each piece of text as it is final (the pieces concatenate to
+    ``GenResult.text``); ``cancel`` set, or a stop string in the text, stops it at the next token.
+    Blocking: the server runs it in a worker thread."""
     from transformers.generation.streamers import BaseStreamer
+
+    from refinery.tasks.rollout import SamplingParams, sample
 
     tok = lm.tokenizer
     cancel = cancel or threading.Event()
@@ -198,7 +200,7 @@ def generate_text(lm, ids: list[int], params: GenParams, on_text: Callable[[str]
 
     class Streamer(BaseStreamer):
         def put(self, value):
-            if not state["prompt_seen"]:   # generate passes the prompt first
+            if not state["prompt_seen"]:   # the engine passes the prompt first
                 state["prompt_seen"] = True
                 return
             if state["stopped"]:
@@ -221,24 +223,10 @@ def generate_text(lm, ids: list[int], params: GenParams, on_text: Callable[[str]
         def end(self):
             pass
 
-    class Stop(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), state["stopped"] or cancel.is_set(), dtype=torch.bool,
-                              device=input_ids.device)
-
-    x = torch.tensor([ids], device=lm.device)
-    if params.seed is not None:
-        torch.manual_seed(params.seed)
-    kwargs: dict[str, Any] = {"max_new_tokens": params.max_tokens, "do_sample": params.temperature > 0}
-    if params.temperature > 0:
-        kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=None)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    with torch.inference_mode():
-        lm.model.generate(input_ids=x, attention_mask=torch.ones_like(x), pad_token_id=pad, use_cache=True,
-                          streamer=Streamer(), stopping_criteria=StoppingCriteriaList([Stop()]), **kwargs)
-    if not state["stopped"]:   # the end: whatever was held back (as ``generate`` decodes it)
+    sampling = SamplingParams(max_new_tokens=params.max_tokens, temperature=max(params.temperature, 0.0),
+                              top_p=params.top_p if params.temperature > 0 else 1.0, seed=params.seed, batch_size=1)
+    sample(lm.model, tok, [ids], sampling, streamer=Streamer(), stop_when=lambda: state["stopped"] or cancel.is_set())
+    if not state["stopped"]:   # the end: whatever was held back (as the whole completion decodes)
         final = tok.decode(state["ids"], skip_special_tokens=True)
         state["text"] = final if final.startswith(state["text"][:state["sent"]]) else state["text"]
         emit(len(state["text"]))

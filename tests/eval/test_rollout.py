@@ -159,3 +159,25 @@ def test_padded_completions_are_what_a_trainer_scores(lm, prompts):
         assert row[:len(c.ids)] == c.ids and set(row[len(c.ids):]) <= {1} and sum(m) == len(c.ids)
     assert torch.equal(mask, reply_mask(ids, eos)) and res.completions[0].ids == [eos]
     assert torch.equal(res.padded(eos)[1], mask)   # pad == EOS: the mask still comes from the lengths
+
+
+def test_suppressed_tokens_and_the_callers_stop(lm, prompts, greedy):
+    """The generation config's suppress_tokens are never picked (greedy still equals generate's), and
+    ``stop_when`` ends the live sequences after the token it was asked on (a server's cancel)."""
+    import torch
+
+    from refinery.tasks.rollout import SamplingParams, sample
+
+    model, tok = lm
+    banned = sorted({c.ids[0] for c in greedy.completions if c.ids})[:3]
+    res = sample(model, tok, prompts, SamplingParams(max_new_tokens=NEW, greedy=True, suppress_ids=tuple(banned)))
+    assert not {t for c in res.completions for t in c.ids} & set(banned)
+    for p, c in zip(prompts, res.completions):
+        x = torch.tensor([p])
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False,
+                             suppress_tokens=banned, pad_token_id=0)
+        assert c.ids == out[0, len(p):].tolist()[:len(c.ids)]
+    asked = []
+    res = sample(model, tok, prompts[:1], SamplingParams(max_new_tokens=NEW, greedy=True),
+                 stop_when=lambda: asked.append(1) or len(asked) >= 3)
+    assert len(res.completions[0].ids) == 3 and res.completions[0].finish_reason == "stop"
