@@ -87,3 +87,28 @@ def moto_s3():
     finally:
         forget()
         server.stop()
+
+
+@contextmanager
+def serving(lm, model_id: str, **engine_kw):
+    """``refinery serve``'s server for a loaded model (``refinery.tasks.eval.generate.load_model``)
+    in a thread of this process, on 127.0.0.1 and a free port: yields (its /v1 URL, the socket)."""
+    import threading
+    import time
+
+    from refinery.tasks.serve import ServedModel, bind, make_server, url_of
+
+    sock = bind(port=0)
+    server = make_server(ServedModel(lm, model_id, **engine_kw), log_level="warning")
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not server.started and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "the server did not start"
+    try:
+        yield url_of(sock), sock
+    finally:
+        server.should_exit = True
+        t.join(timeout=15)
+        assert not t.is_alive(), "the server did not stop"

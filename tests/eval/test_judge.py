@@ -8,11 +8,12 @@ import json
 import math
 import shutil
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from refinery_testlib import serving
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -215,22 +216,9 @@ def chat_model_dir(tiny_causal_lm_dir, tmp_path_factory) -> Path:
 def served(model_dir: Path):
     """``refinery serve``'s server for ``model_dir`` on 127.0.0.1 in a thread: its /v1 URL."""
     from refinery.tasks.eval.generate import load_model
-    from refinery.tasks.serve import ServedModel, bind, make_server, url_of
 
-    sock = bind(port=0)
-    server = make_server(ServedModel(load_model(str(model_dir), "cpu"), "tiny-judge", max_concurrency=2),
-                         log_level="warning")
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 30
-    while not server.started and t.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "the server did not start"
-    try:
-        yield url_of(sock)
-    finally:
-        server.should_exit = True
-        t.join(timeout=15)
+    with serving(load_model(str(model_dir), "cpu"), "tiny-judge", max_concurrency=2) as (url, _):
+        yield url
 
 
 def test_refinery_serve_judges_as_the_same_model_does_locally(chat_model_dir, monkeypatch):

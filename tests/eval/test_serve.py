@@ -3,20 +3,20 @@
 tiny random Llama with a chat template; one case starts the real command and stops it with SIGTERM."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from refinery_testlib import serving
 
 openai = pytest.importorskip("openai")
 
@@ -52,25 +52,8 @@ def lm(model_dir):
     return load_model(str(model_dir), "cpu")
 
 
-@contextlib.contextmanager
 def running(lm, **engine_kw):
-    """A server for ``lm`` on 127.0.0.1 (a free port) in a thread: (its /v1 URL, its socket)."""
-    from refinery.tasks.serve import ServedModel, bind, make_server, url_of
-
-    sock = bind(port=0)
-    server = make_server(ServedModel(lm, MODEL_ID, **engine_kw), log_level="warning")
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 30
-    while not server.started and t.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "the server did not start"
-    try:
-        yield url_of(sock), sock
-    finally:
-        server.should_exit = True
-        t.join(timeout=15)
-        assert not t.is_alive(), "the server did not stop"
+    return serving(lm, MODEL_ID, **engine_kw)
 
 
 @pytest.fixture(scope="module")

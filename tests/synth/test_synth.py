@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from refinery.tasks.store import Store, fingerprint
-from refinery_testlib import read_exec_log, shared_file
+from refinery_testlib import read_exec_log, serving, shared_file
 
 MODEL_ID = "tiny-chat"
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -192,25 +192,13 @@ def test_preference_pairs_load_into_align_and_the_budget_holds(tmp_path, texts, 
 def refinery_serve(model_path: str):
     """``refinery serve`` for the model, in this process, on 127.0.0.1 (a free port): its /v1 URL."""
     from refinery.tasks.eval.generate import load_model
-    from refinery.tasks.serve import ServedModel, bind, make_server, url_of
 
-    sock = bind(port=0)
-    server = make_server(ServedModel(load_model(model_path, "cpu"), MODEL_ID, max_concurrency=1), log_level="warning")
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 30
-    while not server.started and t.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "the server did not start"
-    try:
-        yield url_of(sock)
-    finally:
-        server.should_exit = True
-        t.join(timeout=15)
+    with serving(load_model(model_path, "cpu"), MODEL_ID, max_concurrency=1) as (url, _):
+        yield url
 
 
 def test_against_refinery_serve_the_records_are_the_local_models(tmp_path, texts, model_dir, monkeypatch):
-    """Greedy through the server (HF generate) gives the rollout engine's records, and the key
+    """Greedy through the server gives the rollout engine's records, and the key
     from the environment reaches the server without landing in the dataset."""
     from refinery.tasks.serve import API_KEY_ENV
     from refinery.tasks.synth.stage import Synth
