@@ -177,6 +177,25 @@ def portable_ref(ref: str, from_folder: str, root: str | None = None) -> str:
     return os.path.relpath(target, here)
 
 
+def card_base(ref: str, model_dir: str, root: str | None) -> tuple[str | None, str]:
+    """The base model as a card records it: (``base_model`` for the metadata, the name its text
+    uses). A hub id as given; a model in the card's own workdir ``root`` relative to the model folder
+    (still true when the workdir moves); any other local model by name only, ``STAGE/FINGERPRINT``
+    of a refinery dataset or the folder's name, and not in the metadata: a path out of the workdir
+    would tie the card's bytes to where the two happen to live (one fingerprint, one card)."""
+    if not (ref.startswith((".", "/", "~", "file://")) or os.path.exists(ref)):
+        return ref, ref
+    located = locate(os.path.expanduser(ref), root)
+    target = _local(_model_folder_of(located))
+    here = _local(model_dir)
+    if root and target and here and (target + os.sep).startswith(root.rstrip(os.sep) + os.sep):
+        rel = os.path.relpath(target, here)
+        return rel, rel
+    m = _manifest_of(located)
+    name = _name(m) if m else posixpath.basename((target or ref).rstrip("/"))
+    return None, f"{name} (a local model outside this workdir)"
+
+
 def _portable_text(value: str, root: str | None = None) -> str:
     """A config string without absolute paths or URLs: a dataset (``.../STAGE/FINGERPRINT``) by
     ``STAGE/FINGERPRINT``, any other file by its name, so the text is the same wherever the workdir
@@ -504,7 +523,7 @@ def model_card_text(manifest: dict, folder: str, kind: str, *, dataset_path: str
     chain = lineage(manifest, root)
     cfg = manifest.get("config", {}) if isinstance(manifest.get("config"), dict) else {}
     base_ref = next((cfg[k] for k in BASE_KEYS if isinstance(cfg.get(k), str) and cfg[k]), None)
-    base = portable_ref(base_ref, model_dir, root) if base_ref else None
+    base_meta, base = card_base(base_ref, model_dir, root) if base_ref else (None, None)
     model_config = _read_json(read, posixpath.normpath(posixpath.join(folder, "config.json")))
     peft: dict = {}
     if kind == "adapter":
@@ -524,7 +543,7 @@ def model_card_text(manifest: dict, folder: str, kind: str, *, dataset_path: str
     name = f"{manifest.get('stage')}-{manifest.get('fingerprint')}" + ("-adapter" if kind == "adapter" else "")
     results = _eval_results(evaluations) if kind == "model" else []
     data_yaml = ModelCardData(
-        base_model=base, datasets=list(dict.fromkeys(trained_on)) or None, license=license,
+        base_model=base_meta, datasets=list(dict.fromkeys(trained_on)) or None, license=license,
         library_name="peft" if kind == "adapter" else "transformers", tags=tags,
         pipeline_tag=pipeline_tag(model_config, manifest), language=languages(chain) or None,
         model_name=name if results else None, eval_results=results or None,
@@ -532,7 +551,8 @@ def model_card_text(manifest: dict, folder: str, kind: str, *, dataset_path: str
 
     where = "this dataset folder" if folder == "." else f"`{folder}/` of dataset"
     load = (f'`peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "<this folder>")`, '
-            f"the base being `{base}` (relative to this folder)" if kind == "adapter"
+            f"the base being `{base}`" + (" (relative to this folder)" if base_meta and base_meta.startswith(".") else "")
+            if kind == "adapter"
             else '`AutoModelForCausalLM.from_pretrained("<this folder>")` (or the class its config names)')
     parts = [f"# `{manifest.get('stage')}` {'adapter' if kind == 'adapter' else 'model'} `{manifest.get('fingerprint')}`", "",
              f"Trained by the refinery `{manifest.get('stage')}` stage; "

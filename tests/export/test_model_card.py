@@ -316,3 +316,24 @@ def _meta_of(text: str) -> dict:
     from huggingface_hub import ModelCard
 
     return ModelCard(text).data.to_dict()
+
+
+def test_a_base_outside_the_workdir_is_named_not_pathed(tmp_path):
+    """In the card's own workdir: a path relative to the model folder (true wherever the workdir
+    goes); elsewhere: its STAGE/FINGERPRINT name, out of the metadata (the card's bytes must not
+    depend on where two workdirs happen to lie); a hub id as given."""
+    from refinery.tasks.export.card import card_base
+
+    def dataset(where: Path, stage: str, fp: str) -> Path:
+        d = where / stage / fp
+        (d / "model").mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"stage": stage, "fingerprint": fp, "model": "model"}))
+        return d
+
+    work, other = tmp_path / "w", tmp_path / "elsewhere" / "deeper"
+    inside, outside = dataset(work, "finetune", "aa11"), dataset(other, "finetune", "bb22")
+    model_dir = str(work / "dpo" / "cc33" / "model")
+    assert card_base(str(inside), model_dir, str(work)) == ("../../../finetune/aa11/model",) * 2
+    meta, text = card_base(str(outside), model_dir, str(work))
+    assert meta is None and text.startswith("finetune/bb22 ") and str(tmp_path) not in text
+    assert card_base("org/name", model_dir, str(work)) == ("org/name", "org/name")
