@@ -153,7 +153,8 @@ def test_align_help_lists_every_loss_type_with_its_line():
                              ("cpo", LOSS_TYPES)):
         for name, line in choices.items():
             assert f"        {name}: {line}" in text.splitlines(), (section, name)
-    assert "method: ppo|dpo|grpo|kto|orpo|cpo|simpo, default dpo" in text
+    assert "method: ppo|dpo|grpo|rloo|online_dpo|kto|orpo|cpo|simpo, default dpo" in text
+    assert "  rloo.normalize_advantages: bool, default false" in text and "  online_dpo.skip_ties: bool, default false" in text
     assert "  simpo.gamma: float, default 1.0" in text and "  grpo.dynamic_sampling: bool, default false" in text
 
 
@@ -176,6 +177,6 @@ def test_align_flow_settings_reach_the_new_stage_configs(tmp_path):
     g = grpo_config(p).train
     assert (g.loss_type, g.beta, g.clip_range_high, g.dynamic_sampling, g.reward_scaling) == ("dapo", 0.0, 0.28, True, "group")
     for bad in ({"simpo": {"cpo_alpha": 1.0}}, {"cpo": {"gamma": 1.0}}, {"dpo": {"loss_type": "simpo"}},
-                {"grpo": {"loss_type": "dr_grpo", "scale_rewards": "batch"}}, {"method": "rloo"}):
+                {"grpo": {"loss_type": "dr_grpo", "scale_rewards": "batch"}}, {"method": "reinforce"}):
         with pytest.raises(ValidationError):
             AlignParams(input="m", data="d", **bad)
