@@ -544,8 +544,9 @@ def rloo_stage(b, inputs, cfg: RLOOStageConfig) -> StageOutput:
     return _prompt_rl_output(b, cfg, "rloo")
 
 
-def _prompt_rl_output(b, cfg: GRPOStageConfig, method: str) -> StageOutput:
-    """Train GRPO or RLOO and publish: the model, metrics, rewards before and after."""
+def _prompt_rl_output(b, cfg, method: str, more: tuple[str, ...] = ()) -> StageOutput:
+    """Train a trainer that samples from the policy on prompts (GRPO, RLOO, online DPO) and
+    publish: the model, metrics, rewards before and after (and the stats ``more`` names)."""
     memory_plan = _memory_plan(method, cfg)
     res, counts, model_dir = _train(b, cfg, method)
     reward_dir = res.stats.get("reward_model")
@@ -554,7 +555,7 @@ def _prompt_rl_output(b, cfg: GRPOStageConfig, method: str) -> StageOutput:
     s = res.stats
     metrics = {"reward_start_avg": s["reward_start_avg"], "reward_end_avg": s["reward_end_avg"],
                "held_out_reward_before": s["held_out_reward_before"], "held_out_reward": s["held_out_reward_after"],
-               "kl_last": s["kl_last"]}
+               **{k: s[k] for k in more}, "kl_last": s["kl_last"]}
     counts = {**counts, "steps": s["steps"]}
     return StageOutput(counts=counts,
                        stats={**s, "base_model": model_dir, "reward_model": reward_dir, "threads": _threads()},
@@ -567,19 +568,7 @@ def _prompt_rl_output(b, cfg: GRPOStageConfig, method: str) -> StageOutput:
 def online_dpo_stage(b, inputs, cfg: OnlineDPOStageConfig) -> StageOutput:
     """Online DPO of the starting model on prompts: pairs sampled from the policy every step, ranked
     by Python reward functions (and/or a reward model), the DPO loss against the starting model."""
-    memory_plan = _memory_plan("online_dpo", cfg)   # a pair per prompt: 2 x batch_size sequences per forward
-    res, counts, model_dir = _train(b, cfg, "online_dpo")
-    keys = _save(b, res.model, res.tokenizer, cfg.train.lora.enabled)
-    _write_metrics(b, keys)
-    s = res.stats
-    metrics = {"reward_start_avg": s["reward_start_avg"], "reward_end_avg": s["reward_end_avg"],
-               "held_out_reward_before": s["held_out_reward_before"], "held_out_reward": s["held_out_reward_after"],
-               "reward_margin_last": s["reward_margin_last"], "margin_last": s["margin_last"],
-               "accuracy_last": s["accuracy_last"], "kl_last": s["kl_last"]}
-    return StageOutput(counts={**counts, "steps": s["steps"]},
-                       stats={**s, "base_model": model_dir, "reward_model": s.get("reward_model"), "threads": _threads()},
-                       extra={**keys, "memory_plan": memory_plan, "kind": "policy", "method": "online_dpo",
-                              "metrics": metrics})
+    return _prompt_rl_output(b, cfg, "online_dpo", ("reward_margin_last", "margin_last", "accuracy_last"))
 
 
 __all__ = ["reward_stage", "dpo_stage", "ppo_stage", "grpo_stage", "rloo_stage", "online_dpo_stage", "kto_stage",
